@@ -1,0 +1,113 @@
+"""Frozen configuration of a run: what to read, which model, inference, CRF, compute, outputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Fully connected CRF (Krähenbühl & Koltun 2011) as used by DeepLab.
+
+    Defaults are DeepLab v2's published PASCAL VOC values for ResNet-101 (Chen et al., TPAMI 2018,
+    Sec. 4.1 and the released ``test.prototxt`` dense-CRF layer): bilateral ``w1=4, θα=67,
+    θβ=3``; Gaussian ``w2=3, θγ=3``; 10 mean-field iterations. DeepLab v1 reports the search
+    ranges w1 ∈ [3, 6], θα ∈ [30, 100], θβ ∈ [3, 10]; ``jobs/tune_crf.py``-style tuning on a
+    labelled subset is how a new domain should pick them.
+    """
+
+    iterations: int = 10
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 67.0
+    bilateral_srgb: float = 3.0
+    bilateral_compat: float = 4.0
+    min_prob: float = 1e-6  # unary = -log(max(p, min_prob)): never log(0)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"CRF iterations must be >= 1, got {self.iterations}")
+        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CRF {name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.min_prob < 1:
+            raise ValueError(f"CRF min_prob must be in (0, 1), got {self.min_prob}")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Multi-scale (+flip) inference; probabilities are averaged at full resolution."""
+
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    output_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be positive numbers, got {self.scales}")
+        if self.output_stride not in (None, 8, 16):
+            raise ValueError(f"output stride must be 8 or 16, got {self.output_stride}")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Actor pools and resources. Ranges are (min, max) so Ray Data can autoscale the pools."""
+
+    infer_actors: tuple[int, int] = (1, 1)
+    crf_actors: tuple[int, int] = (1, 2)
+    batch_size: int = 4
+    infer_cpus: float | None = None  # None: derived from the cluster when it has no GPU
+    crf_cpus: float = 1.0
+    decode_cpus: float = 0.25
+    use_gpu: bool | None = None  # None: auto-detect from cluster resources
+    # Custom Ray resources per actor, e.g. {"crf_node": 1} to pin CRF actors to CPU-only CRF nodes.
+    infer_resources: dict = field(default_factory=dict, hash=False)
+    crf_resources: dict = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("infer_actors", "crf_actors"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must be MIN-MAX with 1 <= MIN <= MAX, got {lo}-{hi}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input_uri: str
+    output_uri: str
+    labels_uri: str | None
+    model: str
+    weights_uri: str
+    run_id: str
+    inference: InferenceConfig = InferenceConfig()
+    crf: CRFParams | None = CRFParams()
+    compute: ComputeConfig = ComputeConfig()
+    num_classes: int | None = None
+    limit: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    storage_options: dict = field(default_factory=dict, hash=False)
+
+    def to_public_dict(self) -> dict:
+        """The config as JSON-able data with anything that looks like a credential redacted."""
+        data = asdict(self)
+        data["storage_options"] = redact(self.storage_options)
+        return data
+
+
+_SECRET_WORDS = ("secret", "key", "token", "password", "credential", "session")
+
+
+def redact(options: dict) -> dict:
+    """Copy of ``options`` with credential-looking values replaced, recursively."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(word in k.lower() for word in _SECRET_WORDS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out

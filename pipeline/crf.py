@@ -1,0 +1,76 @@
+"""Dense-CRF refinement (DeepLab v1/v2) on pydensecrf: mean-field inference with a Gaussian
+(smoothness) kernel and a bilateral (appearance) kernel over all pixel pairs."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import ray
+
+from pipeline.config import CRFParams
+from pipeline.tables import result_table
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(), *,
+              return_probs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Refine ``probs`` (C, H, W) for ``image`` (H, W, 3 uint8); returns labels (H, W) uint8.
+
+    pydensecrf reads raw buffers, so both inputs are converted here to the exact dtypes and the
+    C-contiguous, writable layout it expects (float64, transposed or read-only inputs are fine).
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got {image.shape}")
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"probs must be (C, H, W) matching image {image.shape[:2]}, got {probs.shape}")
+    num_classes, height, width = probs.shape
+    unary = -np.log(np.clip(probs.astype(np.float32), params.min_prob, 1.0))
+    unary = np.ascontiguousarray(unary.reshape(num_classes, -1), dtype=np.float32)
+    # pydensecrf takes typed memoryviews: they must be C-contiguous and writable, or it raises/reads garbage.
+    rgb = np.require(image, dtype=np.uint8, requirements=["C", "W"])
+
+    crf = dcrf.DenseCRF2D(width, height, num_classes)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=rgb,
+                             compat=params.bilateral_compat)
+    q = np.array(crf.inference(params.iterations), dtype=np.float32).reshape(num_classes, height, width)
+    labels = q.argmax(axis=0).astype(np.uint8)
+    return (labels, q) if return_probs else labels
+
+
+class CRFRefiner:
+    """Ray Data callable class for the CPU actor pool: CRF per image, then the result rows.
+
+    A failure on one image becomes that image's error row (stage ``crf``), never a failed run.
+    """
+
+    def __init__(self, *, params: CRFParams, num_classes: int, model: str, weights_sha256: str, run_id: str) -> None:
+        self.params = params
+        self.num_classes = num_classes
+        self.model = model
+        self.weights_sha256 = weights_sha256
+        self.run_id = run_id
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        n = len(batch["key"])
+        out = {k: list(v) for k, v in batch.items()}
+        out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [self.node_id] * n
+        for i in range(n):
+            if out["error_stage"][i]:
+                continue
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            start = time.perf_counter()
+            try:
+                image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
+                probs = np.frombuffer(batch["probs"][i], dtype=np.float16).reshape(self.num_classes, h, w)
+                out["mask"][i] = dense_crf(image, probs, self.params).tobytes()
+            except Exception as exc:
+                out["error_stage"][i], out["error_type"][i] = "crf", type(exc).__name__
+                out["error_message"][i] = f"dense CRF failed: {exc}"[:1000]
+                continue
+            out["crf_ms"][i] = (time.perf_counter() - start) * 1000.0
+        return result_table(out, num_classes=self.num_classes, model=self.model,
+                            weights_sha256=self.weights_sha256, run_id=self.run_id)

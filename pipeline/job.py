@@ -1,0 +1,280 @@
+"""``segment-bucket``: segment every image under a URI with DeepLab (+dense CRF) on Ray Data.
+
+Run with no arguments for the embedded demo (local Ray, bundled bucket and checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig
+from pipeline.models import MODEL_BUILDERS
+from pipeline.outputs import OutputError, RunOutput, RunSummary
+from pipeline.storage import InputError, list_inputs
+from pipeline.tables import split_results
+from pipeline.weights import DEMO_WEIGHTS, Weights, WeightsError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_BUCKET = ASSETS / "demo_bucket"
+ROWS_PER_FILE = 1000
+FLUSH_SECONDS = 30.0
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition("-")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,1.0,1.5, got {text!r}") from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    crf = CRFParams()
+    compute = ComputeConfig()
+    p = argparse.ArgumentParser(
+        prog="segment_bucket.py",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Outputs: OUTPUT/run=<run_id>/{masks/,errors/,classes.parquet,manifest.json,_SUCCESS}. "
+               "Credentials come from the standard AWS/GCS environment and are never printed.",
+    )
+    p.add_argument("input", nargs="?", metavar="INPUT_URI",
+                   help="images to segment: any fsspec URI or path, listed recursively (default: the bundled demo bucket)")
+    p.add_argument("--output", metavar="URI", help="where run=<run_id>/ is written (default for the demo: ./outputs)")
+    p.add_argument("--labels", metavar="URI", help="label PNGs paired by key (extension → .png); 255 = ignore")
+    io_ = p.add_argument_group("model")
+    io_.add_argument("--model", default=DEMO_WEIGHTS.model, choices=sorted(MODEL_BUILDERS), help="model architecture")
+    io_.add_argument("--weights", metavar="URI", help="checkpoint URI (safetensors or torch), optionally "
+                     "'URI#sha256=<hex>' (default: the bundled demo checkpoint)")
+    io_.add_argument("--num-classes", type=int, help="classes in the checkpoint (default: read from the checkpoint)")
+    inf = p.add_argument_group("inference")
+    inf.add_argument("--scales", type=_scales, default=(1.0,),
+                     help="comma-separated input scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (DeepLab's eval set)")
+    inf.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
+                     help="also run horizontally flipped inputs and average")
+    inf.add_argument("--output-stride", type=int, choices=(8, 16), help="backbone output stride (default: model's)")
+    c = p.add_argument_group("dense CRF (defaults: DeepLab v2's published values)")
+    c.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True, help="refine masks with dense CRF")
+    c.add_argument("--crf-iterations", type=int, default=crf.iterations, help="mean-field iterations")
+    c.add_argument("--crf-gaussian-sxy", type=float, default=crf.gaussian_sxy, help="smoothness kernel θγ (pixels)")
+    c.add_argument("--crf-gaussian-compat", type=float, default=crf.gaussian_compat, help="smoothness weight w2")
+    c.add_argument("--crf-bilateral-sxy", type=float, default=crf.bilateral_sxy, help="appearance kernel θα (pixels)")
+    c.add_argument("--crf-bilateral-srgb", type=float, default=crf.bilateral_srgb, help="appearance kernel θβ (colour)")
+    c.add_argument("--crf-bilateral-compat", type=float, default=crf.bilateral_compat, help="appearance weight w1")
+    r = p.add_argument_group("compute")
+    r.add_argument("--infer-actors", type=_range, default=compute.infer_actors, metavar="MIN-MAX",
+                   help="inference actor pool size (one GPU each when the cluster has GPUs)")
+    r.add_argument("--crf-actors", type=_range, default=compute.crf_actors, metavar="MIN-MAX", help="CRF actor pool size")
+    r.add_argument("--batch-size", type=int, default=compute.batch_size, help="images per inference batch")
+    r.add_argument("--infer-cpus", type=float, help="CPUs per inference actor (default: 1 with GPUs, "
+                   "else the cores left after the CRF pool)")
+    r.add_argument("--crf-cpus", type=float, default=compute.crf_cpus, help="CPUs per CRF actor")
+    r.add_argument("--infer-resources", type=_json_object, default={}, metavar="JSON",
+                   help="custom Ray resources each inference actor needs, e.g. '{\"gpu_node\": 1}'")
+    r.add_argument("--crf-resources", type=_json_object, default={}, metavar="JSON",
+                   help="custom Ray resources each CRF actor needs, e.g. '{\"crf_node\": 1}'")
+    r.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="run inference on GPUs (default: when the cluster has GPUs)")
+    r.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    run = p.add_argument_group("run")
+    run.add_argument("--run-id", help="run partition name (default: UTC timestamp like 2026-11-24T02-00-00Z)")
+    run.add_argument("--resume", action="store_true", help="continue run --run-id: skip keys it already holds")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run with the same id")
+    run.add_argument("--limit", type=int, help="segment at most N images (after sorting keys)")
+    run.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+                     help="fsspec storage options, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
+    demo = args.input is None
+    if not demo and not args.output:
+        parser.error("--output is required when INPUT_URI is given")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    if args.resume and not args.run_id:
+        parser.error("--resume needs the --run-id of the run to continue")
+    try:
+        crf = CRFParams(iterations=args.crf_iterations, gaussian_sxy=args.crf_gaussian_sxy,
+                        gaussian_compat=args.crf_gaussian_compat, bilateral_sxy=args.crf_bilateral_sxy,
+                        bilateral_srgb=args.crf_bilateral_srgb, bilateral_compat=args.crf_bilateral_compat)
+        return JobConfig(
+            input_uri=str(DEMO_BUCKET / "images") if demo else args.input,
+            output_uri=args.output or "outputs",
+            labels_uri=args.labels or (str(DEMO_BUCKET / "labels") if demo else None),
+            model=args.model,
+            weights_uri=args.weights or DEMO_WEIGHTS.uri,
+            run_id=args.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ"),
+            inference=InferenceConfig(scales=args.scales, flip=args.flip, output_stride=args.output_stride),
+            crf=crf if args.crf else None,
+            compute=ComputeConfig(infer_actors=args.infer_actors, crf_actors=args.crf_actors, batch_size=args.batch_size,
+                                  infer_cpus=args.infer_cpus, crf_cpus=args.crf_cpus, use_gpu=args.gpu,
+                                  infer_resources=args.infer_resources, crf_resources=args.crf_resources),
+            num_classes=args.num_classes,
+            limit=args.limit,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            storage_options=args.storage_options,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def resolve_weights(config: JobConfig) -> tuple[Weights, str]:
+    """Load the checkpoint into the model once on the driver, so bad weights fail before any work."""
+    from pipeline.inference import load_model
+
+    model, sha256, categories = load_model(config.model, config.weights_uri, storage_options=config.storage_options,
+                                           output_stride=config.inference.output_stride,
+                                           num_classes=config.num_classes)
+    del model
+    base = DEMO_WEIGHTS if config.weights_uri == DEMO_WEIGHTS.uri else Weights(
+        model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
+    return replace(base, categories=categories, sha256=sha256), sha256
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        # A local head for the embedded run; token auth would need a shared secret nobody set up.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("ray", "torch", "torchvision", "timm", "pyarrow", "fsspec", "s3fs", "pydensecrf2", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    from pipeline import __version__
+    out["deeplab-pipeline"] = __version__
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, seconds: float, processed: int) -> None:
+    print("\n=== deeplab-pipeline run summary ===")
+    print(f"images segmented : {summary.images}   errors: {summary.errors}   labelled: {summary.labelled}")
+    pre = summary.pre.miou if summary.pre else None
+    print(f"mIoU             : {_fmt(summary.post.miou)} (pre-CRF {_fmt(pre)})")
+    print(f"pixel accuracy   : {_fmt(summary.post.pixel_acc)} (pre-CRF {_fmt(summary.pre.pixel_acc if summary.pre else None)})")
+    if summary.labelled:
+        print("per-class IoU    : " + ", ".join(
+            f"{name} {'n/a' if v != v else f'{v:.3f}'}" for name, v in zip(categories, summary.post.iou)))
+    print(f"throughput       : {processed} inputs in {seconds:.1f}s = {processed / max(seconds, 1e-9):.2f} images/s")
+    print(f"outputs          : {uri}/")
+    print(f"query            : duckdb -c \"SELECT key, miou_pre_crf, miou FROM '{uri}/masks/*.parquet' ORDER BY miou LIMIT 5\"")
+
+
+def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
+    import ray
+    import pyarrow as pa
+
+    from pipeline.stages import Resources, build_dataset
+
+    started = time.time()
+    weights, sha256 = resolve_weights(config)
+    files = list_inputs(config.input_uri, config.labels_uri, storage_options=config.storage_options, limit=config.limit)
+    output = RunOutput(config.output_uri, config.run_id, config.storage_options)
+    done = output.prepare(resume=config.resume, overwrite=config.overwrite)
+    todo = [f for f in files if f.key not in done]
+    print(f"[deeplab-pipeline] {len(files)} inputs under {config.input_uri}; {len(done)} already done; "
+          f"{len(todo)} to segment → {output.uri}", flush=True)
+
+    init_ray(ray_address)
+    resources = Resources.resolve(config, ray.cluster_resources())
+    print(f"[deeplab-pipeline] inference on {'GPU' if resources.use_gpu else 'CPU'} "
+          f"({resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads), "
+          f"CRF {'off' if config.crf is None else f'on, {config.compute.crf_actors[0]}-{config.compute.crf_actors[1]} actors'}",
+          flush=True)
+    run_started = time.time()
+    processed = 0
+    nodes: dict[str, set[str]] = {"infer": set(), "crf": set()}  # Ray node ids that ran each stage
+    if todo:
+        ds = build_dataset(todo, config, weights, sha256, resources)
+        pending: list[pa.Table] = []
+        last_flush = time.time()
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pending.append(batch)
+            processed += batch.num_rows
+            for stage in nodes:
+                nodes[stage].update(v for v in batch.column(f"{stage}_node").unique().to_pylist() if v)
+            if sum(t.num_rows for t in pending) >= ROWS_PER_FILE or time.time() - last_flush > FLUSH_SECONDS:
+                _flush(output, pending)
+                pending, last_flush = [], time.time()
+        _flush(output, pending)
+    run_seconds = time.time() - run_started
+    manifest = {
+        "run_id": config.run_id, "config": config.to_public_dict(), "model": config.model,
+        "weights": {"uri": config.weights_uri.split("#")[0], "sha256": sha256},
+        "categories": list(weights.categories), "versions": _versions(),
+        "nodes": {stage: sorted(ids) for stage, ids in nodes.items()},
+        "resources": {"use_gpu": resources.use_gpu, "infer_cpus": resources.infer_cpus,
+                      "cluster": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
+        "timings": {"total_s": None, "segment_s": round(run_seconds, 3), "processed": processed,
+                    "images_per_s": round(processed / run_seconds, 3) if run_seconds > 0 else None},
+        "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    manifest["timings"]["total_s"] = round(time.time() - started, 3)
+    summary = output.commit(weights.categories, manifest)
+    print_summary(summary, weights.categories, output.uri, run_seconds, processed)
+    return summary
+
+
+def _flush(output: RunOutput, pending: list) -> None:
+    if not pending:
+        return
+    import pyarrow as pa
+
+    masks, errors = split_results(pa.concat_tables(pending))
+    output.write_part("masks", masks)
+    output.write_part("errors", errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser)
+    try:
+        run(config, ray_address=args.ray_address)
+    except (InputError, OutputError, WeightsError) as exc:
+        print(f"segment_bucket.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

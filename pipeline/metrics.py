@@ -1,0 +1,90 @@
+"""Segmentation metrics as per-image sufficient statistics (mmsegmentation / PASCAL VOC).
+
+Per image we keep, for every class, the intersection, union and label area over the pixels whose
+label is not ``ignore_index``. Those add up over a dataset; dataset IoU per class is
+sum(intersect) / sum(union), and mIoU is the mean over classes with union > 0. We never average
+per-image mIoUs (that over-weights small images and classes absent from most images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.palette import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """Per-class pixel counts for one image (int64 arrays of length num_classes)."""
+
+    intersect: np.ndarray
+    union: np.ndarray
+    label_area: np.ndarray
+    pred_area: np.ndarray
+
+    @property
+    def pixel_acc(self) -> float | None:
+        total = int(self.label_area.sum())
+        return float(self.intersect.sum()) / total if total else None
+
+    @property
+    def miou(self) -> float | None:
+        return mean_iou(self.intersect, self.union)
+
+
+def image_stats(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> ImageStats:
+    """Sufficient statistics of one prediction against its label (same HxW shape)."""
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in size")
+    valid = label != ignore_index
+    p = pred[valid].astype(np.int64)
+    t = label[valid].astype(np.int64)
+    hits = p[p == t]
+    intersect = np.bincount(hits, minlength=num_classes)[:num_classes]
+    pred_area = np.bincount(p, minlength=num_classes)[:num_classes]
+    label_area = np.bincount(t, minlength=num_classes)[:num_classes]
+    union = pred_area + label_area - intersect
+    return ImageStats(intersect, union, label_area, pred_area)
+
+
+def per_class_iou(intersect: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """IoU per class, NaN where the class is absent from both prediction and label."""
+    intersect = np.asarray(intersect, dtype=np.float64)
+    union = np.asarray(union, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, intersect / union, np.nan)
+
+
+def mean_iou(intersect: np.ndarray, union: np.ndarray) -> float | None:
+    iou = per_class_iou(intersect, union)
+    present = ~np.isnan(iou)
+    return float(iou[present].mean()) if present.any() else None
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """Dataset-level metrics from summed statistics."""
+
+    miou: float | None
+    pixel_acc: float | None
+    mean_acc: float | None
+    fw_iou: float | None
+    iou: np.ndarray  # per class, NaN where union == 0
+
+    @classmethod
+    def from_sums(cls, intersect: np.ndarray, union: np.ndarray, label_area: np.ndarray) -> "DatasetSummary":
+        intersect = np.asarray(intersect, dtype=np.float64)
+        union = np.asarray(union, dtype=np.float64)
+        label_area = np.asarray(label_area, dtype=np.float64)
+        iou = per_class_iou(intersect, union)
+        total = label_area.sum()
+        labelled = label_area > 0
+        return cls(
+            miou=mean_iou(intersect, union),
+            pixel_acc=float(intersect.sum() / total) if total else None,
+            mean_acc=float((intersect[labelled] / label_area[labelled]).mean()) if labelled.any() else None,
+            fw_iou=float(np.nansum(label_area / total * np.nan_to_num(iou))) if total else None,
+            iou=iou,
+        )

@@ -1,0 +1,133 @@
+"""DeepLab v3+ (Chen et al., ECCV 2018): v3 encoder (ASPP) + a light decoder.
+
+The decoder reduces stride-4 low-level features to 48 channels with a 1x1 conv, concatenates
+them with the 4x-upsampled ASPP output and refines with two 3x3 convs before the classifier.
+ASPP and decoder convs are depthwise-separable (depthwise 3x3 with the atrous rate, BN, ReLU,
+pointwise 1x1, BN, ReLU), as in the paper's "DeepLabv3+ with separable convs" variant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SeparableConvBNReLU(nn.Sequential):
+    """Depthwise 3x3 (dilated) + BN + ReLU, then pointwise 1x1 + BN + ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, padding=dilation, dilation=dilation, groups=in_channels, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ImagePooling(nn.Sequential):
+    """ASPP's image-level branch: global average pool, 1x1 conv, upsample back."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        return F.interpolate(super().forward(x), size=size, mode="bilinear", align_corners=False)
+
+
+class SeparableASPP(nn.Module):
+    """1x1 + three separable 3x3 atrous branches + image pooling, concatenated, projected by 1x1."""
+
+    def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int], dropout: float = 0.1) -> None:
+        super().__init__()
+        self.rates = tuple(rates)
+        branches = [ConvBNReLU(in_channels, out_channels, 1)]
+        branches += [SeparableConvBNReLU(in_channels, out_channels, dilation=r) for r in self.rates]
+        branches.append(ImagePooling(in_channels, out_channels))
+        self.branches = nn.ModuleList(branches)
+        self.project = nn.Sequential(ConvBNReLU(len(branches) * out_channels, out_channels, 1), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
+
+
+class Decoder(nn.Module):
+    """v3+ decoder: low-level 1x1 → 48 ch, concat with upsampled ASPP, two separable 3x3, classifier."""
+
+    def __init__(self, low_level_channels: int, aspp_channels: int, num_classes: int, low_level_reduced: int = 48) -> None:
+        super().__init__()
+        self.reduce = ConvBNReLU(low_level_channels, low_level_reduced, 1)
+        self.refine = nn.Sequential(
+            SeparableConvBNReLU(aspp_channels + low_level_reduced, aspp_channels),
+            SeparableConvBNReLU(aspp_channels, aspp_channels),
+        )
+        self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
+
+    def forward(self, low_level: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        encoded = F.interpolate(encoded, size=low_level.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.refine(torch.cat([self.reduce(low_level), encoded], dim=1)))
+
+
+class DeepLabV3Plus(nn.Module):
+    """Backbone returning (stride-4 features, stride-OS features) → ASPP → decoder → logits at input size."""
+
+    def __init__(self, backbone: nn.Module, low_level_channels: int, high_level_channels: int, *,
+                 num_classes: int, output_stride: int, aspp_channels: int = 256) -> None:
+        super().__init__()
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        self.output_stride = output_stride
+        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+        self.backbone = backbone
+        self.aspp = SeparableASPP(high_level_channels, aspp_channels, rates)
+        self.decoder = Decoder(low_level_channels, aspp_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a float batch of shape (N, 3, H, W), got {tuple(x.shape)}")
+        low_level, high_level = self.backbone(x)
+        logits = self.decoder(low_level, self.aspp(high_level))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _timm_backbone(name: str, output_stride: int) -> tuple[nn.Module, int, int]:
+    """A timm features-only backbone returning the stride-4 and the deepest feature maps."""
+    probe = timm.create_model(name, features_only=True, pretrained=False)
+    reductions = probe.feature_info.reduction()
+    low_index = reductions.index(4)
+    backbone = timm.create_model(
+        name, features_only=True, pretrained=False, output_stride=output_stride,
+        out_indices=(low_index, len(reductions) - 1),
+    )
+    low_channels, high_channels = backbone.feature_info.channels()
+    return backbone, low_channels, high_channels
+
+
+def deeplabv3plus_demo(*, num_classes: int = 6, output_stride: int = 16) -> DeepLabV3Plus:
+    """The small demo model: v3+ on a width-0.5 MobileNetV2 with 96-channel ASPP/decoder.
+
+    Trained from scratch by ``jobs/train_demo.py`` on the synthetic dataset; small enough to
+    train on a 2-core CPU in minutes and to ship with the repository.
+    """
+    backbone, low, high = _timm_backbone("mobilenetv2_050", output_stride)
+    return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride, aspp_channels=96)

@@ -1,0 +1,56 @@
+"""PASCAL VOC colour palette and mode-P PNG encoding of class-id masks.
+
+A mask PNG stores class ids as pixel values (255 = ignore) and carries the VOC
+palette, so image viewers show colours while ``np.array(Image.open(f))`` gives ids.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IGNORE_INDEX = 255
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The standard VOC colour map (bit-interleaved), shape (n, 3) uint8; 255 is white-ish."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    # VOC draws the ignore band in a light cream colour.
+    palette[IGNORE_INDEX] = (224, 224, 192)
+    return palette
+
+
+_PALETTE_BYTES = voc_palette().tobytes()
+
+
+def mask_to_png(mask: np.ndarray) -> bytes:
+    """Encode an (H, W) integer class-id array as a mode-P PNG with the VOC palette."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
+    image.putpalette(_PALETTE_BYTES)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def png_to_mask(data: bytes) -> np.ndarray:
+    """Decode a label/mask PNG into an (H, W) uint8 array of class ids (palette indices).
+
+    Mode P and L are taken as ids directly; other modes are rejected because converting
+    an RGB colour-coded label to ids needs a palette lookup the caller must do on purpose.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"label PNG must be mode P or L (class ids), got mode {image.mode}")
+        return np.array(image, dtype=np.uint8)

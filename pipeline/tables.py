@@ -1,0 +1,130 @@
+"""Explicit Arrow schemas of the output tables (see DESIGN.md) and the result rows of a batch.
+
+The last compute stage emits one ``RESULT_SCHEMA`` table per batch holding both successful and
+failed rows (``error_stage`` is empty on success); the driver splits it into ``masks`` and
+``errors``. Keeping one schema through the stream keeps every input key in exactly one place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.metrics import image_stats
+from pipeline.palette import mask_to_png
+
+_COUNTS = pa.list_(pa.int64())
+
+MASKS_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("uri", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("mask", pa.binary()),
+    ("mask_pre_crf", pa.binary()),
+    ("class_pixels", _COUNTS),
+    ("has_label", pa.bool_()),
+    ("intersect", _COUNTS),
+    ("union", _COUNTS),
+    ("label_area", _COUNTS),
+    ("intersect_pre_crf", _COUNTS),
+    ("union_pre_crf", _COUNTS),
+    ("pixel_acc", pa.float64()),
+    ("miou", pa.float64()),
+    ("pixel_acc_pre_crf", pa.float64()),
+    ("miou_pre_crf", pa.float64()),
+    ("model", pa.string()),
+    ("weights_sha256", pa.string()),
+    ("infer_ms", pa.float64()),
+    ("crf_ms", pa.float64()),
+    ("run_id", pa.string()),
+])
+
+ERRORS_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("uri", pa.string()),
+    ("stage", pa.string()),  # list|read|decode|label|infer|crf|write
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+    ("run_id", pa.string()),
+])
+
+CLASSES_SCHEMA = pa.schema([
+    ("class_id", pa.int32()),
+    ("class_name", pa.string()),
+    ("intersect", pa.int64()),
+    ("union", pa.int64()),
+    ("label_area", pa.int64()),
+    ("iou", pa.float64()),
+    ("iou_pre_crf", pa.float64()),
+])
+
+# masks columns + the error columns, all nullable: one row per input key.
+RESULT_SCHEMA = pa.schema(list(MASKS_SCHEMA) + [
+    pa.field("error_stage", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("infer_node", pa.string()),  # Ray node ids, collected into manifest.json
+    pa.field("crf_node", pa.string()),
+])
+
+
+def split_results(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A RESULT_SCHEMA table → (masks rows, errors rows) with their own schemas."""
+    stage = table.column("error_stage").to_pylist()
+    ok = pa.array([s is None or s == "" for s in stage])
+    masks = table.filter(ok).select(MASKS_SCHEMA.names).cast(MASKS_SCHEMA)
+    failed = table.filter(pa.compute.invert(ok))
+    errors = pa.table({
+        "key": failed.column("key"),
+        "uri": failed.column("uri"),
+        "stage": failed.column("error_stage"),
+        "error_type": failed.column("error_type"),
+        "message": failed.column("error_message"),
+        "run_id": failed.column("run_id"),
+    }).cast(ERRORS_SCHEMA)
+    return masks, errors
+
+
+def result_table(batch: dict[str, np.ndarray], *, num_classes: int, model: str, weights_sha256: str,
+                 run_id: str) -> pa.Table:
+    """Per-image PNG masks and metric statistics for a batch that went through inference (+CRF).
+
+    Expects the stream's columns: key, uri, height, width, label, has_label, mask_pre, mask
+    (raw uint8 bytes; ``mask`` empty when CRF is off), infer_ms, crf_ms, infer_node, crf_node and the
+    error columns.
+    """
+    rows = []
+    for i in range(len(batch["key"])):
+        row = {"key": str(batch["key"][i]), "uri": str(batch["uri"][i]), "model": model,
+               "weights_sha256": weights_sha256, "run_id": run_id,
+               "infer_node": batch["infer_node"][i] or None, "crf_node": batch["crf_node"][i] or None}
+        if batch["error_stage"][i]:
+            row.update(error_stage=str(batch["error_stage"][i]), error_type=str(batch["error_type"][i]),
+                       error_message=str(batch["error_message"][i]))
+            rows.append(row)
+            continue
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        pre = np.frombuffer(batch["mask_pre"][i], dtype=np.uint8).reshape(h, w)
+        crf_bytes = batch["mask"][i]
+        post = np.frombuffer(crf_bytes, dtype=np.uint8).reshape(h, w) if len(crf_bytes) else pre
+        row.update(
+            height=h, width=w, mask=mask_to_png(post),
+            mask_pre_crf=mask_to_png(pre) if len(crf_bytes) else None,
+            class_pixels=np.bincount(post.ravel(), minlength=num_classes)[:num_classes].tolist(),
+            has_label=bool(batch["has_label"][i]),
+            infer_ms=float(batch["infer_ms"][i]),
+            crf_ms=float(batch["crf_ms"][i]) if len(crf_bytes) else None,
+        )
+        if row["has_label"]:
+            label = np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)
+            post_stats, pre_stats = image_stats(post, label, num_classes), image_stats(pre, label, num_classes)
+            row.update(
+                intersect=post_stats.intersect.tolist(), union=post_stats.union.tolist(),
+                label_area=post_stats.label_area.tolist(),
+                intersect_pre_crf=pre_stats.intersect.tolist(), union_pre_crf=pre_stats.union.tolist(),
+                pixel_acc=post_stats.pixel_acc, miou=post_stats.miou,
+                pixel_acc_pre_crf=pre_stats.pixel_acc, miou_pre_crf=pre_stats.miou,
+            )
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
