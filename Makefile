@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(PY) jobs/segment_bucket.py
 
 test: $(STAMP)
+	bash .ci/system-packages.sh
 	$(PY) -m pytest -m 'slow or not slow'
 
 test-fast: $(STAMP)

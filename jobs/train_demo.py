@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.metrics import DatasetSummary, image_stats  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.palette import IGNORE_INDEX  # noqa: E402
-from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene  # noqa: E402
+from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec  # noqa: E402
 from pipeline.weights import DEMO_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_200)  # the demo bucket uses 2_000_000+
@@ -45,6 +45,21 @@ def make_split(seeds, spec: SceneSpec) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
+def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, n: int, crop: int):
+    """``n`` random square crops (and their labels) from scenes of varied size, randomly mirrored."""
+    xs, ys = [], []
+    for i in rng.integers(0, len(scenes), n):
+        image, label = scenes[i]
+        top = rng.integers(0, image.shape[0] - crop + 1)
+        left = rng.integers(0, image.shape[1] - crop + 1)
+        x, y = image[top : top + crop, left : left + crop], label[top : top + crop, left : left + crop]
+        if rng.random() < 0.5:
+            x, y = x[:, ::-1], y[:, ::-1]
+        xs.append(x)
+        ys.append(y)
+    return np.ascontiguousarray(np.stack(xs)), np.ascontiguousarray(np.stack(ys))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 10) -> DatasetSummary:
     model.eval()
@@ -60,7 +75,7 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, bat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2400, help="optimizer steps (default: 2400)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop", type=int, default=160, help="square training crop size in pixels")
     parser.add_argument("--train-scenes", type=int, default=3000)
@@ -74,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
-    train_spec = SceneSpec(height=args.crop, width=args.crop)
-    train_x, train_y = make_split(range(args.train_scenes), train_spec)
+    # Training scenes have the demo bucket's varied sizes (objects scale with the scene), so the
+    # network sees the object scales it meets at inference time; it trains on square crops.
+    train = [make_scene(s, varied_spec(s)) for s in range(args.train_scenes)]
     val_x, val_y = make_split(HELD_OUT_SEEDS, SceneSpec())
-    print(f"generated {len(train_x)} training and {len(val_x)} held-out scenes in {time.time() - t0:.0f}s", flush=True)
+    print(f"generated {len(train)} training and {len(val_x)} held-out scenes in {time.time() - t0:.0f}s", flush=True)
 
     model = build_model(DEMO_WEIGHTS.model, num_classes=len(CLASS_NAMES))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -89,12 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     model.train()
     for step in range(args.steps):
-        idx = rng.integers(0, len(train_x), args.batch_size)
-        x, y = train_x[idx], train_y[idx]
-        if rng.random() < 0.5:
-            x, y = x[:, :, ::-1], y[:, :, ::-1]
-        logits = model(to_tensor(np.ascontiguousarray(x)))
-        loss = F.cross_entropy(logits, torch.from_numpy(np.ascontiguousarray(y)).long(), ignore_index=IGNORE_INDEX)
+        x, y = random_crops(train, rng, args.batch_size, args.crop)
+        logits = model(to_tensor(x))
+        loss = F.cross_entropy(logits, torch.from_numpy(y).long(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

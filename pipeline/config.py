@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -36,17 +39,38 @@ class CRFParams:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Multi-scale (+flip) inference; probabilities are averaged at full resolution."""
+    """Multi-scale (+flip) inference; predictions are averaged at full resolution."""
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     output_stride: int | None = None
+    average: str = "probs"  # "probs" (DeepLab v3) or "logits"
+    tile: int | None = None  # sliding-window tile size; None runs whole images
+    tile_overlap: int = 128
+    max_pixels: int = 50_000_000  # decompression-bomb guard for whole-image inference
+    precision: str = "fp32"  # autocast on GPU: "fp16" or "bf16"
+    batching: str = "bucket"  # "bucket" (same-size images batched, exact) or "pad"
+    probs_encoding: str = "float16"  # how probabilities travel to the CRF stage (pipeline/probs.py)
+    low_conf_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ValueError(f"scales must be positive numbers, got {self.scales}")
         if self.output_stride not in (None, 8, 16):
             raise ValueError(f"output stride must be 8 or 16, got {self.output_stride}")
+        choices = {"average": ("probs", "logits"), "precision": ("fp32", "fp16", "bf16"),
+                   "batching": ("bucket", "pad"), "probs_encoding": ("float32", "float16", "uint8")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.tile is not None and not 0 <= self.tile_overlap < self.tile:
+            raise ValueError(f"tile overlap must be in [0, tile), got {self.tile_overlap} for tile {self.tile}")
+        if self.tile is not None and self.tile < 32:
+            raise ValueError(f"tile must be >= 32 pixels, got {self.tile}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max pixels must be >= 1, got {self.max_pixels}")
+        if not 0 < self.low_conf_threshold <= 1:
+            raise ValueError(f"low-confidence threshold must be in (0, 1], got {self.low_conf_threshold}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +103,7 @@ class JobConfig:
     output_uri: str
     labels_uri: str | None
     model: str
-    weights_uri: str
+    weights_uri: str | None  # None: the model's default weight set (pipeline.weights.DEFAULT_WEIGHTS)
     run_id: str
     inference: InferenceConfig = InferenceConfig()
     crf: CRFParams | None = CRFParams()
@@ -89,6 +113,20 @@ class JobConfig:
     resume: bool = False
     overwrite: bool = False
     storage_options: dict = field(default_factory=dict, hash=False)
+    commit_interval: float = 30.0
+    pushgateway: str | None = None
+    compare_previous: bool = False  # compare with the previous committed run under output_uri
+    fail_on_regression: float | None = None  # exit 3 when the mIoU or a class IoU drops by more than this
+
+    def __post_init__(self) -> None:
+        # The id names the folder OUTPUT/run=<id>/: a '/' or '..' would put outputs elsewhere.
+        if not _RUN_ID.fullmatch(self.run_id) or ".." in self.run_id:
+            raise ValueError(f"run id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-', start with a "
+                             f"letter or digit and not contain '..' (it names the folder run=<id>)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.commit_interval <= 0:
+            raise ValueError(f"commit interval must be > 0 seconds, got {self.commit_interval}")
 
     def to_public_dict(self) -> dict:
         """The config as JSON-able data with anything that looks like a credential redacted."""

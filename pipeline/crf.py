@@ -10,6 +10,8 @@ import pydensecrf.densecrf as dcrf
 import ray
 
 from pipeline.config import CRFParams
+from pipeline.observability import stage_metrics
+from pipeline.probs import decode_probs
 from pipeline.tables import result_table
 
 
@@ -46,13 +48,16 @@ class CRFRefiner:
     A failure on one image becomes that image's error row (stage ``crf``), never a failed run.
     """
 
-    def __init__(self, *, params: CRFParams, num_classes: int, model: str, weights_sha256: str, run_id: str) -> None:
+    def __init__(self, *, params: CRFParams, num_classes: int, model: str, weights_sha256: str, run_id: str,
+                 probs_encoding: str = "float16") -> None:
         self.params = params
+        self.probs_encoding = probs_encoding
         self.num_classes = num_classes
         self.model = model
         self.weights_sha256 = weights_sha256
         self.run_id = run_id
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self.metrics = stage_metrics("crf")
 
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["key"])
@@ -65,12 +70,15 @@ class CRFRefiner:
             start = time.perf_counter()
             try:
                 image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
-                probs = np.frombuffer(batch["probs"][i], dtype=np.float16).reshape(self.num_classes, h, w)
+                probs = decode_probs(batch["probs"][i], self.probs_encoding, (self.num_classes, h, w))
                 out["mask"][i] = dense_crf(image, probs, self.params).tobytes()
             except Exception as exc:
                 out["error_stage"][i], out["error_type"][i] = "crf", type(exc).__name__
                 out["error_message"][i] = f"dense CRF failed: {exc}"[:1000]
+                self.metrics.error()
                 continue
-            out["crf_ms"][i] = (time.perf_counter() - start) * 1000.0
+            seconds = time.perf_counter() - start
+            out["crf_ms"][i] = seconds * 1000.0
+            self.metrics.ok(seconds)
         return result_table(out, num_classes=self.num_classes, model=self.model,
                             weights_sha256=self.weights_sha256, run_id=self.run_id)

@@ -7,6 +7,7 @@ over scales and flips — DeepLab v3's evaluation protocol (Chen et al. 2017, Se
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -16,12 +17,21 @@ from torch.nn import functional as F
 
 from pipeline.config import InferenceConfig
 from pipeline.models import build_model
-from pipeline.tables import result_table
-from pipeline.weights import categories_from, load_into, read_checkpoint
+from pipeline.observability import stage_metrics
+from pipeline.probs import encode_probs, uncertainty
+from pipeline.tables import UNCERTAINTY_COLUMNS, result_table
+from pipeline.weights import (WeightsError, categories_from, default_weights, load_into, num_classes_in,
+                              read_checkpoint)
 
 
-def multiscale_probs(model: torch.nn.Module, image: torch.Tensor, scales: tuple[float, ...], flip: bool) -> torch.Tensor:
-    """Average softmax probabilities over ``scales`` (and horizontal flips) for a (N, 3, H, W) batch."""
+def multiscale_probs(model: torch.nn.Module, image: torch.Tensor, scales: tuple[float, ...], flip: bool,
+                     average: str = "probs") -> torch.Tensor:
+    """Average over ``scales`` (and horizontal flips) for a (N, 3, H, W) batch; returns probabilities.
+
+    ``average="probs"`` averages softmax probabilities (DeepLab v3's protocol); ``"logits"``
+    averages logits and applies one softmax (DeepLab v2's max/avg-fused score maps behave closer
+    to this). Either way every prediction is first upsampled to the input's full resolution.
+    """
     height, width = image.shape[-2:]
     total = None
     for scale in scales:
@@ -31,48 +41,136 @@ def multiscale_probs(model: torch.nn.Module, image: torch.Tensor, scales: tuple[
             x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
-        logits = model(x)
+        out = model(x).float()
         if flip:
-            plain, mirrored = logits.chunk(2, dim=0)
-            logits = torch.cat([plain, mirrored.flip(-1)], dim=0)
-        if logits.shape[-2:] != (height, width):
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        probs = logits.float().softmax(dim=1)
+            plain, mirrored = out.chunk(2, dim=0)
+            out = torch.cat([plain, mirrored.flip(-1)], dim=0)
+        if out.shape[-2:] != (height, width):
+            out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+        if average == "probs":
+            out = out.softmax(dim=1)
         if flip:
-            probs = probs.view(2, -1, *probs.shape[1:]).sum(0)
-        total = probs if total is None else total + probs
-    return total / (len(scales) * (2 if flip else 1))
+            out = out.view(2, -1, *out.shape[1:]).sum(0)
+        total = out if total is None else total + out
+    total = total / (len(scales) * (2 if flip else 1))
+    return total if average == "probs" else total.softmax(dim=1)
 
 
-def load_model(model_name: str, weights_uri: str, *, storage_options: dict | None = None,
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]  # the last window ends at the border
+
+
+def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, *, tile: int, overlap: int,
+                         scales: tuple[float, ...], flip: bool, average: str = "probs") -> torch.Tensor:
+    """Multi-scale inference on overlapping ``tile`` x ``tile`` windows, probabilities averaged where
+    windows overlap. Network memory depends on the tile, not on the image, so very large images
+    run within a fixed budget (the full-resolution probability map stays on the host)."""
+    height, width = image.shape[-2:]
+    if height <= tile and width <= tile:
+        return multiscale_probs(model, image, scales, flip, average)
+    stride = max(1, tile - overlap)
+    total = count = None
+    for top in _tile_starts(height, tile, stride):
+        for left in _tile_starts(width, tile, stride):
+            window = image[..., top : top + tile, left : left + tile]
+            probs = multiscale_probs(model, window, scales, flip, average).cpu()
+            if total is None:
+                total = torch.zeros(image.shape[0], probs.shape[1], height, width)
+                count = torch.zeros(1, 1, height, width)
+            total[..., top : top + tile, left : left + tile] += probs
+            count[..., top : top + tile, left : left + tile] += 1
+    return total / count
+
+
+def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch.Tensor, std: torch.Tensor,
+                config: InferenceConfig) -> list[torch.Tensor]:
+    """(C, H, W) probabilities per RGB uint8 image.
+
+    Images of one size run as one tensor batch ("bucket" batching, exact); with "pad" batching
+    every image is zero-padded (after normalisation) to the largest size in the batch, run once,
+    and cropped back — fewer, larger forwards, at the cost of padded context near the borders.
+    """
+    device = mean.device
+    autocast = (torch.autocast(device.type, dtype=_AUTOCAST[config.precision])
+                if config.precision != "fp32" else contextlib.nullcontext())
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            if config.tile:
+                return sliding_window_probs(model, x, tile=config.tile, overlap=config.tile_overlap,
+                                            scales=config.scales, flip=config.flip, average=config.average)
+            return multiscale_probs(model, x, config.scales, config.flip, config.average)
+
+    def to_tensor(rgbs: list[np.ndarray]) -> torch.Tensor:
+        host = torch.from_numpy(np.stack(rgbs))
+        if device.type == "cuda":
+            host = host.pin_memory()  # lets the copy overlap with the previous batch's compute
+        x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - mean) / std
+
+    results: list[torch.Tensor | None] = [None] * len(images)
+    with torch.inference_mode():
+        if config.batching == "pad" and not config.tile and len(images) > 1:
+            height = max(im.shape[0] for im in images)
+            width = max(im.shape[1] for im in images)
+            x = torch.zeros(len(images), 3, height, width, device=device)
+            for i, im in enumerate(images):
+                x[i, :, : im.shape[0], : im.shape[1]] = to_tensor([im])[0]
+            probs = run(x)
+            return [probs[i, :, : im.shape[0], : im.shape[1]] for i, im in enumerate(images)]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            by_size.setdefault(im.shape[:2], []).append(i)
+        for indices in by_size.values():
+            probs = run(to_tensor([images[i] for i in indices]))
+            for j, i in enumerate(indices):
+                results[i] = probs[j]
+    return results
+
+
+def predict_probs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor, std: torch.Tensor,
+                  scales: tuple[float, ...], flip: bool) -> torch.Tensor:
+    """(C, H, W) averaged probabilities for one RGB uint8 image; mean/std are (1, 3, 1, 1) on the device."""
+    return infer_batch(model, [rgb], mean=mean, std=std, config=InferenceConfig(scales=scales, flip=flip))[0]
+
+
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_model(model_name: str, weights_uri: str | None, *, storage_options: dict | None = None,
                output_stride: int | None = None, num_classes: int | None = None,
                expected_sha256: str | None = None):
-    """(model in eval mode, sha256, class names); num_classes from the checkpoint when not given."""
+    """(model in eval mode, sha256, class names); num_classes from the checkpoint when not given.
+
+    ``weights_uri=None`` means the model's default weight set (``DEFAULT_WEIGHTS``), resolved in
+    this process: bundled files are found in the local install on every node.
+    """
+    if weights_uri is None:
+        default = default_weights(model_name)
+        weights_uri, expected_sha256 = default.uri, expected_sha256 or default.sha256
     checkpoint = read_checkpoint(weights_uri, expected_sha256=expected_sha256, storage_options=storage_options)
     if num_classes is None:
-        num_classes = _infer_num_classes(checkpoint.state_dict)
+        num_classes = num_classes_in(checkpoint.state_dict)
+        if num_classes is None:
+            raise WeightsError(f"cannot tell the number of classes from {weights_uri}; pass --num-classes")
     model = build_model(model_name, num_classes=num_classes, output_stride=output_stride)
     load_into(model, checkpoint, weights_uri)
     return model.eval(), checkpoint.sha256, categories_from(checkpoint.metadata, num_classes)
 
 
-def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
-    """The main classifier's output channels: the last non-aux conv weight named *classifier*."""
-    candidates = [k for k in state if "classifier" in k and "aux" not in k and k.endswith("weight")
-                  and state[k].ndim == 4]
-    if not candidates:
-        raise ValueError("cannot tell the number of classes from the checkpoint; pass --num-classes")
-    return int(state[candidates[-1]].shape[0])
-
-
 class Segmenter:
     """Ray Data callable class: model loaded once per actor, multi-scale inference per image.
 
-    Emits per image the pre-CRF argmax mask and, when a CRF stage follows, the averaged
-    probabilities as float16 (half the bytes of float32 through the object store).
+    Emits per image the pre-CRF argmax mask, confidence summaries and, when a CRF stage follows,
+    the averaged probabilities in ``inference.probs_encoding`` (see pipeline/probs.py).
     """
 
-    def __init__(self, *, model: str, weights_uri: str, storage_options: dict, inference: InferenceConfig,
+    def __init__(self, *, model: str, weights_uri: str | None, storage_options: dict, inference: InferenceConfig,
                  weights_sha256: str, num_classes: int, use_gpu: bool, threads: int, crf_follows: bool,
                  run_id: str, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -90,34 +188,43 @@ class Segmenter:
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-
-    @torch.inference_mode()
-    def _predict(self, rgb: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(rgb.copy()).to(self.device).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        return multiscale_probs(self.model, x, self.inference.scales, self.inference.flip)[0]
+        self.metrics = stage_metrics("infer")
 
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["key"])
         out = {k: list(v) for k, v in batch.items()}
-        out["mask_pre"], out["probs"], out["infer_ms"] = [b""] * n, [b""] * n, [0.0] * n
-        out["infer_node"] = [self.node_id] * n
-        for i in range(n):
-            if out["error_stage"][i]:
+        out.update(mask_pre=[b""] * n, probs=[b""] * n, infer_ms=[0.0] * n, infer_node=[self.node_id] * n)
+        for name in UNCERTAINTY_COLUMNS:
+            out[name] = [float("nan")] * n
+        todo = [i for i in range(n) if not out["error_stage"][i]]
+        images = [np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]),
+                                                                          int(batch["width"][i]), 3) for i in todo]
+        start = time.perf_counter()
+        try:
+            probs = infer_batch(self.model, images, mean=self.mean, std=self.std, config=self.inference)
+        except Exception:
+            # Find the image that fails (e.g. out of memory on a huge one) without losing the others.
+            probs = []
+            for i, image in zip(todo, images):
+                try:
+                    probs.append(infer_batch(self.model, [image], mean=self.mean, std=self.std,
+                                             config=self.inference)[0])
+                except Exception as exc:
+                    out["error_stage"][i], out["error_type"][i] = "infer", type(exc).__name__
+                    out["error_message"][i] = f"inference failed: {exc}"[:1000]
+                    self.metrics.error()
+                    probs.append(None)
+        per_image = (time.perf_counter() - start) / max(1, len(todo))
+        for i, p in zip(todo, probs):
+            if p is None:
                 continue
-            h, w = int(batch["height"][i]), int(batch["width"][i])
-            rgb = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
-            start = time.perf_counter()
-            try:
-                probs = self._predict(rgb)
-                out["mask_pre"][i] = probs.argmax(0).to(torch.uint8).cpu().numpy().tobytes()
-                if self.crf_follows:
-                    out["probs"][i] = probs.to(torch.float16).cpu().numpy().tobytes()
-            except Exception as exc:  # one bad image (e.g. out of memory) must not stop the run
-                out["error_stage"][i], out["error_type"][i] = "infer", type(exc).__name__
-                out["error_message"][i] = f"inference failed: {exc}"[:1000]
-                continue
-            out["infer_ms"][i] = (time.perf_counter() - start) * 1000.0
+            out["mask_pre"][i] = p.argmax(0).to(torch.uint8).cpu().numpy().tobytes()
+            for name, value in uncertainty(p, self.inference.low_conf_threshold).items():
+                out[name][i] = value
+            if self.crf_follows:
+                out["probs"][i] = encode_probs(p, self.inference.probs_encoding)
+            out["infer_ms"][i] = per_image * 1000.0
+            self.metrics.ok(per_image)
         if self.crf_follows:
             return {k: np.array(v, dtype=object) if k in _BYTES_COLUMNS else np.array(v) for k, v in out.items()}
         out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [""] * n

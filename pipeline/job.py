@@ -15,17 +15,20 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig
 from pipeline.models import MODEL_BUILDERS
-from pipeline.outputs import OutputError, RunOutput, RunSummary
+from pipeline.compare import format_comparison, regression_message, run_before
+from pipeline.observability import RunTelemetry
+from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs
 from pipeline.storage import InputError, list_inputs
 from pipeline.tables import split_results
-from pipeline.weights import DEMO_WEIGHTS, Weights, WeightsError
+from pipeline.weights import DEMO_WEIGHTS, Weights, WeightsError, default_weights
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_BUCKET = ASSETS / "demo_bucket"
 ROWS_PER_FILE = 1000
-FLUSH_SECONDS = 30.0
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -56,6 +59,7 @@ def _json_object(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     crf = CRFParams()
     compute = ComputeConfig()
+    inference = InferenceConfig()
     p = argparse.ArgumentParser(
         prog="segment_bucket.py",
         description=__doc__,
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_ = p.add_argument_group("model")
     io_.add_argument("--model", default=DEMO_WEIGHTS.model, choices=sorted(MODEL_BUILDERS), help="model architecture")
     io_.add_argument("--weights", metavar="URI", help="checkpoint URI (safetensors or torch), optionally "
-                     "'URI#sha256=<hex>' (default: the bundled demo checkpoint)")
+                     "'URI#sha256=<hex>' (default: the model's published weights; the bundled "
+                     "checkpoint for deeplabv3plus_demo)")
     io_.add_argument("--num-classes", type=int, help="classes in the checkpoint (default: read from the checkpoint)")
     inf = p.add_argument_group("inference")
     inf.add_argument("--scales", type=_scales, default=(1.0,),
@@ -78,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
                      help="also run horizontally flipped inputs and average")
     inf.add_argument("--output-stride", type=int, choices=(8, 16), help="backbone output stride (default: model's)")
+    inf.add_argument("--average", choices=("probs", "logits"), default=inference.average,
+                     help="average softmax probabilities (DeepLab v3) or logits over scales/flips")
+    inf.add_argument("--tile", type=int, metavar="PIXELS",
+                     help="sliding-window inference on PIXELS x PIXELS tiles (very large images, fixed memory)")
+    inf.add_argument("--tile-overlap", type=int, default=inference.tile_overlap, metavar="PIXELS",
+                     help="overlap between neighbouring tiles")
+    inf.add_argument("--max-pixels", type=int, default=inference.max_pixels,
+                     help="images declaring more pixels become error rows before decoding, unless --tile")
+    inf.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=inference.precision,
+                     help="autocast precision for GPU inference (CPU runs fp32)")
+    inf.add_argument("--batching", choices=("bucket", "pad"), default=inference.batching,
+                     help="bucket: batch same-size images (exact); pad: zero-pad a batch to its largest image")
+    inf.add_argument("--probs-encoding", choices=("float32", "float16", "uint8"), default=inference.probs_encoding,
+                     help="precision of the probabilities sent to the CRF stage")
+    inf.add_argument("--low-conf-threshold", type=float, default=inference.low_conf_threshold,
+                     help="pixels whose top-class probability is below this count as low-confidence")
     c = p.add_argument_group("dense CRF (defaults: DeepLab v2's published values)")
     c.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True, help="refine masks with dense CRF")
     c.add_argument("--crf-iterations", type=int, default=crf.iterations, help="mean-field iterations")
@@ -106,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue run --run-id: skip keys it already holds")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run with the same id")
     run.add_argument("--limit", type=int, help="segment at most N images (after sorting keys)")
+    run.add_argument("--commit-interval", type=float, default=30.0, metavar="SECONDS",
+                     help="write finished rows at least this often; a killed run loses at most this much work")
+    run.add_argument("--pushgateway", metavar="URL", help="push the run summary to this Prometheus Pushgateway")
+    run.add_argument("--compare-previous", action="store_true",
+                     help="compare with the previous committed run under --output: comparison*.parquet and "
+                          "comparison.json in this run, a report section, a printed table (docs/uncertainty.md)")
+    run.add_argument("--fail-on-regression", type=float, metavar="DELTA",
+                     help="with --compare-previous: exit 3 after committing when the mIoU or any class IoU "
+                          "dropped by more than DELTA (e.g. 0.02)")
     run.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
                      help="fsspec storage options, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
     return p
@@ -119,6 +149,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error("--resume and --overwrite exclude each other")
     if args.resume and not args.run_id:
         parser.error("--resume needs the --run-id of the run to continue")
+    if args.fail_on_regression is not None and not args.compare_previous:
+        parser.error("--fail-on-regression needs --compare-previous")
+    if args.fail_on_regression is not None and args.fail_on_regression < 0:
+        parser.error(f"--fail-on-regression must be >= 0, got {args.fail_on_regression}")
     try:
         crf = CRFParams(iterations=args.crf_iterations, gaussian_sxy=args.crf_gaussian_sxy,
                         gaussian_compat=args.crf_gaussian_compat, bilateral_sxy=args.crf_bilateral_sxy,
@@ -128,9 +162,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             output_uri=args.output or "outputs",
             labels_uri=args.labels or (str(DEMO_BUCKET / "labels") if demo else None),
             model=args.model,
-            weights_uri=args.weights or DEMO_WEIGHTS.uri,
+            weights_uri=args.weights,
             run_id=args.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ"),
-            inference=InferenceConfig(scales=args.scales, flip=args.flip, output_stride=args.output_stride),
+            inference=InferenceConfig(
+                scales=args.scales, flip=args.flip, output_stride=args.output_stride, average=args.average,
+                tile=args.tile, tile_overlap=args.tile_overlap, max_pixels=args.max_pixels,
+                precision=args.precision, batching=args.batching, probs_encoding=args.probs_encoding,
+                low_conf_threshold=args.low_conf_threshold),
             crf=crf if args.crf else None,
             compute=ComputeConfig(infer_actors=args.infer_actors, crf_actors=args.crf_actors, batch_size=args.batch_size,
                                   infer_cpus=args.infer_cpus, crf_cpus=args.crf_cpus, use_gpu=args.gpu,
@@ -140,6 +178,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             resume=args.resume,
             overwrite=args.overwrite,
             storage_options=args.storage_options,
+            commit_interval=args.commit_interval,
+            pushgateway=args.pushgateway,
+            compare_previous=args.compare_previous,
+            fail_on_regression=args.fail_on_regression,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -153,7 +195,7 @@ def resolve_weights(config: JobConfig) -> tuple[Weights, str]:
                                            output_stride=config.inference.output_stride,
                                            num_classes=config.num_classes)
     del model
-    base = DEMO_WEIGHTS if config.weights_uri == DEMO_WEIGHTS.uri else Weights(
+    base = default_weights(config.model) if config.weights_uri is None else Weights(
         model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
     return replace(base, categories=categories, sha256=sha256), sha256
 
@@ -199,12 +241,12 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
             f"{name} {'n/a' if v != v else f'{v:.3f}'}" for name, v in zip(categories, summary.post.iou)))
     print(f"throughput       : {processed} inputs in {seconds:.1f}s = {processed / max(seconds, 1e-9):.2f} images/s")
     print(f"outputs          : {uri}/")
+    print(f"report           : {uri}/report.html")
     print(f"query            : duckdb -c \"SELECT key, miou_pre_crf, miou FROM '{uri}/masks/*.parquet' ORDER BY miou LIMIT 5\"")
 
 
 def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
     import ray
-    import pyarrow as pa
 
     from pipeline.stages import Resources, build_dataset
 
@@ -219,13 +261,12 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
 
     init_ray(ray_address)
     resources = Resources.resolve(config, ray.cluster_resources())
+    crf_pool = "off" if config.crf is None else f"on, {config.compute.crf_actors[0]}-{config.compute.crf_actors[1]} actors"
     print(f"[deeplab-pipeline] inference on {'GPU' if resources.use_gpu else 'CPU'} "
-          f"({resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads), "
-          f"CRF {'off' if config.crf is None else f'on, {config.compute.crf_actors[0]}-{config.compute.crf_actors[1]} actors'}",
-          flush=True)
+          f"({resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads), CRF {crf_pool}", flush=True)
     run_started = time.time()
+    telemetry = RunTelemetry()
     processed = 0
-    nodes: dict[str, set[str]] = {"infer": set(), "crf": set()}  # Ray node ids that ran each stage
     if todo:
         ds = build_dataset(todo, config, weights, sha256, resources)
         pending: list[pa.Table] = []
@@ -233,39 +274,56 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             pending.append(batch)
             processed += batch.num_rows
-            for stage in nodes:
-                nodes[stage].update(v for v in batch.column(f"{stage}_node").unique().to_pylist() if v)
-            if sum(t.num_rows for t in pending) >= ROWS_PER_FILE or time.time() - last_flush > FLUSH_SECONDS:
+            telemetry.update(batch)
+            if sum(t.num_rows for t in pending) >= ROWS_PER_FILE or time.time() - last_flush > config.commit_interval:
                 _flush(output, pending)
+                print(f"[deeplab-pipeline] committed {processed}/{len(todo)} images", flush=True)
                 pending, last_flush = [], time.time()
         _flush(output, pending)
     run_seconds = time.time() - run_started
     manifest = {
         "run_id": config.run_id, "config": config.to_public_dict(), "model": config.model,
-        "weights": {"uri": config.weights_uri.split("#")[0], "sha256": sha256},
+        "weights": {"uri": weights.uri.split("#")[0], "sha256": sha256},
         "categories": list(weights.categories), "versions": _versions(),
-        "nodes": {stage: sorted(ids) for stage, ids in nodes.items()},
+        "nodes": {stage: sorted(ids) for stage, ids in telemetry.nodes.items()},
         "resources": {"use_gpu": resources.use_gpu, "infer_cpus": resources.infer_cpus,
                       "cluster": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
-        "timings": {"total_s": None, "segment_s": round(run_seconds, 3), "processed": processed,
-                    "images_per_s": round(processed / run_seconds, 3) if run_seconds > 0 else None},
+        "timings": {"segment_s": round(run_seconds, 3), "processed": processed,
+                    "images_per_s": round(processed / run_seconds, 3) if run_seconds > 0 else None,
+                    "total_s": round(time.time() - started, 3)},
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    manifest["timings"]["total_s"] = round(time.time() - started, 3)
-    summary = output.commit(weights.categories, manifest)
+    previous = None
+    if config.compare_previous:
+        previous_id = run_before(committed_runs(config.output_uri, config.storage_options), config.run_id)
+        if previous_id is None:
+            print(f"[deeplab-pipeline] no earlier committed run under {config.output_uri} to compare with", flush=True)
+        else:
+            previous = RunOutput(config.output_uri, previous_id, config.storage_options)
+    summary = output.commit(weights.categories, manifest, labels_uri=config.labels_uri, previous=previous)
+    comparison = summary.comparison
+    if config.pushgateway:
+        try:
+            telemetry.push(config.pushgateway, run_id=config.run_id, miou=summary.post.miou,
+                           miou_pre_crf=summary.pre.miou if summary.pre else None,
+                           images=summary.images, errors=summary.errors,
+                           against=comparison.against if comparison else None,
+                           miou_delta=comparison.miou_delta if comparison else None,
+                           changed_images=comparison.changed_images if comparison else None)
+        except Exception as exc:  # the run is committed; a monitoring outage must not turn it red
+            print(f"[deeplab-pipeline] warning: could not push to {config.pushgateway}: {exc}", file=sys.stderr)
     print_summary(summary, weights.categories, output.uri, run_seconds, processed)
+    if comparison is not None:
+        print(format_comparison(comparison))
     return summary
 
 
-def _flush(output: RunOutput, pending: list) -> None:
-    if not pending:
-        return
-    import pyarrow as pa
-
-    masks, errors = split_results(pa.concat_tables(pending))
-    output.write_part("masks", masks)
-    output.write_part("errors", errors)
+def _flush(output: RunOutput, pending: list[pa.Table]) -> None:
+    if pending:
+        masks, errors = split_results(pa.concat_tables(pending))
+        output.write_part("masks", masks)
+        output.write_part("errors", errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,8 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = config_from_args(args, parser)
     try:
-        run(config, ray_address=args.ray_address)
+        summary = run(config, ray_address=args.ray_address)
     except (InputError, OutputError, WeightsError) as exc:
         print(f"segment_bucket.py: error: {exc}", file=sys.stderr)
         return 2
+    if config.fail_on_regression is not None and summary.comparison is not None:
+        reason = regression_message(summary.comparison, config.fail_on_regression)
+        if reason:  # the run is committed; the exit code is the nightly's alarm
+            print(f"segment_bucket.py: {reason}", file=sys.stderr)
+            return 3
     return 0

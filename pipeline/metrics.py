@@ -88,3 +88,25 @@ class DatasetSummary:
             fw_iou=float(np.nansum(label_area / total * np.nan_to_num(iou))) if total else None,
             iou=iou,
         )
+
+
+def boundary_band(label: np.ndarray, width: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Pixels within ``width`` of a label boundary (the DeepLab papers' "trimap" band).
+
+    VOC labels mark borders with a 255 band, so both class changes and ignore pixels count as
+    boundaries; the ignore pixels themselves are never scored.
+    """
+    from PIL import Image, ImageFilter
+
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[1:, :] |= label[1:, :] != label[:-1, :]
+    edge |= label == ignore_index
+    grown = Image.fromarray(edge.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * width + 1))
+    return (np.asarray(grown) > 0) & (label != ignore_index)
+
+
+def trimap_accuracy(pred: np.ndarray, label: np.ndarray, width: int = 4) -> tuple[int, int]:
+    """(correct, total) pixels inside the boundary band; sum over images, then divide."""
+    band = boundary_band(label, width)
+    return int((pred[band] == label[band]).sum()), int(band.sum())

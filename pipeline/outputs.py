@@ -13,14 +13,16 @@ import json
 import posixpath
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.compare import COMPARISON_FILES, Comparison, compare_runs, load_run, write_comparison
 from pipeline.metrics import DatasetSummary
-from pipeline.storage import open_fs, write_bytes_atomic
+from pipeline.report import render_report
+from pipeline.storage import protocols, open_fs, write_bytes_atomic
 from pipeline.tables import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
 
 SUCCESS = "_SUCCESS"
@@ -37,14 +39,17 @@ class RunSummary:
     labelled: int
     post: DatasetSummary
     pre: DatasetSummary | None
+    comparison: Comparison | None = None  # against the previous committed run, when asked for
 
 
 class RunOutput:
     def __init__(self, output_uri: str, run_id: str, storage_options: dict | None = None) -> None:
         self.storage_options = storage_options or {}
+        self.run_id = run_id
         self.fs, root = open_fs(output_uri, self.storage_options)
         self.run_dir = posixpath.join(root.rstrip("/"), f"run={run_id}")
-        self.uri = self.fs.unstrip_protocol(self.run_dir)
+        # Local runs print as plain paths, so they paste into duckdb/pandas as they are.
+        self.uri = self.run_dir if "file" in protocols(self.fs) else self.fs.unstrip_protocol(self.run_dir)
         self._seq = 0
 
     def path(self, *parts: str) -> str:
@@ -98,8 +103,10 @@ class RunOutput:
         name = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{self._seq:05d}-{uuid.uuid4().hex[:8]}.parquet"
         write_bytes_atomic(self.fs.unstrip_protocol(self.path(kind, name)), buffer.getvalue(), self.storage_options)
 
-    def commit(self, categories: tuple[str, ...], manifest: dict) -> RunSummary:
-        """Write classes.parquet and manifest.json from the part files, then _SUCCESS."""
+    def commit(self, categories: tuple[str, ...], manifest: dict, *, labels_uri: str | None = None,
+               previous: RunOutput | None = None) -> RunSummary:
+        """Write classes.parquet, manifest.json, the comparison with ``previous`` (a committed run)
+        and report.html from the part files, then _SUCCESS."""
         masks = self.read("masks", ["key", "has_label", "intersect", "union", "label_area",
                                     "intersect_pre_crf", "union_pre_crf", "mask_pre_crf"])
         errors = self.read("errors", ["key"])
@@ -136,7 +143,42 @@ class RunOutput:
         manifest = {**manifest, "counts": counts, "metrics": metrics}
         write_bytes_atomic(self.fs.unstrip_protocol(self.path("manifest.json")),
                            json.dumps(manifest, indent=2, default=str).encode(), self.storage_options)
+        for name in COMPARISON_FILES:  # from an earlier commit of this run: they describe other masks
+            if self.fs.exists(self.path(name)):
+                self.fs.rm(self.path(name))
+        comparison = None
+        if previous is not None:
+            # Needs this run's classes.parquet (written above); the report shows it, _SUCCESS covers it.
+            comparison = compare_runs(load_run(previous), load_run(self))
+            write_comparison(self, comparison)
+            summary = replace(summary, comparison=comparison)
+        page = render_report(manifest=manifest, classes=classes, masks_reader=lambda cols: self.read("masks", cols),
+                             errors=self.read("errors"), labels_uri=labels_uri, storage_options=self.storage_options,
+                             comparison=comparison)
+        write_bytes_atomic(self.fs.unstrip_protocol(self.path("report.html")), page.encode(), self.storage_options)
         write_bytes_atomic(self.fs.unstrip_protocol(self.path(SUCCESS)),
                            json.dumps({**counts, "committed_at": manifest.get("finished_at")}).encode(),
                            self.storage_options)
         return summary
+
+
+def committed_runs(output_uri: str, storage_options: dict | None = None) -> list[str]:
+    """Ids of the runs under ``output_uri`` that have ``_SUCCESS``, oldest commit first.
+
+    Ordered by the commit time ``_SUCCESS`` records, then by id: run ids are free-form
+    (``--run-id``), and a resumed run commits when it finishes, not when it started.
+    """
+    fs, root = open_fs(output_uri, storage_options or {})
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)  # this process may have listed OUTPUT before other runs committed
+    paths = fs.glob(posixpath.join(root, "run=*", SUCCESS))
+    if not paths:
+        return []
+    runs = []
+    for path, data in fs.cat(list(paths)).items():  # concurrent requests on object stores
+        try:
+            committed_at = str(json.loads(data).get("committed_at") or "")
+        except (ValueError, AttributeError):
+            committed_at = ""  # an empty or foreign _SUCCESS still marks a committed run
+        runs.append((committed_at, posixpath.basename(posixpath.dirname(path)).removeprefix("run=")))
+    return [run_id for _, run_id in sorted(runs)]

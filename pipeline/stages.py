@@ -4,63 +4,65 @@ input key leaves the DAG exactly once, as a mask row or an error row."""
 
 from __future__ import annotations
 
-import io
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import ray
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from pipeline.config import JobConfig
 from pipeline.crf import CRFRefiner
+from pipeline.images import ImageTooLarge, decode_image
 from pipeline.inference import Segmenter
+from pipeline.observability import stage_metrics
 from pipeline.palette import IGNORE_INDEX, png_to_mask
 from pipeline.storage import InputFile, read_bytes
 from pipeline.weights import Weights
 
 
 def _error(out: dict, i: int, stage: str, exc: BaseException | None, message: str) -> None:
+    stage_metrics(stage).error()
     out["error_stage"][i] = stage
     out["error_type"][i] = type(exc).__name__ if exc is not None else "InvalidInput"
     out["error_message"][i] = message[:1000]
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Bytes → RGB uint8 (H, W, 3) in the displayed orientation (EXIF rotation applied)."""
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_classes: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_classes: int,
+                 max_pixels: int | None) -> dict[str, np.ndarray]:
     """Read and decode images and labels; any failure becomes that row's error."""
     n = len(batch["key"])
     out = {
         "key": list(batch["key"]), "uri": list(batch["uri"]),
-        "image": [b""] * n, "height": [0] * n, "width": [0] * n,
+        "image": [b""] * n, "height": [0] * n, "width": [0] * n, "exif_orientation": [0] * n,
         "label": [b""] * n, "has_label": [False] * n,
         "error_stage": [""] * n, "error_type": [""] * n, "error_message": [""] * n,
     }
     for i in range(n):
         uri, label_uri = str(batch["uri"][i]), str(batch["label_uri"][i])
+        start = time.perf_counter()
         try:
             data = read_bytes(uri, storage_options)
         except Exception as exc:
             _error(out, i, "read", exc, f"cannot read {uri}: {exc}")
             continue
         try:
-            rgb = decode_image(data)
+            decoded = decode_image(data, max_pixels=max_pixels)
+        except ImageTooLarge as exc:
+            _error(out, i, "decode", exc, f"refused before decoding: {exc}")
+            continue
         except UnidentifiedImageError as exc:
-            _error(out, i, "decode", exc, f"not a readable image ({len(data)} bytes): {exc}")
+            _error(out, i, "decode", exc, f"not a readable image: {len(data)} bytes starting {data[:12]!r} "
+                                          f"are in no known image format")
             continue
         except Exception as exc:
             _error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
             continue
-        h, w = rgb.shape[:2]
-        out["image"][i], out["height"][i], out["width"][i] = rgb.tobytes(), h, w
+        stage_metrics("decode").ok(time.perf_counter() - start)
+        h, w = decoded.rgb.shape[:2]
+        out["image"][i], out["height"][i], out["width"][i] = decoded.rgb.tobytes(), h, w
+        out["exif_orientation"][i] = decoded.exif_orientation or 0
         if not label_uri:
             continue
         try:
@@ -112,15 +114,28 @@ class Resources:
         return cls(False, cpus, max(1, math.floor(cpus + 0.5)))
 
 
+# A worker that dies mid-batch (node preempted, OOM-killed, segfault in native code) loses no
+# rows: Ray re-runs the batch on a restarted actor / another worker, and Ray Data keeps only one
+# result per batch, so every key still leaves the DAG once. Ray Data 2.60 defaults are unbounded
+# (max_restarts=-1, max_task_retries=-1, tasks max_retries=-1): an input that kills its worker
+# every time would then loop forever instead of failing the run. So actors may restart without
+# limit (one per death, a long run on spot nodes sees many), but one batch is retried 3 times;
+# after that the run fails with the worker's death as the reason and --resume continues it.
+TASK_RETRIES = 3
+ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": TASK_RETRIES}
+
+
 def build_dataset(files: list[InputFile], config: JobConfig, weights: Weights, weights_sha256: str,
                   resources: Resources) -> ray.data.Dataset:
     """The whole DAG from listed inputs to RESULT_SCHEMA tables, one readable function."""
     compute = config.compute
     ds = ray.data.from_items([{"key": f.key, "uri": f.uri, "label_uri": f.label_uri} for f in files],
                              override_num_blocks=max(1, min(len(files) // compute.batch_size, 200)))
+    # Tiled inference bounds network memory, so the pixel guard only applies to whole-image runs.
+    max_pixels = None if config.inference.tile else config.inference.max_pixels
     ds = ds.map_batches(decode_batch, fn_kwargs={"storage_options": config.storage_options,
-                                                 "num_classes": weights.num_classes},
-                        batch_size=compute.batch_size, num_cpus=compute.decode_cpus)
+                                                 "num_classes": weights.num_classes, "max_pixels": max_pixels},
+                        batch_size=compute.batch_size, num_cpus=compute.decode_cpus, max_retries=TASK_RETRIES)
     ds = ds.map_batches(
         Segmenter,
         fn_constructor_kwargs={
@@ -135,15 +150,18 @@ def build_dataset(files: list[InputFile], config: JobConfig, weights: Weights, w
         num_gpus=1 if resources.use_gpu else 0,
         num_cpus=resources.infer_cpus,
         resources=compute.infer_resources or None,
+        **ACTOR_FAULT_TOLERANCE,
     )
     if config.crf is not None:
         ds = ds.map_batches(
             CRFRefiner,
             fn_constructor_kwargs={"params": config.crf, "num_classes": weights.num_classes, "model": config.model,
-                                   "weights_sha256": weights_sha256, "run_id": config.run_id},
+                                   "weights_sha256": weights_sha256, "run_id": config.run_id,
+                                   "probs_encoding": config.inference.probs_encoding},
             batch_size=1,  # one image per call keeps CRF actors evenly loaded
             compute=ray.data.ActorPoolStrategy(min_size=compute.crf_actors[0], max_size=compute.crf_actors[1]),
             num_cpus=compute.crf_cpus,
             resources=compute.crf_resources or None,
+            **ACTOR_FAULT_TOLERANCE,
         )
     return ds

@@ -7,15 +7,25 @@ come from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# Transient S3 failures (5xx, throttling, connection resets) are retried by botocore, in one
+# place, with jittered exponential backoff; 403/404 are never retried and reach the caller as
+# PermissionError/FileNotFoundError (an error row with stage "read"). botocore's default ("legacy",
+# 5 attempts) gives up after ~8 s of backoff, which turns a short S3 brownout into error rows in a
+# nightly run, so we ask for "standard" mode (capped backoff and a client-wide retry quota, so a
+# real outage still fails fast) with 10 attempts (about a minute). An operator's own choice wins:
+# ``config_kwargs.retries`` in --storage-options, or AWS_RETRY_MODE / AWS_MAX_ATTEMPTS.
+# See docs/faults.md for what was measured.
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 10}
 
 
 class InputError(ValueError):
@@ -31,7 +41,11 @@ class InputFile:
 
 def open_fs(uri: str, storage_options: dict | None = None):
     """(filesystem, path-without-protocol) for ``uri``."""
-    return url_to_fs(uri, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if split_protocol(uri)[0] in ("s3", "s3a") and not {"AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"} & set(os.environ):
+        config = options.get("config_kwargs") or {}
+        options["config_kwargs"] = {"retries": dict(S3_RETRIES), **config}  # botocore edits it
+    return url_to_fs(uri, **options)
 
 
 def _join(fs, root: str, key: str) -> str:
@@ -39,14 +53,32 @@ def _join(fs, root: str, key: str) -> str:
 
 
 def iter_image_keys(fs, root: str) -> Iterator[str]:
-    """Relative keys of image files under ``root``, recursively, in lexical order.
+    """Relative keys of image files under ``root``, recursively, in lexical order, lazily.
 
-    ``fs.find`` pages through the listing (S3 ListObjectsV2 returns 1000 keys a page).
+    On S3 we page through ListObjectsV2 ourselves: it returns keys in UTF-8 byte order (= Python's
+    str order), so nothing needs sorting, nothing is held beyond one page of 1000 keys, and a
+    caller that stops early (--limit) stops the listing. ``fs.find`` would build the whole list
+    and also keep every key's info dict in s3fs's listings cache for the life of the process.
+    Other filesystems (local, GCS, ...) go through ``fs.find``.
     """
     root = root.rstrip("/")
-    for path in sorted(fs.find(root)):
+    paths = _iter_s3_objects(fs, root) if "s3" in protocols(fs) else iter(sorted(fs.find(root)))
+    for path in paths:
         if path.lower().endswith(IMAGE_EXTENSIONS):
-            yield posixpath.relpath(path, root) if root else path
+            # Sliced, not normalised: a key like "a/../b.jpg" is a literal object name on S3.
+            yield path[len(root) + 1:] if root else path
+
+
+def _iter_s3_objects(fs, root: str) -> Iterator[str]:
+    bucket, _, prefix = root.partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", **fs.req_kw}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)  # s3fs retries each page like any call
+        for obj in page.get("Contents", []):
+            yield f"{bucket}/{obj['Key']}"
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def list_inputs(input_uri: str, labels_uri: str | None, *, storage_options: dict | None = None,
@@ -76,8 +108,9 @@ def list_inputs(input_uri: str, labels_uri: str | None, *, storage_options: dict
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        return f.read()
+    """The whole object in one GET (no HEAD first); FileNotFoundError/PermissionError on 404/403."""
+    fs, path = open_fs(uri, storage_options)
+    return fs.cat_file(path)
 
 
 def exists(uri: str, storage_options: dict | None = None) -> bool:
@@ -95,7 +128,7 @@ def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = Non
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if "file" in _protocols(fs):
+    if "file" in protocols(fs):
         tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         with fs.open(tmp, "wb") as f:
             f.write(data)
@@ -105,6 +138,6 @@ def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = Non
             f.write(data)
 
 
-def _protocols(fs) -> tuple[str, ...]:
+def protocols(fs) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -176,24 +176,20 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def write_bucket(root: str | Path, seeds: range, spec: SceneSpec = SceneSpec(), *, varied_size: bool = True) -> list[str]:
-    """Write ``images/scene_<seed>.jpg`` and ``labels/scene_<seed>.png`` under ``root``.
+def varied_spec(seed: int, spec: SceneSpec = SceneSpec()) -> SceneSpec:
+    """``spec`` with a size drawn from the seed (160..320 x 200..400), as in real mixed buckets."""
+    size_rng = np.random.default_rng(10_000_000 + seed)
+    return replace(spec, height=int(size_rng.integers(160, 321)), width=int(size_rng.integers(200, 401)))
 
-    With ``varied_size`` each scene's size is drawn from the seed (160..400 px per side), so a
-    bucket exercises mixed-size batches the way real buckets do.
-    """
+
+def write_bucket(root: str | Path, seeds: range, spec: SceneSpec = SceneSpec()) -> list[str]:
+    """Write ``images/scene_<seed>.jpg`` and ``labels/scene_<seed>.png`` of varied sizes under ``root``."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     keys = []
     for seed in seeds:
-        scene_spec = spec
-        if varied_size:
-            size_rng = np.random.default_rng(10_000_000 + seed)
-            scene_spec = SceneSpec(
-                **{**spec.__dict__, "height": int(size_rng.integers(160, 321)), "width": int(size_rng.integers(200, 401))}
-            )
-        image, label = make_scene(seed, scene_spec)
+        image, label = make_scene(seed, varied_spec(seed, spec))
         key = f"scene_{seed:05d}"
         (root / "images" / f"{key}.jpg").write_bytes(encode_jpeg(image))
         (root / "labels" / f"{key}.png").write_bytes(mask_to_png(label))

@@ -14,12 +14,14 @@ from pipeline.metrics import image_stats
 from pipeline.palette import mask_to_png
 
 _COUNTS = pa.list_(pa.int64())
+UNCERTAINTY_COLUMNS = ("mean_max_prob", "mean_entropy", "mean_entropy_norm", "low_conf_fraction")
 
 MASKS_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("uri", pa.string()),
     ("height", pa.int32()),
     ("width", pa.int32()),
+    ("exif_orientation", pa.int32()),  # EXIF orientation applied before segmenting (1-8), null if none
     ("mask", pa.binary()),
     ("mask_pre_crf", pa.binary()),
     ("class_pixels", _COUNTS),
@@ -37,6 +39,11 @@ MASKS_SCHEMA = pa.schema([
     ("weights_sha256", pa.string()),
     ("infer_ms", pa.float64()),
     ("crf_ms", pa.float64()),
+    ("crf_changed_fraction", pa.float64()),  # share of pixels whose label CRF changed; null without CRF
+    ("mean_max_prob", pa.float64()),  # confidence summaries of the pre-CRF probabilities (probs.py)
+    ("mean_entropy", pa.float64()),
+    ("mean_entropy_norm", pa.float64()),
+    ("low_conf_fraction", pa.float64()),
     ("run_id", pa.string()),
 ])
 
@@ -109,12 +116,14 @@ def result_table(batch: dict[str, np.ndarray], *, num_classes: int, model: str, 
         crf_bytes = batch["mask"][i]
         post = np.frombuffer(crf_bytes, dtype=np.uint8).reshape(h, w) if len(crf_bytes) else pre
         row.update(
-            height=h, width=w, mask=mask_to_png(post),
+            height=h, width=w, mask=mask_to_png(post), exif_orientation=int(batch["exif_orientation"][i]) or None,
             mask_pre_crf=mask_to_png(pre) if len(crf_bytes) else None,
             class_pixels=np.bincount(post.ravel(), minlength=num_classes)[:num_classes].tolist(),
             has_label=bool(batch["has_label"][i]),
             infer_ms=float(batch["infer_ms"][i]),
             crf_ms=float(batch["crf_ms"][i]) if len(crf_bytes) else None,
+            crf_changed_fraction=float((pre != post).mean()) if len(crf_bytes) else None,
+            **{name: float(batch[name][i]) for name in UNCERTAINTY_COLUMNS},
         )
         if row["has_label"]:
             label = np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)

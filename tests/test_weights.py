@@ -50,7 +50,8 @@ def test_wrong_keys_and_class_count_are_named(tmp_path, small_state):
         load_model("deeplabv3plus_demo", str(path))
     good = tmp_path / "g.safetensors"
     save_file({k: v.contiguous() for k, v in small_state.items()}, str(good))
-    with pytest.raises(WeightsError, match="shape mismatch decoder.classifier.weight"):
+    with pytest.raises(WeightsError, match="wrong class count: the model expects 5 classes, the checkpoint has 3; "
+                                           r"shape mismatch decoder\.classifier\.bias \(3,\) vs model \(5,\)"):
         load_into(build_model("deeplabv3plus_demo", num_classes=5), read_checkpoint(str(good)), str(good))
 
 

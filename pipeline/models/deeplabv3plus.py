@@ -4,6 +4,8 @@ The decoder reduces stride-4 low-level features to 48 channels with a 1x1 conv, 
 them with the 4x-upsampled ASPP output and refines with two 3x3 convs before the classifier.
 ASPP and decoder convs are depthwise-separable (depthwise 3x3 with the atrous rate, BN, ReLU,
 pointwise 1x1, BN, ReLU), as in the paper's "DeepLabv3+ with separable convs" variant.
+Backbones come from timm (``features_only`` with ``output_stride``), which returns the
+stride-4 and the deepest feature maps.
 """
 
 from __future__ import annotations
@@ -131,3 +133,23 @@ def deeplabv3plus_demo(*, num_classes: int = 6, output_stride: int = 16) -> Deep
     """
     backbone, low, high = _timm_backbone("mobilenetv2_050", output_stride)
     return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride, aspp_channels=96)
+
+
+def deeplabv3plus_resnet101(*, num_classes: int = 21, output_stride: int = 16) -> DeepLabV3Plus:
+    """v3+ on ResNet-101; the decoder's low-level input is ``layer1`` (stride 4, 256 channels).
+
+    timm's ``resnet101`` has torchvision's module names, so ImageNet ResNet-101 weights from
+    either library load into ``backbone`` (see ``pipeline.weights.load_backbone``).
+    """
+    backbone, low, high = _timm_backbone("resnet101", output_stride)
+    return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride)
+
+
+def deeplabv3plus_xception65(*, num_classes: int = 21, output_stride: int = 16) -> DeepLabV3Plus:
+    """v3+ on the paper's aligned Xception-65 (timm ``xception65``).
+
+    timm's stride-4 tap is the second separable conv of entry-flow block 2 (256 channels), the
+    tensor the reference TensorFlow implementation feeds to the decoder.
+    """
+    backbone, low, high = _timm_backbone("xception65", output_stride)
+    return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride)

@@ -1,0 +1,177 @@
+"""DeepLab v3 (Chen et al. 2017, "Rethinking Atrous Convolution for Semantic Image Segmentation").
+
+Module names, shapes and defaults follow ``torchvision.models.segmentation.deeplabv3``, so a
+torchvision checkpoint loads with ``strict=True`` and gives the same logits. Two paper options
+come on top: ``output_stride=16`` (ASPP rates 6/12/18; torchvision always runs ResNets at output
+stride 8 with 12/24/36) and ``multi_grid`` unit rates for the three blocks of ResNet ``layer4``.
+Neither option changes a parameter, so torchvision weights load into every variant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models import mobilenet_v3_large, resnet50, resnet101
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import ResNet
+from torchvision.models.segmentation.fcn import FCNHead
+
+from pipeline.models._utils import SimpleSegmentationModel, check_output_stride
+
+
+class ASPPConv(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, dilation: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+        )
+
+
+class ASPPPooling(nn.Sequential):
+    """Image-level features: the paper's fix for rates so large that most taps fall on padding."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(super().forward(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ASPP(nn.Module):
+    """1x1 conv, one 3x3 atrous conv per rate and image pooling, concatenated and projected by 1x1."""
+
+    def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256) -> None:
+        super().__init__()
+        modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                 nn.BatchNorm2d(out_channels), nn.ReLU())]
+        modules += [ASPPConv(in_channels, out_channels, rate) for rate in atrous_rates]
+        modules.append(ASPPPooling(in_channels, out_channels))
+        self.convs = nn.ModuleList(modules)
+        self.project = nn.Sequential(
+            nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+
+
+class DeepLabHead(nn.Sequential):
+    """ASPP, then torchvision's extra 3x3 conv (kept for checkpoint compatibility), then the classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, atrous_rates: Sequence[int] = (12, 24, 36)) -> None:
+        super().__init__(
+            ASPP(in_channels, atrous_rates),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(),
+            nn.Conv2d(256, num_classes, 1),
+        )
+
+
+class DeepLabV3(SimpleSegmentationModel):
+    """Backbone → DeepLabHead (→ FCNHead on an earlier stage when ``aux_loss``) → logits at input size."""
+
+
+def aspp_rates(output_stride: int) -> tuple[int, int, int]:
+    """The paper's rates: 6/12/18 at output stride 16, doubled at 8 so the field of view stays the same."""
+    check_output_stride(output_stride)
+    return (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+
+
+def _set_dilation(conv: nn.Conv2d, dilation: int) -> None:
+    conv.dilation = (dilation, dilation)
+    conv.padding = (dilation * (conv.kernel_size[0] // 2),) * 2
+
+
+def resnet_backbone(arch: Callable[..., ResNet], *, output_stride: int,
+                    multi_grid: Sequence[int] | None = None) -> ResNet:
+    """A torchvision ResNet whose last stages trade stride for dilation; optional multi-grid in ``layer4``."""
+    check_output_stride(output_stride)
+    dilate = [False, True, True] if output_stride == 8 else [False, False, True]
+    backbone = arch(weights=None, replace_stride_with_dilation=dilate)
+    if multi_grid is not None:
+        blocks = list(backbone.layer4)
+        if len(multi_grid) != len(blocks):
+            raise ValueError(f"multi_grid needs one unit rate per layer4 block ({len(blocks)}), "
+                             f"got {tuple(multi_grid)}")
+        # The last block already runs at layer4's rate (torchvision gives the first block the
+        # previous stage's rate); multi-grid multiplies that rate per block (paper, Sec. 3.2.1).
+        base = blocks[-1].conv2.dilation[0]
+        for block, unit in zip(blocks, multi_grid):
+            _set_dilation(block.conv2, base * unit)
+    return backbone
+
+
+def _deeplabv3_resnet(arch: Callable[..., ResNet], *, num_classes: int, aux_loss: bool, output_stride: int,
+                      multi_grid: Sequence[int] | None) -> DeepLabV3:
+    resnet = resnet_backbone(arch, output_stride=output_stride, multi_grid=multi_grid)
+    return_layers = {"layer4": "out"}
+    if aux_loss:
+        return_layers["layer3"] = "aux"
+    backbone = IntermediateLayerGetter(resnet, return_layers=return_layers)
+    aux_classifier = FCNHead(1024, num_classes) if aux_loss else None
+    classifier = DeepLabHead(2048, num_classes, aspp_rates(output_stride))
+    return DeepLabV3(backbone, classifier, aux_classifier, output_stride=output_stride)
+
+
+def deeplabv3_resnet50(*, num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
+                       multi_grid: Sequence[int] | None = None) -> DeepLabV3:
+    """DeepLab v3 on ResNet-50; the defaults are torchvision's ``deeplabv3_resnet50`` exactly.
+
+    ``multi_grid=(1, 2, 4)`` is the paper's best setting for the three ``layer4`` blocks.
+    """
+    return _deeplabv3_resnet(resnet50, num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride,
+                             multi_grid=multi_grid)
+
+
+def deeplabv3_resnet101(*, num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
+                        multi_grid: Sequence[int] | None = None) -> DeepLabV3:
+    """DeepLab v3 on ResNet-101 (the paper's backbone); the defaults are torchvision's exactly."""
+    return _deeplabv3_resnet(resnet101, num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride,
+                             multi_grid=multi_grid)
+
+
+def _dilate_from(features: nn.Sequential, start: int) -> None:
+    """Output stride 16 → 8: the block at ``start`` keeps stride 1 and every later spatial conv doubles its rate."""
+    for block in features[start:]:
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size[0] > 1:
+                conv.stride = (1, 1)
+                _set_dilation(conv, 2 * conv.dilation[0])
+
+
+def deeplabv3_mobilenet_v3_large(*, num_classes: int = 21, aux_loss: bool = False,
+                                 output_stride: int | None = None) -> DeepLabV3:
+    """DeepLab v3 on MobileNetV3-Large.
+
+    ``output_stride=None`` is torchvision's configuration: output stride 16 with ASPP rates
+    12/24/36 (what its published weights were trained with). ``output_stride=16`` or ``8`` use
+    the paper's rates for that stride instead.
+    """
+    rates = (12, 24, 36) if output_stride is None else aspp_rates(output_stride)
+    output_stride = output_stride or 16
+    features = mobilenet_v3_large(weights=None, dilated=True).features
+    # Stage boundaries: the stem, every block that downsamples (C1..C4) and the last conv (C5).
+    stages = [0] + [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [len(features) - 1]
+    if output_stride == 8:
+        _dilate_from(features, stages[-3])  # the first block of the stride-16 stage
+    out_pos, aux_pos = stages[-1], stages[-4]  # C5, and C2 at stride 8 for the aux head as torchvision
+    return_layers = {str(out_pos): "out"}
+    if aux_loss:
+        return_layers[str(aux_pos)] = "aux"
+    backbone = IntermediateLayerGetter(features, return_layers=return_layers)
+    aux_classifier = FCNHead(features[aux_pos].out_channels, num_classes) if aux_loss else None
+    classifier = DeepLabHead(features[out_pos].out_channels, num_classes, rates)
+    return DeepLabV3(backbone, classifier, aux_classifier, output_stride=output_stride)

@@ -1,0 +1,47 @@
+"""How averaged probabilities travel from the inference actors to the CRF actors.
+
+They are the largest thing in the object store (C x H x W per image), so they travel at the
+smallest precision that leaves the CRF's result unchanged in practice: ``benchmarks/crf.py``
+measures bytes per image and CRF label agreement for each encoding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+ENCODINGS = ("float32", "float16", "uint8")
+
+
+def encode_probs(probs: torch.Tensor, encoding: str) -> bytes:
+    """(C, H, W) probabilities → bytes. uint8 stores round(255 p): 1 byte per class and pixel."""
+    if encoding == "uint8":
+        return (probs.clamp(0, 1) * 255).round_().to(torch.uint8).cpu().numpy().tobytes()
+    return probs.to(getattr(torch, encoding)).cpu().numpy().tobytes()
+
+
+def decode_probs(data: bytes, encoding: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """Bytes → (C, H, W) float32 probabilities (uint8 zeros stay zero; the CRF clips them)."""
+    if encoding == "uint8":
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape).astype(np.float32) / 255.0
+    return np.frombuffer(data, dtype=np.dtype(encoding)).reshape(shape).astype(np.float32)
+
+
+def uncertainty(probs: torch.Tensor, low_conf_threshold: float = 0.5) -> dict[str, float]:
+    """Per-image confidence summaries of (C, H, W) probabilities, before CRF.
+
+    mean_max_prob: mean over pixels of the top-class probability; mean_entropy: mean pixel entropy
+    in nats, and divided by log C (0 = certain, 1 = uniform); low_conf_fraction: share of pixels
+    whose top-class probability is below the threshold.
+    """
+    p = probs.float()
+    top = p.max(dim=0).values
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=0)
+    num_classes = p.shape[0]
+    mean_entropy = float(entropy.mean())
+    return {
+        "mean_max_prob": float(top.mean()),
+        "mean_entropy": mean_entropy,
+        "mean_entropy_norm": mean_entropy / float(np.log(num_classes)) if num_classes > 1 else 0.0,
+        "low_conf_fraction": float((top < low_conf_threshold).float().mean()),
+    }

@@ -1,0 +1,56 @@
+"""Hostile inputs on a real S3 server: every key ends exactly once in masks ∪ errors, valid but
+unusual images are segmented, broken ones are error rows with a clear stage and reason."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO, S3_ENV
+from tests.hostile import write_hostile_bucket
+
+pytestmark = pytest.mark.slow
+
+
+def test_hostile_bucket_on_s3(s3_env, s3_server, tmp_path):
+    fs = s3_env
+    expected = write_hostile_bucket(tmp_path / "hostile")
+    fs.mkdir("hostile")
+    for path in sorted((tmp_path / "hostile").rglob("*")):
+        if path.is_file():
+            fs.pipe(f"hostile/in/{path.relative_to(tmp_path / 'hostile').as_posix()}", path.read_bytes())
+    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), "s3://hostile/in/images", "--labels",
+         "s3://hostile/in/labels", "--output", "s3://hostile/out", "--run-id", "h", "--crf-actors", "1-1",
+         "--scales", "0.5,1.0", "--flip"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fs.invalidate_cache()
+    assert fs.exists("hostile/out/run=h/_SUCCESS")
+
+    def rows(kind):
+        return [r for p in sorted(fs.glob(f"hostile/out/run=h/{kind}/*.parquet"))
+                for r in pq.read_table(fs.open(p, "rb")).to_pylist()]
+
+    masks, errors = rows("masks"), rows("errors")
+    keys = [r["key"] for r in masks] + [r["key"] for r in errors]
+    assert sorted(keys) == sorted(expected)  # exactly once each
+    by_key = {r["key"]: r for r in masks}
+    for r in errors:
+        stage, part = expected[r["key"]]
+        assert stage == r["stage"], (r["key"], r)
+        assert part.lower() in r["message"].lower(), (r["key"], r["message"])
+        assert r["error_type"] and len(r["message"]) < 1000
+    for key, (outcome, _) in expected.items():
+        if outcome == "mask":
+            assert key in by_key, (key, [e for e in errors if e["key"] == key])
+    rotated = by_key["exif-rotated.jpg"]
+    assert (rotated["height"], rotated["width"], rotated["exif_orientation"]) == (128, 96, 6)
+    assert (by_key["tiny-1x1.png"]["height"], by_key["tiny-1x1.png"]["width"]) == (1, 1)
+    assert by_key["ok.jpg"]["has_label"] and by_key["ok.jpg"]["miou"] is not None
