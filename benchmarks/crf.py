@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import CRFParams  # noqa: E402
+from pipeline.config import CRFParams, InferenceConfig  # noqa: E402
 from pipeline.crf import CRFRefiner, dense_crf  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
 from pipeline.probs import encode_probs  # noqa: E402
@@ -28,17 +28,15 @@ EVAL_SEEDS_START = 1_500_000
 
 
 def smooth_probs(label: np.ndarray, num_classes: int, rng: np.random.Generator, stride: int = 8) -> np.ndarray:
-    """Probabilities like a DeepLab at output stride 8: the one-hot label averaged over stride x
-    stride cells, bilinearly upsampled (blurred, blocky boundaries), plus smooth noise."""
+    """Probabilities shaped like a DeepLab's at output stride 8, made from a label: the one-hot
+    label averaged over stride x stride cells and bilinearly upsampled (blurred, blocky
+    boundaries) as logits with scale 8, plus pixel noise (std 0.5), through a softmax."""
     h, w = label.shape
     onehot = torch.from_numpy(np.eye(num_classes, dtype=np.float32)[np.where(label == 255, 0, label)]).permute(2, 0, 1)
     coarse = torch.nn.functional.avg_pool2d(onehot[None], stride, ceil_mode=True)
     up = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
-    noise = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, num_classes, h // 16 + 1, w // 16 + 1),
-                                                                         dtype=np.float32)),
-                                            size=(h, w), mode="bilinear", align_corners=False)[0]
-    p = up + 0.35 * noise
-    return (p / p.sum(0, keepdim=True)).numpy()
+    logits = 8.0 * up + 0.5 * torch.from_numpy(rng.normal(size=(num_classes, h, w)).astype(np.float32))
+    return logits.softmax(0).numpy()
 
 
 def raw_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
@@ -52,7 +50,7 @@ def raw_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> n
     return np.argmax(d.inference(params.iterations), axis=0).reshape(h, w)
 
 
-def rows_for(image: np.ndarray, probs: np.ndarray, n: int, encoding: str = "float16") -> dict[str, np.ndarray]:
+def rows_for(image: np.ndarray, probs: np.ndarray, n: int, encoding: str = InferenceConfig().probs_encoding) -> dict[str, np.ndarray]:
     h, w = image.shape[:2]
     data = encode_probs(torch.from_numpy(probs), encoding)
     pre = probs.argmax(0).astype(np.uint8).tobytes()
@@ -85,7 +83,7 @@ def speed(repeats: int) -> None:
             raw_pydensecrf(image, probs, params)
             raw.append(time.perf_counter() - t)
             t = time.perf_counter()
-            refiner(batch)  # decode float16 probs, CRF, PNG-encode masks, statistics
+            refiner(batch)  # decode the encoded probs, CRF, PNG-encode masks, statistics
             stage.append(time.perf_counter() - t)
         r, s = np.median(raw) * 1000, np.median(stage) * 1000
         print(f"{h:>4}x{w:<4} {r:15.1f} {s:8.1f} {r / s:21.3f}")
@@ -101,7 +99,7 @@ def ray_scaling(n: int) -> None:
     items = [{k: v[i] for k, v in batch.items()} for i in range(n)]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    print(f"\nRay Data CRF stage, {n} images 240x320x21 (float16 probabilities through the object store)")
+    print(f"\nRay Data CRF stage, {n} images 240x320x21 ({InferenceConfig().probs_encoding} probabilities through the object store)")
     rates = {}
     try:
         for actors in (1, 2):
@@ -110,16 +108,23 @@ def ray_scaling(n: int) -> None:
                                               "weights_sha256": "0" * 64, "run_id": "r"},
                 batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors), num_cpus=1)
             start = time.perf_counter()
-            rows = sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-            rates[actors] = rows / (time.perf_counter() - start)
-            print(f"{actors} actor(s): {rates[actors]:.2f} images/s")
+            first = rows = 0
+            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows += b.num_rows
+                if not first:
+                    first, first_rows = time.perf_counter(), rows
+            end = time.perf_counter()
+            # Steady state: after the first result, so actor start-up (imports) is not counted.
+            rates[actors] = (rows - first_rows) / (end - first)
+            print(f"{actors} actor(s): {rates[actors]:.2f} images/s steady state "
+                  f"({1000 / rates[actors]:.0f} ms/image), {rows / (end - start):.2f} images/s end to end")
     finally:
         ray.shutdown()
     print(f"scaling 2 vs 1 actors: {rates[2] / rates[1]:.2f}x on {os.cpu_count()} cores")
+    return rates[1]
 
 
 def encodings(images: int) -> None:
-    from pipeline.config import InferenceConfig
     from pipeline.inference import infer_batch, load_model
     from pipeline.probs import decode_probs
 
@@ -147,7 +152,6 @@ def encodings(images: int) -> None:
 
 
 def quality(images: int) -> None:
-    from pipeline.config import InferenceConfig
     from pipeline.inference import infer_batch, load_model
 
     model, _, categories = load_model("deeplabv3plus_demo", None)

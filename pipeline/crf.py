@@ -49,7 +49,7 @@ class CRFRefiner:
     """
 
     def __init__(self, *, params: CRFParams, num_classes: int, model: str, weights_sha256: str, run_id: str,
-                 probs_encoding: str = "float16") -> None:
+                 probs_encoding: str = "uint8") -> None:
         self.params = params
         self.probs_encoding = probs_encoding
         self.num_classes = num_classes

@@ -49,7 +49,9 @@ def open_fs(uri: str, storage_options: dict | None = None):
 
 
 def _join(fs, root: str, key: str) -> str:
-    return fs.unstrip_protocol(posixpath.join(root, key)) if root else fs.unstrip_protocol(key)
+    # Concatenated, not posixpath.join: the S3 object "in//x.jpg" has the key "/x.jpg", and join
+    # would drop the root for it (reading s3:///x.jpg, or another bucket's object for "/b/x.jpg").
+    return fs.unstrip_protocol(f"{root}/{key}" if root else key)
 
 
 def iter_image_keys(fs, root: str) -> Iterator[str]:

@@ -85,7 +85,8 @@ def test_actor_records_crf_ms_and_turns_failures_into_error_rows():
         "infer_ms": np.array([5.0, 5.0]), "infer_node": np.array(["n1", "n1"]),
         "error_stage": np.array(["", ""]), "error_type": np.array(["", ""]), "error_message": np.array(["", ""]),
     }
-    table = CRFRefiner(params=CRFParams(), num_classes=2, model="m", weights_sha256="0" * 64, run_id="r")(batch)
+    table = CRFRefiner(params=CRFParams(), num_classes=2, model="m", weights_sha256="0" * 64, run_id="r",
+                       probs_encoding="float16")(batch)
     rows = {r["key"]: r for r in table.to_pylist()}
     assert rows["ok.jpg"]["crf_ms"] > 0 and rows["ok.jpg"]["error_stage"] is None
     assert rows["ok.jpg"]["miou"] == pytest.approx(1.0)
