@@ -24,9 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-import ray  # noqa: F401  (puts Ray's vendored psutil, ray/thirdparty_files, on sys.path)
-import psutil  # noqa: E402
-from PIL import Image  # noqa: E402
+import psutil
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

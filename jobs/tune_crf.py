@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = sorted(zip(settings, results), key=lambda r: -(r[1]["miou"] or 0))
     print(f"\n{'sxy':>6} {'srgb':>6} {'compat':>6} | {'mIoU':>7} {'trimap':>7} {'ms/img':>7}")
-    print(f"{'no CRF':>22} | {baseline['miou']:7.4f} {baseline['trimap_acc']:7.4f}")
+    print(f"{'no CRF':>20} | {baseline['miou']:7.4f} {baseline['trimap_acc']:7.4f}")
     for p, r in rows:
         print(f"{p.bilateral_sxy:6g} {p.bilateral_srgb:6g} {p.bilateral_compat:6g} | {r['miou']:7.4f} "
               f"{r['trimap_acc']:7.4f} {r['ms_per_image']:7.1f}")

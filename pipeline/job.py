@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig
+from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options
 from pipeline.models import MODEL_BUILDERS
 from pipeline.compare import format_comparison, regression_message, run_before
 from pipeline.observability import RunTelemetry
@@ -149,6 +149,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error("--resume and --overwrite exclude each other")
     if args.resume and not args.run_id:
         parser.error("--resume needs the --run-id of the run to continue")
+    if credential_options(args.storage_options):
+        parser.error(f"--storage-options must not carry credentials ({', '.join(credential_options(args.storage_options))}): "
+                     "the command line is visible to `ps` and Ray records it as the job's entrypoint; set "
+                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (e.g. from a Kubernetes Secret) or use a credentials file")
     if args.fail_on_regression is not None and not args.compare_previous:
         parser.error("--fail-on-regression needs --compare-previous")
     if args.fail_on_regression is not None and args.fail_on_regression < 0:

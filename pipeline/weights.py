@@ -27,9 +27,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors
+
+from pipeline.storage import read_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -162,8 +163,7 @@ def read_checkpoint(uri: str, *, expected_sha256: str | None = None, storage_opt
     path, fragment_digest = split_checksum(uri)
     expected = _checked_digest(expected_sha256) if expected_sha256 else fragment_digest
     try:
-        with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            data = f.read()
+        data = read_bytes(path, storage_options)  # the same S3 retry policy as image reads
     except FileNotFoundError:
         raise WeightsError(f"weights not found: {path}") from None
     except Exception as exc:  # any backend error: permissions, endpoint, DNS

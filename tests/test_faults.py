@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
-import ray  # noqa: F401  (puts Ray's vendored psutil, ray/thirdparty_files, on sys.path)
-import psutil  # noqa: E402
 
 from tests.conftest import REPO, S3_ENV, make_bucket
 from tests.faulty_s3 import FaultyS3

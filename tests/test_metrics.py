@@ -18,6 +18,16 @@ def numpy_reference(pairs, n):
     return np.mean(iou), acc, cm
 
 
+def numpy_mean_acc_and_fwiou(cm):
+    tp, label_area = np.diag(cm), cm.sum(1)
+    union = cm.sum(0) + label_area - tp
+    present = label_area > 0
+    mean_acc = np.mean(tp[present] / label_area[present])
+    freq = label_area / label_area.sum()
+    fw = sum(freq[c] * tp[c] / union[c] for c in range(len(tp)) if union[c] > 0)
+    return mean_acc, fw
+
+
 def test_summed_statistics_match_confusion_matrix():
     rng = np.random.default_rng(0)
     n = 7  # classes 5 and 6 never appear in predictions nor labels: they must not count
@@ -40,6 +50,9 @@ def test_summed_statistics_match_confusion_matrix():
     assert summary.miou == pytest.approx(miou)
     assert summary.pixel_acc == pytest.approx(acc)
     assert np.isnan(summary.iou[5]) and np.isnan(summary.iou[6])
+    mean_acc, fw_iou = numpy_mean_acc_and_fwiou(cm)
+    assert summary.mean_acc == pytest.approx(mean_acc)
+    assert summary.fw_iou == pytest.approx(fw_iou)
     np.testing.assert_array_equal(totals[2], cm.sum(1))
 
 

@@ -148,6 +148,9 @@ sys.exit(rc)
 
     run_dir = out / "run=night-1"
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    # The README's queries on the local output (the S3 test runs them through fsspec).
+    results = run_queries(duckdb.connect(), str(out), "night-1")
+    assert len(results[0]) == 4 and len(results[1]) == len(manifest["categories"]) and results[2][0][:2] == ("night-1", 4)
     miou = manifest["metrics"]["miou"]
     line = next(l for l in pushed.splitlines() if l.startswith("deeplab_pipeline_miou{") and 'crf="true"' in l)
     assert 'run_id="night-1"' in line and float(line.split()[-1]) == pytest.approx(miou)
