@@ -10,7 +10,6 @@ than --fail-on-regression.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,19 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.compare import (compare_runs, format_comparison, load_run, regression_message,  # noqa: E402
                               run_before, write_comparison)
+from pipeline.config import json_object  # noqa: E402
 from pipeline.outputs import RunOutput, committed_runs  # noqa: E402
 
 PROG = "compare_runs.py"
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 3 when the mIoU or any class IoU dropped by more than DELTA (e.g. 0.02)")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
                    help="write the comparison files under the newer run (--no-write: print only)")
-    p.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+    p.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
                    help="fsspec storage options, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
     return p
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options
+from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options, json_object
 from pipeline.models import MODEL_BUILDERS
 from pipeline.compare import format_comparison, regression_message, run_before
 from pipeline.observability import RunTelemetry
@@ -44,16 +43,6 @@ def _scales(text: str) -> tuple[float, ...]:
         return tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,1.0,1.5, got {text!r}") from None
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--infer-cpus", type=float, help="CPUs per inference actor (default: 1 with GPUs, "
                    "else the cores left after the CRF pool)")
     r.add_argument("--crf-cpus", type=float, default=compute.crf_cpus, help="CPUs per CRF actor")
-    r.add_argument("--infer-resources", type=_json_object, default={}, metavar="JSON",
+    r.add_argument("--infer-resources", type=json_object, default={}, metavar="JSON",
                    help="custom Ray resources each inference actor needs, e.g. '{\"gpu_node\": 1}'")
-    r.add_argument("--crf-resources", type=_json_object, default={}, metavar="JSON",
+    r.add_argument("--crf-resources", type=json_object, default={}, metavar="JSON",
                    help="custom Ray resources each CRF actor needs, e.g. '{\"crf_node\": 1}'")
     r.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="run inference on GPUs (default: when the cluster has GPUs)")
@@ -136,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-on-regression", type=float, metavar="DELTA",
                      help="with --compare-previous: exit 3 after committing when the mIoU or any class IoU "
                           "dropped by more than DELTA (e.g. 0.02)")
-    run.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+    run.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
                      help="fsspec storage options, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
     return p
 

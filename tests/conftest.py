@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -89,3 +90,23 @@ def make_bucket(root: Path, n: int = 6, *, corrupt: bool = True) -> Path:
 @pytest.fixture()
 def local_bucket(tmp_path) -> Path:
     return make_bucket(tmp_path / "bucket")
+
+
+def sql_block(path: Path) -> list[str]:
+    """The statements of the first ```sql block in a Markdown file, comment lines dropped: tests run
+    exactly the queries the docs show."""
+    block = re.search(r"```sql\n(.*?)```", path.read_text(), re.S).group(1)
+    queries = []
+    for chunk in block.split(";"):
+        sql = "\n".join(line for line in chunk.splitlines() if not line.strip().startswith("--")).strip()
+        if sql:
+            queries.append(sql)
+    return queries
+
+
+def run_rows(fs, run_dir: str, kind: str) -> list[dict]:
+    """All rows of a run's ``masks`` or ``errors`` part files, read through filesystem ``fs``."""
+    import pyarrow.parquet as pq
+
+    return [r for p in sorted(fs.glob(f"{run_dir}/{kind}/*.parquet"))
+            for r in pq.read_table(fs.open(p, "rb")).to_pylist()]

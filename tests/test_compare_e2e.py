@@ -31,7 +31,7 @@ from pipeline.inference import load_model, predict_probs
 from pipeline.job import main
 from pipeline.palette import mask_to_png
 from pipeline.weights import DEMO_WEIGHTS
-from tests.conftest import REPO, free_port, make_bucket
+from tests.conftest import REPO, free_port, make_bucket, sql_block
 
 pytestmark = pytest.mark.slow
 
@@ -216,13 +216,7 @@ def test_degraded_model_trips_the_regression_gate(nights):
 
 
 def docs_queries() -> list[str]:
-    block = re.search(r"```sql\n(.*?)```", (REPO / "docs" / "uncertainty.md").read_text(), re.S).group(1)
-    queries = []
-    for chunk in block.split(";"):
-        sql = "\n".join(line for line in chunk.splitlines() if not line.strip().startswith("--")).strip()
-        if sql:
-            queries.append(sql)
-    return queries
+    return sql_block(REPO / "docs" / "uncertainty.md")
 
 
 def test_docs_queries(nights):

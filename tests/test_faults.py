@@ -15,7 +15,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, S3_ENV, make_bucket
+from tests.conftest import REPO, S3_ENV, make_bucket, run_rows
 from tests.faulty_s3 import FaultyS3
 
 pytestmark = pytest.mark.slow
@@ -124,11 +124,7 @@ def test_transient_s3_faults_are_retried_and_denied_objects_become_read_errors(s
     fs.invalidate_cache()
     assert fs.exists("flaky/out/run=f/_SUCCESS")
 
-    def read(kind):
-        return [r for p in sorted(fs.glob(f"flaky/out/run=f/{kind}/*.parquet"))
-                for r in pq.read_table(fs.open(p, "rb")).to_pylist()]
-
-    masks, errors = read("masks"), read("errors")
+    masks, errors = run_rows(fs, "flaky/out/run=f", "masks"), run_rows(fs, "flaky/out/run=f", "errors")
     assert sorted([r["key"] for r in masks] + [r["key"] for r in errors]) == keys
     assert sorted(r["key"] for r in masks) == [k for k in keys if k not in ("denied.jpg", "vanished.jpg")]
     by_key = {r["key"]: r for r in errors}

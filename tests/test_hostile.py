@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, S3_ENV
+from tests.conftest import REPO, S3_ENV, run_rows
 from tests.hostile import write_hostile_bucket
 
 pytestmark = pytest.mark.slow
@@ -34,11 +33,7 @@ def test_hostile_bucket_on_s3(s3_env, s3_server, tmp_path):
     fs.invalidate_cache()
     assert fs.exists("hostile/out/run=h/_SUCCESS")
 
-    def rows(kind):
-        return [r for p in sorted(fs.glob(f"hostile/out/run=h/{kind}/*.parquet"))
-                for r in pq.read_table(fs.open(p, "rb")).to_pylist()]
-
-    masks, errors = rows("masks"), rows("errors")
+    masks, errors = run_rows(fs, "hostile/out/run=h", "masks"), run_rows(fs, "hostile/out/run=h", "errors")
     keys = [r["key"] for r in masks] + [r["key"] for r in errors]
     assert sorted(keys) == sorted(expected)  # exactly once each
     by_key = {r["key"]: r for r in masks}

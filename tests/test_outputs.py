@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -21,24 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.job import build_parser, config_from_args, main, run
-from tests.conftest import REPO, S3_ENV, free_port, make_bucket
+from tests.conftest import REPO, S3_ENV, free_port, make_bucket, sql_block
 
 pytestmark = pytest.mark.slow
 
 
-def readme_queries() -> list[str]:
-    """The SQL statements of the README's ```sql block, comments dropped."""
-    block = re.search(r"```sql\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
-    queries = []
-    for chunk in block.split(";"):
-        sql = "\n".join(line for line in chunk.splitlines() if not line.strip().startswith("--")).strip()
-        if sql:
-            queries.append(sql)
-    return queries
-
-
 def run_queries(con, base: str, run_id: str) -> list[list[tuple]]:
-    return [con.execute(q.replace("outputs/", f"{base}/").replace("<id>", run_id)).fetchall() for q in readme_queries()]
+    return [con.execute(q.replace("outputs/", f"{base}/").replace("<id>", run_id)).fetchall()
+            for q in sql_block(REPO / "README.md")]
 
 
 def job_cmd(*args: str) -> list[str]:
