@@ -42,9 +42,14 @@ class InputFile:
 def open_fs(uri: str, storage_options: dict | None = None):
     """(filesystem, path-without-protocol) for ``uri``."""
     options = dict(storage_options or {})
-    if split_protocol(uri)[0] in ("s3", "s3a") and not {"AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"} & set(os.environ):
-        config = options.get("config_kwargs") or {}
-        options["config_kwargs"] = {"retries": dict(S3_RETRIES), **config}  # botocore edits it
+    if split_protocol(uri)[0] in ("s3", "s3a"):
+        if not {"AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"} & set(os.environ):
+            config = options.get("config_kwargs") or {}
+            options["config_kwargs"] = {"retries": dict(S3_RETRIES), **config}  # botocore edits it
+        if "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
+            # fsspec caches filesystems by their arguments, not by the environment: naming the
+            # endpoint keeps a process from reusing a client made for another endpoint.
+            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     return url_to_fs(uri, **options)
 
 
