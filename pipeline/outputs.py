@@ -128,7 +128,7 @@ class RunOutput:
             "union": union.tolist(),
             "label_area": label_area.tolist(),
             "iou": [None if np.isnan(v) else float(v) for v in post.iou],
-            "iou_pre_crf": [None if pre is None or np.isnan(v) else float(v) for v in (pre.iou if pre else post.iou)],
+            "iou_pre_crf": [None] * n if pre is None else [None if np.isnan(v) else float(v) for v in pre.iou],
         }, schema=CLASSES_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(classes, buffer)
