@@ -12,7 +12,7 @@ import ray
 from pipeline.config import CRFParams
 from pipeline.observability import stage_metrics
 from pipeline.probs import decode_probs
-from pipeline.tables import result_table
+from pipeline.tables import mark_error, result_table
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(), *,
@@ -73,9 +73,7 @@ class CRFRefiner:
                 probs = decode_probs(batch["probs"][i], self.probs_encoding, (self.num_classes, h, w))
                 out["mask"][i] = dense_crf(image, probs, self.params).tobytes()
             except Exception as exc:
-                out["error_stage"][i], out["error_type"][i] = "crf", type(exc).__name__
-                out["error_message"][i] = f"dense CRF failed: {exc}"[:1000]
-                self.metrics.error()
+                mark_error(out, i, "crf", exc, f"dense CRF failed: {exc}")
                 continue
             seconds = time.perf_counter() - start
             out["crf_ms"][i] = seconds * 1000.0

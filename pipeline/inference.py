@@ -19,7 +19,7 @@ from pipeline.config import InferenceConfig
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty
-from pipeline.tables import UNCERTAINTY_COLUMNS, result_table
+from pipeline.tables import UNCERTAINTY_COLUMNS, mark_error, result_table
 from pipeline.weights import (WeightsError, categories_from, default_weights, load_into, num_classes_in,
                               read_checkpoint)
 
@@ -113,7 +113,6 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
         x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - mean) / std
 
-    results: list[torch.Tensor | None] = [None] * len(images)
     with torch.inference_mode():
         if config.batching == "pad" and not config.tile and len(images) > 1:
             height = max(im.shape[0] for im in images)
@@ -123,6 +122,7 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
                 x[i, :, : im.shape[0], : im.shape[1]] = to_tensor([im])[0]
             probs = run(x)
             return [probs[i, :, : im.shape[0], : im.shape[1]] for i, im in enumerate(images)]
+        results: list[torch.Tensor | None] = [None] * len(images)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             by_size.setdefault(im.shape[:2], []).append(i)
@@ -210,9 +210,7 @@ class Segmenter:
                     probs.append(infer_batch(self.model, [image], mean=self.mean, std=self.std,
                                              config=self.inference)[0])
                 except Exception as exc:
-                    out["error_stage"][i], out["error_type"][i] = "infer", type(exc).__name__
-                    out["error_message"][i] = f"inference failed: {exc}"[:1000]
-                    self.metrics.error()
+                    mark_error(out, i, "infer", exc, f"inference failed: {exc}")
                     probs.append(None)
         per_image = (time.perf_counter() - start) / max(1, len(todo))
         for i, p in zip(todo, probs):

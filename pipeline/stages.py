@@ -19,14 +19,8 @@ from pipeline.inference import Segmenter
 from pipeline.observability import stage_metrics
 from pipeline.palette import IGNORE_INDEX, png_to_mask
 from pipeline.storage import InputFile, read_bytes
+from pipeline.tables import mark_error
 from pipeline.weights import Weights
-
-
-def _error(out: dict, i: int, stage: str, exc: BaseException | None, message: str) -> None:
-    stage_metrics(stage).error()
-    out["error_stage"][i] = stage
-    out["error_type"][i] = type(exc).__name__ if exc is not None else "InvalidInput"
-    out["error_message"][i] = message[:1000]
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_classes: int,
@@ -45,19 +39,19 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_cla
         try:
             data = read_bytes(uri, storage_options)
         except Exception as exc:
-            _error(out, i, "read", exc, f"cannot read {uri}: {exc}")
+            mark_error(out, i, "read", exc, f"cannot read {uri}: {exc}")
             continue
         try:
             decoded = decode_image(data, max_pixels=max_pixels)
         except ImageTooLarge as exc:
-            _error(out, i, "decode", exc, f"refused before decoding: {exc}")
+            mark_error(out, i, "decode", exc, f"refused before decoding: {exc}")
             continue
         except UnidentifiedImageError as exc:
-            _error(out, i, "decode", exc, f"not a readable image: {len(data)} bytes starting {data[:12]!r} "
+            mark_error(out, i, "decode", exc, f"not a readable image: {len(data)} bytes starting {data[:12]!r} "
                                           f"are in no known image format")
             continue
         except Exception as exc:
-            _error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
+            mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
             continue
         stage_metrics("decode").ok(time.perf_counter() - start)
         h, w = decoded.rgb.shape[:2]
@@ -70,19 +64,19 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_cla
         except FileNotFoundError:
             continue  # images without a label are still segmented
         except Exception as exc:
-            _error(out, i, "label", exc, f"cannot read label {label_uri}: {exc}")
+            mark_error(out, i, "label", exc, f"cannot read label {label_uri}: {exc}")
             continue
         try:
             label = png_to_mask(label_data)
         except Exception as exc:
-            _error(out, i, "label", exc, f"cannot decode label {label_uri}: {exc}")
+            mark_error(out, i, "label", exc, f"cannot decode label {label_uri}: {exc}")
             continue
         if label.shape != (h, w):
-            _error(out, i, "label", None, f"label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}")
+            mark_error(out, i, "label", None, f"label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}")
             continue
         bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
         if bad.size:
-            _error(out, i, "label", None, f"label has class ids {bad[:10].tolist()} outside 0..{num_classes - 1} "
+            mark_error(out, i, "label", None, f"label has class ids {bad[:10].tolist()} outside 0..{num_classes - 1} "
                                           f"(and {IGNORE_INDEX} = ignore)")
             continue
         out["label"][i], out["has_label"][i] = label.tobytes(), True

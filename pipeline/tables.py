@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.metrics import image_stats
+from pipeline.observability import stage_metrics
 from pipeline.palette import mask_to_png
 
 _COUNTS = pa.list_(pa.int64())
@@ -74,6 +75,14 @@ RESULT_SCHEMA = pa.schema(list(MASKS_SCHEMA) + [
     pa.field("infer_node", pa.string()),  # Ray node ids, collected into manifest.json
     pa.field("crf_node", pa.string()),
 ])
+
+
+def mark_error(out: dict[str, list], i: int, stage: str, exc: BaseException | None, message: str) -> None:
+    """Turn row ``i`` of a stage's columns into an error row; later stages pass it through."""
+    stage_metrics(stage).error()
+    out["error_stage"][i] = stage
+    out["error_type"][i] = type(exc).__name__ if exc is not None else "InvalidInput"
+    out["error_message"][i] = message[:1000]
 
 
 def split_results(table: pa.Table) -> tuple[pa.Table, pa.Table]:
