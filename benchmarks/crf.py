@@ -23,6 +23,7 @@ from pipeline.crf import CRFRefiner, dense_crf  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
 from pipeline.probs import encode_probs  # noqa: E402
 from pipeline.synthetic import SceneSpec, make_scene, varied_spec  # noqa: E402
+from pipeline.weights import normalisation  # noqa: E402
 
 EVAL_SEEDS_START = 1_500_000
 
@@ -129,8 +130,7 @@ def encodings(images: int) -> None:
     from pipeline.probs import decode_probs
 
     model, _, categories = load_model("deeplabv3plus_demo", None)
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    mean, std = normalisation()
     print(f"\nprobability encodings: bytes/image and CRF labels identical to float32 ({images} held-out scenes)")
 
     same = {"float16": 0, "uint8": 0}
@@ -155,8 +155,7 @@ def quality(images: int) -> None:
     from pipeline.inference import infer_batch, load_model
 
     model, _, categories = load_model("deeplabv3plus_demo", None)
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    mean, std = normalisation()
     n = len(categories)
     settings = {"no CRF": None, "DeepLab v2 defaults": CRFParams(),
                 "sxy 50, srgb 13, compat 6": CRFParams(bilateral_sxy=50, bilateral_srgb=13, bilateral_compat=6)}

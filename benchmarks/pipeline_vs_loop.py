@@ -1,22 +1,39 @@
 """Ray Data pipeline vs a bare PyTorch loop: same images, model and scales, CRF off.
 
-    python benchmarks/pipeline_vs_loop.py [--images 48] [--scales 1.0] [--flip]
+    python benchmarks/pipeline_vs_loop.py [--images 480] [--scales 1.0] [--flip] [--memory-images 960] [--skip-memory]
 
-(a) the loop: read, decode, multi-scale forward, argmax, one image after another, with all cores
-    for torch; (b) the job's own Ray Data DAG (decode tasks → inference actor pool → result rows),
-    consumed by the driver. Prints images/s of each and the ratio, end to end (including Ray and
-    actor start-up) and in steady state (after the first result), then peak RSS of the pipeline's
-    whole process tree for N and 10×N images, which must stay flat.
+(a) The loop: read, decode, multi-scale forward, argmax, one image after another, in this
+    process. On CPU it runs with 1 torch thread and with all cores; the faster is the baseline,
+    so the pipeline is compared with the best a hand-written loop gets from this machine.
+(b) A hand-written Ray Data script as Ray's batch-inference docs write one (read_images → an
+    actor pool running forward + argmax), with the job's default actors: what Ray itself costs.
+(c) The job's own Ray Data DAG (decode actor pool → inference actor pool → result rows with PNG
+    masks and confidence summaries), consumed by the driver, twice: with the job's default
+    resources, and as one actor with the loop's best thread count (the loop's compute).
+Each Ray run starts on a fresh local Ray (ray.init not timed) and prints images/s end to end
+(Ray Data start-up and actor start included), the time to the first result, and steady state
+(after the first result), with ratios to the loop, then the bucket size from which the
+pipeline's end-to-end rate reaches the goal. On a GPU machine every variant runs on the GPU and
+its utilisation is sampled. Then peak memory of the pipeline's whole process tree for N and
+10×N images (N = --memory-images), which must stay flat, and within the 10×N run its peak in
+the first and the second half. N should be large enough for its run to reach steady state:
+with a few hundred images the decode actor finishes within seconds and is gone by the time the
+inference actors' memory peaks, so the small run lacks one process that every longer run has.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -27,25 +44,48 @@ from pipeline.config import ComputeConfig, InferenceConfig, JobConfig  # noqa: E
 from pipeline.synthetic import write_bucket  # noqa: E402
 
 
-class PeakRSS:
-    """Peak resident memory of this process and all its children (Ray's raylet, workers, plasma)."""
+class Sampler:
+    """Every 0.5 s in a thread: peak memory of this process tree (RSS and PSS; see below), and
+    GPU utilisation when there is one.
+
+    RSS counts a shared page (the object store's shared memory, mapped libraries) once per
+    process that touched it, so it grows as workers touch more of the object store without
+    using more memory; PSS splits shared pages between the processes sharing them: the sum over
+    the tree is the honest total.
+    """
 
     def __init__(self) -> None:
-        self.peak = 0
+        self.peak_rss = self.peak_pss = 0
+        self.pss: list[int] = []  # every sample, to see growth within a run
+        self.gpu_util: list[float] = []
+        self._smi = shutil.which("nvidia-smi")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            rss = pss = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
+                    continue
+                rss, pss = rss + info.rss, pss + info.pss
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.pss.append(pss)
+            if self._smi:
+                out = subprocess.run([self._smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True).stdout.split()
+                if out:
+                    self.gpu_util.append(float(out[0]))
+            time.sleep(0.5)
+
+    def gpu_summary(self) -> str:
+        if not self.gpu_util:
+            return "n/a"
+        busy = sorted(self.gpu_util)
+        return f"mean {sum(busy) / len(busy):.0f} %, median {busy[len(busy) // 2]:.0f} %"
 
     def __enter__(self):
         self._thread.start()
@@ -56,100 +96,236 @@ class PeakRSS:
         self._thread.join()
 
 
-def bare_loop(files, scales, flip, threads: int) -> tuple[float, int]:
+@dataclass
+class Result:
+    name: str
+    images: int
+    seconds: float
+    first_s: float | None = None  # time to the first result
+    steady: float | None = None  # images/s after the first result
+    gpu: str = "n/a"
+    threads: int = 0  # torch threads of a CPU loop
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+def bare_loop(files, scales, flip, threads: int, device: str) -> Result:
     import torch
 
     from pipeline.images import decode_image
-    from pipeline.inference import infer_batch, load_model
+    from pipeline.inference import class_map, infer_batch, load_model
     from pipeline.storage import read_bytes
+    from pipeline.weights import normalisation
 
     torch.set_num_threads(threads)
     model, _, _ = load_model("deeplabv3plus_demo", None)
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    model.to(device)
+    mean, std = normalisation(device=device)
     config = InferenceConfig(scales=scales, flip=flip)
-    start = time.perf_counter()
-    for f in files:
-        rgb = decode_image(read_bytes(f.uri)).rgb
-        infer_batch(model, [rgb], mean=mean, std=std, config=config)[0].argmax(0)
-    return time.perf_counter() - start, len(files)
+    for f in files[:4]:  # warm-up, as the pipeline's actors warm up on their first batch
+        infer_batch(model, [decode_image(read_bytes(f.uri)).rgb], mean=mean, std=std, config=config)
+    with Sampler() as sampler:
+        start = time.perf_counter()
+        for f in files:
+            rgb = decode_image(read_bytes(f.uri)).rgb
+            class_map(infer_batch(model, [rgb], mean=mean, std=std, config=config)[0]).cpu()
+        seconds = time.perf_counter() - start
+    where = device if device == "cuda" else f"{threads} thread{'s' if threads > 1 else ''}"
+    return Result(f"bare loop, {where}", len(files), seconds, gpu=sampler.gpu_summary(), threads=threads)
 
 
-def pipeline_run(files, scales, flip, batch_size: int) -> tuple[float, float, int]:
+def consume(ds, name: str) -> tuple[Result, Sampler]:
+    """Iterate ``ds`` to the end in the driver: images/s end to end, first result, steady state."""
+    first = None
+    rows = first_rows = 0
+    with Sampler() as sampler:
+        start = time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows += batch.num_rows
+            if first is None:
+                first, first_rows = time.perf_counter(), rows
+        end = time.perf_counter()
+    steady = (rows - first_rows) / (end - first) if end > first else float("nan")
+    return Result(name, rows, end - start, first - start, steady, sampler.gpu_summary()), sampler
+
+
+def pipeline_run(files, scales, flip, compute: ComputeConfig, name: str | None = None) -> tuple[Result, Sampler]:
     import ray
 
     from pipeline.job import resolve_weights
     from pipeline.stages import Resources, build_dataset
 
     config = JobConfig(input_uri="", output_uri="", labels_uri=None, model="deeplabv3plus_demo", weights_uri=None,
-                       run_id="bench", inference=InferenceConfig(scales=scales, flip=flip), crf=None,
-                       compute=ComputeConfig(batch_size=batch_size))
+                       run_id="bench", inference=InferenceConfig(scales=scales, flip=flip), crf=None, compute=compute)
     weights, sha = resolve_weights(config)
     resources = Resources.resolve(config, ray.cluster_resources())
-    start = time.perf_counter()
-    first = None
-    rows = 0
-    for batch in build_dataset(files, config, weights, sha, resources).iter_batches(batch_size=None,
-                                                                                    batch_format="pyarrow"):
-        rows += batch.num_rows
-        if first is None:
-            first, first_rows = time.perf_counter(), rows
-    end = time.perf_counter()
-    steady = (rows - first_rows) / (end - first) if end > first else float("nan")
-    return end - start, steady, rows
+    lo, hi = resources.infer_actors
+    name = name or "Ray pipeline"
+    name += f", {lo if lo == hi else f'{lo}-{hi}'}x{'GPU' if resources.use_gpu else f'{resources.infer_threads}t'}"
+    return consume(build_dataset(files, config, weights, sha, resources), name)
+
+
+class Predictor:
+    """The hand-written script's actor, as Ray's batch-inference docs write one: model loaded
+    once, forward + argmax per image, masks returned as arrays. No error rows, no PNGs, no
+    confidence columns, no labels: the least a Ray Data script can do."""
+
+    def __init__(self, scales, flip, threads: int, device: str) -> None:
+        from pipeline.inference import load_model
+        from pipeline.weights import normalisation
+
+        self.threads, self.device = threads, device
+        self.model = load_model("deeplabv3plus_demo", None)[0].to(device)
+        self.mean, self.std = normalisation(device=device)
+        self.config = InferenceConfig(scales=scales, flip=flip)
+
+    def __call__(self, batch):
+        import torch
+
+        from pipeline.inference import class_map, infer_batch
+
+        torch.set_num_threads(self.threads)  # OpenMP threads are per calling thread
+        probs = infer_batch(self.model, list(batch["image"]), mean=self.mean, std=self.std, config=self.config)
+        return {"mask": [class_map(p).cpu().numpy().ravel() for p in probs]}
+
+
+def ray_script_run(files, scales, flip, actors: int, threads: int, gpu: bool, batch_size: int) -> Result:
+    """(c) A hand-written Ray Data script: read_images → one actor pool → masks."""
+    import ray
+
+    # Read tasks get the pipeline's decode resources: read_images' default of 1 CPU a task leaves
+    # too little for the actor pool on a small machine, and the run stalls.
+    ds = ray.data.read_images([f.uri for f in files], mode="RGB", num_cpus=ComputeConfig().decode_cpus,
+                              override_num_blocks=max(1, math.ceil(len(files) / batch_size)))
+    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"scales": scales, "flip": flip, "threads": threads,
+                                                          "device": "cuda" if gpu else "cpu"},
+                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=1 if gpu else 0, num_cpus=1 if gpu else threads * 0.875)
+    return consume(ds, f"hand-written Ray Data script, {actors}x{'GPU' if gpu else f'{threads}t'}")[0]
+
+
+@contextlib.contextmanager
+def fresh_ray(cores: int):
+    import ray
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def default_resources(compute: ComputeConfig):
+    import ray
+
+    from pipeline.stages import Resources
+
+    config = JobConfig(input_uri="", output_uri="", labels_uri=None, model="deeplabv3plus_demo", weights_uri=None,
+                       run_id="bench", crf=None, compute=compute)
+    return Resources.resolve(config, ray.cluster_resources())
+
+
+def breakeven(run: Result, loop_rate: float, goal: float) -> str:
+    """Images from which ``run``'s end-to-end rate, N / (first_s + N / steady), reaches goal x the loop."""
+    if run.steady is None or run.steady <= goal * loop_rate:
+        return "never (steady state is below the goal)"
+    return f"{math.ceil(goal * loop_rate * run.first_s / (1 - goal * loop_rate / run.steady))}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--scales", default="1.0")
     parser.add_argument("--flip", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=ComputeConfig().batch_size)
+    parser.add_argument("--object-store-mib", type=int, help="the job's --object-store-mib (default: its default)")
+    parser.add_argument("--memory-images", type=int, default=960, help="N of the N vs 10xN memory runs")
     parser.add_argument("--skip-memory", action="store_true", help="skip the N vs 10xN memory runs")
+    parser.add_argument("--only-memory", action="store_true", help="only the N vs 10xN memory runs")
     args = parser.parse_args()
     scales = tuple(float(s) for s in args.scales.split(","))
 
-    import ray
-
-    from pipeline.storage import list_inputs
+    import torch
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cores = os.cpu_count() or 1
+    gpu = torch.cuda.is_available()
+    compute = ComputeConfig(batch_size=args.batch_size, object_store_mib=args.object_store_mib)
+    best = None if args.only_memory else throughput(args, scales, cores, gpu, compute)
+    if not args.skip_memory:
+        memory(args, scales, cores, compute, best)
+    return 0
+
+
+def throughput(args, scales, cores: int, gpu: bool, compute: ComputeConfig) -> Result:
+    """The side-by-side table; returns the best loop."""
+    from pipeline.storage import list_inputs
+
     with tempfile.TemporaryDirectory() as tmp:
         write_bucket(tmp, range(3_000_000, 3_000_000 + args.images))
         files = list_inputs(str(Path(tmp) / "images"), None)
-        loop_s, n = bare_loop(files, scales, args.flip, threads=cores)
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        try:
-            pipe_s, steady, rows = pipeline_run(files, scales, args.flip, args.batch_size)
-        finally:
-            ray.shutdown()
-    assert rows == n
-    loop_rate, pipe_rate = n / loop_s, n / pipe_s
-    print(f"\n{n} images, scales {scales}, flip {args.flip}, {cores} cores, CRF off")
-    print(f"{'':28} {'images/s':>9} {'ratio':>6}")
-    print(f"{'bare PyTorch loop':28} {loop_rate:9.2f} {1.0:6.2f}")
-    print(f"{'Ray pipeline, end to end':28} {pipe_rate:9.2f} {pipe_rate / loop_rate:6.2f}")
-    print(f"{'Ray pipeline, steady state':28} {steady:9.2f} {steady / loop_rate:6.2f}")
+        if gpu:
+            loops = [bare_loop(files, scales, args.flip, cores, "cuda")]
+        else:
+            loops = [bare_loop(files, scales, args.flip, t, "cpu") for t in sorted({1, cores})]
+        best = max(loops, key=lambda r: r.rate)
+        # Each Ray variant gets a fresh local Ray (not timed: a submitted job joins a running
+        # cluster), so each pays the same Ray Data start-up and actor start in its end-to-end time.
+        with fresh_ray(cores):
+            default, _ = pipeline_run(files, scales, args.flip, compute, "Ray pipeline (job defaults)")
+            resources = default_resources(compute)
+        with fresh_ray(cores):
+            script = ray_script_run(files, scales, args.flip, resources.infer_actors[1], resources.infer_threads,
+                                    gpu, args.batch_size)
+        with fresh_ray(cores):
+            matched, _ = pipeline_run(files, scales, args.flip,
+                                      ComputeConfig(batch_size=args.batch_size, infer_actors=(1, 1),
+                                                    infer_cpus=None if gpu else float(best.threads)),
+                                      "Ray pipeline (loop's compute)")
+    print(f"\n{args.images} images ({'GPU' if gpu else f'{cores} CPU cores'}), demo model, scales {scales}, "
+          f"flip {args.flip}, CRF off, batch {args.batch_size}; ratios are to the best loop")
+    print(f"{'':44} {'e2e img/s':>10} {'ratio':>6} {'1st s':>6} {'steady':>8} {'ratio':>6}  GPU util")
+    for r in loops + [script, default, matched]:
+        steady = r.steady if r.steady is not None else r.rate
+        first = f"{r.first_s:6.2f}" if r.first_s is not None else f"{'':6}"
+        print(f"{r.name:44} {r.rate:10.2f} {r.rate / best.rate:6.2f} {first} {steady:8.2f} "
+              f"{steady / best.rate:6.2f}  {r.gpu}")
+    print(f"\nRay pipeline / hand-written Ray Data script, same actors: end to end {default.rate / script.rate:.2f}, "
+          f"steady state {default.steady / script.steady:.2f}")
+    print(f"Ray pipeline steady state / best loop: {default.steady / best.rate:.2f} (goal >= "
+          f"{0.95 if gpu else 0.85}); start-up (first result) {default.first_s:.1f} s, so end to end reaches "
+          f"{0.95 if gpu else 0.85:.2f} of the loop from {breakeven(default, best.rate, 0.95 if gpu else 0.85)} images")
+    return best
 
-    if args.skip_memory:
-        return 0
-    peaks = {}
-    for count in (args.images, 10 * args.images):
+
+def memory(args, scales, cores: int, compute: ComputeConfig, best: Result | None) -> None:
+    """Peak memory of the process tree for N and 10 x N images, the job's defaults."""
+    from pipeline.storage import list_inputs
+
+    n = args.memory_images
+    peaks, runs = {}, {}
+    for count in (n, 10 * n):
         with tempfile.TemporaryDirectory() as tmp:
             write_bucket(tmp, range(4_000_000, 4_000_000 + count))
             files = list_inputs(str(Path(tmp) / "images"), None)
-            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-            try:
-                with PeakRSS() as rss:
-                    pipeline_run(files, scales, args.flip, args.batch_size)
-            finally:
-                ray.shutdown()
-            peaks[count] = rss.peak
-    small, large = peaks[args.images], peaks[10 * args.images]
-    print(f"\npeak RSS of the process tree: {args.images} images {small / 2**20:.0f} MiB, "
-          f"{10 * args.images} images {large / 2**20:.0f} MiB, ratio {large / small:.3f}")
-    return 0
+            with fresh_ray(cores):
+                runs[count], peaks[count] = pipeline_run(files, scales, args.flip, compute)
+    small, large = peaks[n], peaks[10 * n]
+    print("\npeak memory of the pipeline's process tree, job defaults (PSS splits shared pages)")
+    print(f"{'images':>8} {'PSS MiB':>9} {'RSS MiB':>9}")
+    for count, sampler in peaks.items():
+        print(f"{count:8d} {sampler.peak_pss / 2**20:9.0f} {sampler.peak_rss / 2**20:9.0f}")
+    print(f"{'ratio':>8} {large.peak_pss / small.peak_pss:9.3f} {large.peak_rss / small.peak_rss:9.3f}")
+    half = len(large.pss) // 2
+    print(f"within the {10 * n}-image run: peak PSS {max(large.pss[:half]) / 2**20:.0f} MiB in its first half, "
+          f"{max(large.pss[half:]) / 2**20:.0f} MiB in its second ({max(large.pss[half:]) / max(large.pss[:half]):.3f})")
+    big = runs[10 * n]
+    line = f"{10 * n} images end to end: {big.rate:.2f} images/s, steady {big.steady:.2f}"
+    if best is not None:
+        line += f" ({big.rate / best.rate:.2f} and {big.steady / best.rate:.2f} of the best loop)"
+    print(line)
 
 
 if __name__ == "__main__":

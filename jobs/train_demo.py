@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
@@ -28,15 +29,14 @@ from pipeline.metrics import DatasetSummary, image_stats  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.palette import IGNORE_INDEX  # noqa: E402
 from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec  # noqa: E402
-from pipeline.weights import DEMO_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from pipeline.weights import DEMO_WEIGHTS, IMAGENET_MEAN, normalisation  # noqa: E402
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_200)  # the demo bucket uses 2_000_000+
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = normalisation()
     return (x - mean) / std
 
 
@@ -45,11 +45,29 @@ def make_split(seeds, spec: SceneSpec) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, n: int, crop: int):
-    """``n`` random square crops (and their labels) from scenes of varied size, randomly mirrored."""
+def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, n: int, crop: int,
+                 scale_range: tuple[float, float] = (1.0, 1.0)):
+    """``n`` random square crops (and their labels) from scenes of varied size, randomly mirrored.
+
+    With a ``scale_range`` other than (1, 1) each scene is first resized by a random factor in it
+    (DeepLab's random-scale augmentation is 0.5-2.0) and padded where it became smaller than the
+    crop (image: the mean colour; label: ignore). The bundled checkpoint was trained without it
+    (README, "Benchmarks", says what it changes)."""
     xs, ys = [], []
+    mean_rgb = np.round(np.array(IMAGENET_MEAN) * 255).astype(np.uint8)
     for i in rng.integers(0, len(scenes), n):
         image, label = scenes[i]
+        # No draw at (1, 1): the random stream, and so the bundled checkpoint, stay reproducible.
+        scale = rng.uniform(*scale_range) if scale_range != (1.0, 1.0) else 1.0
+        if scale != 1.0:
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        pad_h, pad_w = max(0, crop - image.shape[0]), max(0, crop - image.shape[1])
+        if pad_h or pad_w:
+            image = np.concatenate([image, np.broadcast_to(mean_rgb, (image.shape[0], pad_w, 3))], axis=1)
+            image = np.concatenate([image, np.broadcast_to(mean_rgb, (pad_h, image.shape[1], 3))], axis=0)
+            label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
         top = rng.integers(0, image.shape[0] - crop + 1)
         left = rng.integers(0, image.shape[1] - crop + 1)
         x, y = image[top : top + crop, left : left + crop], label[top : top + crop, left : left + crop]
@@ -78,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop", type=int, default=160, help="square training crop size in pixels")
+    parser.add_argument("--scale-min", type=float, default=1.0,
+                        help="random-scale augmentation, smallest factor (DeepLab: 0.5; default: off)")
+    parser.add_argument("--scale-max", type=float, default=1.0,
+                        help="random-scale augmentation, largest factor (DeepLab: 2.0; default: off)")
     parser.add_argument("--train-scenes", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -105,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     model.train()
     for step in range(args.steps):
-        x, y = random_crops(train, rng, args.batch_size, args.crop)
+        x, y = random_crops(train, rng, args.batch_size, args.crop, (args.scale_min, args.scale_max))
         logits = model(to_tensor(x))
         loss = F.cross_entropy(logits, torch.from_numpy(y).long(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
@@ -125,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"model": DEMO_WEIGHTS.model, "categories": json.dumps(CLASS_NAMES),
                 "held_out_miou": f"{summary.miou:.4f}", "steps": str(args.steps)}
+    if (args.scale_min, args.scale_max) != (1.0, 1.0):
+        metadata["scale_augmentation"] = f"{args.scale_min}-{args.scale_max}"
     save_file(state, str(out), metadata=metadata)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     print(json.dumps({

@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import ray
-    import torch
 
     from pipeline.inference import load_model, predict_probs
 
@@ -90,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--labels is required: tuning needs ground truth")
     model, _, categories = load_model(args.model, args.weights)
     # ImageNet statistics: what every DeepLab in this package (and torchvision's) is trained with.
-    mean = torch.tensor(DEMO_WEIGHTS.mean).view(1, 3, 1, 1)
-    std = torch.tensor(DEMO_WEIGHTS.std).view(1, 3, 1, 1)
+    mean, std = DEMO_WEIGHTS.normalisation()
     files = list_inputs(input_uri, labels_uri)
     samples = []
     for f in files:

@@ -52,6 +52,7 @@ class InferenceConfig:
     max_pixels: int = 50_000_000  # decompression-bomb guard for whole-image inference
     precision: str = "fp32"  # autocast on GPU: "fp16" or "bf16"
     batching: str = "bucket"  # "bucket" (same-size images batched, exact) or "pad"
+    max_batch_pixels: int = 4 * 1024 * 1024  # pixels in one forward pass (16 images of 512x512)
     # How probabilities travel to the CRF stage (pipeline/probs.py): uint8 is a quarter of float32's
     # bytes and changed 0.003 % of CRF labels in benchmarks/crf.py (the budget is 0.1 %).
     probs_encoding: str = "uint8"
@@ -73,6 +74,8 @@ class InferenceConfig:
             raise ValueError(f"tile must be >= 32 pixels, got {self.tile}")
         if self.max_pixels < 1:
             raise ValueError(f"max pixels must be >= 1, got {self.max_pixels}")
+        if self.max_batch_pixels < 1:
+            raise ValueError(f"max batch pixels must be >= 1, got {self.max_batch_pixels}")
         if not 0 < self.low_conf_threshold <= 1:
             raise ValueError(f"low-confidence threshold must be in (0, 1], got {self.low_conf_threshold}")
 
@@ -81,24 +84,39 @@ class InferenceConfig:
 class ComputeConfig:
     """Actor pools and resources. Ranges are (min, max) so Ray Data can autoscale the pools."""
 
-    infer_actors: tuple[int, int] = (1, 1)
+    # None: one actor per GPU in the cluster, or without GPUs one single-threaded actor per core
+    # left after the CRF pool and decode actor (pipeline.stages.Resources.resolve).
+    infer_actors: tuple[int, int] | None = None
     crf_actors: tuple[int, int] = (1, 2)
-    batch_size: int = 4
+    # Images per Ray batch. Ray Data costs ~10 ms per batch and actor call (measured on 2 cores);
+    # at 16 that is under 1 ms per image. InferenceConfig.max_batch_pixels bounds the forward passes.
+    batch_size: int = 16
     infer_cpus: float | None = None  # None: derived from the cluster when it has no GPU
     crf_cpus: float = 1.0
     decode_cpus: float = 0.25
     use_gpu: bool | None = None  # None: auto-detect from cluster resources
+    # Object-store memory Ray Data may fill with blocks in flight (MiB). None: 256 MiB per GPU
+    # inference actor, 64 per CPU one and per CRF actor. Ray Data's own default (half the
+    # cluster's object store) lets fast decoding run far ahead of inference: 760 MiB of decoded
+    # images queued for 4800 demo images, with no gain in images/s. On 2 cores 128 MiB instead of
+    # 512 kept the same images/s and made peak memory of 9600 images that of 960 (1.015x instead
+    # of 1.20x: the small run never filled 512 MiB; benchmarks/pipeline_vs_loop.py).
+    object_store_mib: int | None = None
     # Custom Ray resources per actor, e.g. {"crf_node": 1} to pin CRF actors to CPU-only CRF nodes.
     infer_resources: dict = field(default_factory=dict, hash=False)
     crf_resources: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("infer_actors", "crf_actors"):
+            if getattr(self, name) is None:
+                continue
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be MIN-MAX with 1 <= MIN <= MAX, got {lo}-{hi}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.object_store_mib is not None and self.object_store_mib < 1:
+            raise ValueError(f"object store budget must be >= 1 MiB, got {self.object_store_mib}")
 
 
 @dataclass(frozen=True)

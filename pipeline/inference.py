@@ -20,8 +20,8 @@ from pipeline.models import build_model
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty
 from pipeline.tables import UNCERTAINTY_COLUMNS, mark_error, result_table
-from pipeline.weights import (WeightsError, categories_from, default_weights, load_into, num_classes_in,
-                              read_checkpoint)
+from pipeline.weights import (WeightsError, categories_from, default_weights, load_into, normalisation,
+                              num_classes_in, read_checkpoint)
 
 
 def multiscale_probs(model: torch.nn.Module, image: torch.Tensor, scales: tuple[float, ...], flip: bool,
@@ -54,6 +54,16 @@ def multiscale_probs(model: torch.nn.Module, image: torch.Tensor, scales: tuple[
         total = out if total is None else total + out
     total = total / (len(scales) * (2 if flip else 1))
     return total if average == "probs" else total.softmax(dim=1)
+
+
+def class_map(probs: torch.Tensor) -> torch.Tensor:
+    """(H, W) uint8 most probable class of (C, H, W) probabilities (the first one on ties).
+
+    ``max(0).indices`` rather than ``argmax(0)``: same result, but torch 2.14's CPU argmax over
+    the leading dimension is ~20x slower (20 ms vs 1 ms for 6x300x380, benchmarks/pipeline_vs_loop.py's
+    images), which made it a third of the demo model's per-image time.
+    """
+    return probs.max(dim=0).indices.to(torch.uint8)
 
 
 def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -90,8 +100,9 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
     """(C, H, W) probabilities per RGB uint8 image.
 
     Images of one size run as one tensor batch ("bucket" batching, exact); with "pad" batching
-    every image is zero-padded (after normalisation) to the largest size in the batch, run once,
+    images are zero-padded (after normalisation) to the largest size in their group, run at once,
     and cropped back — fewer, larger forwards, at the cost of padded context near the borders.
+    ``forward_groups`` decides the groups.
     """
     device = mean.device
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[config.precision])
@@ -113,24 +124,52 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
         x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - mean) / std
 
+    results: list[torch.Tensor | None] = [None] * len(images)
     with torch.inference_mode():
-        if config.batching == "pad" and not config.tile and len(images) > 1:
-            height = max(im.shape[0] for im in images)
-            width = max(im.shape[1] for im in images)
-            x = torch.zeros(len(images), 3, height, width, device=device)
-            for i, im in enumerate(images):
-                x[i, :, : im.shape[0], : im.shape[1]] = to_tensor([im])[0]
-            probs = run(x)
-            return [probs[i, :, : im.shape[0], : im.shape[1]] for i, im in enumerate(images)]
-        results: list[torch.Tensor | None] = [None] * len(images)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            by_size.setdefault(im.shape[:2], []).append(i)
-        for indices in by_size.values():
-            probs = run(to_tensor([images[i] for i in indices]))
+        for indices in forward_groups([im.shape[:2] for im in images], config):
+            if len(indices) == 1 or config.batching == "bucket":
+                probs = run(to_tensor([images[i] for i in indices]))
+            else:
+                height = max(images[i].shape[0] for i in indices)
+                width = max(images[i].shape[1] for i in indices)
+                x = torch.zeros(len(indices), 3, height, width, device=device)
+                for j, i in enumerate(indices):
+                    x[j, :, : images[i].shape[0], : images[i].shape[1]] = to_tensor([images[i]])[0]
+                probs = run(x)
             for j, i in enumerate(indices):
-                results[i] = probs[j]
+                results[i] = probs[j, :, : images[i].shape[0], : images[i].shape[1]]
     return results
+
+
+def forward_groups(sizes: list[tuple[int, int]], config: InferenceConfig) -> list[list[int]]:
+    """Which images (by index) share one forward pass.
+
+    "bucket": images of the same size, in input order; "pad": consecutive images, padded to the
+    largest. Either way a group holds at most ``config.max_batch_pixels`` (padded) pixels, so a
+    Ray batch of large images never becomes one huge tensor: the Ray batch size amortises
+    per-batch overhead, this bounds memory. Tiled inference runs image by image.
+    """
+    if config.tile:
+        return [[i] for i in range(len(sizes))]
+    groups: list[list[int]] = []
+    if config.batching == "bucket":
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            by_size.setdefault(tuple(size), []).append(i)
+        for (height, width), indices in by_size.items():
+            step = max(1, config.max_batch_pixels // (height * width))
+            groups += [indices[k : k + step] for k in range(0, len(indices), step)]
+        return groups
+    height = width = 0
+    for i, (h, w) in enumerate(sizes):
+        grown = (max(height, h), max(width, w))
+        if groups and (len(groups[-1]) + 1) * grown[0] * grown[1] <= config.max_batch_pixels:
+            groups[-1].append(i)
+            height, width = grown
+        else:
+            groups.append([i])
+            height, width = h, w
+    return groups
 
 
 def predict_probs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor, std: torch.Tensor,
@@ -174,8 +213,7 @@ class Segmenter:
                  weights_sha256: str, num_classes: int, use_gpu: bool, threads: int, crf_follows: bool,
                  run_id: str, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
         self.model, self.sha256, categories = load_model(
             model, weights_uri, storage_options=storage_options, output_stride=inference.output_stride,
             num_classes=num_classes, expected_sha256=weights_sha256)
@@ -185,12 +223,17 @@ class Segmenter:
         self.inference = inference
         self.crf_follows = crf_follows
         self.run_id = run_id
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = normalisation(mean, std, self.device)
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.metrics = stage_metrics("infer")
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        if self.device.type == "cpu":
+            # Per call, not once in __init__: Ray Data calls this from another thread than the
+            # constructor, and OpenMP's thread count is per thread. oneDNN's convolutions read it
+            # there and ran on one core (Ray starts workers with OMP_NUM_THREADS=1), while
+            # torch.get_num_threads() still said 2 — half the CPU fallback's throughput.
+            torch.set_num_threads(self.threads)
         n = len(batch["key"])
         out = {k: list(v) for k, v in batch.items()}
         out.update(mask_pre=[b""] * n, probs=[b""] * n, infer_ms=[0.0] * n, infer_node=[self.node_id] * n)
@@ -216,7 +259,7 @@ class Segmenter:
         for i, p in zip(todo, probs):
             if p is None:
                 continue
-            out["mask_pre"][i] = p.argmax(0).to(torch.uint8).cpu().numpy().tobytes()
+            out["mask_pre"][i] = class_map(p).cpu().numpy().tobytes()
             for name, value in uncertainty(p, self.inference.low_conf_threshold).items():
                 out[name][i] = value
             if self.crf_follows:

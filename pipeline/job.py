@@ -45,6 +45,13 @@ def _scales(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,1.0,1.5, got {text!r}") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones: their help says what happens when the option is unset."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     crf = CRFParams()
     compute = ComputeConfig()
@@ -52,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="segment_bucket.py",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="Outputs: OUTPUT/run=<run_id>/{masks/,errors/,classes.parquet,manifest.json,_SUCCESS}. "
                "Credentials come from the standard AWS/GCS environment and are never printed.",
     )
@@ -84,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="autocast precision for GPU inference (CPU runs fp32)")
     inf.add_argument("--batching", choices=("bucket", "pad"), default=inference.batching,
                      help="bucket: batch same-size images (exact); pad: zero-pad a batch to its largest image")
+    inf.add_argument("--max-batch-pixels", type=int, default=inference.max_batch_pixels, metavar="PIXELS",
+                     help="at most this many (padded) pixels per forward pass; a batch runs as several if needed")
     inf.add_argument("--probs-encoding", choices=("float32", "float16", "uint8"), default=inference.probs_encoding,
                      help="precision of the probabilities sent to the CRF stage")
     inf.add_argument("--low-conf-threshold", type=float, default=inference.low_conf_threshold,
@@ -98,16 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--crf-bilateral-compat", type=float, default=crf.bilateral_compat, help="appearance weight w1")
     r = p.add_argument_group("compute")
     r.add_argument("--infer-actors", type=_range, default=compute.infer_actors, metavar="MIN-MAX",
-                   help="inference actor pool size (one GPU each when the cluster has GPUs)")
+                   help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in "
+                        "the cluster, or without GPUs one single-threaded actor per core left after CRF)")
     r.add_argument("--crf-actors", type=_range, default=compute.crf_actors, metavar="MIN-MAX", help="CRF actor pool size")
-    r.add_argument("--batch-size", type=int, default=compute.batch_size, help="images per inference batch")
-    r.add_argument("--infer-cpus", type=float, help="CPUs per inference actor (default: 1 with GPUs, "
-                   "else the cores left after the CRF pool)")
+    r.add_argument("--batch-size", type=int, default=compute.batch_size,
+                   help="images per Ray batch (larger amortises Ray's per-batch cost; --max-batch-pixels bounds memory)")
+    r.add_argument("--infer-cpus", type=float, help="CPUs (= torch threads) per inference actor (default: 1 with GPUs, "
+                   "else the cores left after the CRF pool divided between the actors)")
     r.add_argument("--crf-cpus", type=float, default=compute.crf_cpus, help="CPUs per CRF actor")
     r.add_argument("--infer-resources", type=json_object, default={}, metavar="JSON",
                    help="custom Ray resources each inference actor needs, e.g. '{\"gpu_node\": 1}'")
     r.add_argument("--crf-resources", type=json_object, default={}, metavar="JSON",
                    help="custom Ray resources each CRF actor needs, e.g. '{\"crf_node\": 1}'")
+    r.add_argument("--object-store-mib", type=int, metavar="MIB",
+                   help="object-store memory Ray Data may fill with blocks in flight (default: 256 per GPU "
+                        "inference actor, 64 per CPU inference or CRF actor)")
     r.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="run inference on GPUs (default: when the cluster has GPUs)")
     r.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
@@ -160,11 +174,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             inference=InferenceConfig(
                 scales=args.scales, flip=args.flip, output_stride=args.output_stride, average=args.average,
                 tile=args.tile, tile_overlap=args.tile_overlap, max_pixels=args.max_pixels,
-                precision=args.precision, batching=args.batching, probs_encoding=args.probs_encoding,
+                precision=args.precision, batching=args.batching, max_batch_pixels=args.max_batch_pixels,
+                probs_encoding=args.probs_encoding,
                 low_conf_threshold=args.low_conf_threshold),
             crf=crf if args.crf else None,
             compute=ComputeConfig(infer_actors=args.infer_actors, crf_actors=args.crf_actors, batch_size=args.batch_size,
                                   infer_cpus=args.infer_cpus, crf_cpus=args.crf_cpus, use_gpu=args.gpu,
+                                  object_store_mib=args.object_store_mib,
                                   infer_resources=args.infer_resources, crf_resources=args.crf_resources),
             num_classes=args.num_classes,
             limit=args.limit,
@@ -255,8 +271,10 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
     init_ray(ray_address)
     resources = Resources.resolve(config, ray.cluster_resources())
     crf_pool = "off" if config.crf is None else f"on, {config.compute.crf_actors[0]}-{config.compute.crf_actors[1]} actors"
-    print(f"[deeplab-pipeline] inference on {'GPU' if resources.use_gpu else 'CPU'} "
-          f"({resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads), CRF {crf_pool}", flush=True)
+    lo, hi = resources.infer_actors
+    print(f"[deeplab-pipeline] inference on {'GPU' if resources.use_gpu else 'CPU'}: "
+          f"{lo if lo == hi else f'{lo}-{hi}'} actor(s), {resources.infer_cpus:g} CPUs/actor, "
+          f"{resources.infer_threads} torch threads; CRF {crf_pool}", flush=True)
     run_started = time.time()
     telemetry = RunTelemetry()
     processed = 0
@@ -280,6 +298,8 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
         "categories": list(weights.categories), "versions": _versions(),
         "nodes": {stage: sorted(ids) for stage, ids in telemetry.nodes.items()},
         "resources": {"use_gpu": resources.use_gpu, "infer_cpus": resources.infer_cpus,
+                      "infer_threads": resources.infer_threads, "infer_actors": list(resources.infer_actors),
+                      "object_store_mib": resources.object_store_mib,
                       "cluster": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
         "timings": {"segment_s": round(run_seconds, 3), "processed": processed,
                     "images_per_s": round(processed / run_seconds, 3) if run_seconds > 0 else None,

@@ -74,6 +74,16 @@ class Weights:
     def num_classes(self) -> int:
         return len(self.categories)
 
+    def normalisation(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """``normalisation(self.mean, self.std, device)``."""
+        return normalisation(self.mean, self.std, device)
+
+
+def normalisation(mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) mean and std tensors on ``device``, as ``infer_batch`` takes them."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
 
 # Made by `python jobs/train_demo.py` (3000 steps, seed 0): held-out mIoU on 200 synthetic scenes
 # (seeds 1_000_000+, disjoint from training and from the demo bucket).

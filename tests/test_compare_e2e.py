@@ -113,8 +113,7 @@ def test_uncertainty_columns_match_numpy(nights):
     assert len(rows) == 5
     model, _, categories = load_model(DEMO_WEIGHTS.model, None)
     num_classes = len(categories)
-    mean = torch.tensor(DEMO_WEIGHTS.mean).view(1, 3, 1, 1)
-    std = torch.tensor(DEMO_WEIGHTS.std).view(1, 3, 1, 1)
+    mean, std = DEMO_WEIGHTS.normalisation()
     for key, row in rows.items():
         assert 1 / num_classes <= row["mean_max_prob"] <= 1
         assert 0 <= row["mean_entropy"] <= np.log(num_classes) and 0 <= row["mean_entropy_norm"] <= 1

@@ -53,7 +53,7 @@ def find_workers(job: subprocess.Popen, title: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("udf", ["CRFRefiner", "Segmenter"])
+@pytest.mark.parametrize("udf", ["Decoder", "CRFRefiner", "Segmenter"])
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
     bucket = make_bucket(tmp_path / "bucket", n=8)
     out = tmp_path / "out"

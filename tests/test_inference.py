@@ -7,9 +7,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.config import InferenceConfig
-from pipeline.inference import infer_batch, multiscale_probs, sliding_window_probs
+from pipeline.inference import class_map, forward_groups, infer_batch, multiscale_probs, sliding_window_probs
 from pipeline.models import build_model
 from pipeline.probs import decode_probs, encode_probs, uncertainty
+from pipeline.weights import normalisation
 
 SCALES = (0.5, 1.0, 1.75)
 
@@ -114,14 +115,45 @@ def test_single_window_tiling_is_exact(model):
 def test_bucket_batching_is_exact_and_pad_batching_keeps_sizes(model):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (h, w, 3)).astype(np.uint8) for h, w in ((40, 50), (33, 47), (40, 50))]
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    mean, std = normalisation()
     bucket = infer_batch(model, images, mean=mean, std=std, config=InferenceConfig(scales=(1.0, 1.5)))
     single = [infer_batch(model, [im], mean=mean, std=std, config=InferenceConfig(scales=(1.0, 1.5)))[0] for im in images]
     for b, s in zip(bucket, single):
         np.testing.assert_allclose(b.numpy(), s.numpy(), atol=1e-5)
     padded = infer_batch(model, images, mean=mean, std=std, config=InferenceConfig(batching="pad"))
     assert [tuple(p.shape) for p in padded] == [(4, 40, 50), (4, 33, 47), (4, 40, 50)]
+
+
+def test_pixel_budget_splits_forwards_without_changing_results(model):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (40, 50, 3)).astype(np.uint8) for _ in range(5)]
+    mean, std = normalisation()
+    whole = infer_batch(model, images, mean=mean, std=std, config=InferenceConfig())
+    split_config = InferenceConfig(max_batch_pixels=2 * 40 * 50)
+    assert forward_groups([im.shape[:2] for im in images], split_config) == [[0, 1], [2, 3], [4]]
+    split = infer_batch(model, images, mean=mean, std=std, config=split_config)
+    for a, b in zip(whole, split):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_forward_groups():
+    sizes = [(10, 10), (20, 10), (10, 10), (10, 10), (30, 30)]
+    bucket = InferenceConfig(max_batch_pixels=250)
+    assert forward_groups(sizes, bucket) == [[0, 2], [3], [1], [4]]  # same size, in order, <= 250 px
+    pad = InferenceConfig(batching="pad", max_batch_pixels=600)
+    # padded to the group's largest image: 2 x (20x10) fits, a third would make 3 x 200 = 600 -> fits
+    assert forward_groups(sizes, pad) == [[0, 1, 2], [3], [4]]
+    assert forward_groups(sizes, InferenceConfig(tile=64, tile_overlap=16)) == [[0], [1], [2], [3], [4]]
+    assert forward_groups(sizes, InferenceConfig()) == [[0, 2, 3], [1], [4]]
+
+
+def test_class_map_is_argmax_with_first_index_on_ties():
+    probs = torch.softmax(torch.randn(6, 31, 37), 0)
+    probs[:, 0, 0] = torch.tensor([0.1, 0.3, 0.3, 0.1, 0.1, 0.1])  # tie between classes 1 and 2
+    labels = class_map(probs)
+    assert labels.dtype == torch.uint8
+    np.testing.assert_array_equal(labels.numpy(), probs.numpy().argmax(0))
+    assert labels[0, 0] == 1
 
 
 def test_probability_codecs_roundtrip():
