@@ -20,7 +20,7 @@ def test_fetch_all_keeps_order_and_returns_each_failure(tmp_path):
 
 
 def test_task_side_modules_do_not_import_torch():
-    """Decode tasks and CRF actors import these; torch would cost each new worker ~1.5-3 s and ~1 GB."""
+    """Decode and CRF actors import these; torch would cost each new worker ~1.5-3 s and ~1 GB."""
     code = "import sys, pipeline.decode, pipeline.crf; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
