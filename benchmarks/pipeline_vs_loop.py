@@ -35,6 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -42,6 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ComputeConfig, InferenceConfig, JobConfig  # noqa: E402
 from pipeline.synthetic import write_bucket  # noqa: E402
+
+if TYPE_CHECKING:  # pipeline.stages imports ray and torch; this script imports those where it uses them
+    from pipeline.stages import Resources
 
 
 class Sampler:
@@ -151,7 +155,8 @@ def consume(ds, name: str) -> tuple[Result, Sampler]:
     return Result(name, rows, end - start, first - start, steady, sampler.gpu_summary()), sampler
 
 
-def pipeline_run(files, scales, flip, compute: ComputeConfig, name: str | None = None) -> tuple[Result, Sampler]:
+def pipeline_run(files, scales, flip, compute: ComputeConfig,
+                 name: str | None = None) -> tuple[Result, Sampler, Resources]:
     import ray
 
     from pipeline.job import resolve_weights
@@ -164,7 +169,7 @@ def pipeline_run(files, scales, flip, compute: ComputeConfig, name: str | None =
     lo, hi = resources.infer_actors
     name = name or "Ray pipeline"
     name += f", {lo if lo == hi else f'{lo}-{hi}'}x{'GPU' if resources.use_gpu else f'{resources.infer_threads}t'}"
-    return consume(build_dataset(files, config, weights, sha, resources), name)
+    return (*consume(build_dataset(files, config, weights, sha, resources), name), resources)
 
 
 class Predictor:
@@ -217,16 +222,6 @@ def fresh_ray(cores: int):
         ray.shutdown()
 
 
-def default_resources(compute: ComputeConfig):
-    import ray
-
-    from pipeline.stages import Resources
-
-    config = JobConfig(input_uri="", output_uri="", labels_uri=None, model="deeplabv3plus_demo", weights_uri=None,
-                       run_id="bench", crf=None, compute=compute)
-    return Resources.resolve(config, ray.cluster_resources())
-
-
 def breakeven(run: Result, loop_rate: float, goal: float) -> str:
     """Images from which ``run``'s end-to-end rate, N / (first_s + N / steady), reaches goal x the loop."""
     if run.steady is None or run.steady <= goal * loop_rate:
@@ -274,13 +269,12 @@ def throughput(args, scales, cores: int, gpu: bool, compute: ComputeConfig) -> R
         # Each Ray variant gets a fresh local Ray (not timed: a submitted job joins a running
         # cluster), so each pays the same Ray Data start-up and actor start in its end-to-end time.
         with fresh_ray(cores):
-            default, _ = pipeline_run(files, scales, args.flip, compute, "Ray pipeline (job defaults)")
-            resources = default_resources(compute)
+            default, _, resources = pipeline_run(files, scales, args.flip, compute, "Ray pipeline (job defaults)")
         with fresh_ray(cores):
             script = ray_script_run(files, scales, args.flip, resources.infer_actors[1], resources.infer_threads,
                                     gpu, args.batch_size)
         with fresh_ray(cores):
-            matched, _ = pipeline_run(files, scales, args.flip,
+            matched, _, _ = pipeline_run(files, scales, args.flip,
                                       ComputeConfig(batch_size=args.batch_size, infer_actors=(1, 1),
                                                     infer_cpus=None if gpu else float(best.threads)),
                                       "Ray pipeline (loop's compute)")
@@ -311,7 +305,7 @@ def memory(args, scales, cores: int, compute: ComputeConfig, best: Result | None
             write_bucket(tmp, range(4_000_000, 4_000_000 + count))
             files = list_inputs(str(Path(tmp) / "images"), None)
             with fresh_ray(cores):
-                runs[count], peaks[count] = pipeline_run(files, scales, args.flip, compute)
+                runs[count], peaks[count], _ = pipeline_run(files, scales, args.flip, compute)
     small, large = peaks[n], peaks[10 * n]
     print("\npeak memory of the pipeline's process tree, job defaults (PSS splits shared pages)")
     print(f"{'images':>8} {'PSS MiB':>9} {'RSS MiB':>9}")

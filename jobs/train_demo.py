@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=DEMO_WEIGHTS.uri)
     args = parser.parse_args(argv)
+    if not 0 < args.scale_min <= args.scale_max:
+        parser.error(f"--scale-min/--scale-max must satisfy 0 < MIN <= MAX, got {args.scale_min} and {args.scale_max}")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

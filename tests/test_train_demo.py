@@ -3,6 +3,7 @@
 import importlib.util
 
 import numpy as np
+import pytest
 
 from pipeline.palette import IGNORE_INDEX
 from pipeline.synthetic import SceneSpec, make_scene
@@ -56,3 +57,10 @@ def test_upscaled_scenes_show_objects_larger():
         return edges.mean()
 
     assert boundary_fraction(doubled) < 0.7 * boundary_fraction(plain)
+
+
+def test_bad_scale_range_fails_before_training(capsys):
+    for bad in (["--scale-min", "2", "--scale-max", "1"], ["--scale-min", "0"]):
+        with pytest.raises(SystemExit):
+            train_demo.main(bad)
+        assert "0 < MIN <= MAX" in capsys.readouterr().err
