@@ -273,11 +273,15 @@ def throughput(args, scales, cores: int, gpu: bool, compute: ComputeConfig) -> R
         with fresh_ray(cores):
             script = ray_script_run(files, scales, args.flip, resources.infer_actors[1], resources.infer_threads,
                                     gpu, args.batch_size)
+        # One actor with the loop's threads. Its Ray CPUs leave room for the decode actor, which
+        # holds its share for the whole run: a 2-CPU actor on 2 cores waited for decoding to end.
+        # Threads are CPUs rounded, so 1.75 CPUs still run 2 threads.
+        cpus = min(float(best.threads), cores - compute.decode_cpus)
         with fresh_ray(cores):
             matched, _, _ = pipeline_run(files, scales, args.flip,
-                                      ComputeConfig(batch_size=args.batch_size, infer_actors=(1, 1),
-                                                    infer_cpus=None if gpu else float(best.threads)),
-                                      "Ray pipeline (loop's compute)")
+                                         ComputeConfig(batch_size=args.batch_size, infer_actors=(1, 1),
+                                                       infer_cpus=None if gpu else cpus),
+                                         "Ray pipeline (loop's compute)")
     print(f"\n{args.images} images ({'GPU' if gpu else f'{cores} CPU cores'}), demo model, scales {scales}, "
           f"flip {args.flip}, CRF off, batch {args.batch_size}; ratios are to the best loop")
     print(f"{'':44} {'e2e img/s':>10} {'ratio':>6} {'1st s':>6} {'steady':>8} {'ratio':>6}  GPU util")

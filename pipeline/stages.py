@@ -43,7 +43,7 @@ class Resources:
             # split the rest between inference actors, torch threads = actor CPUs, so cores are
             # never oversubscribed. By default one single-threaded actor per spare core: for batch
             # throughput processes beat intra-op threads (benchmarks/pipeline_vs_loop.py, 2 cores,
-            # demo model: 2 actors x 1 thread 25.4 images/s; a loop with 2 threads 11.7, with 1 15.8).
+            # demo model: 2 actors x 1 thread 27.0 images/s; a loop with 2 threads 12.1, with 1 17.5).
             spare = cluster.get("CPU", 1.0) - crf_max * compute.crf_cpus - compute.decode_cpus
             if compute.infer_actors is not None:
                 actors = compute.infer_actors
