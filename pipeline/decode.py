@@ -112,7 +112,7 @@ class Decoder:
     An actor pool rather than tasks: decode tasks wait (backpressured) while inference catches
     up, and Ray ends a worker that idles beyond its soft limit of one worker per CPU, which the
     inference actors already hold. Each next decode task then started a new Python worker: 38
-    workers for 4800 demo images on 2 cores, a fifth of the images/s and 19 % more memory than
+    workers for 4800 demo images on 2 cores, 18.7 instead of 26 images/s and 19 % more memory than
     a 480-image run (benchmarks/pipeline_vs_loop.py). An actor stays up for the whole run.
     """
 
