@@ -59,7 +59,7 @@ def rows_for(image: np.ndarray, probs: np.ndarray, n: int, encoding: str = Infer
         "key": np.array([f"k{i}" for i in range(n)]), "uri": np.array(["u"] * n),
         "height": np.array([h] * n), "width": np.array([w] * n), "exif_orientation": np.zeros(n, int),
         "image": np.array([image.tobytes()] * n, dtype=object), "label": np.array([b""] * n, dtype=object),
-        "has_label": np.zeros(n, bool), "mask_pre": np.array([pre] * n, dtype=object),
+        "has_label": np.zeros(n, bool), "label_error": np.array([""] * n), "mask_pre": np.array([pre] * n, dtype=object),
         "probs": np.array([data] * n, dtype=object), "infer_ms": np.ones(n), "infer_node": np.array(["n"] * n),
         "mean_max_prob": np.ones(n), "mean_entropy": np.zeros(n), "mean_entropy_norm": np.zeros(n),
         "low_conf_fraction": np.zeros(n),

@@ -41,7 +41,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ComputeConfig, InferenceConfig, JobConfig  # noqa: E402
+from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig  # noqa: E402
 from pipeline.synthetic import write_bucket  # noqa: E402
 
 if TYPE_CHECKING:  # pipeline.stages imports ray and torch; this script imports those where it uses them
@@ -115,7 +115,7 @@ class Result:
         return self.images / self.seconds
 
 
-def bare_loop(files, scales, flip, threads: int, device: str) -> Result:
+def bare_loop(inputs, scales, flip, threads: int, device: str) -> Result:
     import torch
 
     from pipeline.images import decode_image
@@ -128,16 +128,17 @@ def bare_loop(files, scales, flip, threads: int, device: str) -> Result:
     model.to(device)
     mean, std = normalisation(device=device)
     config = InferenceConfig(scales=scales, flip=flip)
-    for f in files[:4]:  # warm-up, as the pipeline's actors warm up on their first batch
-        infer_batch(model, [decode_image(read_bytes(f.uri)).rgb], mean=mean, std=std, config=config)
+    uris = [inputs.locator().image_uri(k) for k in inputs.keys.to_pylist()]
+    for uri in uris[:4]:  # warm-up, as the pipeline's actors warm up on their first batch
+        infer_batch(model, [decode_image(read_bytes(uri)).rgb], mean=mean, std=std, config=config)
     with Sampler() as sampler:
         start = time.perf_counter()
-        for f in files:
-            rgb = decode_image(read_bytes(f.uri)).rgb
+        for uri in uris:
+            rgb = decode_image(read_bytes(uri)).rgb
             class_map(infer_batch(model, [rgb], mean=mean, std=std, config=config)[0]).cpu()
         seconds = time.perf_counter() - start
     where = device if device == "cuda" else f"{threads} thread{'s' if threads > 1 else ''}"
-    return Result(f"bare loop, {where}", len(files), seconds, gpu=sampler.gpu_summary(), threads=threads)
+    return Result(f"bare loop, {where}", len(uris), seconds, gpu=sampler.gpu_summary(), threads=threads)
 
 
 def consume(ds, name: str) -> tuple[Result, Sampler]:
@@ -147,7 +148,10 @@ def consume(ds, name: str) -> tuple[Result, Sampler]:
     with Sampler() as sampler:
         start = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows += batch.num_rows
+            # The job's DAG ends in its write stage (one row per part file, with its PartStats);
+            # the hand-written script's in result rows.
+            rows += (sum(_images(s) for s in batch.column("stats").to_pylist()) if "stats" in batch.column_names
+                     else batch.num_rows)
             if first is None:
                 first, first_rows = time.perf_counter(), rows
         end = time.perf_counter()
@@ -155,21 +159,28 @@ def consume(ds, name: str) -> tuple[Result, Sampler]:
     return Result(name, rows, end - start, first - start, steady, sampler.gpu_summary()), sampler
 
 
-def pipeline_run(files, scales, flip, compute: ComputeConfig,
-                 name: str | None = None) -> tuple[Result, Sampler, Resources]:
-    import ray
+def _images(stats: str) -> int:
+    from pipeline.partstats import PartStats
 
+    part = PartStats.from_json(stats)
+    return part.images + part.errors
+
+
+def pipeline_run(inputs, scales, flip, compute: ComputeConfig, name: str | None = None,
+                 crf: CRFParams | None = None) -> tuple[Result, Sampler, Resources]:
     from pipeline.job import resolve_weights
-    from pipeline.stages import Resources, build_dataset
+    from pipeline.stages import Resources, build_dataset, cluster_nodes
 
     config = JobConfig(input_uri="", output_uri="", labels_uri=None, model="deeplabv3plus_demo", weights_uri=None,
-                       run_id="bench", inference=InferenceConfig(scales=scales, flip=flip), crf=None, compute=compute)
+                       run_id="bench", inference=InferenceConfig(scales=scales, flip=flip), crf=crf, compute=compute,
+                       rows_per_file=compute.batch_size)  # a part per batch: the driver sees every batch land
     weights, sha = resolve_weights(config)
-    resources = Resources.resolve(config, ray.cluster_resources())
+    resources = Resources.resolve(config, cluster_nodes())
     lo, hi = resources.infer_actors
     name = name or "Ray pipeline"
     name += f", {lo if lo == hi else f'{lo}-{hi}'}x{'GPU' if resources.use_gpu else f'{resources.infer_threads}t'}"
-    return (*consume(build_dataset(files, config, weights, sha, resources), name), resources)
+    with tempfile.TemporaryDirectory() as out:  # the job's workers write their part files here
+        return (*consume(build_dataset(inputs, config, weights, sha, resources, out), name), resources)
 
 
 class Predictor:
@@ -196,14 +207,15 @@ class Predictor:
         return {"mask": [class_map(p).cpu().numpy().ravel() for p in probs]}
 
 
-def ray_script_run(files, scales, flip, actors: int, threads: int, gpu: bool, batch_size: int) -> Result:
+def ray_script_run(inputs, scales, flip, actors: int, threads: int, gpu: bool, batch_size: int) -> Result:
     """(c) A hand-written Ray Data script: read_images → one actor pool → masks."""
     import ray
 
     # Read tasks get the pipeline's decode resources: read_images' default of 1 CPU a task leaves
     # too little for the actor pool on a small machine, and the run stalls.
-    ds = ray.data.read_images([f.uri for f in files], mode="RGB", num_cpus=ComputeConfig().decode_cpus,
-                              override_num_blocks=max(1, math.ceil(len(files) / batch_size)))
+    uris = [inputs.locator().image_uri(k) for k in inputs.keys.to_pylist()]
+    ds = ray.data.read_images(uris, mode="RGB", num_cpus=ComputeConfig().decode_cpus,
+                              override_num_blocks=max(1, math.ceil(len(uris) / batch_size)))
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"scales": scales, "flip": flip, "threads": threads,
                                                           "device": "cuda" if gpu else "cpu"},
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
@@ -260,25 +272,25 @@ def throughput(args, scales, cores: int, gpu: bool, compute: ComputeConfig) -> R
 
     with tempfile.TemporaryDirectory() as tmp:
         write_bucket(tmp, range(3_000_000, 3_000_000 + args.images))
-        files = list_inputs(str(Path(tmp) / "images"), None)
+        inputs = list_inputs(str(Path(tmp) / "images"), None)
         if gpu:
-            loops = [bare_loop(files, scales, args.flip, cores, "cuda")]
+            loops = [bare_loop(inputs, scales, args.flip, cores, "cuda")]
         else:
-            loops = [bare_loop(files, scales, args.flip, t, "cpu") for t in sorted({1, cores})]
+            loops = [bare_loop(inputs, scales, args.flip, t, "cpu") for t in sorted({1, cores})]
         best = max(loops, key=lambda r: r.rate)
         # Each Ray variant gets a fresh local Ray (not timed: a submitted job joins a running
         # cluster), so each pays the same Ray Data start-up and actor start in its end-to-end time.
         with fresh_ray(cores):
-            default, _, resources = pipeline_run(files, scales, args.flip, compute, "Ray pipeline (job defaults)")
+            default, _, resources = pipeline_run(inputs, scales, args.flip, compute, "Ray pipeline (job defaults)")
         with fresh_ray(cores):
-            script = ray_script_run(files, scales, args.flip, resources.infer_actors[1], resources.infer_threads,
+            script = ray_script_run(inputs, scales, args.flip, resources.infer_actors[1], resources.infer_threads,
                                     gpu, args.batch_size)
         # One actor with the loop's threads. Its Ray CPUs leave room for the decode actor, which
         # holds its share for the whole run: a 2-CPU actor on 2 cores waited for decoding to end.
         # Threads are CPUs rounded, so 1.75 CPUs still run 2 threads.
         cpus = min(float(best.threads), cores - compute.decode_cpus)
         with fresh_ray(cores):
-            matched, _, _ = pipeline_run(files, scales, args.flip,
+            matched, _, _ = pipeline_run(inputs, scales, args.flip,
                                          ComputeConfig(batch_size=args.batch_size, infer_actors=(1, 1),
                                                        infer_cpus=None if gpu else cpus),
                                          "Ray pipeline (loop's compute)")
@@ -291,7 +303,7 @@ def throughput(args, scales, cores: int, gpu: bool, compute: ComputeConfig) -> R
         print(f"{r.name:44} {r.rate:10.2f} {r.rate / best.rate:6.2f} {first} {steady:8.2f} "
               f"{steady / best.rate:6.2f}  {r.gpu}")
     print(f"\nRay pipeline / hand-written Ray Data script, same actors: end to end {default.rate / script.rate:.2f}, "
-          f"steady state {default.steady / script.steady:.2f}")
+          f"steady state {default.steady / max(script.steady, 1e-9):.2f}")
     print(f"Ray pipeline steady state / best loop: {default.steady / best.rate:.2f} (goal >= "
           f"{0.95 if gpu else 0.85}); start-up (first result) {default.first_s:.1f} s, so end to end reaches "
           f"{0.95 if gpu else 0.85:.2f} of the loop from {breakeven(default, best.rate, 0.95 if gpu else 0.85)} images")
@@ -307,9 +319,9 @@ def memory(args, scales, cores: int, compute: ComputeConfig, best: Result | None
     for count in (n, 10 * n):
         with tempfile.TemporaryDirectory() as tmp:
             write_bucket(tmp, range(4_000_000, 4_000_000 + count))
-            files = list_inputs(str(Path(tmp) / "images"), None)
+            inputs = list_inputs(str(Path(tmp) / "images"), None)
             with fresh_ray(cores):
-                runs[count], peaks[count], _ = pipeline_run(files, scales, args.flip, compute)
+                runs[count], peaks[count], _ = pipeline_run(inputs, scales, args.flip, compute)
     small, large = peaks[n], peaks[10 * n]
     print("\npeak memory of the pipeline's process tree, job defaults (PSS splits shared pages)")
     print(f"{'images':>8} {'PSS MiB':>9} {'RSS MiB':>9}")

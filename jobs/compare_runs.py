@@ -4,7 +4,8 @@ disagreement, keys added/removed, new error types (docs/uncertainty.md).
     python jobs/compare_runs.py s3://bucket/seg                     # latest committed run vs the one before
     python jobs/compare_runs.py s3://bucket/seg --run B --against A --fail-on-regression 0.02
 
-Writes comparison.parquet, comparison_classes.parquet and comparison.json under the newer run.
+Runs on Ray Data (a local Ray unless --ray-address / $RAY_ADDRESS): writes comparison/*.parquet,
+comparison_classes.parquet and comparison.json under the newer run.
 Exit 0 when compared, 2 on bad arguments (no such committed run), 3 on a regression larger
 than --fail-on-regression.
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 # Runnable from a checkout (`ray job submit --working-dir .` style), like jobs/segment_bucket.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.compare import (compare_runs, format_comparison, load_run, regression_message,  # noqa: E402
-                              run_before, write_comparison)
+from pipeline.compare import format_comparison, regression_message, run_before  # noqa: E402
+from pipeline.compare_stage import compare_outputs  # noqa: E402
 from pipeline.config import json_object  # noqa: E402
+from pipeline.job import init_ray  # noqa: E402
 from pipeline.outputs import RunOutput, committed_runs  # noqa: E402
 
 PROG = "compare_runs.py"
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 3 when the mIoU or any class IoU dropped by more than DELTA (e.g. 0.02)")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
                    help="write the comparison files under the newer run (--no-write: print only)")
+    p.add_argument("--ray-address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
                    help="fsspec storage options, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
     return p
@@ -56,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     if old == new:
         return _error(f"--run and --against are the same run ({new})")
 
+    init_ray(args.ray_address)
     newer = RunOutput(args.output, new, args.storage_options)
-    comparison = compare_runs(load_run(RunOutput(args.output, old, args.storage_options)), load_run(newer))
+    comparison = compare_outputs(RunOutput(args.output, old, args.storage_options), newer, write=args.write)
     print(format_comparison(comparison))
     if args.write:
-        write_comparison(newer, comparison)
-        print(f"written          : {newer.uri}/comparison.parquet, comparison_classes.parquet, comparison.json")
+        print(f"written          : {newer.uri}/comparison/, comparison_classes.parquet, comparison.json")
     if args.fail_on_regression is not None:
         reason = regression_message(comparison, args.fail_on_regression)
         if reason:

@@ -90,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     model, _, categories = load_model(args.model, args.weights)
     # ImageNet statistics: what every DeepLab in this package (and torchvision's) is trained with.
     mean, std = DEMO_WEIGHTS.normalisation()
-    files = list_inputs(input_uri, labels_uri)
+    inputs = list_inputs(input_uri, labels_uri)
+    locator = inputs.locator()
     samples = []
-    for f in files:
+    for key in inputs.keys.to_pylist():
         try:
-            label = png_to_mask(read_bytes(f.label_uri))
+            label = png_to_mask(read_bytes(locator.label_uri(key)))
         except FileNotFoundError:
             continue
-        image = decode_image(read_bytes(f.uri)).rgb
+        image = decode_image(read_bytes(locator.image_uri(key))).rgb
         probs = predict_probs(model, image, mean=mean, std=std, scales=args.scales, flip=args.flip).numpy()
         samples.append((image, probs, label))
         if len(samples) >= args.limit:

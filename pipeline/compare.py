@@ -1,9 +1,13 @@
 """What changed between two runs over the same bucket: the night-over-night comparison.
 
-``compare_runs`` is a pure function of the two runs' tables; ``load_run`` and
-``write_comparison`` are the I/O around it. The comparison lives under the newer run:
+Pure analysis on tables: ``compare_batch`` takes rows of the two runs' masks joined by key
+(``JOINED_COLUMNS``) and returns the comparison rows plus a small additive ``ComparisonStats``;
+``finish`` turns the summed stats, both runs' ``classes.parquet`` and their error kinds into a
+``Comparison``. ``pipeline/compare_stage.py`` runs this over whole runs on Ray Data (join in
+workers, rows written by workers); ``compare_tables`` runs it on in-memory tables. The outputs
+live under the newer run:
 
-    run=<new>/comparison.parquet          one row per key with a mask in either run (COMPARISON_SCHEMA)
+    run=<new>/comparison/*.parquet        one row per key with a mask in either run (COMPARISON_SCHEMA)
     run=<new>/comparison_classes.parquet  one row per class (COMPARISON_CLASSES_SCHEMA)
     run=<new>/comparison.json             run-level numbers: mIoU delta, counts, new error types
 
@@ -13,24 +17,18 @@ weights, new CRF parameters or a re-encoded input all show up the same way.
 
 from __future__ import annotations
 
-import io
-import json
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.palette import png_to_mask
-from pipeline.storage import write_bytes_atomic
-
-if TYPE_CHECKING:
-    from pipeline.outputs import RunOutput
 
 MASK_COLUMNS = ("key", "uri", "mask", "miou", "mean_max_prob", "class_pixels")
-COMPARISON_FILES = ("comparison.parquet", "comparison_classes.parquet", "comparison.json")
+JOINED_COLUMNS = ("key", *(f"{c}_{side}" for side in ("old", "new") for c in MASK_COLUMNS[1:]))
+ERROR_COLUMNS = ["key", "stage", "error_type", "message"]
+COMPARISON_FILES = ("comparison", "comparison_classes.parquet", "comparison.json")
 STATUSES = ("both", "added", "removed")
 
 COMPARISON_SCHEMA = pa.schema([
@@ -58,9 +56,10 @@ COMPARISON_CLASSES_SCHEMA = pa.schema([
 ])
 
 
+
 @dataclass(frozen=True)
 class RunTables:
-    """What a comparison reads of one run."""
+    """What a comparison reads of one run, in memory (tests, small runs)."""
 
     run_id: str
     masks: pa.Table  # MASK_COLUMNS of masks/
@@ -90,11 +89,42 @@ class NewError:
     example_message: str
 
 
+@dataclass
+class ComparisonStats:
+    """Additive summary of some compared rows (what a comparison worker returns)."""
+
+    statuses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    changed: int = 0
+    disagreement_sum: float = 0.0
+    pixels_old: list[int] = field(default_factory=list)  # predicted pixels per class, keys in both runs
+    pixels_new: list[int] = field(default_factory=list)
+    examples: list[ChangedImage] = field(default_factory=list)  # most changed first
+    limit: int = 0  # how many examples are kept
+
+    def __add__(self, other: "ComparisonStats") -> "ComparisonStats":
+        return ComparisonStats(
+            {s: self.statuses[s] + other.statuses[s] for s in STATUSES}, self.changed + other.changed,
+            self.disagreement_sum + other.disagreement_sum,
+            _add(self.pixels_old, other.pixels_old), _add(self.pixels_new, other.pixels_new),
+            _most_changed(self.examples + other.examples, max(self.limit, other.limit)), max(self.limit, other.limit))
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    n = max(len(a), len(b))
+    return (np.pad(np.asarray(a, np.int64), (0, n - len(a))) + np.pad(np.asarray(b, np.int64), (0, n - len(b)))).tolist()
+
+
+def _most_changed(examples: list[ChangedImage], k: int) -> list[ChangedImage]:
+    return sorted(examples, key=lambda e: (-e.disagreement, e.key))[:k]
+
+
 @dataclass(frozen=True)
 class Comparison:
     run_id: str
     against: str
-    images: pa.Table  # COMPARISON_SCHEMA
+    statuses: dict[str, int]
+    changed_images: int  # keys in both runs whose masks differ in at least one pixel
+    mean_disagreement: float | None
     classes: pa.Table  # COMPARISON_CLASSES_SCHEMA
     miou_new: float | None
     miou_old: float | None
@@ -106,12 +136,7 @@ class Comparison:
         return None if self.miou_new is None or self.miou_old is None else self.miou_new - self.miou_old
 
     def count(self, status: str) -> int:
-        return self.images.column("status").to_pylist().count(status)
-
-    @property
-    def changed_images(self) -> int:
-        """Keys in both runs whose masks differ in at least one pixel."""
-        return sum(1 for d in self.images.column("disagreement").to_pylist() if d)
+        return self.statuses[status]
 
     def regressions(self, threshold: float) -> list[str]:
         """The mIoU and class IoUs that dropped by more than ``threshold``, worst class first."""
@@ -124,13 +149,11 @@ class Comparison:
         return reasons
 
     def to_json(self) -> dict:
-        disagreement = [d for d in self.images.column("disagreement").to_pylist() if d is not None]
         return {
             "run_id": self.run_id, "against_run_id": self.against,
             "miou_new": self.miou_new, "miou_old": self.miou_old, "miou_delta": self.miou_delta,
-            "images": {status: self.count(status) for status in STATUSES},
-            "changed_images": self.changed_images,
-            "mean_disagreement": float(np.mean(disagreement)) if disagreement else None,
+            "images": dict(self.statuses), "changed_images": self.changed_images,
+            "mean_disagreement": self.mean_disagreement,
             "new_errors": [e.__dict__ for e in self.new_errors],
         }
 
@@ -147,40 +170,90 @@ def mask_disagreement(old_png: bytes, new_png: bytes) -> float:
 
 def dataset_miou(classes: pa.Table) -> float | None:
     """Mean IoU over the classes that have one (union > 0), as in classes.parquet and manifest.json."""
-    iou = [v for v in classes.column("iou").to_pylist() if v is not None]
+    iou = [v for v in classes.column("iou").to_pylist() if v is not None]  # one value per class
     return float(np.mean(iou)) if iou else None
 
 
-def new_error_types(old_errors: pa.Table, new_errors: pa.Table) -> tuple[NewError, ...]:
-    seen = set(zip(old_errors.column("stage").to_pylist(), old_errors.column("error_type").to_pylist()))
-    found: dict[tuple[str, str], list] = {}
-    for row in new_errors.to_pylist():
-        kind = (row["stage"], row["error_type"])
-        if kind in seen:
-            continue
-        if kind not in found:
-            found[kind] = [0, row["key"], row["message"]]
-        found[kind][0] += 1
-    return tuple(NewError(stage, error_type, n, key, message[:200])
-                 for (stage, error_type), (n, key, message) in sorted(found.items()))
+def compare_batch(joined: pa.Table, *, run_id: str, against: str, examples: int = 5
+                  ) -> tuple[pa.Table, ComparisonStats]:
+    """Comparison rows (sorted by key) and their summary for rows of both runs joined by key."""
+    joined = joined.sort_by("key")
+    in_old, in_new = pc.is_valid(joined.column("mask_old")), pc.is_valid(joined.column("mask_new"))
+    status = pc.if_else(pc.and_(in_old, in_new), "both", pc.if_else(in_new, "added", "removed"))
+    both = joined.filter(pc.equal(status, "both"))
+    values = [mask_disagreement(o, n) for o, n in zip(both.column("mask_old").to_pylist(),
+                                                       both.column("mask_new").to_pylist())]
+    disagreement = pa.array([None] * joined.num_rows, pa.float64())
+    if values:
+        both_index = pc.indices_nonzero(pc.equal(status, "both"))
+        dense = np.full(joined.num_rows, np.nan)
+        dense[both_index.to_numpy()] = values
+        disagreement = pa.array(dense, mask=~np.isfinite(dense))
+    rows = pa.table({
+        "key": joined.column("key"), "status": status, "disagreement": disagreement,
+        "miou_new": joined.column("miou_new"), "miou_old": joined.column("miou_old"),
+        "mean_max_prob_new": joined.column("mean_max_prob_new"),
+        "mean_max_prob_old": joined.column("mean_max_prob_old"),
+        "run_id": pa.array([run_id] * joined.num_rows, pa.string()),
+        "against_run_id": pa.array([against] * joined.num_rows, pa.string()),
+    }).cast(COMPARISON_SCHEMA)
+    counts = {s: 0 for s in STATUSES} | {e["values"]: e["counts"] for e in pc.value_counts(status).to_pylist()}
+    changed = [ChangedImage(k, u, d, o, n) for k, u, d, o, n in zip(
+        both.column("key").to_pylist(), both.column("uri_new").to_pylist(), values,
+        both.column("mask_old").to_pylist(), both.column("mask_new").to_pylist()) if d > 0]
+    stats = ComparisonStats(counts, len(changed), float(sum(values)),
+                            _pixel_sum(both.column("class_pixels_old")), _pixel_sum(both.column("class_pixels_new")),
+                            _most_changed(changed, examples), examples)
+    return rows, stats
 
 
-def _pixel_share(masks: pa.Table, rows: list[int], num_classes: int) -> np.ndarray:
+def _pixel_sum(column: pa.ChunkedArray) -> list[int]:
+    """Per-class sum of a list<int64> column whose rows may differ in length (pads with zeros)."""
+    if len(column) == 0:
+        return []
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    positions = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.bincount(positions, weights=flat, minlength=int(lengths.max(initial=0))).astype(np.int64).tolist()
+
+
+def error_kinds(errors: pa.Table) -> pa.Table:
+    """(stage, error_type) → count and the smallest key with its message; additive via ``merge_error_kinds``."""
+    grouped = errors.select(ERROR_COLUMNS).sort_by("key").group_by(["stage", "error_type"], use_threads=False)
+    return grouped.aggregate([("key", "count"), ("key", "first"), ("message", "first")]).rename_columns(
+        ["stage", "error_type", "count", "example_key", "example_message"])
+
+
+def merge_error_kinds(tables: list[pa.Table]) -> pa.Table:
+    """Sum of ``error_kinds`` tables from parts of one run."""
+    merged = pa.concat_tables(tables) if tables else error_kinds(pa.table(
+        {c: pa.array([], pa.string()) for c in ERROR_COLUMNS}))
+    merged = merged.sort_by("example_key").group_by(["stage", "error_type"], use_threads=False)
+    return merged.aggregate([("count", "sum"), ("example_key", "first"), ("example_message", "first")]).rename_columns(
+        ["stage", "error_type", "count", "example_key", "example_message"])
+
+
+def new_error_types(old_kinds: pa.Table, new_kinds: pa.Table) -> tuple[NewError, ...]:
+    seen = set(zip(old_kinds.column("stage").to_pylist(), old_kinds.column("error_type").to_pylist()))
+    found = [NewError(r["stage"], r["error_type"], r["count"], r["example_key"], r["example_message"][:200])
+             for r in new_kinds.to_pylist() if (r["stage"], r["error_type"]) not in seen]
+    return tuple(sorted(found, key=lambda e: (e.stage, e.error_type)))
+
+
+def _share(pixels: list[int], num_classes: int) -> np.ndarray:
     counts = np.zeros(num_classes, dtype=np.int64)
-    column = masks.column("class_pixels")
-    for i in rows:
-        pixels = np.asarray(column[i].as_py(), dtype=np.int64)[:num_classes]
-        counts[: len(pixels)] += pixels
+    counts[: min(len(pixels), num_classes)] = pixels[:num_classes]
     total = counts.sum()
     return counts / total if total else np.full(num_classes, np.nan)
 
 
-def _compare_classes(old: RunTables, new: RunTables, old_rows: list[int], new_rows: list[int]) -> pa.Table:
+def _compare_classes(old_classes: pa.Table, new_classes: pa.Table, stats: ComparisonStats,
+                     run_id: str, against: str) -> pa.Table:
     """Classes are matched by (id, name), so runs with different class lists never mix two classes."""
-    old_iou = {(r["class_id"], r["class_name"]): r["iou"] for r in old.classes.to_pylist()}
-    new_iou = {(r["class_id"], r["class_name"]): r["iou"] for r in new.classes.to_pylist()}
-    share_old = _pixel_share(old.masks, old_rows, old.classes.num_rows)
-    share_new = _pixel_share(new.masks, new_rows, new.classes.num_rows)
+    old_iou = {(r["class_id"], r["class_name"]): r["iou"] for r in old_classes.to_pylist()}
+    new_iou = {(r["class_id"], r["class_name"]): r["iou"] for r in new_classes.to_pylist()}
+    share_old = _share(stats.pixels_old, old_classes.num_rows)
+    share_new = _share(stats.pixels_new, new_classes.num_rows)
 
     def share(values: np.ndarray, class_id: int, present: bool) -> float | None:
         return float(values[class_id]) if present and not np.isnan(values[class_id]) else None
@@ -193,43 +266,42 @@ def _compare_classes(old: RunTables, new: RunTables, old_rows: list[int], new_ro
             "iou_delta": None if iou_new is None or iou_old is None else iou_new - iou_old,
             "pixel_share_new": share(share_new, class_id, (class_id, name) in new_iou),
             "pixel_share_old": share(share_old, class_id, (class_id, name) in old_iou),
-            "run_id": new.run_id, "against_run_id": old.run_id,
+            "run_id": run_id, "against_run_id": against,
         })
     return pa.Table.from_pylist(rows, schema=COMPARISON_CLASSES_SCHEMA)
 
 
-def compare_runs(old: RunTables, new: RunTables, *, examples: int = 4) -> Comparison:
-    """Compare ``new`` against ``old``; ``examples`` most changed images keep both masks for the report."""
-    old_index = {k: i for i, k in enumerate(old.masks.column("key").to_pylist())}
-    new_index = {k: i for i, k in enumerate(new.masks.column("key").to_pylist())}
-    miou = {"old": old.masks.column("miou").to_pylist(), "new": new.masks.column("miou").to_pylist()}
-    conf = {"old": old.masks.column("mean_max_prob").to_pylist(), "new": new.masks.column("mean_max_prob").to_pylist()}
-    old_masks, new_masks = old.masks.column("mask"), new.masks.column("mask")
-    rows, both = [], []
-    for key in sorted(old_index.keys() | new_index.keys()):
-        i, j = old_index.get(key), new_index.get(key)
-        disagreement = None
-        if i is not None and j is not None:
-            disagreement = mask_disagreement(old_masks[i].as_py(), new_masks[j].as_py())
-            both.append((disagreement, key, i, j))
-        rows.append({
-            "key": key, "status": "both" if disagreement is not None else ("added" if i is None else "removed"),
-            "disagreement": disagreement,
-            "miou_new": None if j is None else miou["new"][j], "miou_old": None if i is None else miou["old"][i],
-            "mean_max_prob_new": None if j is None else conf["new"][j],
-            "mean_max_prob_old": None if i is None else conf["old"][i],
-            "run_id": new.run_id, "against_run_id": old.run_id,
-        })
-    changed = sorted((b for b in both if b[0] > 0), key=lambda b: (-b[0], b[1]))[:examples]
+def finish(stats: ComparisonStats, *, run_id: str, against: str, old_classes: pa.Table, new_classes: pa.Table,
+           old_error_kinds: pa.Table, new_error_kinds: pa.Table) -> Comparison:
+    """The comparison from the summed stats of all compared rows."""
+    both = stats.statuses["both"]
     return Comparison(
-        run_id=new.run_id, against=old.run_id,
-        images=pa.Table.from_pylist(rows, schema=COMPARISON_SCHEMA),
-        classes=_compare_classes(old, new, [b[2] for b in both], [b[3] for b in both]),
-        miou_new=dataset_miou(new.classes), miou_old=dataset_miou(old.classes),
-        new_errors=new_error_types(old.errors, new.errors),
-        examples=tuple(ChangedImage(key, new.masks.column("uri")[j].as_py(), d, old_masks[i].as_py(),
-                                    new_masks[j].as_py()) for d, key, i, j in changed),
-    )
+        run_id=run_id, against=against, statuses=dict(stats.statuses), changed_images=stats.changed,
+        mean_disagreement=stats.disagreement_sum / both if both else None,
+        classes=_compare_classes(old_classes, new_classes, stats, run_id, against),
+        miou_new=dataset_miou(new_classes), miou_old=dataset_miou(old_classes),
+        new_errors=new_error_types(old_error_kinds, new_error_kinds), examples=tuple(stats.examples))
+
+
+def join_by_key(old: pa.Table, new: pa.Table) -> pa.Table:
+    """Full outer join of two runs' MASK_COLUMNS on key, in memory (JOINED_COLUMNS)."""
+    keys = pc.unique(pa.chunked_array([old.column("key"), new.column("key")]))
+    out = {"key": keys}
+    for side, table in (("old", old), ("new", new)):
+        index = pc.index_in(keys, value_set=table.column("key").combine_chunks())
+        for c in MASK_COLUMNS[1:]:
+            out[f"{c}_{side}"] = table.column(c).take(index)
+    return pa.table(out)
+
+
+def compare_tables(old: RunTables, new: RunTables, *, examples: int = 5) -> tuple[Comparison, pa.Table]:
+    """Compare ``new`` against ``old`` in memory; returns the comparison and its rows."""
+    rows, stats = compare_batch(join_by_key(old.masks, new.masks), run_id=new.run_id, against=old.run_id,
+                                examples=examples)
+    comparison = finish(stats, run_id=new.run_id, against=old.run_id, old_classes=old.classes,
+                        new_classes=new.classes, old_error_kinds=error_kinds(old.errors),
+                        new_error_kinds=error_kinds(new.errors))
+    return comparison, rows
 
 
 def run_before(runs: list[str], run_id: str) -> str | None:
@@ -250,23 +322,6 @@ def regression_message(comparison: Comparison, threshold: float) -> str | None:
     return f"regression against run {comparison.against} (threshold {threshold:g}): {shown}"
 
 
-def load_run(output: RunOutput) -> RunTables:
-    """The tables of one run; reads only the mask columns a comparison needs."""
-    with output.fs.open(output.path("classes.parquet"), "rb") as f:
-        classes = pq.read_table(f)
-    return RunTables(run_id=output.run_id, masks=output.read("masks", list(MASK_COLUMNS)),
-                     errors=output.read("errors"), classes=classes)
-
-
-def write_comparison(output: RunOutput, comparison: Comparison) -> None:
-    for name, table in (("comparison.parquet", comparison.images), ("comparison_classes.parquet", comparison.classes)):
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        write_bytes_atomic(output.fs.unstrip_protocol(output.path(name)), buffer.getvalue(), output.storage_options)
-    write_bytes_atomic(output.fs.unstrip_protocol(output.path("comparison.json")),
-                       json.dumps(comparison.to_json(), indent=2).encode(), output.storage_options)
-
-
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -274,7 +329,6 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 def format_comparison(comparison: Comparison, *, top: int = 5) -> str:
     """A short plain-text table for the console."""
     c = comparison
-    both = c.images.filter(pc.equal(c.images.column("status"), "both"))
     lines = [
         f"\n=== comparison: run {c.run_id} against run {c.against} ===",
         f"images           : {c.count('both')} in both runs, {c.changed_images} changed, "
@@ -289,9 +343,8 @@ def format_comparison(comparison: Comparison, *, top: int = 5) -> str:
                          f"{r['iou_delta']:>+8.4f}")
     if c.changed_images:
         lines.append(f"{'most changed image':<40} {'pixels changed':>14}")
-        for r in both.sort_by([("disagreement", "descending"), ("key", "ascending")]).slice(0, top).to_pylist():
-            if r["disagreement"] > 0:
-                lines.append(f"{r['key'][-40:]:<40} {100 * r['disagreement']:>13.2f}%")
+        for e in c.examples[:top]:
+            lines.append(f"{e.key[-40:]:<40} {100 * e.disagreement:>13.2f}%")
     for e in c.new_errors:
         lines.append(f"new error        : {e.stage}/{e.error_type} x{e.count}, "
                      f"e.g. {e.example_key}: {e.example_message}")

@@ -87,7 +87,9 @@ class ComputeConfig:
     # None: one actor per GPU in the cluster, or without GPUs one single-threaded actor per core
     # left after the CRF pool and decode actor (pipeline.stages.Resources.resolve).
     infer_actors: tuple[int, int] | None = None
-    crf_actors: tuple[int, int] = (1, 2)
+    # None: 1 up to every CPU the inference actors leave on the nodes that may run CRF actors
+    # (GPU clusters; without GPUs the CRF runs inside the inference actors).
+    crf_actors: tuple[int, int] | None = None
     # Images per Ray batch. Ray Data costs ~10 ms per batch and actor call (measured on 2 cores);
     # at 16 that is under 1 ms per image. InferenceConfig.max_batch_pixels bounds the forward passes.
     batch_size: int = 16
@@ -135,7 +137,7 @@ class JobConfig:
     resume: bool = False
     overwrite: bool = False
     storage_options: dict = field(default_factory=dict, hash=False)
-    commit_interval: float = 30.0
+    rows_per_file: int = 1000  # rows per part file: the unit a write worker publishes (and a kill can lose)
     pushgateway: str | None = None
     compare_previous: bool = False  # compare with the previous committed run under output_uri
     fail_on_regression: float | None = None  # exit 3 when the mIoU or a class IoU drops by more than this
@@ -147,8 +149,8 @@ class JobConfig:
                              f"letter or digit and not contain '..' (it names the folder run=<id>)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.commit_interval <= 0:
-            raise ValueError(f"commit interval must be > 0 seconds, got {self.commit_interval}")
+        if self.rows_per_file < 1:
+            raise ValueError(f"rows per file must be >= 1, got {self.rows_per_file}")
 
     def to_public_dict(self) -> dict:
         """The config as JSON-able data with anything that looks like a credential redacted."""

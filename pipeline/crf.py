@@ -42,6 +42,26 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     return (labels, q) if return_probs else labels
 
 
+def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes, *, params: CRFParams, encoding: str,
+               num_classes: int, node_id: str, metrics) -> None:
+    """Refine row ``i`` of a stage's columns in place: ``mask``, ``crf_ms``, ``crf_node``, or its error.
+
+    The CRF pool and the fused inference actor both call this on the encoded probabilities, so
+    either plan gives the same masks for the same inputs.
+    """
+    h, w = image.shape[:2]
+    out["crf_node"][i] = node_id
+    start = time.perf_counter()
+    try:
+        out["mask"][i] = dense_crf(image, decode_probs(probs, encoding, (num_classes, h, w)), params).tobytes()
+    except Exception as exc:
+        mark_error(out, i, "crf", exc, f"dense CRF failed: {exc}")
+        return
+    seconds = time.perf_counter() - start
+    out["crf_ms"][i] = seconds * 1000.0
+    metrics.ok(seconds)
+
+
 class CRFRefiner:
     """Ray Data callable class for the CPU actor pool: CRF per image, then the result rows.
 
@@ -62,21 +82,13 @@ class CRFRefiner:
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["key"])
         out = {k: list(v) for k, v in batch.items()}
-        out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [self.node_id] * n
+        out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [""] * n
         for i in range(n):
             if out["error_stage"][i]:
                 continue
-            h, w = int(batch["height"][i]), int(batch["width"][i])
-            start = time.perf_counter()
-            try:
-                image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
-                probs = decode_probs(batch["probs"][i], self.probs_encoding, (self.num_classes, h, w))
-                out["mask"][i] = dense_crf(image, probs, self.params).tobytes()
-            except Exception as exc:
-                mark_error(out, i, "crf", exc, f"dense CRF failed: {exc}")
-                continue
-            seconds = time.perf_counter() - start
-            out["crf_ms"][i] = seconds * 1000.0
-            self.metrics.ok(seconds)
+            image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]),
+                                                                            int(batch["width"][i]), 3)
+            refine_row(out, i, image, batch["probs"][i], params=self.params, encoding=self.probs_encoding,
+                       num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics)
         return result_table(out, num_classes=self.num_classes, model=self.model,
                             weights_sha256=self.weights_sha256, run_id=self.run_id)

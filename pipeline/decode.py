@@ -16,8 +16,9 @@ from PIL import UnidentifiedImageError
 from pipeline.images import ImageTooLarge, decode_image
 from pipeline.observability import stage_metrics
 from pipeline.palette import IGNORE_INDEX, png_to_mask
-from pipeline.storage import read_bytes
+from pipeline.storage import Locator, read_bytes
 from pipeline.tables import mark_error
+from pipeline.testing import crash_if_asked
 
 
 FETCH_THREADS = 16
@@ -50,7 +51,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_cla
     out = {
         "key": list(batch["key"]), "uri": list(batch["uri"]),
         "image": [b""] * n, "height": [0] * n, "width": [0] * n, "exif_orientation": [0] * n,
-        "label": [b""] * n, "has_label": [False] * n,
+        "label": [b""] * n, "has_label": [False] * n, "label_error": [""] * n,
         "error_stage": [""] * n, "error_type": [""] * n, "error_message": [""] * n,
     }
     uris, label_uris = [str(u) for u in batch["uri"]], [str(u) for u in batch["label_uri"]]
@@ -83,27 +84,34 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_cla
         out["exif_orientation"][i] = decoded.exif_orientation or 0
         if not label_uri:
             continue
-        label_data = labels[i]
-        if isinstance(label_data, FileNotFoundError):
-            continue  # images without a label are still segmented
-        if isinstance(label_data, Exception):
-            mark_error(out, i, "label", label_data, f"cannot read label {label_uri}: {label_data}")
-            continue
-        try:
-            label = png_to_mask(label_data)
-        except Exception as exc:
-            mark_error(out, i, "label", exc, f"cannot decode label {label_uri}: {exc}")
-            continue
-        if label.shape != (h, w):
-            mark_error(out, i, "label", None, f"label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}")
-            continue
-        bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
-        if bad.size:
-            mark_error(out, i, "label", None, f"label has class ids {bad[:10].tolist()} outside 0..{num_classes - 1} "
-                                          f"(and {IGNORE_INDEX} = ignore)")
-            continue
-        out["label"][i], out["has_label"][i] = label.tobytes(), True
+        label, problem = check_label(labels[i], label_uri, (h, w), num_classes)
+        if problem:  # a QA artefact: the image is still segmented, its label is not scored
+            out["label_error"][i] = problem[:1000]
+            stage_metrics("label").error()
+        elif label is not None:
+            out["label"][i], out["has_label"][i] = label.tobytes(), True
     return {k: np.array(v, dtype=object) if k in ("image", "label") else np.array(v) for k, v in out.items()}
+
+
+def check_label(data: bytes | Exception | None, uri: str, shape: tuple[int, int],
+                num_classes: int) -> tuple[np.ndarray | None, str]:
+    """(label, "") for a usable label, (None, "") for none, (None, why) for one that cannot be scored."""
+    if data is None or isinstance(data, FileNotFoundError):
+        return None, ""  # images without a label are still segmented
+    if isinstance(data, Exception):
+        return None, f"cannot read label {uri}: {type(data).__name__}: {data}"
+    try:
+        label = png_to_mask(data)
+    except Exception as exc:
+        return None, f"cannot decode label {uri}: {exc}"
+    h, w = shape
+    if label.shape != (h, w):
+        return None, f"label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}"
+    bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
+    if bad.size:
+        return None, (f"label has class ids {bad[:10].tolist()} outside 0..{num_classes - 1} "
+                      f"(and {IGNORE_INDEX} = ignore)")
+    return label, ""
 
 
 class Decoder:
@@ -116,8 +124,14 @@ class Decoder:
     a 480-image run (benchmarks/pipeline_vs_loop.py). An actor stays up for the whole run.
     """
 
-    def __init__(self, *, storage_options: dict, num_classes: int, max_pixels: int | None) -> None:
+    def __init__(self, *, locator: Locator, storage_options: dict, num_classes: int, max_pixels: int | None) -> None:
+        self.locator = locator
         self.kwargs = {"storage_options": storage_options, "num_classes": num_classes, "max_pixels": max_pixels}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = [str(k) for k in batch["key"]]  # URIs are derived here: the driver ships keys only
+        for key in keys:
+            crash_if_asked(key)
+        batch = {"key": batch["key"], "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
+                 "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object)}
         return decode_batch(batch, **self.kwargs)

@@ -47,6 +47,18 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Decoded:
         return Decoded(rgb=_to_rgb(upright), exif_orientation=int(orientation) if orientation else None)
 
 
+def decode_thumbnail(data: bytes, width: int) -> np.ndarray:
+    """(h, ``width``, 3) uint8 RGB, upright, decoded reduced where the format allows (JPEG's DCT
+    scaling through ``draft``), so a 45 MP photo never becomes a full-size array."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (width, max(1, round(image.height * width / max(1, image.width)))))
+        upright = ImageOps.exif_transpose(image)
+        rgb = Image.fromarray(_to_rgb(upright)) if upright.mode in _SIXTEEN_BIT else upright.convert("RGB")
+        width = min(width, rgb.width)  # never enlarged
+        height = max(1, round(rgb.height * width / rgb.width))
+        return np.asarray(rgb.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT:
         values = np.asarray(image, dtype=np.float64)

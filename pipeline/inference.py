@@ -15,11 +15,13 @@ import ray
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import InferenceConfig
+from pipeline.config import CRFParams, InferenceConfig
+from pipeline.crf import refine_row
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty
 from pipeline.tables import UNCERTAINTY_COLUMNS, mark_error, result_table
+from pipeline.testing import limit_memory_if_asked
 from pipeline.weights import (WeightsError, categories_from, default_weights, load_into, normalisation,
                               num_classes_in, read_checkpoint)
 
@@ -206,12 +208,14 @@ class Segmenter:
     """Ray Data callable class: model loaded once per actor, multi-scale inference per image.
 
     Emits per image the pre-CRF argmax mask, confidence summaries and, when a CRF stage follows,
-    the averaged probabilities in ``inference.probs_encoding`` (see pipeline/probs.py).
+    the averaged probabilities in ``inference.probs_encoding`` (see pipeline/probs.py). With
+    ``crf`` it refines each image itself and emits the result rows: the probabilities never
+    cross the object store.
     """
 
     def __init__(self, *, model: str, weights_uri: str | None, storage_options: dict, inference: InferenceConfig,
                  weights_sha256: str, num_classes: int, use_gpu: bool, threads: int, crf_follows: bool,
-                 run_id: str, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+                 run_id: str, mean: tuple[float, ...], std: tuple[float, ...], crf: CRFParams | None = None) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.threads = max(1, threads)
         self.model, self.sha256, categories = load_model(
@@ -222,10 +226,13 @@ class Segmenter:
         self.num_classes = len(categories)
         self.inference = inference
         self.crf_follows = crf_follows
+        self.crf = crf  # refine in this actor, right after inference (no CRF pool follows)
         self.run_id = run_id
         self.mean, self.std = normalisation(mean, std, self.device)
+        limit_memory_if_asked()
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.metrics = stage_metrics("infer")
+        self.crf_metrics = stage_metrics("crf")
 
     def __call__(self, batch: dict[str, np.ndarray]):
         if self.device.type == "cpu":
@@ -256,19 +263,23 @@ class Segmenter:
                     mark_error(out, i, "infer", exc, f"inference failed: {exc}")
                     probs.append(None)
         per_image = (time.perf_counter() - start) / max(1, len(todo))
-        for i, p in zip(todo, probs):
+        out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [""] * n
+        for i, image, p in zip(todo, images, probs):
             if p is None:
                 continue
             out["mask_pre"][i] = class_map(p).cpu().numpy().tobytes()
             for name, value in uncertainty(p, self.inference.low_conf_threshold).items():
                 out[name][i] = value
-            if self.crf_follows:
+            if self.crf_follows or self.crf is not None:
                 out["probs"][i] = encode_probs(p, self.inference.probs_encoding)
             out["infer_ms"][i] = per_image * 1000.0
             self.metrics.ok(per_image)
+            if self.crf is not None:
+                refine_row(out, i, image, out["probs"][i], params=self.crf, encoding=self.inference.probs_encoding,
+                           num_classes=self.num_classes, node_id=self.node_id, metrics=self.crf_metrics)
+                out["probs"][i] = b""
         if self.crf_follows:
             return {k: np.array(v, dtype=object) if k in _BYTES_COLUMNS else np.array(v) for k, v in out.items()}
-        out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [""] * n
         return result_table(out, num_classes=self.num_classes, model=self.model_name,
                             weights_sha256=self.sha256, run_id=self.run_id)
 

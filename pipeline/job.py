@@ -14,20 +14,17 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
-import pyarrow as pa
-
 from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options, json_object
 from pipeline.models import MODEL_BUILDERS
 from pipeline.compare import format_comparison, regression_message, run_before
-from pipeline.observability import RunTelemetry
+from pipeline.observability import push_summary
 from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs
+from pipeline.runner import SystemicFailure, run_dag
 from pipeline.storage import InputError, list_inputs
-from pipeline.tables import split_results
 from pipeline.weights import DEMO_WEIGHTS, Weights, WeightsError, default_weights
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_BUCKET = ASSETS / "demo_bucket"
-ROWS_PER_FILE = 1000
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -109,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--infer-actors", type=_range, default=compute.infer_actors, metavar="MIN-MAX",
                    help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in "
                         "the cluster, or without GPUs one single-threaded actor per core left after CRF)")
-    r.add_argument("--crf-actors", type=_range, default=compute.crf_actors, metavar="MIN-MAX", help="CRF actor pool size")
+    r.add_argument("--crf-actors", type=_range, default=compute.crf_actors, metavar="MIN-MAX",
+                   help="CPU CRF actor pool size on GPU clusters (default: 1 up to every CPU the inference "
+                        "actors leave on the nodes that may run it; without GPUs the CRF runs in the "
+                        "inference actors)")
     r.add_argument("--batch-size", type=int, default=compute.batch_size,
                    help="images per Ray batch (larger amortises Ray's per-batch cost; --max-batch-pixels bounds memory)")
     r.add_argument("--infer-cpus", type=float, help="CPUs (= torch threads) per inference actor (default: 1 with GPUs, "
@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue run --run-id: skip keys it already holds")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run with the same id")
     run.add_argument("--limit", type=int, help="segment at most N images (after sorting keys)")
-    run.add_argument("--commit-interval", type=float, default=30.0, metavar="SECONDS",
-                     help="write finished rows at least this often; a killed run loses at most this much work")
+    run.add_argument("--rows-per-file", type=int, default=JobConfig.rows_per_file, metavar="N",
+                     help="rows per part file, written by the workers as they finish them; a killed run "
+                          "loses at most the part files in flight")
     run.add_argument("--pushgateway", metavar="URL", help="push the run summary to this Prometheus Pushgateway")
     run.add_argument("--compare-previous", action="store_true",
                      help="compare with the previous committed run under --output: comparison*.parquet and "
@@ -187,7 +188,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             resume=args.resume,
             overwrite=args.overwrite,
             storage_options=args.storage_options,
-            commit_interval=args.commit_interval,
+            rows_per_file=args.rows_per_file,
             pushgateway=args.pushgateway,
             compare_previous=args.compare_previous,
             fail_on_regression=args.fail_on_regression,
@@ -241,7 +242,8 @@ def _fmt(value: float | None) -> str:
 
 def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, seconds: float, processed: int) -> None:
     print("\n=== deeplab-pipeline run summary ===")
-    print(f"images segmented : {summary.images}   errors: {summary.errors}   labelled: {summary.labelled}")
+    print(f"images segmented : {summary.images}   errors: {summary.errors}   labelled: {summary.labelled}"
+          + (f"   labels not scored: {summary.label_errors} (masks.label_error)" if summary.label_errors else ""))
     pre = summary.pre.miou if summary.pre else None
     print(f"mIoU             : {_fmt(summary.post.miou)} (pre-CRF {_fmt(pre)})")
     print(f"pixel accuracy   : {_fmt(summary.post.pixel_acc)} (pre-CRF {_fmt(summary.pre.pixel_acc if summary.pre else None)})")
@@ -257,48 +259,42 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
 def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
     import ray
 
-    from pipeline.stages import Resources, build_dataset
+    from pipeline.stages import Resources, build_dataset, cluster_nodes
 
     started = time.time()
     weights, sha256 = resolve_weights(config)
-    files = list_inputs(config.input_uri, config.labels_uri, storage_options=config.storage_options, limit=config.limit)
+    inputs = list_inputs(config.input_uri, config.labels_uri, storage_options=config.storage_options,
+                         limit=config.limit)
     output = RunOutput(config.output_uri, config.run_id, config.storage_options)
-    done = output.prepare(resume=config.resume, overwrite=config.overwrite)
-    todo = [f for f in files if f.key not in done]
-    print(f"[deeplab-pipeline] {len(files)} inputs under {config.input_uri}; {len(done)} already done; "
+    earlier = output.prepare(resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes)
+    todo = inputs.without(earlier.keys)
+    print(f"[deeplab-pipeline] {len(inputs)} inputs under {config.input_uri}; {len(earlier.keys)} already done; "
           f"{len(todo)} to segment → {output.uri}", flush=True)
 
     init_ray(ray_address)
-    resources = Resources.resolve(config, ray.cluster_resources())
-    crf_pool = "off" if config.crf is None else f"on, {config.compute.crf_actors[0]}-{config.compute.crf_actors[1]} actors"
-    lo, hi = resources.infer_actors
-    print(f"[deeplab-pipeline] inference on {'GPU' if resources.use_gpu else 'CPU'}: "
-          f"{lo if lo == hi else f'{lo}-{hi}'} actor(s), {resources.infer_cpus:g} CPUs/actor, "
-          f"{resources.infer_threads} torch threads; CRF {crf_pool}", flush=True)
+    resources = Resources.resolve(config, cluster_nodes())
+    print(f"[deeplab-pipeline] {describe(resources)}", flush=True)
     run_started = time.time()
-    telemetry = RunTelemetry()
-    processed = 0
-    if todo:
-        ds = build_dataset(todo, config, weights, sha256, resources)
-        pending: list[pa.Table] = []
-        last_flush = time.time()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            pending.append(batch)
-            processed += batch.num_rows
-            telemetry.update(batch)
-            if sum(t.num_rows for t in pending) >= ROWS_PER_FILE or time.time() - last_flush > config.commit_interval:
-                _flush(output, pending)
-                print(f"[deeplab-pipeline] committed {processed}/{len(todo)} images", flush=True)
-                pending, last_flush = [], time.time()
-        _flush(output, pending)
+    stats, processed = earlier.stats, 0
+
+    def build(inputs, *, batch_size: int | None = None, **options):
+        # The isolation passes (pipeline/runner.py) run the same DAG with one input per batch.
+        same = config if batch_size is None else replace(config, compute=replace(config.compute, batch_size=batch_size))
+        return build_dataset(inputs, same, weights, sha256, resources, output.full_uri(), **options)
+
+    if len(todo):
+        new, processed = run_dag(todo, build, output, weights.num_classes, run_id=config.run_id)
+        stats += new
     run_seconds = time.time() - run_started
     manifest = {
         "run_id": config.run_id, "config": config.to_public_dict(), "model": config.model,
         "weights": {"uri": weights.uri.split("#")[0], "sha256": sha256},
         "categories": list(weights.categories), "versions": _versions(),
-        "nodes": {stage: sorted(ids) for stage, ids in telemetry.nodes.items()},
+        "nodes": {stage: stats.nodes.get(stage, []) for stage in ("infer", "crf")},
         "resources": {"use_gpu": resources.use_gpu, "infer_cpus": resources.infer_cpus,
                       "infer_threads": resources.infer_threads, "infer_actors": list(resources.infer_actors),
+                      "crf_actors": list(resources.crf_actors) if resources.crf_actors else None,
+                      "crf_fused": resources.crf_fused, "decode_actors": list(resources.decode_actors),
                       "object_store_mib": resources.object_store_mib,
                       "cluster": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
         "timings": {"segment_s": round(run_seconds, 3), "processed": processed,
@@ -307,23 +303,27 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    previous = None
+    compare = None
     if config.compare_previous:
         previous_id = run_before(committed_runs(config.output_uri, config.storage_options), config.run_id)
         if previous_id is None:
             print(f"[deeplab-pipeline] no earlier committed run under {config.output_uri} to compare with", flush=True)
         else:
+            from pipeline.compare_stage import compare_outputs
+
             previous = RunOutput(config.output_uri, previous_id, config.storage_options)
-    summary = output.commit(weights.categories, manifest, labels_uri=config.labels_uri, previous=previous)
+            compare = lambda: compare_outputs(previous, output)  # noqa: E731
+    summary = output.commit(stats, weights.categories, manifest, locator=inputs.locator(), compare=compare)
     comparison = summary.comparison
     if config.pushgateway:
         try:
-            telemetry.push(config.pushgateway, run_id=config.run_id, miou=summary.post.miou,
-                           miou_pre_crf=summary.pre.miou if summary.pre else None,
-                           images=summary.images, errors=summary.errors,
-                           against=comparison.against if comparison else None,
-                           miou_delta=comparison.miou_delta if comparison else None,
-                           changed_images=comparison.changed_images if comparison else None)
+            push_summary(config.pushgateway, outcomes=stats.outcomes, histograms=stats.histograms,
+                         run_id=config.run_id, miou=summary.post.miou,
+                         miou_pre_crf=summary.pre.miou if summary.pre else None,
+                         images=summary.images, errors=summary.errors,
+                         against=comparison.against if comparison else None,
+                         miou_delta=comparison.miou_delta if comparison else None,
+                         changed_images=comparison.changed_images if comparison else None)
         except Exception as exc:  # the run is committed; a monitoring outage must not turn it red
             print(f"[deeplab-pipeline] warning: could not push to {config.pushgateway}: {exc}", file=sys.stderr)
     print_summary(summary, weights.categories, output.uri, run_seconds, processed)
@@ -332,11 +332,16 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
     return summary
 
 
-def _flush(output: RunOutput, pending: list[pa.Table]) -> None:
-    if pending:
-        masks, errors = split_results(pa.concat_tables(pending))
-        output.write_part("masks", masks)
-        output.write_part("errors", errors)
+def describe(resources) -> str:
+    lo, hi = resources.infer_actors
+    if resources.crf_fused:
+        crf = "in the inference actors"
+    elif resources.crf_actors:
+        crf = f"{resources.crf_actors[0]}-{resources.crf_actors[1]} CPU actors"
+    else:
+        crf = "off"
+    return (f"inference on {'GPU' if resources.use_gpu else 'CPU'}: {lo if lo == hi else f'{lo}-{hi}'} actor(s), "
+            f"{resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads; CRF {crf}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, OutputError, WeightsError) as exc:
         print(f"segment_bucket.py: error: {exc}", file=sys.stderr)
         return 2
+    except SystemicFailure as exc:
+        print(f"segment_bucket.py: error: {exc}", file=sys.stderr)
+        return 1
     if config.fail_on_regression is not None and summary.comparison is not None:
         reason = regression_message(summary.comparison, config.fail_on_regression)
         if reason:  # the run is committed; the exit code is the nightly's alarm

@@ -13,9 +13,6 @@
 from __future__ import annotations
 
 import functools
-from collections import Counter as Tally
-
-import pyarrow as pa
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 JOB_NAME = "deeplab_pipeline"
@@ -53,55 +50,58 @@ def stage_metrics(stage: str) -> StageMetrics:
     return StageMetrics(stage)
 
 
-class RunTelemetry:
-    """What the driver learns from the result stream: outcomes, stage times, nodes per stage."""
+class _StageHistograms:
+    """A collector for histograms that were already bucketed by the write workers (PartStats)."""
 
-    def __init__(self) -> None:
-        self.outcomes: Tally[tuple[str, str]] = Tally()
-        self.stage_seconds: dict[str, list[float]] = {"infer": [], "crf": []}
-        self.nodes: dict[str, set[str]] = {"infer": set(), "crf": set()}
+    def __init__(self, histograms: dict[str, list[float]]) -> None:
+        self.histograms = histograms
 
-    def update(self, batch: pa.Table) -> None:
-        for stage in ("infer", "crf"):
-            self.nodes[stage].update(v for v in batch.column(f"{stage}_node").unique().to_pylist() if v)
-            self.stage_seconds[stage].extend(ms / 1000.0 for ms in batch.column(f"{stage}_ms").to_pylist() if ms)
-        for stage in batch.column("error_stage").to_pylist():
-            self.outcomes[("segment", "ok") if not stage else (stage, "error")] += 1
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
 
-    def push(self, url: str, *, run_id: str, miou: float | None, miou_pre_crf: float | None,
-             images: int, errors: int, against: str | None = None, miou_delta: float | None = None,
-             changed_images: int | None = None) -> None:
-        """Push the run summary to a Pushgateway (grouped by job, so each night replaces the last).
+        family = HistogramMetricFamily("deeplab_pipeline_stage_seconds", "Per-image stage time in the last run",
+                                       labels=["stage"])
+        bounds = [*(str(b) for b in STAGE_BUCKETS), "+Inf"]
+        for stage, values in sorted(self.histograms.items()):
+            counts, total = values[:-1], values[-1]
+            if sum(counts):
+                cumulative = [float(sum(counts[: i + 1])) for i in range(len(counts))]
+                family.add_metric([stage], list(zip(bounds, cumulative)), total)
+        yield family
 
-        ``against`` names the previous run when a comparison was made; ``miou_delta`` is None
-        when either run had no labels.
-        """
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
 
-        registry = CollectorRegistry()
-        counter = Counter("deeplab_pipeline_images", "Inputs by stage and outcome in the last run",
-                          ["stage", "status"], registry=registry)
-        for (stage, status), n in self.outcomes.items():
-            counter.labels(stage, status).inc(n)
-        histogram = Histogram("deeplab_pipeline_stage_seconds", "Per-image stage time in the last run", ["stage"],
-                              buckets=STAGE_BUCKETS, registry=registry)
-        for stage, values in self.stage_seconds.items():
-            for v in values:
-                histogram.labels(stage).observe(v)
-        gauge = Gauge("deeplab_pipeline_miou", "Dataset mIoU of the last run", ["run_id", "crf"], registry=registry)
-        if miou is not None:
-            gauge.labels(run_id, "true" if miou_pre_crf is not None else "false").set(miou)
-        if miou_pre_crf is not None:
-            gauge.labels(run_id, "false").set(miou_pre_crf)
-        totals = Gauge("deeplab_pipeline_run_inputs", "Inputs of the last run by table", ["table"], registry=registry)
-        totals.labels("masks").set(images)
-        totals.labels("errors").set(errors)
-        Gauge("deeplab_pipeline_last_success_timestamp_seconds", "When the last run committed",
-              registry=registry).set_to_current_time()
-        if against is not None:
-            if miou_delta is not None:
-                Gauge("deeplab_pipeline_miou_delta", "Dataset mIoU change since the previous run",
-                      ["run_id", "against"], registry=registry).labels(run_id, against).set(miou_delta)
-            Gauge("deeplab_pipeline_changed_images", "Images whose mask differs from the previous run's",
-                  ["run_id", "against"], registry=registry).labels(run_id, against).set(changed_images or 0)
-        push_to_gateway(url, job=JOB_NAME, registry=registry, timeout=30)
+def push_summary(url: str, *, outcomes: dict[str, int], histograms: dict[str, list[float]], run_id: str,
+                 miou: float | None, miou_pre_crf: float | None, images: int, errors: int,
+                 against: str | None = None, miou_delta: float | None = None,
+                 changed_images: int | None = None) -> None:
+    """Push the run summary to a Pushgateway (grouped by job, so each night replaces the last).
+
+    ``outcomes`` ("stage/status" → inputs) and ``histograms`` come from the summed PartStats;
+    ``against`` names the previous run when a comparison was made; ``miou_delta`` is None when
+    either run had no labels.
+    """
+    from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
+
+    registry = CollectorRegistry()
+    counter = Counter("deeplab_pipeline_images", "Inputs by stage and outcome in the last run",
+                      ["stage", "status"], registry=registry)
+    for outcome, n in sorted(outcomes.items()):
+        counter.labels(*outcome.split("/", 1)).inc(n)
+    registry.register(_StageHistograms(histograms))
+    gauge = Gauge("deeplab_pipeline_miou", "Dataset mIoU of the last run", ["run_id", "crf"], registry=registry)
+    if miou is not None:
+        gauge.labels(run_id, "true" if miou_pre_crf is not None else "false").set(miou)
+    if miou_pre_crf is not None:
+        gauge.labels(run_id, "false").set(miou_pre_crf)
+    totals = Gauge("deeplab_pipeline_run_inputs", "Inputs of the last run by table", ["table"], registry=registry)
+    totals.labels("masks").set(images)
+    totals.labels("errors").set(errors)
+    Gauge("deeplab_pipeline_last_success_timestamp_seconds", "When the last run committed",
+          registry=registry).set_to_current_time()
+    if against is not None:
+        if miou_delta is not None:
+            Gauge("deeplab_pipeline_miou_delta", "Dataset mIoU change since the previous run",
+                  ["run_id", "against"], registry=registry).labels(run_id, against).set(miou_delta)
+        Gauge("deeplab_pipeline_changed_images", "Images whose mask differs from the previous run's",
+              ["run_id", "against"], registry=registry).labels(run_id, against).set(changed_images or 0)
+    push_to_gateway(url, job=JOB_NAME, registry=registry, timeout=30)

@@ -1,31 +1,34 @@
-"""A run's output directory: part files as the stream produces them, then an atomic commit.
+"""A run's output directory: part files written by the workers, then an atomic commit.
 
-``OUTPUT/run=<id>/masks/part-*.parquet`` and ``errors/part-*.parquet`` are written while the
-run goes (each file published atomically), so a driver killed midway keeps what it finished and
-``--resume`` skips those keys. ``classes.parquet`` and ``manifest.json`` are derived from the
-committed part files, and ``_SUCCESS`` is written last: a run without it is incomplete.
+``OUTPUT/run=<id>/masks/part-*.parquet`` and ``errors/part-*.parquet`` are published by the
+write stage (pipeline/writer.py) while the run goes, so a driver killed midway keeps what its
+workers finished and ``--resume`` skips those keys. ``classes.parquet``, ``manifest.json`` and
+``report.html`` are derived from the parts' summed ``PartStats``, and ``_SUCCESS`` is written
+last: a run without it is incomplete. This module is the run directory's I/O; the analysis it
+calls (compare.py, report.py, partstats.py) takes tables.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
-import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.compare import COMPARISON_FILES, Comparison, compare_runs, load_run, write_comparison
+from pipeline.compare import COMPARISON_FILES, Comparison
 from pipeline.metrics import DatasetSummary
+from pipeline.partstats import STAT_COLUMNS, PartStats
 from pipeline.report import render_report
-from pipeline.storage import protocols, open_fs, write_bytes_atomic
+from pipeline.storage import Locator, open_fs, protocols, write_bytes_atomic, write_parquet_atomic
 from pipeline.tables import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
 
 SUCCESS = "_SUCCESS"
+REPORT_COLUMNS = ["key", "uri", "mask", "mask_pre_crf", "miou", "miou_pre_crf", "crf_changed_fraction",
+                  "mean_max_prob", "low_conf_fraction"]
 
 
 class OutputError(ValueError):
@@ -39,7 +42,16 @@ class RunSummary:
     labelled: int
     post: DatasetSummary
     pre: DatasetSummary | None
+    label_errors: int = 0  # segmented images whose label was not scored (masks.label_error)
     comparison: Comparison | None = None  # against the previous committed run, when asked for
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """What a resumed run already holds: its keys (one Arrow column) and its parts' summed stats."""
+
+    keys: pa.ChunkedArray
+    stats: PartStats
 
 
 class RunOutput:
@@ -50,116 +62,153 @@ class RunOutput:
         self.run_dir = posixpath.join(root.rstrip("/"), f"run={run_id}")
         # Local runs print as plain paths, so they paste into duckdb/pandas as they are.
         self.uri = self.run_dir if "file" in protocols(self.fs) else self.fs.unstrip_protocol(self.run_dir)
-        self._seq = 0
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.run_dir, *parts)
 
-    def prepare(self, *, resume: bool, overwrite: bool) -> set[str]:
-        """Check the target before any work; return the keys a resumed run already holds."""
+    def full_uri(self, *parts: str) -> str:
+        """``path`` with its protocol: what workers and write helpers open."""
+        return self.fs.unstrip_protocol(self.path(*parts))
+
+    def prepare(self, *, resume: bool, overwrite: bool, num_classes: int) -> Earlier:
+        """Check the target before any work; return what a resumed run already holds."""
+        nothing = Earlier(pa.chunked_array([], pa.string()), PartStats.empty(num_classes))
         if not self.fs.exists(self.run_dir):
-            return set()
+            return nothing
         committed = self.fs.exists(self.path(SUCCESS))
         if overwrite:
             self.fs.rm(self.run_dir, recursive=True)
-            return set()
+            return nothing
         if not resume:
             state = "a committed run" if committed else "an incomplete run"
             raise OutputError(f"{self.uri} already holds {state}; pass --resume to continue it (same --run-id) "
                               f"or --overwrite to replace it")
         if committed:
             self.fs.rm(self.path(SUCCESS))  # the run is being changed: readers must not see it complete
-        return self.done_keys()
+        return self.earlier(num_classes)
 
-    def _part_files(self, kind: str) -> list[str]:
+    def earlier(self, num_classes: int) -> Earlier:
+        """Keys and stats of the parts already written, reading only their statistic columns."""
+        keys, stats = [], PartStats.empty(num_classes)
+        names = sorted(set(self.part_names("masks")) | set(self.part_names("errors")))
+        for name in names:
+            masks = self.read_part("masks", name, STAT_COLUMNS)
+            errors = self.read_part("errors", name, ["key", "stage"])
+            keys += [masks.column("key"), errors.column("key")]
+            stats += PartStats.of(name, masks, errors, num_classes)
+        return Earlier(pa.chunked_array([c for k in keys for c in k.chunks], pa.string()), stats)
+
+    def written_keys(self) -> pa.ChunkedArray:
+        """Every key in the part files (the key columns only), for reconciling against the listing."""
+        chunks = [c for kind in ("masks", "errors") for name in self.part_names(kind)
+                  for c in self.read_part(kind, name, ["key"]).column("key").chunks]
+        return pa.chunked_array(chunks, pa.string())
+
+    def write_part(self, kind: str, name: str, table: pa.Table) -> None:
+        write_parquet_atomic(self.full_uri(kind, name), table, self.storage_options)
+
+    def part_names(self, kind: str) -> list[str]:
         folder = self.path(kind)
+        self.fs.invalidate_cache(folder)  # workers wrote there since this process last listed it
         if not self.fs.exists(folder):
             return []
-        return sorted(p for p in self.fs.ls(folder, detail=False)
+        return sorted(posixpath.basename(p) for p in self.fs.ls(folder, detail=False)
                       if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
 
-    def read(self, kind: str, columns: list[str] | None = None) -> pa.Table:
+    def read_part(self, kind: str, name: str, columns: list[str] | None = None,
+                  keys: list[str] | None = None) -> pa.Table:
+        """One part file (an empty table if it does not exist), only ``keys`` when given: the key
+        filter is pushed into the Parquet scan."""
         schema = MASKS_SCHEMA if kind == "masks" else ERRORS_SCHEMA
-        tables = []
-        for path in self._part_files(kind):
-            with self.fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
-        if not tables:
-            return schema.empty_table().select(columns) if columns else schema.empty_table()
-        return pa.concat_tables(tables)
+        path = self.path(kind, name)
+        if not self.fs.exists(path):
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns, filters=[("key", "in", keys)] if keys else None)
 
-    def done_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for kind in ("masks", "errors"):
-            keys.update(self.read(kind, ["key"]).column("key").to_pylist())
-        return keys
+    def read(self, kind: str, columns: list[str] | None = None) -> pa.Table:
+        """All part files of ``kind`` (small runs and tests; the job itself never reads all rows)."""
+        tables = [self.read_part(kind, name, columns) for name in self.part_names(kind)]
+        schema = MASKS_SCHEMA if kind == "masks" else ERRORS_SCHEMA
+        empty = schema.empty_table().select(columns) if columns else schema.empty_table()
+        return pa.concat_tables(tables) if tables else empty
 
-    def write_part(self, kind: str, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        self._seq += 1
-        name = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{self._seq:05d}-{uuid.uuid4().hex[:8]}.parquet"
-        write_bytes_atomic(self.fs.unstrip_protocol(self.path(kind, name)), buffer.getvalue(), self.storage_options)
+    def rows_for(self, candidates: dict[str, list[list]]) -> dict[str, dict]:
+        """The report's rows, by key: only the parts that hold them, only those keys."""
+        by_part: dict[str, set[str]] = {}
+        for entries in candidates.values():
+            for _, key, part in entries:
+                by_part.setdefault(part, set()).add(key)
+        return {r["key"]: r for part, keys in sorted(by_part.items())
+                for r in self.read_part("masks", part, REPORT_COLUMNS, sorted(keys)).to_pylist()}
 
-    def commit(self, categories: tuple[str, ...], manifest: dict, *, labels_uri: str | None = None,
-               previous: RunOutput | None = None) -> RunSummary:
-        """Write classes.parquet, manifest.json, the comparison with ``previous`` (a committed run)
-        and report.html from the part files, then _SUCCESS."""
-        masks = self.read("masks", ["key", "has_label", "intersect", "union", "label_area",
-                                    "intersect_pre_crf", "union_pre_crf", "mask_pre_crf"])
-        errors = self.read("errors", ["key"])
-        n = len(categories)
-        labelled = masks.filter(pa.compute.equal(masks.column("has_label"), True))
-        has_pre = labelled.num_rows > 0 and labelled.column("mask_pre_crf").null_count < labelled.num_rows
+    def first_errors(self, limit: int) -> pa.Table:
+        tables, n = [], 0
+        for name in self.part_names("errors"):
+            if n >= limit:
+                break
+            tables.append(self.read_part("errors", name))
+            n += tables[-1].num_rows
+        return pa.concat_tables(tables).slice(0, limit) if tables else ERRORS_SCHEMA.empty_table()
 
-        def total(column: str) -> np.ndarray:
-            values = labelled.column(column).to_pylist()
-            return np.asarray(values, dtype=np.int64).reshape(-1, n).sum(axis=0) if values else np.zeros(n, np.int64)
+    def write_table(self, name: str, table: pa.Table) -> None:
+        write_parquet_atomic(self.full_uri(name), table, self.storage_options)
 
-        intersect, union, label_area = total("intersect"), total("union"), total("label_area")
+    def write_json(self, name: str, data: dict) -> None:
+        write_bytes_atomic(self.full_uri(name), json.dumps(data, indent=2, default=str).encode(), self.storage_options)
+
+    def remove(self, name: str) -> None:
+        if self.fs.exists(self.path(name)):
+            self.fs.rm(self.path(name), recursive=True)
+
+    def commit(self, stats: PartStats, categories: tuple[str, ...], manifest: dict, *, locator: Locator,
+               compare: Callable[[], Comparison] | None = None) -> RunSummary:
+        """Write classes.parquet, manifest.json, the comparison (``compare`` runs it) and
+        report.html from the summed part stats, then _SUCCESS."""
+        intersect, union, label_area = stats.total("intersect"), stats.total("union"), stats.total("label_area")
         post = DatasetSummary.from_sums(intersect, union, label_area)
-        pre = DatasetSummary.from_sums(total("intersect_pre_crf"), total("union_pre_crf"), label_area) if has_pre else None
-        classes = pa.table({
-            "class_id": list(range(n)),
-            "class_name": list(categories),
-            "intersect": intersect.tolist(),
-            "union": union.tolist(),
-            "label_area": label_area.tolist(),
-            "iou": [None if np.isnan(v) else float(v) for v in post.iou],
-            "iou_pre_crf": [None] * n if pre is None else [None if np.isnan(v) else float(v) for v in pre.iou],
-        }, schema=CLASSES_SCHEMA)
-        buffer = io.BytesIO()
-        pq.write_table(classes, buffer)
-        write_bytes_atomic(self.fs.unstrip_protocol(self.path("classes.parquet")), buffer.getvalue(), self.storage_options)
+        pre = (DatasetSummary.from_sums(stats.total("intersect_pre_crf"), stats.total("union_pre_crf"), label_area)
+               if stats.labelled_pre else None)
+        classes = classes_table(categories, intersect, union, label_area, post, pre)
+        self.write_table("classes.parquet", classes)
 
-        summary = RunSummary(images=masks.num_rows, errors=errors.num_rows, labelled=labelled.num_rows, post=post, pre=pre)
+        summary = RunSummary(images=stats.images, errors=stats.errors, labelled=stats.labelled, post=post, pre=pre,
+                             label_errors=stats.label_errors)
         counts = {"images": summary.images, "errors": summary.errors, "labelled": summary.labelled,
-                  "inputs": summary.images + summary.errors}
+                  "label_errors": summary.label_errors, "inputs": summary.images + summary.errors}
         metrics = {"miou": post.miou, "pixel_acc": post.pixel_acc, "mean_acc": post.mean_acc, "fw_iou": post.fw_iou,
                    "miou_pre_crf": pre.miou if pre else None, "pixel_acc_pre_crf": pre.pixel_acc if pre else None,
                    "mean_acc_pre_crf": pre.mean_acc if pre else None, "fw_iou_pre_crf": pre.fw_iou if pre else None}
         manifest = {**manifest, "counts": counts, "metrics": metrics}
-        write_bytes_atomic(self.fs.unstrip_protocol(self.path("manifest.json")),
-                           json.dumps(manifest, indent=2, default=str).encode(), self.storage_options)
+        self.write_json("manifest.json", manifest)
         for name in COMPARISON_FILES:  # from an earlier commit of this run: they describe other masks
-            if self.fs.exists(self.path(name)):
-                self.fs.rm(self.path(name))
+            self.remove(name)
         comparison = None
-        if previous is not None:
+        if compare is not None:
             # Needs this run's classes.parquet (written above); the report shows it, _SUCCESS covers it.
-            comparison = compare_runs(load_run(previous), load_run(self))
-            write_comparison(self, comparison)
+            comparison = compare()
             summary = replace(summary, comparison=comparison)
-        page = render_report(manifest=manifest, classes=classes, masks_reader=lambda cols: self.read("masks", cols),
-                             errors=self.read("errors"), labels_uri=labels_uri, storage_options=self.storage_options,
+        page = render_report(manifest=manifest, classes=classes, candidates=stats.candidates,
+                             rows=self.rows_for(stats.candidates), errors=self.first_errors(50),
+                             error_count=stats.errors, locator=locator, storage_options=self.storage_options,
                              comparison=comparison)
-        write_bytes_atomic(self.fs.unstrip_protocol(self.path("report.html")), page.encode(), self.storage_options)
-        write_bytes_atomic(self.fs.unstrip_protocol(self.path(SUCCESS)),
-                           json.dumps({**counts, "committed_at": manifest.get("finished_at")}).encode(),
-                           self.storage_options)
+        write_bytes_atomic(self.full_uri("report.html"), page.encode(), self.storage_options)
+        write_bytes_atomic(self.full_uri(SUCCESS), json.dumps({**counts, "committed_at": manifest.get("finished_at")}
+                                                               ).encode(), self.storage_options)
         return summary
+
+
+def classes_table(categories: tuple[str, ...], intersect: np.ndarray, union: np.ndarray, label_area: np.ndarray,
+                  post: DatasetSummary, pre: DatasetSummary | None) -> pa.Table:
+    n = len(categories)
+
+    def iou(summary: DatasetSummary | None) -> list[float | None]:
+        return [None] * n if summary is None else [None if np.isnan(v) else float(v) for v in summary.iou]
+
+    return pa.table({"class_id": list(range(n)), "class_name": list(categories), "intersect": intersect.tolist(),
+                     "union": union.tolist(), "label_area": label_area.tolist(), "iou": iou(post),
+                     "iou_pre_crf": iou(pre)}, schema=CLASSES_SCHEMA)
 
 
 def committed_runs(output_uri: str, storage_options: dict | None = None) -> list[str]:

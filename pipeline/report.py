@@ -11,17 +11,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import posixpath
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline.palette import IGNORE_INDEX, voc_palette
-from pipeline.images import decode_image
-from pipeline.storage import read_bytes
+from pipeline.images import decode_thumbnail
+from pipeline.palette import IGNORE_INDEX, png_to_mask, voc_palette
+from pipeline.storage import Locator, read_bytes
 
 if TYPE_CHECKING:
     from pipeline.compare import Comparison
@@ -33,8 +31,6 @@ PER_SECTION = 4
 
 def _data_uri(rgb: np.ndarray) -> str:
     image = Image.fromarray(rgb)
-    if image.width > THUMB_WIDTH:
-        image = image.resize((THUMB_WIDTH, max(1, round(image.height * THUMB_WIDTH / image.width))), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -48,8 +44,21 @@ def _overlay(image: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return blend.astype(np.uint8)
 
 
-def _png_ids(data: bytes | None) -> np.ndarray | None:
-    return None if data is None else np.array(Image.open(io.BytesIO(data)))
+def _png_ids(data: bytes | None, shape: tuple[int, int] | None = None) -> np.ndarray | None:
+    """Class ids of a mask/label PNG, resized (nearest) to ``shape`` (h, w) when given."""
+    if data is None:
+        return None
+    return _resized(png_to_mask(data), shape)
+
+
+def _resized(ids: np.ndarray, shape: tuple[int, int] | None) -> np.ndarray:
+    if shape is None or ids.shape == shape:
+        return ids
+    return np.asarray(Image.fromarray(ids).resize((shape[1], shape[0]), Image.NEAREST))
+
+
+def _thumb(uri: str, storage_options: dict) -> np.ndarray:
+    return decode_thumbnail(read_bytes(uri, storage_options), THUMB_WIDTH)
 
 
 def _bar_chart(names: list[str], iou: list[float | None], iou_pre: list[float | None]) -> str:
@@ -70,15 +79,6 @@ def _bar_chart(names: list[str], iou: list[float | None], iou_pre: list[float | 
     return "".join(parts)
 
 
-def _rows_for(masks_reader, keys: list[str]) -> dict[str, dict]:
-    if not keys:
-        return {}
-    table = masks_reader(["key", "uri", "mask", "mask_pre_crf", "miou", "miou_pre_crf", "crf_changed_fraction",
-                          "mean_max_prob", "low_conf_fraction"])
-    table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(keys)))
-    return {r["key"]: r for r in table.to_pylist()}
-
-
 def _panels(title: str, panels: list[tuple[str, np.ndarray]]) -> str:
     cells = "".join(f'<figure><img src="{_data_uri(p)}" alt="{t}"><figcaption>{t}</figcaption></figure>' for t, p in panels)
     return f'<div class="fig"><h4>{html.escape(title)}</h4><div class="row">{cells}</div></div>'
@@ -86,17 +86,18 @@ def _panels(title: str, panels: list[tuple[str, np.ndarray]]) -> str:
 
 def _figure(row: dict, label_uri: str | None, storage_options: dict, note: str = "") -> str:
     try:
-        image = decode_image(read_bytes(row["uri"], storage_options)).rgb
+        image = _thumb(row["uri"], storage_options)
     except Exception as exc:  # the input may have changed since the run; the report still renders
         return f'<div class="fig"><p>{html.escape(row["key"])}: cannot read image ({html.escape(str(exc))})</p></div>'
+    size = image.shape[:2]
     panels = [("image", image)]
-    pre = _png_ids(row["mask_pre_crf"])
+    pre = _png_ids(row["mask_pre_crf"], size)
     if pre is not None:
         panels.append(("before CRF", _overlay(image, pre)))
-    panels.append(("after CRF" if pre is not None else "mask", _overlay(image, _png_ids(row["mask"]))))
+    panels.append(("after CRF" if pre is not None else "mask", _overlay(image, _png_ids(row["mask"], size))))
     if label_uri:
         try:
-            panels.append(("label", _overlay(image, _png_ids(read_bytes(label_uri, storage_options)))))
+            panels.append(("label", _overlay(image, _png_ids(read_bytes(label_uri, storage_options), size))))
         except Exception:
             pass  # unlabelled image
     score = "" if row["miou"] is None else f" mIoU {row['miou']:.3f}"
@@ -111,15 +112,23 @@ def _figure(row: dict, label_uri: str | None, storage_options: dict, note: str =
 def _change_figure(example, storage_options: dict) -> str:
     """Previous vs current mask over the image, and the pixels that changed (red)."""
     old, new = _png_ids(example.mask_old), _png_ids(example.mask_new)
+    same_size = old.shape == new.shape
     try:
-        image = decode_image(read_bytes(example.uri, storage_options)).rgb
+        image = _thumb(example.uri, storage_options)
     except Exception:  # the input may be gone since; the masks alone still show the change
-        image = np.zeros((*new.shape, 3), dtype=np.uint8)
-    panels = [("image", image), ("previous run", _overlay(image, old) if old.shape == new.shape else _PALETTE[old]),
+        width = min(THUMB_WIDTH, new.shape[1])
+        image = np.zeros((max(1, round(new.shape[0] * width / new.shape[1])), width, 3), dtype=np.uint8)
+    size = image.shape[:2]
+    changed_ids = _resized((old != new).astype(np.uint8), size) if same_size else None
+    if not same_size:  # the previous mask at thumbnail width, in its own aspect ratio
+        width = min(THUMB_WIDTH, old.shape[1])
+        old = _resized(old, (max(1, round(old.shape[0] * width / old.shape[1])), width))
+    old, new = _resized(old, size) if same_size else old, _resized(new, size)
+    panels = [("image", image), ("previous run", _overlay(image, old) if same_size else _PALETTE[old]),
               ("this run", _overlay(image, new))]
-    if old.shape == new.shape:
+    if same_size:
         changed = (image.astype(np.float32) * 0.35).astype(np.uint8)
-        changed[old != new] = (230, 30, 30)
+        changed[changed_ids > 0] = (230, 30, 30)
         panels.append(("changed pixels", changed))
     return _panels(f"{example.key}: {100 * example.disagreement:.2f}% of pixels changed", panels)
 
@@ -140,28 +149,21 @@ def _comparison_html(c: Comparison, storage_options: dict) -> str:
                          f"<td>{r['iou_new']:.4f}</td><td>{r['iou_delta']:+.4f}</td></tr>" for r in deltas)
     classes = (f"<table><tr><th>class</th><th>IoU previous</th><th>IoU now</th><th>delta</th></tr>{class_rows}</table>"
                if deltas else "")
-    figures = "".join(_change_figure(e, storage_options) for e in c.examples) or "<p>no mask changed</p>"
+    figures = "".join(_change_figure(e, storage_options) for e in c.examples[:PER_SECTION]) or "<p>no mask changed</p>"
     return (f"<h2>Biggest changes since run {html.escape(c.against)}</h2><table>{summary}</table>{classes}"
             f"{figures}")
 
 
-def render_report(*, manifest: dict, classes: pa.Table, masks_reader, errors: pa.Table,
-                  labels_uri: str | None, storage_options: dict, comparison: Comparison | None = None) -> str:
-    """HTML for a committed run. ``masks_reader(columns)`` returns the masks table with those columns."""
-    stats = masks_reader(["key", "has_label", "miou", "crf_changed_fraction", "mean_max_prob"])
-    labelled = stats.filter(pc.and_(stats.column("has_label"), pc.is_valid(stats.column("miou"))))
-    by_miou = labelled.sort_by([("miou", "ascending")]).column("key").to_pylist()
-    worst, best = by_miou[:PER_SECTION], by_miou[::-1][:PER_SECTION]
-    changed_tbl = stats.filter(pc.is_valid(stats.column("crf_changed_fraction")))
-    changed = changed_tbl.sort_by([("crf_changed_fraction", "descending")]).column("key").to_pylist()[:PER_SECTION]
-    confident = stats.filter(pc.is_valid(stats.column("mean_max_prob")))
-    least_confident = confident.sort_by([("mean_max_prob", "ascending")]).column("key").to_pylist()[:PER_SECTION]
-    rows = _rows_for(masks_reader, sorted(set(worst + best + changed + least_confident)))
+def render_report(*, manifest: dict, classes: pa.Table, candidates: dict[str, list[list]], rows: dict[str, dict],
+                  errors: pa.Table, error_count: int, locator: Locator, storage_options: dict,
+                  comparison: Comparison | None = None) -> str:
+    """HTML for a committed run: ``candidates`` are the summed PartStats' sections
+    ([value, key, part] per image), ``rows`` their masks rows by key, ``errors`` the first rows."""
+    worst, best, changed, least_confident = ([key for _, key, _ in candidates.get(name, [])][:PER_SECTION]
+                                             for name in ("worst", "best", "crf_changed", "least_confident"))
 
     def label_for(key: str) -> str | None:
-        if not labels_uri:
-            return None
-        return posixpath.join(labels_uri.rstrip("/"), posixpath.splitext(key)[0] + ".png")
+        return locator.label_uri(key) or None
 
     low_conf = manifest["config"]["inference"]["low_conf_threshold"]
 
@@ -174,7 +176,7 @@ def render_report(*, manifest: dict, classes: pa.Table, masks_reader, errors: pa
                     f"below {low_conf:g}") if confidence else ""
 
         return f"<h2>{title}</h2>" + "".join(_figure(rows[k], label_for(k), storage_options, note(rows[k]))
-                                             for k in keys)
+                                             for k in keys if k in rows)
 
     metrics, counts, timings = manifest["metrics"], manifest["counts"], manifest["timings"]
 
@@ -185,6 +187,7 @@ def render_report(*, manifest: dict, classes: pa.Table, masks_reader, errors: pa
         ("run", manifest["run_id"]), ("model", manifest["model"]),
         ("weights sha256", manifest["weights"]["sha256"]),
         ("images / errors / labelled", f"{counts['images']} / {counts['errors']} / {counts['labelled']}"),
+        ("labels not scored (masks.label_error)", counts.get("label_errors", 0)),
         ("mIoU after CRF", fmt(metrics["miou"])), ("mIoU before CRF", fmt(metrics["miou_pre_crf"])),
         ("pixel accuracy (after / before)", f"{fmt(metrics['pixel_acc'])} / {fmt(metrics['pixel_acc_pre_crf'])}"),
         ("throughput", f"{timings['images_per_s']} images/s over {timings['segment_s']} s"),
@@ -195,8 +198,8 @@ def render_report(*, manifest: dict, classes: pa.Table, masks_reader, errors: pa
     error_rows = "".join(
         f"<tr><td>{html.escape(r['key'])}</td><td>{html.escape(r['stage'])}</td><td>{html.escape(r['error_type'])}</td>"
         f"<td>{html.escape(r['message'])}</td></tr>" for r in errors.slice(0, 50).to_pylist())
-    errors_html = (f"<h2>Errors ({errors.num_rows})</h2><table><tr><th>key</th><th>stage</th><th>type</th>"
-                   f"<th>message</th></tr>{error_rows}</table>") if errors.num_rows else "<h2>Errors</h2><p>none</p>"
+    errors_html = (f"<h2>Errors ({error_count})</h2><table><tr><th>key</th><th>stage</th><th>type</th>"
+                   f"<th>message</th></tr>{error_rows}</table>") if error_count else "<h2>Errors</h2><p>none</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>deeplab-pipeline run {html.escape(manifest['run_id'])}</title>
 <style>

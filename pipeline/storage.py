@@ -7,11 +7,16 @@ come from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from fsspec.core import split_protocol, url_to_fs
 
@@ -30,13 +35,6 @@ S3_RETRIES = {"mode": "standard", "total_max_attempts": 10}
 
 class InputError(ValueError):
     """The input location cannot be used; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class InputFile:
-    key: str  # path relative to the input root, '/'-separated
-    uri: str  # full URI to read the image from
-    label_uri: str  # full URI of the paired label PNG, '' when no labels were given
 
 
 def open_fs(uri: str, storage_options: dict | None = None):
@@ -88,30 +86,77 @@ def _iter_s3_objects(fs, root: str) -> Iterator[str]:
         request["ContinuationToken"] = page["NextContinuationToken"]
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What a run segments: the listed keys as one Arrow column, and where each key's image and
+    label live. Nothing per key is held in Python: URIs are derived from a key where needed."""
+
+    input_uri: str
+    labels_uri: str | None
+    keys: pa.ChunkedArray  # string, lexical order
+    storage_options: dict = field(default_factory=dict, hash=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def locator(self) -> "Locator":
+        return Locator(self.input_uri, self.labels_uri, self.storage_options)
+
+    def without(self, done: pa.Array | pa.ChunkedArray) -> "Inputs":
+        """The keys not in ``done`` (an Arrow anti-join, for --resume)."""
+        if len(done) == 0:
+            return self
+        keep = pc.invert(pc.is_in(self.keys, value_set=pa.chunked_array(done).combine_chunks()))
+        return replace(self, keys=self.keys.filter(keep))
+
+
+@dataclass(frozen=True)
+class Locator:
+    """Key → image URI and paired label URI (``<labels>/<key without extension>.png``)."""
+
+    input_uri: str
+    labels_uri: str | None
+    storage_options: dict = field(default_factory=dict, hash=False)
+
+    def image_uri(self, key: str) -> str:
+        fs, root = open_fs(self.input_uri, self.storage_options)
+        return _join(fs, root.rstrip("/"), key)
+
+    def label_uri(self, key: str) -> str:
+        if not self.labels_uri:
+            return ""
+        fs, root = open_fs(self.labels_uri, self.storage_options)
+        return _join(fs, root.rstrip("/"), posixpath.splitext(key)[0] + ".png")
+
+
+LIST_CHUNK = 10_000  # keys per Arrow chunk while listing: Python holds at most this many at once
+
+
 def list_inputs(input_uri: str, labels_uri: str | None, *, storage_options: dict | None = None,
-                limit: int | None = None) -> list[InputFile]:
-    """List the images to segment and pair each with ``<labels>/<key without ext>.png``."""
+                limit: int | None = None) -> Inputs:
+    """List the images to segment (keys streamed into Arrow chunks, lexical order, ``limit`` stops early)."""
+    storage_options = storage_options or {}
     try:
         fs, root = open_fs(input_uri, storage_options)
         if not fs.exists(root):
             raise InputError(f"input {input_uri} does not exist (check the path/bucket and credentials)")
-        keys = iter_image_keys(fs, root)
-        files = []
-        label_fs, label_root = open_fs(labels_uri, storage_options) if labels_uri else (None, "")
-        for key in keys:
-            label = ""
-            if label_fs is not None:
-                label = _join(label_fs, label_root.rstrip("/"), posixpath.splitext(key)[0] + ".png")
-            files.append(InputFile(key=key, uri=_join(fs, root.rstrip("/"), key), label_uri=label))
-            if limit is not None and len(files) >= limit:
+        chunks, pending, count = [], [], 0
+        for key in iter_image_keys(fs, root):
+            pending.append(key)
+            count += 1
+            if len(pending) >= LIST_CHUNK:
+                chunks.append(pa.array(pending, pa.string()))
+                pending = []
+            if limit is not None and count >= limit:
                 break
+        chunks.append(pa.array(pending, pa.string()))
     except InputError:
         raise
     except Exception as exc:  # credentials, DNS, endpoint: say it in one line
         raise InputError(f"cannot list {input_uri}: {type(exc).__name__}: {exc}") from None
-    if not files:
+    if not count:
         raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {input_uri}")
-    return files
+    return Inputs(input_uri, labels_uri, pa.chunked_array(chunks, pa.string()), storage_options)
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
@@ -143,6 +188,22 @@ def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = Non
     else:
         with fs.open(path, "wb") as f:
             f.write(data)
+
+
+def write_parquet_atomic(uri: str, table: pa.Table, storage_options: dict | None = None) -> None:
+    """One Parquet file (zstd), published atomically: the one way the project writes Parquet."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes_atomic(uri, buffer.getvalue(), storage_options)
+
+
+def arrow_filesystem(fs):
+    """A pyarrow filesystem over an fsspec one, for readers that take pyarrow's (Ray Data's read_parquet)."""
+    import pyarrow.fs
+
+    if "file" in protocols(fs):
+        return pyarrow.fs.LocalFileSystem()
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def protocols(fs) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.metrics import image_stats
 from pipeline.observability import stage_metrics
@@ -27,6 +28,7 @@ MASKS_SCHEMA = pa.schema([
     ("mask_pre_crf", pa.binary()),
     ("class_pixels", _COUNTS),
     ("has_label", pa.bool_()),
+    ("label_error", pa.string()),  # why the paired label was not scored (the image still was); null if fine
     ("intersect", _COUNTS),
     ("union", _COUNTS),
     ("label_area", _COUNTS),
@@ -51,7 +53,7 @@ MASKS_SCHEMA = pa.schema([
 ERRORS_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("uri", pa.string()),
-    ("stage", pa.string()),  # list|read|decode|label|infer|crf|write
+    ("stage", pa.string()),  # read|decode|infer|crf (a bad label is masks.label_error, not an error)
     ("error_type", pa.string()),
     ("message", pa.string()),
     ("run_id", pa.string()),
@@ -87,8 +89,7 @@ def mark_error(out: dict[str, list], i: int, stage: str, exc: BaseException | No
 
 def split_results(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     """A RESULT_SCHEMA table → (masks rows, errors rows) with their own schemas."""
-    stage = table.column("error_stage").to_pylist()
-    ok = pa.array([s is None or s == "" for s in stage])
+    ok = pc.fill_null(pc.equal(table.column("error_stage"), ""), True)
     masks = table.filter(ok).select(MASKS_SCHEMA.names).cast(MASKS_SCHEMA)
     failed = table.filter(pa.compute.invert(ok))
     errors = pa.table({
@@ -128,7 +129,7 @@ def result_table(batch: dict[str, np.ndarray], *, num_classes: int, model: str, 
             height=h, width=w, mask=mask_to_png(post), exif_orientation=int(batch["exif_orientation"][i]) or None,
             mask_pre_crf=mask_to_png(pre) if len(crf_bytes) else None,
             class_pixels=np.bincount(post.ravel(), minlength=num_classes)[:num_classes].tolist(),
-            has_label=bool(batch["has_label"][i]),
+            has_label=bool(batch["has_label"][i]), label_error=str(batch["label_error"][i]) or None,
             infer_ms=float(batch["infer_ms"][i]),
             crf_ms=float(batch["crf_ms"][i]) if len(crf_bytes) else None,
             crf_changed_fraction=float((pre != post).mean()) if len(crf_bytes) else None,

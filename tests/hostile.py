@@ -80,10 +80,12 @@ def write_hostile_bucket(root: Path) -> dict[str, tuple[str, str | None]]:
     put("bomb.png", decompression_bomb_png(), ("decode", "refused before decoding"))
     put("tiny-1x1.png", _png_bytes(Image.new("RGB", (1, 1), (200, 30, 30))), ("mask", None))
     put("elongated-10000x8.png", _png_bytes(Image.fromarray(np.tile(rgb[:8, :125], (1, 80, 1)))), ("mask", None))
-    put("label-wrong-size.jpg", good_jpeg, ("label", "differs from image size"), mask_to_png(label[:50, :60]))
+    # A bad label is a QA artefact, not a reason to lose the mask: segmented, label_error says why.
+    put("label-wrong-size.jpg", good_jpeg, ("mask", "differs from image size"), mask_to_png(label[:50, :60]))
     bad_ids = label.copy()
     bad_ids[:5, :5] = 77
-    put("label-bad-ids.jpg", good_jpeg, ("label", "outside"), mask_to_png(bad_ids))
+    put("label-bad-ids.jpg", good_jpeg, ("mask", "outside"), mask_to_png(bad_ids))
+    put("label-not-png.jpg", good_jpeg, ("mask", "cannot decode label"), b"not a png at all")
     put("dir with space/ünïcødé file.jpg", good_jpeg, ("mask", None))
     put("odd#hash?query.jpg", good_jpeg, ("mask", None))
     return expected

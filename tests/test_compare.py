@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.compare import (COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA, RunTables, compare_runs,
-                              mask_disagreement, regression_message, run_before, write_comparison)
-from pipeline.outputs import RunOutput, committed_runs
+from pipeline.compare import (COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA, RunTables, compare_batch,
+                              compare_tables, join_by_key, mask_disagreement, regression_message, run_before)
+from pipeline.outputs import committed_runs
 from pipeline.palette import mask_to_png
 from pipeline.tables import CLASSES_SCHEMA, ERRORS_SCHEMA
 
@@ -62,11 +62,15 @@ def two_runs():
     return old, new, {"same": same, "changed_old": changed_old, "changed_new": changed_new}
 
 
+def compare_runs(old, new, **kwargs):
+    return compare_tables(old, new, **kwargs)[0]
+
+
 def test_images_classes_and_errors(two_runs):
     old, new, masks = two_runs
-    c = compare_runs(old, new, examples=4)
-    assert c.images.schema.equals(COMPARISON_SCHEMA) and c.classes.schema.equals(COMPARISON_CLASSES_SCHEMA)
-    rows = {r["key"]: r for r in c.images.to_pylist()}
+    c, images = compare_tables(old, new, examples=4)
+    assert images.schema.equals(COMPARISON_SCHEMA) and c.classes.schema.equals(COMPARISON_CLASSES_SCHEMA)
+    rows = {r["key"]: r for r in images.to_pylist()}
     assert {k: r["status"] for k, r in rows.items()} == {
         "a.jpg": "removed", "d.jpg": "added", "same.jpg": "both", "changed.jpg": "both", "resized.jpg": "both"}
     assert rows["same.jpg"]["disagreement"] == 0.0
@@ -134,7 +138,21 @@ def _commit(out, run_id: str, committed_at: str | None) -> None:
     (run_dir / "_SUCCESS").write_text(json.dumps({"committed_at": committed_at}))
 
 
-def test_committed_runs_in_commit_order_and_run_before(tmp_path, two_runs):
+def test_any_split_into_parts_sums_to_the_whole(two_runs):
+    """What the Ray job does: compare parts of the joined rows separately, then add the stats."""
+    old, new, _ = two_runs
+    joined = join_by_key(old.masks, new.masks)
+    whole_rows, whole = compare_batch(joined, run_id="n", against="o", examples=4)
+    first, second = (compare_batch(t, run_id="n", against="o", examples=4) for t in (joined.slice(0, 2), joined.slice(2)))
+    summed = first[1] + second[1]
+    assert summed.statuses == whole.statuses and summed.changed == whole.changed
+    assert summed.disagreement_sum == pytest.approx(whole.disagreement_sum)
+    assert summed.pixels_old == whole.pixels_old and summed.pixels_new == whole.pixels_new
+    assert [e.key for e in summed.examples] == [e.key for e in whole.examples]
+    assert pa.concat_tables([first[0], second[0]]).sort_by("key").equals(whole_rows)
+
+
+def test_committed_runs_in_commit_order_and_run_before(tmp_path):
     out = tmp_path / "out"
     _commit(out, "b-first", "2026-11-24T02:00:00+00:00")
     _commit(out, "a-second", "2026-11-25T02:00:00+00:00")
@@ -146,15 +164,6 @@ def test_committed_runs_in_commit_order_and_run_before(tmp_path, two_runs):
     assert run_before(runs, "incomplete") == "c-third"  # a run that is committing compares with the latest
     assert committed_runs(str(tmp_path / "missing")) == []
 
-    old, new, _ = two_runs
-    output = RunOutput(str(out), "c-third")
-    write_comparison(output, compare_runs(old, new))
-    images = pq.read_table(out / "run=c-third" / "comparison.parquet")
-    assert images.schema.equals(COMPARISON_SCHEMA, check_metadata=False) and images.num_rows == 5
-    assert pq.read_table(out / "run=c-third" / "comparison_classes.parquet").num_rows == 3
-    summary = json.loads((out / "run=c-third" / "comparison.json").read_text())
-    assert summary["images"] == {"both": 3, "added": 1, "removed": 1} and summary["changed_images"] == 2
-    assert summary["new_errors"][0]["error_type"] == "InvalidInput"
 
 
 @pytest.mark.parametrize("argv, message", [

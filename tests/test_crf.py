@@ -79,7 +79,7 @@ def test_actor_records_crf_ms_and_turns_failures_into_error_rows():
         "mean_max_prob": np.array([0.9, 0.9]), "mean_entropy": np.array([0.3, 0.3]),
         "mean_entropy_norm": np.array([0.4, 0.4]), "low_conf_fraction": np.array([0.0, 0.0]),
         "image": np.array([image.tobytes(), image.tobytes()], dtype=object),
-        "label": np.array([truth.tobytes(), b""], dtype=object), "has_label": np.array([True, False]),
+        "label": np.array([truth.tobytes(), b""], dtype=object), "has_label": np.array([True, False]), "label_error": np.array(["", ""]),
         "mask_pre": np.array([truth.tobytes(), truth.tobytes()], dtype=object),
         "probs": np.array([probs.tobytes(), probs.tobytes()[:100]], dtype=object),  # truncated probs → failure
         "infer_ms": np.array([5.0, 5.0]), "infer_node": np.array(["n1", "n1"]),

@@ -53,14 +53,28 @@ def find_workers(job: subprocess.Popen, title: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("udf", ["Decoder", "CRFRefiner", "Segmenter"])
+# The job in a Ray that declares a (fake) GPU: the GPU plan, whose CRF runs in its own CPU pool.
+_FAKE_GPU_JOB = """
+import os, sys
+os.environ["RAY_AUTH_MODE"] = "disabled"
+import ray
+ray.init(num_cpus=3, num_gpus=1, include_dashboard=False)
+from pipeline.job import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("udf", ["Decoder", "Segmenter", "PartWriter", "CRFRefiner"])
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
+    """Every pool of both plans: the CPU plan (decode, inference with the CRF inside, write) and the
+    GPU plan's CPU CRF pool. A killed writer's part is rewritten under the same name."""
     bucket = make_bucket(tmp_path / "bucket", n=8)
     out = tmp_path / "out"
-    job = subprocess.Popen(
-        job_cmd(str(bucket / "images"), "--labels", str(bucket / "labels"), "--output", str(out),
-                "--run-id", "killed", "--batch-size", "1", "--crf-actors", "1-1", "--commit-interval", "1"),
-        env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = [str(bucket / "images"), "--labels", str(bucket / "labels"), "--output", str(out),
+            "--run-id", "killed", "--batch-size", "1", "--rows-per-file", "2"]
+    cmd = [sys.executable, "-c", _FAKE_GPU_JOB, *args] if udf == "CRFRefiner" else job_cmd(*args)
+    job = subprocess.Popen(cmd, cwd=REPO, env=job_env(PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     title = f"ray::MapWorker(MapBatches({udf}))"
     try:
         # Ray titles a busy actor "ray::<class>.<method>": wait until this one works on a batch.

@@ -80,7 +80,8 @@ def check_run(fs, run_dir: str, input_keys: list[str], label_reader) -> dict:
         manifest = json.load(f)
     assert manifest["metrics"]["miou"] == pytest.approx(np.nanmean(iou), abs=1e-12)
     assert manifest["metrics"]["miou_pre_crf"] == pytest.approx(np.nanmean(iou_pre), abs=1e-12)
-    assert manifest["counts"] == {"images": len(masks), "errors": 1, "labelled": len(masks), "inputs": len(input_keys)}
+    assert manifest["counts"] == {"images": len(masks), "errors": 1, "labelled": len(masks), "label_errors": 0,
+                                  "inputs": len(input_keys)}
     return manifest
 
 
@@ -89,7 +90,7 @@ def test_local_directory_end_to_end(ray_local, local_bucket, tmp_path):
 
     out = tmp_path / "out"
     args = build_parser().parse_args([str(local_bucket / "images"), "--labels", str(local_bucket / "labels"),
-                                      "--output", str(out), "--run-id", "local", "--crf-actors", "1-1"])
+                                      "--output", str(out), "--run-id", "local"])
     run(config_from_args(args, build_parser()))
     keys = sorted(str(p.relative_to(local_bucket / "images")) for p in (local_bucket / "images").rglob("*.jpg"))
     fs = fsspec.filesystem("file")
@@ -111,7 +112,7 @@ def test_s3_end_to_end_via_cli(s3_env, s3_server, tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), "s3://data/in/images", "--labels", "s3://data/in/labels",
-         "--output", "s3://data/out", "--run-id", "s3run", "--crf-actors", "1-1"],
+         "--output", "s3://data/out", "--run-id", "s3run"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mIoU" in proc.stdout and "s3://data/out/run=s3run" in proc.stdout

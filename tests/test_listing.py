@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import botocore.config
+import pyarrow as pa
 import pytest
 import s3fs
 
@@ -38,11 +39,16 @@ def test_listing_order_prefix_and_labels(s3_client, s3_server, monkeypatch):
     keys = ["small/b.jpg", "small/a/z.PNG", "small/a.jpg", "small/a b/ü.webp", "small/notes.txt",
             "small/dir/", "small/a//double.jpg", "small-sibling/not-mine.jpg"]
     put_many(s3_client, keys)
-    files = list_inputs("s3://listing/small", "s3://listing/labels")
-    got = [f.key for f in files]
+    inputs = list_inputs("s3://listing/small", "s3://listing/labels")
+    got = inputs.keys.to_pylist()
     assert got == sorted(got) == ["a b/ü.webp", "a.jpg", "a//double.jpg", "a/z.PNG", "b.jpg"]
-    assert files[3].uri == "s3://listing/small/a/z.PNG"
-    assert files[3].label_uri == "s3://listing/labels/a/z.png"
+    assert inputs.keys.type == pa.string()  # one Arrow column, no Python object per key
+    locator = inputs.locator()
+    assert locator.image_uri(got[3]) == "s3://listing/small/a/z.PNG"
+    assert locator.label_uri(got[3]) == "s3://listing/labels/a/z.png"
+    # Resume: an Arrow anti-join drops the keys already done, order kept.
+    assert inputs.without(pa.array(["a.jpg", "b.jpg", "gone.jpg"])).keys.to_pylist() == [
+        "a b/ü.webp", "a//double.jpg", "a/z.PNG"]
 
 
 @pytest.mark.slow
@@ -57,11 +63,11 @@ def test_twenty_thousand_keys_paginate_in_order_and_limit_stops_early(s3_client,
         s3fs.S3FileSystem.clear_instance_cache()  # cached instances keep the endpoint they were made with
         tracemalloc.start()
         started = time.perf_counter()
-        files = list_inputs("s3://listing/big", None)
+        inputs = list_inputs("s3://listing/big", None)
         list_s = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        assert [f.key for f in files] == sorted(k.removeprefix("big/") for k in keys)
+        assert inputs.keys.to_pylist() == sorted(k.removeprefix("big/") for k in keys)
         # one request per page of 1000 keys, plus the "does the input exist" check before listing
         assert proxy.count("GET", LIST) == n // 1000 + 1
 
@@ -75,4 +81,4 @@ def test_twenty_thousand_keys_paginate_in_order_and_limit_stops_early(s3_client,
     with capsys.disabled():
         print(f"\n[listing] put {n} keys in {put_s:.1f}s; listed in {list_s:.2f}s "
               f"({n / list_s:.0f} keys/s), Python peak {peak / 2**20:.1f} MiB "
-              f"({peak / n:.0f} B/key, the InputFile list included)")
+              f"({peak / n:.0f} B/key, the Arrow key column included)")

@@ -46,7 +46,7 @@ def test_actors_run_on_their_node_types(cluster, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), str(DEMO_BUCKET / "images"),
          "--labels", str(DEMO_BUCKET / "labels"), "--output", str(out), "--run-id", "multinode", "--limit", "4",
-         "--infer-actors", "1-1", "--crf-actors", "3-3",
+         "--infer-actors", "1-1",
          "--infer-resources", '{"gpu_node": 1}', "--crf-resources", '{"crf_node": 1}',
          "--ray-address", cluster.address],
         env=env, capture_output=True, text=True, timeout=900)
@@ -57,6 +57,10 @@ def test_actors_run_on_their_node_types(cluster, tmp_path):
     assert manifest["resources"]["use_gpu"] is True  # detected from the GPU node, not forced
     assert manifest["resources"]["cluster"]["gpu_node"] == 1 and manifest["resources"]["cluster"]["crf_node"] == 3
     assert manifest["nodes"] == {"infer": [nodes["gpu"]], "crf": [nodes["crf"]]}
+    # The CRF pool's default range grows to the CRF node's 3 CPUs (the only node it may run on);
+    # decode may use the CPUs inference leaves anywhere (6 of 0.25), capped at one per CPU (7).
+    assert manifest["resources"]["crf_actors"] == [1, 3] and not manifest["resources"]["crf_fused"]
+    assert manifest["resources"]["decode_actors"] == [1, 7]
     masks = pq.read_table(run_dir / "masks").to_pylist()
     assert len(masks) == 4 and all(r["crf_ms"] > 0 for r in masks)
     assert (run_dir / "_SUCCESS").exists()

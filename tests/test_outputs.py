@@ -42,13 +42,13 @@ def test_resume_after_sigkill_on_s3_and_queries(s3_env, s3_server, tmp_path):
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     common = ["s3://resume/in/images", "--labels", "s3://resume/in/labels", "--output", "s3://resume/out",
-              "--crf-actors", "1-1", "--batch-size", "1"]
+              "--batch-size", "1", "--infer-actors", "1-1"]
 
     clean = subprocess.run(job_cmd(*common, "--run-id", "clean"), env=env, capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     # Kill the whole driver process group (driver + its local Ray) once some rows are committed.
-    proc = subprocess.Popen(job_cmd(*common, "--run-id", "killed", "--commit-interval", "0.1"), env=env,
+    proc = subprocess.Popen(job_cmd(*common, "--run-id", "killed", "--rows-per-file", "1"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     try:
@@ -116,7 +116,7 @@ import ray
 ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port={metrics_port})
 from pipeline.job import main
 rc = main([{str(bucket / 'images')!r}, "--labels", {str(bucket / 'labels')!r}, "--output", {str(out)!r},
-           "--run-id", "night-1", "--crf-actors", "1-1", "--pushgateway", "http://127.0.0.1:{gw_port}"])
+           "--run-id", "night-1", "--pushgateway", "http://127.0.0.1:{gw_port}"])
 text = ""
 for _ in range(60):  # Ray's agent exports application metrics every few seconds
     text = urllib.request.urlopen("http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()

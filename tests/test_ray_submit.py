@@ -124,7 +124,7 @@ def demo_keys(n: int) -> list[str]:
 
 def job_args(out: Path, run_id: str, limit: int) -> list[str]:
     return [str(DEMO_BUCKET / "images"), "--labels", str(DEMO_BUCKET / "labels"), "--output", str(out),
-            "--run-id", run_id, "--limit", str(limit), "--crf-actors", "1-1"]
+            "--run-id", run_id, "--limit", str(limit)]
 
 
 def test_submit_with_working_dir(ray_head, tmp_path):

@@ -20,15 +20,16 @@ def resolve(cluster: dict, *, crf: bool = True, **compute) -> Resources:
     return Resources.resolve(config, cluster)
 
 
-def test_cpu_default_is_one_single_threaded_actor_per_spare_core():
-    # 2 cores, no CRF: 2 - 0.25 (decode) = 1.75 CPUs for inference -> 2 actors of 0.875, 1 thread each.
-    assert resolve({"CPU": 2.0}, crf=False) == Resources(False, 0.875, 1, (2, 2), 128, (1, 1))
-    # 16 cores, CRF pool of at most 2 x 1 CPU: 13.75 spare -> 14 actors.
-    r = resolve({"CPU": 16.0}, crf_actors=(1, 2))
-    assert r.infer_actors == (14, 14) and r.infer_threads == 1 and r.infer_cpus == pytest.approx(13.75 / 14)
-    assert r.decode_actors == (1, 1)  # the 0.25 CPU left
-    # The demo on 2 cores: the CRF pool takes both, inference still gets one small actor.
-    assert resolve({"CPU": 2.0}) == Resources(False, 0.5, 1, (1, 1), 192, (1, 1))
+def test_cpu_default_is_one_single_threaded_actor_per_core_with_the_crf_inside():
+    # 2 cores: 2 - 0.25 (decode) = 1.75 CPUs for inference -> 2 actors of 0.875, 1 thread each; with
+    # CRF on, each inference actor refines its own images (no CRF pool, nothing through the store).
+    assert resolve({"CPU": 2.0}, crf=False) == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, False)
+    assert resolve({"CPU": 2.0}) == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, True)
+    r = resolve({"CPU": 16.0})
+    assert r.infer_actors == (16, 16) and r.infer_threads == 1 and r.infer_cpus == pytest.approx(15.75 / 16)
+    assert r.crf_fused and r.crf_actors is None and r.decode_actors == (1, 1)
+    # An explicit --crf-actors does not bring a pool back where there is no GPU: the CRF is fused.
+    assert resolve({"CPU": 16.0}, crf_actors=(1, 2)).crf_actors is None
 
 
 def test_cpu_explicit_sizes_win():
@@ -38,13 +39,30 @@ def test_cpu_explicit_sizes_win():
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(2, 4), infer_cpus=2.0) == Resources(False, 2.0, 2, (2, 4), 256, (1, 16))
 
 
-def test_gpu_default_is_one_actor_per_gpu():
-    # 4 GPU actors x 1 CPU and 2 CRF actors leave 26 CPUs for decode actors, capped at 32.
-    assert resolve({"CPU": 32.0, "GPU": 4.0}) == Resources(True, 1.0, 1, (4, 4), 1152, (1, 32))
+def test_gpu_default_is_one_actor_per_gpu_and_pools_that_grow_with_the_cluster():
+    # One dict = the whole cluster: 4 GPU actors x 1 CPU leave 28 CPUs, which the CRF pool may grow
+    # into (from 1 actor) and the decode pool too (capped at one per CPU).
+    r = resolve({"CPU": 32.0, "GPU": 4.0})
+    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4 + 64 * 16, (1, 32), (1, 28), False)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, infer_actors=(1, 8)).infer_actors == (1, 8)
+    assert resolve({"CPU": 32.0, "GPU": 4.0}, crf_actors=(2, 6)).crf_actors == (2, 6)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, object_store_mib=100).object_store_mib == 100
     # --gpu on a cluster whose GPU nodes are still scaled to zero: one actor, the autoscaler adds a node.
     assert resolve({"CPU": 4.0}, use_gpu=True).infer_actors == (1, 1)
+    # Per node: a CPU head and two 64-CPU nodes with 8 GPUs each; every node may run CRF actors.
+    nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}]
+    r = resolve(nodes)
+    assert r.infer_actors == (16, 16) and r.crf_actors == (1, 8 + 56 + 56) and r.decode_actors == (1, 136)
+
+
+def test_crf_pool_grows_only_on_the_nodes_that_may_run_it():
+    nodes = [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0, "gpu_node": 1.0}, {"CPU": 16.0, "crf_node": 16.0},
+             {"CPU": 16.0, "crf_node": 16.0}]
+    r = resolve(nodes, infer_resources={"gpu_node": 1}, crf_resources={"crf_node": 1})
+    assert r.infer_actors == (1, 1) and r.crf_actors == (1, 32)
+    assert resolve(nodes, crf_resources={"crf_node": 1}, crf_cpus=2.0).crf_actors == (1, 16)
+    # No node offers the resource yet (an autoscaling cluster at zero): one actor, the autoscaler adds nodes.
+    assert resolve(nodes[:2], crf_resources={"crf_node": 1}).crf_actors == (1, 1)
 
 
 _THREADS_PROBE = """
@@ -92,5 +110,5 @@ def test_object_store_budget_reaches_the_last_stage(ray_local):
                        compute=ComputeConfig(object_store_mib=300))
     weights, sha = resolve_weights(config)
     resources = Resources.resolve(config, {"CPU": 2.0})
-    ds = build_dataset(list_inputs(config.input_uri, None), config, weights, sha, resources)
+    ds = build_dataset(list_inputs(config.input_uri, None), config, weights, sha, resources, "/tmp/unused")
     assert ds.context.execution_options.resource_limits.object_store_memory == 300 * 2**20

@@ -1,0 +1,126 @@
+"""The small summary of one part file that its writer returns to the driver, and their sum.
+
+A write task turns a few hundred result rows into masks/errors part files and returns only this:
+counts, per-class sufficient statistics (mmsegmentation's process step), stage-time histograms,
+node ids and the report's candidate images (top-k per section). The driver adds them up (the
+compute step) and commits from the sum, so no mask and no per-row list ever reaches it. On
+``--resume`` the same function runs on the statistic columns of the parts written before.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.observability import STAGE_BUCKETS
+
+# Report sections: (column, largest first?). Ties go to the smaller key, so any split into parts
+# picks the same images as one sort over all rows.
+SECTIONS = {
+    "worst": ("miou", False),
+    "best": ("miou", True),
+    "crf_changed": ("crf_changed_fraction", True),
+    "least_confident": ("mean_max_prob", False),
+}
+TOP_K = 4
+TIMED_STAGES = {"infer": "infer_ms", "crf": "crf_ms"}
+# What reading an earlier part for its statistics needs: no mask, no image.
+STAT_COLUMNS = ["key", "has_label", "label_error", "intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf",
+                "infer_ms", "crf_ms", *dict.fromkeys(c for c, _ in SECTIONS.values())]
+_SUMS = ("intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
+
+
+@dataclass(frozen=True)
+class PartStats:
+    """Additive summary of some result rows; ``PartStats.empty(n) + a + b`` is the run's."""
+
+    num_classes: int
+    images: int = 0
+    errors: int = 0
+    labelled: int = 0
+    labelled_pre: int = 0  # labelled rows that also have pre-CRF statistics (CRF ran)
+    label_errors: int = 0  # segmented images whose label could not be scored (masks.label_error)
+    sums: dict[str, list[int]] = field(default_factory=dict)  # _SUMS → per-class totals
+    outcomes: dict[str, int] = field(default_factory=dict)  # "stage/status" → inputs
+    histograms: dict[str, list[float]] = field(default_factory=dict)  # stage → bucket counts + [sum]
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # stage → Ray node ids
+    candidates: dict[str, list[list]] = field(default_factory=dict)  # section → [[value, key, part], ...]
+
+    @classmethod
+    def empty(cls, num_classes: int) -> "PartStats":
+        return cls(num_classes, sums={name: [0] * num_classes for name in _SUMS})
+
+    @classmethod
+    def of(cls, part: str, masks: pa.Table, errors: pa.Table, num_classes: int,
+           nodes: dict[str, list[str]] | None = None) -> "PartStats":
+        """Summary of one part's masks and errors rows (only STAT_COLUMNS of masks are read)."""
+        labelled = masks.filter(pc.fill_null(masks.column("has_label"), False))
+        with_pre = labelled.filter(pc.is_valid(labelled.column("crf_ms")))
+        outcomes = {"segment/ok": masks.num_rows} if masks.num_rows else {}
+        for entry in pc.value_counts(errors.column("stage")).to_pylist():
+            outcomes[f"{entry['values']}/error"] = entry["counts"]
+        return cls(
+            num_classes, images=masks.num_rows, errors=errors.num_rows, labelled=labelled.num_rows,
+            labelled_pre=with_pre.num_rows, label_errors=pc.count(masks.column("label_error")).as_py() or 0,
+            sums={name: _column_sum(labelled.column(name), num_classes) for name in _SUMS},
+            outcomes=outcomes,
+            histograms={stage: _histogram(masks.column(col)) for stage, col in TIMED_STAGES.items()},
+            nodes={stage: sorted(ids) for stage, ids in (nodes or {}).items()},
+            candidates={name: _top(masks, column, descending, part) for name, (column, descending) in SECTIONS.items()},
+        )
+
+    def __add__(self, other: "PartStats") -> "PartStats":
+        def added(a: dict, b: dict) -> dict:
+            return {k: (np.add(a[k], b[k]).tolist() if k in a and k in b else a.get(k, b.get(k))) for k in a | b}
+
+        return PartStats(
+            self.num_classes, self.images + other.images, self.errors + other.errors,
+            self.labelled + other.labelled, self.labelled_pre + other.labelled_pre,
+            self.label_errors + other.label_errors,
+            sums=added(self.sums, other.sums),
+            outcomes={k: self.outcomes.get(k, 0) + other.outcomes.get(k, 0) for k in self.outcomes | other.outcomes},
+            histograms=added(self.histograms, other.histograms),
+            nodes={k: sorted(set(self.nodes.get(k, [])) | set(other.nodes.get(k, []))) for k in self.nodes | other.nodes},
+            candidates={name: _merge_top(self.candidates.get(name, []) + other.candidates.get(name, []),
+                                         SECTIONS[name][1]) for name in SECTIONS},
+        )
+
+    def total(self, name: str) -> np.ndarray:
+        return np.asarray(self.sums.get(name, [0] * self.num_classes), dtype=np.int64)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "PartStats":
+        return cls(**json.loads(text))
+
+
+def _column_sum(column: pa.ChunkedArray, num_classes: int) -> list[int]:
+    """Per-class sum of a list<int64> column (every row has ``num_classes`` entries), vectorised."""
+    column = column.filter(pc.is_valid(column))
+    if len(column) == 0:
+        return [0] * num_classes
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    return flat.reshape(-1, num_classes).sum(axis=0).tolist()
+
+
+def _histogram(ms: pa.ChunkedArray) -> list[float]:
+    """Prometheus buckets (value <= bound, then +Inf) of per-image seconds, and their sum last."""
+    seconds = pc.divide(ms.filter(pc.greater(pc.fill_null(ms, 0.0), 0.0)), 1000.0).to_numpy(zero_copy_only=False)
+    counts = np.bincount(np.searchsorted(STAGE_BUCKETS, seconds, side="left"), minlength=len(STAGE_BUCKETS) + 1)
+    return [*counts.astype(float).tolist(), float(seconds.sum())]
+
+
+def _top(masks: pa.Table, column: str, descending: bool, part: str) -> list[list]:
+    valid = masks.filter(pc.is_valid(masks.column(column))).select([column, "key"])
+    ordered = valid.sort_by([(column, "descending" if descending else "ascending"), ("key", "ascending")])
+    return [[r[column], r["key"], part] for r in ordered.slice(0, TOP_K).to_pylist()]
+
+
+def _merge_top(rows: list[list], descending: bool) -> list[list]:
+    return sorted(rows, key=lambda r: (-r[0] if descending else r[0], r[1]))[:TOP_K]
