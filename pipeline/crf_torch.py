@@ -1,0 +1,255 @@
+"""Dense CRF (Krähenbühl & Koltun 2011) in PyTorch, faithful to densecrf as pydensecrf2 1.1 builds it.
+
+Mirrors, operation for operation where the float32 result depends on it:
+  densecrf/src/permutohedral.cpp  ``Permutohedral::init`` (the SSE build, as compiled on x86-64: pixels in
+                                  blocks of 4, round half to even), ``seqCompute`` (<= 2 values per pixel) and
+                                  ``sseCompute`` (more); splat, [1 2 1]/2 blur along axes 0..d, alpha-scaled slice.
+  densecrf/src/pairwise.cpp       ``DenseKernel`` with NORMALIZE_SYMMETRIC: norm = 1 / sqrt(K·1 + 1e-20),
+                                  applied before and after the filter; the pixel's own weight is kept.
+  densecrf/src/labelcompatibility.cpp  ``PottsCompatibility``: message = -w · filtered Q.
+  densecrf/src/densecrf.cpp       ``addPairwiseGaussian``/``addPairwiseBilateral`` features and ``inference``.
+  pydensecrf/densecrf.pyx         defaults DIAG_KERNEL (features unscaled) and NORMALIZE_SYMMETRIC.
+Vectorised torch, the same code on CPU and CUDA. Remaining differences to pydensecrf are Eigen's exp and
+summation order in the softmax (ulps) and, on CUDA, the order of the splat's atomic adds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import CRFParams
+
+_SIMD_BLOCK = 4  # densecrf's SSE init runs 4 pixels at a time: pad pixels (features 0) create lattice points too
+_SPLAT_CHUNK = 1 << 16  # pixels per index_add_ call: bounds the (pixels, d+1, C) temporary
+
+
+def _f32(x: float) -> float:
+    """x rounded to float32, as densecrf stores its constants."""
+    return float(np.float32(x))
+
+
+def _elevate(features: torch.Tensor) -> torch.Tensor:
+    """(N, d) features -> (N, d+1) points on the plane sum = 0 (y = E p, Adams et al. 2010 p. 5)."""
+    n, d = features.shape
+    inv_std_dev = _f32(math.sqrt(2.0 / 3.0) * (d + 1))
+    scale = [_f32(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev) for i in range(d)]
+    cf = features * torch.tensor(scale, dtype=torch.float32, device=features.device)
+    elevated = [features.new_zeros(n)] * (d + 1)
+    running = features.new_zeros(n)
+    for j in range(d, 0, -1):  # densecrf's order of float additions
+        elevated[j] = running - j * cf[:, j - 1]
+        running = running + cf[:, j - 1]
+    elevated[0] = running
+    return torch.stack(elevated, 1)
+
+
+def _simplex(elevated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest remainder-0 lattice point (N, d+1) float and the rank of each coordinate (N, d+1) int64."""
+    d = elevated.shape[1] - 1
+    v = torch.round(elevated * _f32(1.0 / (d + 1)))  # cvtps2dq under MXCSR round-to-nearest: half to even
+    rem0 = v * (d + 1)
+    diff = elevated - rem0
+    less = diff[:, :, None] < diff[:, None, :]
+    upper = torch.ones(d + 1, d + 1, dtype=torch.bool, device=elevated.device).triu(1)
+    # densecrf: for i < j, rank[i] += diff_i < diff_j and rank[j] += !(diff_i < diff_j); then shift by the sum.
+    rank = (less & upper).sum(2) + (~less & upper).sum(1) + v.sum(1, keepdim=True).long()
+    wrap = (rank < 0).long() - (rank > d).long()
+    return rem0 + (d + 1) * wrap, rank + (d + 1) * wrap
+
+
+def _barycentric(elevated: torch.Tensor, rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """(N, d+1) barycentric weights of the enclosing simplex's vertices (p. 10), with densecrf's wrap-around."""
+    d = elevated.shape[1] - 1
+    v = (elevated - rem0) * _f32(1.0 / (d + 1))
+    by_slot = torch.zeros_like(v).scatter_(1, d - rank, v)  # slot d - rank[i] gets +v_i, slot d - rank[i] + 1 gets -v_i
+    return torch.cat([by_slot[:, :1] + (1.0 - by_slot[:, d:]), by_slot[:, 1:] - by_slot[:, :-1]], 1)
+
+
+def _vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """(N, d+1, d) integer keys of the d+1 vertices: rem0 + canonical simplex, last coordinate dropped."""
+    d = rank.shape[1] - 1
+    remainder = torch.arange(d + 1, device=rank.device)[None, :, None]
+    ranks = rank[:, None, :d]
+    return rem0[:, None, :d].long() + remainder - (d + 1) * (ranks > d - remainder).long()
+
+
+def _pack(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 codes of (K, d) keys (mixed radix, room for the ±d neighbour steps) and the code steps of the
+    2(d+1) neighbours: key - 1 + (d+1) e_j and key + 1 - (d+1) e_j per axis j (e_d: no coordinate)."""
+    d = keys.shape[1]
+    low = keys.amin(0) - d
+    widths = (keys.amax(0) - low + d + 1).tolist()
+    if math.prod(widths) >= 2**63:
+        raise ValueError(f"lattice keys span {widths}: too wide for int64 codes (features too spread; raise sxy/srgb)")
+    strides = [math.prod(widths[k + 1:]) for k in range(d)]
+    codes = ((keys - low) * torch.tensor(strides, device=keys.device)).sum(-1)
+    steps = [(d + 1) * strides[j] - sum(strides) for j in range(d)] + [-sum(strides)]
+    steps = torch.tensor([s for step in steps for s in (step, -step)], device=keys.device)
+    return codes, steps
+
+
+@dataclass
+class PermutohedralLattice:
+    """Permutohedral lattice of one (or several concatenated) images' features; built once, filters many times."""
+
+    offsets: torch.Tensor  # (N, d+1) int64: lattice point of each pixel's enclosing vertices
+    weights: torch.Tensor  # (N, d+1) float32: their barycentric weights
+    neighbours: torch.Tensor  # (d+1, 2, M+1) int64: point of key ∓ along each axis; M, an all-zero row, if absent
+    num_points: int  # M
+
+    @classmethod
+    def build(cls, features: torch.Tensor) -> PermutohedralLattice:
+        """Lattice of (N, d) float32 features (densecrf's feature matrix, transposed)."""
+        n, d = features.shape
+        padded = torch.cat([features, features.new_zeros((-n) % _SIMD_BLOCK, d)])
+        elevated = _elevate(padded)
+        rem0, rank = _simplex(elevated)
+        weights = _barycentric(elevated, rem0, rank)[:n]
+        codes, steps = _pack(_vertex_keys(rem0, rank).reshape(-1, d))
+        points, inverse = torch.unique(codes, sorted=True, return_inverse=True)
+        m = points.numel()
+        targets = points[None, :] + steps[:, None]
+        found = torch.searchsorted(points, targets).clamp_(max=m - 1)
+        neighbours = torch.where(points[found] == targets, found, m)
+        neighbours = torch.cat([neighbours, neighbours.new_full((2 * (d + 1), 1), m)], 1)  # the zero row stays zero
+        return cls(inverse.reshape(-1, d + 1)[:n], weights, neighbours.reshape(d + 1, 2, m + 1), m)
+
+    @classmethod
+    def concat(cls, lattices: list[PermutohedralLattice]) -> PermutohedralLattice:
+        """One lattice for several images (pixels stacked): their points never neighbour each other."""
+        total = sum(lat.num_points for lat in lattices)
+        offsets, neighbours, start = [], [], 0
+        for lat in lattices:
+            offsets.append(lat.offsets + start)
+            inner = lat.neighbours[..., :-1]
+            neighbours.append(torch.where(inner == lat.num_points, total, inner + start))
+            start += lat.num_points
+        neighbours.append(lattices[0].neighbours.new_full(lattices[0].neighbours.shape[:2] + (1,), total))
+        weights = torch.cat([lat.weights for lat in lattices])
+        return cls(torch.cat(offsets), weights, torch.cat(neighbours, -1), total)
+
+    def filter(self, values: torch.Tensor) -> torch.Tensor:
+        """Gaussian-filter (N, C) values: splat, blur, slice (densecrf's Permutohedral::compute, reverse=False)."""
+        n, c = values.shape
+        d = self.offsets.shape[1] - 1
+        lattice = values.new_zeros(self.num_points + 1, c)
+        for start in range(0, n, _SPLAT_CHUNK):  # chunks in pixel order keep densecrf's order of additions
+            stop = min(start + _SPLAT_CHUNK, n)
+            splat = self.weights[start:stop, :, None] * values[start:stop, None, :]
+            lattice.index_add_(0, self.offsets[start:stop].reshape(-1), splat.reshape(-1, c))
+        for j in range(d + 1):
+            before = lattice.index_select(0, self.neighbours[j, 0])
+            after = lattice.index_select(0, self.neighbours[j, 1])
+            lattice = lattice + 0.5 * (before + after)
+        alpha = _f32(1.0 / (1.0 + 2.0 ** -d))
+        out = values.new_zeros(n, c)
+        for j in range(d + 1):  # seqCompute scales w * value by alpha; sseCompute folds alpha into w first
+            w = self.weights[:, j:j + 1]
+            vertex = lattice.index_select(0, self.offsets[:, j])
+            out = out + ((w * vertex) * alpha if c <= 2 else (w * alpha) * vertex)
+        return out
+
+    def normaliser(self) -> torch.Tensor:
+        """(N, 1) NORMALIZE_SYMMETRIC factors 1 / sqrt(K·1 + 1e-20), computed in double as densecrf does."""
+        k1 = self.filter(self.weights.new_ones(self.weights.shape[0], 1))
+        return (1.0 / torch.sqrt(k1.double() + 1e-20)).float()
+
+
+def _features(image: torch.Tensor, sxy: float, srgb: float | None = None) -> torch.Tensor:
+    """(H*W, 2) x/sxy, y/sxy or (H*W, 5) with r/srgb, g/srgb, b/srgb, pixel j*W + i, as densecrf.cpp."""
+    h, w = image.shape[:2]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=image.device),
+                            torch.arange(w, dtype=torch.float32, device=image.device), indexing="ij")
+    columns, scales = [xs.reshape(-1), ys.reshape(-1)], [sxy, sxy]
+    if srgb is not None:
+        columns += [image[..., k].reshape(-1).float() for k in range(3)]
+        scales += [srgb] * 3
+    # Divide by a tensor, never a Python scalar: CUDA turns scalar division into a reciprocal multiply.
+    divisor = torch.tensor([_f32(s) for s in scales], dtype=torch.float32, device=image.device)
+    return torch.stack(columns, 1) / divisor
+
+
+def _exp_normalise(x: torch.Tensor) -> torch.Tensor:
+    """densecrf's expAndNormalize over the classes (dim 1)."""
+    e = (x - x.amax(1, keepdim=True)).exp()
+    return e / e.sum(1, keepdim=True)
+
+
+def _pairwise_terms(images: list[torch.Tensor], params: CRFParams):
+    """(lattice, normaliser, Potts weight) for the Gaussian, then the bilateral kernel, as crf.py adds them."""
+    kernels = [(params.gaussian_compat, params.gaussian_sxy, None),
+               (params.bilateral_compat, params.bilateral_sxy, params.bilateral_srgb)]
+    terms = []
+    for compat, sxy, srgb in kernels:
+        if compat == 0:  # its message is -0 * K Q: subtracting it leaves every float as it was
+            continue
+        lattice = PermutohedralLattice.concat([PermutohedralLattice.build(_features(im, sxy, srgb)) for im in images])
+        terms.append((lattice, lattice.normaliser(), _f32(compat)))
+    return terms
+
+
+def _mean_field(unary: torch.Tensor, terms, iterations: int) -> torch.Tensor:
+    """densecrf's inference(): Q = softmax(-U); per iteration Q = softmax(-U - sum_k (-w_k) N K (N Q))."""
+    q = _exp_normalise(-unary)
+    for _ in range(iterations):
+        energy = -unary
+        for lattice, norm, weight in terms:
+            energy = energy - (-weight) * (lattice.filter(q * norm) * norm)
+        q = _exp_normalise(energy)
+    return q
+
+
+def _as_inputs(image, probs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated (H, W, 3) uint8 image and (C, H, W) float32 probabilities, both on probs' device."""
+    image = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
+    probs = torch.as_tensor(np.asarray(probs) if not torch.is_tensor(probs) else probs)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got {tuple(image.shape)}")
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"probs must be (C, H, W) matching image {tuple(image.shape[:2])}, got {tuple(probs.shape)}")
+    if not 1 <= probs.shape[0] <= 256:
+        raise ValueError(f"probs must have 1..256 classes for uint8 labels, got {probs.shape[0]}")
+    if not probs.is_floating_point():
+        raise ValueError(f"probs must be floating point, got {probs.dtype}")
+    return image.to(device=probs.device, dtype=torch.uint8), probs.to(torch.float32)
+
+
+def _refine(images: list[torch.Tensor], probs: list[torch.Tensor], params: CRFParams) -> list[torch.Tensor]:
+    """Mean field for images sharing device and class count, as one concatenated problem; Q (C, H, W) each."""
+    num_classes = probs[0].shape[0]
+    unary = torch.cat([-torch.log(p.clamp(params.min_prob, 1.0)).reshape(num_classes, -1).T for p in probs])
+    q = _mean_field(unary.contiguous(), _pairwise_terms(images, params), params.iterations)
+    sizes = [p.shape[1] * p.shape[2] for p in probs]
+    return [part.T.reshape(p.shape).contiguous() for part, p in zip(q.split(sizes), probs)]
+
+
+def dense_crf_torch(image, probs, params: CRFParams = CRFParams(), *, return_probs: bool = False):
+    """Refine ``probs`` (C, H, W) for ``image`` (H, W, 3 uint8), numpy or torch, on probs' device (CPU for numpy).
+
+    Returns labels (H, W) uint8, and Q (C, H, W) float32 when ``return_probs``: what pipeline.crf.dense_crf
+    computes with pydensecrf.
+    """
+    image, probs = _as_inputs(image, probs)
+    q = _refine([image], [probs], params)[0]
+    labels = q.argmax(0).to(torch.uint8)
+    return (labels, q) if return_probs else labels
+
+
+def dense_crf_torch_batch(images: list, probs: list, params: CRFParams = CRFParams()) -> list[torch.Tensor]:
+    """Labels for several images; those sharing device and class count run as one concatenated lattice."""
+    if len(images) != len(probs):
+        raise ValueError(f"got {len(images)} images but {len(probs)} probability maps")
+    inputs = [_as_inputs(im, p) for im, p in zip(images, probs)]
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, p) in enumerate(inputs):
+        groups.setdefault((p.device, p.shape[0]), []).append(i)
+    labels: list[torch.Tensor | None] = [None] * len(inputs)
+    for members in groups.values():
+        qs = _refine([inputs[i][0] for i in members], [inputs[i][1] for i in members], params)
+        for i, q in zip(members, qs):
+            labels[i] = q.argmax(0).to(torch.uint8)
+    return labels
