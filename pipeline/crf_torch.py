@@ -16,6 +16,7 @@ summation order in the softmax (ulps) and, on CUDA, the order of the splat's ato
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,6 @@ import torch
 from pipeline.config import CRFParams
 
 _SIMD_BLOCK = 4  # densecrf's SSE init runs 4 pixels at a time: pad pixels (features 0) create lattice points too
-_SPLAT_CHUNK = 1 << 16  # pixels per index_add_ call: bounds the (pixels, d+1, C) temporary
 
 
 def _f32(x: float) -> float:
@@ -53,10 +53,9 @@ def _simplex(elevated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     v = torch.round(elevated * _f32(1.0 / (d + 1)))  # cvtps2dq under MXCSR round-to-nearest: half to even
     rem0 = v * (d + 1)
     diff = elevated - rem0
-    less = diff[:, :, None] < diff[:, None, :]
-    upper = torch.ones(d + 1, d + 1, dtype=torch.bool, device=elevated.device).triu(1)
-    # densecrf: for i < j, rank[i] += diff_i < diff_j and rank[j] += !(diff_i < diff_j); then shift by the sum.
-    rank = (less & upper).sum(2) + (~less & upper).sum(1) + v.sum(1, keepdim=True).long()
+    # densecrf, for i < j: rank[i] += diff_i < diff_j, rank[j] += !(diff_i < diff_j); then rank += sum(v).
+    rank = torch.stack([(diff[:, i + 1:] > diff[:, i:i + 1]).sum(1) + (diff[:, :i] >= diff[:, i:i + 1]).sum(1)
+                        for i in range(d + 1)], 1) + v.sum(1, keepdim=True).long()
     wrap = (rank < 0).long() - (rank > d).long()
     return rem0 + (d + 1) * wrap, rank + (d + 1) * wrap
 
@@ -69,37 +68,53 @@ def _barycentric(elevated: torch.Tensor, rem0: torch.Tensor, rank: torch.Tensor)
     return torch.cat([by_slot[:, :1] + (1.0 - by_slot[:, d:]), by_slot[:, 1:] - by_slot[:, :-1]], 1)
 
 
-def _vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """(N, d+1, d) integer keys of the d+1 vertices: rem0 + canonical simplex, last coordinate dropped."""
+def _vertex_codes(rem0: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d+1) int64 codes of each pixel's vertex keys and, per axis j, the code step to densecrf's neighbour
+    n1 = key - 1 + (d+1) e_j (e_d: no coordinate); n2 = key + 1 - (d+1) e_j is minus that step.
+
+    Vertex r's key is rem0 + canonical simplex r: r, or r - (d+1) where rank > d - r, on the first d
+    coordinates (densecrf drops the last: coordinates sum to 0). Codes are mixed radix over a box holding
+    every key (rem0 ± d) and its neighbours (± d more).
+    """
     d = rank.shape[1] - 1
-    remainder = torch.arange(d + 1, device=rank.device)[None, :, None]
-    ranks = rank[:, None, :d]
-    return rem0[:, None, :d].long() + remainder - (d + 1) * (ranks > d - remainder).long()
-
-
-def _pack(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 codes of (K, d) keys (mixed radix, room for the ±d neighbour steps) and the code steps of the
-    2(d+1) neighbours: key - 1 + (d+1) e_j and key + 1 - (d+1) e_j per axis j (e_d: no coordinate)."""
-    d = keys.shape[1]
-    low = keys.amin(0) - d
-    widths = (keys.amax(0) - low + d + 1).tolist()
+    base = rem0[:, :d].long()
+    low = base.amin(0) - 2 * d
+    widths = (base.amax(0) - low + 2 * d + 1).tolist()
     if math.prod(widths) >= 2**63:
         raise ValueError(f"lattice keys span {widths}: too wide for int64 codes (features too spread; raise sxy/srgb)")
     strides = [math.prod(widths[k + 1:]) for k in range(d)]
-    codes = ((keys - low) * torch.tensor(strides, device=keys.device)).sum(-1)
+    stride = torch.tensor(strides, device=rank.device)
+    origin = ((base - low) * stride).sum(1)
+    codes = [origin + r * sum(strides) - (d + 1) * ((rank[:, :d] > d - r).long() * stride).sum(1) for r in range(d + 1)]
     steps = [(d + 1) * strides[j] - sum(strides) for j in range(d)] + [-sum(strides)]
-    steps = torch.tensor([s for step in steps for s in (step, -step)], device=keys.device)
-    return codes, steps
+    return torch.stack(codes, 1), torch.tensor(steps, device=rank.device)
 
 
 @dataclass
 class PermutohedralLattice:
-    """Permutohedral lattice of one (or several concatenated) images' features; built once, filters many times."""
+    """Permutohedral lattice of one (or several stacked) images' features; built once, filters many times.
+
+    Points are numbered by remainder (vertex slot: each point is the same slot of every simplex it is in),
+    then by first use in pixel order, so each pixel's d+1 points ascend with the slot and sparse rows keep
+    densecrf's order of additions.
+    """
 
     offsets: torch.Tensor  # (N, d+1) int64: lattice point of each pixel's enclosing vertices
     weights: torch.Tensor  # (N, d+1) float32: their barycentric weights
-    neighbours: torch.Tensor  # (d+1, 2, M+1) int64: point of key ∓ along each axis; M, an all-zero row, if absent
+    neighbours: torch.Tensor  # (d+1, 2, M+1) int64: point of key -/+ along each axis; M, an all-zero row, if absent
     num_points: int  # M
+
+    def __post_init__(self) -> None:
+        n, slots = self.offsets.shape
+        flat = self.offsets.reshape(-1)
+        by_point = torch.sort(flat, stable=True).indices  # stable: each point's pixels stay in pixel order
+        rows = torch.cat([flat.new_zeros(1), torch.bincount(flat, minlength=self.num_points + 1).cumsum(0)])
+        pixels = torch.arange(n, device=flat.device).repeat_interleave(slots)
+        alpha = _f32(1.0 / (1.0 + 2.0 ** -(slots - 1)))  # densecrf's "magic scaling constant"
+        self.alpha = alpha
+        self._splat = _csr(rows, pixels[by_point], self.weights.reshape(-1)[by_point], (self.num_points + 1, n))
+        self._slice = _csr(torch.arange(0, flat.numel() + 1, slots, device=flat.device), flat,
+                           (self.weights * alpha).reshape(-1), (n, self.num_points + 1))
 
     @classmethod
     def build(cls, features: torch.Tensor) -> PermutohedralLattice:
@@ -108,15 +123,23 @@ class PermutohedralLattice:
         padded = torch.cat([features, features.new_zeros((-n) % _SIMD_BLOCK, d)])
         elevated = _elevate(padded)
         rem0, rank = _simplex(elevated)
-        weights = _barycentric(elevated, rem0, rank)[:n]
-        codes, steps = _pack(_vertex_keys(rem0, rank).reshape(-1, d))
-        points, inverse = torch.unique(codes, sorted=True, return_inverse=True)
-        m = points.numel()
+        codes, steps = _vertex_codes(rem0, rank)
+        points, inverse = torch.unique(codes.reshape(-1), sorted=True, return_inverse=True)
+        m, uses = points.numel(), torch.arange(codes.numel(), device=codes.device)
+        first = torch.full((m,), codes.numel(), device=codes.device).scatter_reduce_(0, inverse, uses, "amin")
+        order = torch.argsort(first % (d + 1) * codes.numel() + first)  # by slot, then first use
+        renumber = torch.full((m + 1,), m, device=codes.device)
+        renumber[order] = torch.arange(m, device=codes.device)
+        # n1 along each axis by binary search; n2 is its inverse (opposite steps): n1(p) = q <=> n2(q) = p.
         targets = points[None, :] + steps[:, None]
         found = torch.searchsorted(points, targets).clamp_(max=m - 1)
-        neighbours = torch.where(points[found] == targets, found, m)
-        neighbours = torch.cat([neighbours, neighbours.new_full((2 * (d + 1), 1), m)], 1)  # the zero row stays zero
-        return cls(inverse.reshape(-1, d + 1)[:n], weights, neighbours.reshape(d + 1, 2, m + 1), m)
+        n1 = renumber[torch.where(points[found] == targets, found, m)].index_select(1, order)
+        n1 = torch.cat([n1, n1.new_full((d + 1, 1), m)], 1)
+        n2 = torch.full_like(n1, m).scatter_(1, n1, torch.arange(m + 1, device=codes.device).expand(d + 1, m + 1))
+        n2[:, m] = m  # every absent n1 was scattered onto the zero row
+        neighbours = torch.stack([n1, n2], 1)
+        offsets = renumber[inverse].reshape(-1, d + 1)[:n]
+        return cls(offsets, _barycentric(elevated, rem0, rank)[:n], neighbours, m)
 
     @classmethod
     def concat(cls, lattices: list[PermutohedralLattice]) -> PermutohedralLattice:
@@ -134,29 +157,33 @@ class PermutohedralLattice:
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """Gaussian-filter (N, C) values: splat, blur, slice (densecrf's Permutohedral::compute, reverse=False)."""
-        n, c = values.shape
-        d = self.offsets.shape[1] - 1
-        lattice = values.new_zeros(self.num_points + 1, c)
-        for start in range(0, n, _SPLAT_CHUNK):  # chunks in pixel order keep densecrf's order of additions
-            stop = min(start + _SPLAT_CHUNK, n)
-            splat = self.weights[start:stop, :, None] * values[start:stop, None, :]
-            lattice.index_add_(0, self.offsets[start:stop].reshape(-1), splat.reshape(-1, c))
-        for j in range(d + 1):
-            before = lattice.index_select(0, self.neighbours[j, 0])
-            after = lattice.index_select(0, self.neighbours[j, 1])
-            lattice = lattice + 0.5 * (before + after)
-        alpha = _f32(1.0 / (1.0 + 2.0 ** -d))
-        out = values.new_zeros(n, c)
-        for j in range(d + 1):  # seqCompute scales w * value by alpha; sseCompute folds alpha into w first
-            w = self.weights[:, j:j + 1]
-            vertex = lattice.index_select(0, self.offsets[:, j])
-            out = out + ((w * vertex) * alpha if c <= 2 else (w * alpha) * vertex)
+        lattice = self._splat @ values.contiguous()  # rows in pixel order: densecrf's order of additions
+        pair, spare = torch.empty_like(lattice), torch.empty_like(lattice)
+        for j in range(self.offsets.shape[1]):
+            torch.index_select(lattice, 0, self.neighbours[j, 0], out=pair)
+            torch.index_select(lattice, 0, self.neighbours[j, 1], out=spare)
+            pair.add_(spare)
+            # value + 0.5 * (n1 + n2); 0.5 * x is exact, so a fused multiply-add would round alike.
+            torch.add(lattice, pair, alpha=0.5, out=spare)
+            lattice, spare = spare, lattice
+        if values.shape[1] > 2:
+            return self._slice @ lattice  # sseCompute: sum_j (w_j * alpha) * value_j, in slot order
+        out = torch.zeros_like(values)
+        for j in range(self.offsets.shape[1]):  # seqCompute: sum_j (w_j * value_j) * alpha
+            out += (self.weights[:, j:j + 1] * lattice.index_select(0, self.offsets[:, j])) * self.alpha
         return out
 
     def normaliser(self) -> torch.Tensor:
         """(N, 1) NORMALIZE_SYMMETRIC factors 1 / sqrt(K·1 + 1e-20), computed in double as densecrf does."""
         k1 = self.filter(self.weights.new_ones(self.weights.shape[0], 1))
         return (1.0 / torch.sqrt(k1.double() + 1e-20)).float()
+
+
+def _csr(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Sparse CSR matrix; its product with a dense matrix adds each row's terms in column order."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable API
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(rows, columns, values, size, check_invariants=False)
 
 
 def _features(image: torch.Tensor, sxy: float, srgb: float | None = None) -> torch.Tensor:
@@ -203,18 +230,23 @@ def _mean_field(unary: torch.Tensor, terms, iterations: int) -> torch.Tensor:
     return q
 
 
+def _tensor(x) -> torch.Tensor:
+    """A tensor view of x, or a copy of a read-only or negatively strided numpy array (torch takes neither)."""
+    if torch.is_tensor(x):
+        return x
+    array = np.ascontiguousarray(x)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def _as_inputs(image, probs) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated (H, W, 3) uint8 image and (C, H, W) float32 probabilities, both on probs' device."""
-    image = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
-    probs = torch.as_tensor(np.asarray(probs) if not torch.is_tensor(probs) else probs)
+    image, probs = _tensor(image), _tensor(probs)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3), got {tuple(image.shape)}")
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
         raise ValueError(f"probs must be (C, H, W) matching image {tuple(image.shape[:2])}, got {tuple(probs.shape)}")
     if not 1 <= probs.shape[0] <= 256:
         raise ValueError(f"probs must have 1..256 classes for uint8 labels, got {probs.shape[0]}")
-    if not probs.is_floating_point():
-        raise ValueError(f"probs must be floating point, got {probs.dtype}")
     return image.to(device=probs.device, dtype=torch.uint8), probs.to(torch.float32)
 
 
