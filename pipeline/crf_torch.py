@@ -10,7 +10,7 @@ Mirrors, operation for operation where the float32 result depends on it:
   densecrf/src/densecrf.cpp       ``addPairwiseGaussian``/``addPairwiseBilateral`` features and ``inference``.
   pydensecrf/densecrf.pyx         defaults DIAG_KERNEL (features unscaled) and NORMALIZE_SYMMETRIC.
 Vectorised torch, the same code on CPU and CUDA. Remaining differences to pydensecrf are Eigen's exp and
-summation order in the softmax (ulps) and, on CUDA, the order of the splat's atomic adds.
+summation order in the softmax (ulps) and, on CUDA, cuSPARSE's order of additions in splat and slice.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from pipeline.config import CRFParams
 
+_MERGE_PIXELS = 1 << 23  # per merged mean field in dense_crf_torch_batch: 32 images of 513x513
 _SIMD_BLOCK = 4  # densecrf's SSE init runs 4 pixels at a time: pad pixels (features 0) create lattice points too
 
 
@@ -144,6 +145,8 @@ class PermutohedralLattice:
     @classmethod
     def concat(cls, lattices: list[PermutohedralLattice]) -> PermutohedralLattice:
         """One lattice for several images (pixels stacked): their points never neighbour each other."""
+        if len(lattices) == 1:
+            return lattices[0]
         total = sum(lat.num_points for lat in lattices)
         offsets, neighbours, start = [], [], 0
         for lat in lattices:
@@ -271,17 +274,28 @@ def dense_crf_torch(image, probs, params: CRFParams = CRFParams(), *, return_pro
     return (labels, q) if return_probs else labels
 
 
-def dense_crf_torch_batch(images: list, probs: list, params: CRFParams = CRFParams()) -> list[torch.Tensor]:
-    """Labels for several images; those sharing device and class count run as one concatenated lattice."""
+def dense_crf_torch_batch(images: list, probs: list, params: CRFParams = CRFParams(), *,
+                          merge: bool | None = None) -> list[torch.Tensor]:
+    """Labels (H, W) uint8 for several images, each exactly as dense_crf_torch gives it.
+
+    With ``merge`` (default: on CUDA only) images sharing device and class count run their mean field as one
+    stacked lattice, up to _MERGE_PIXELS pixels at a time: fewer, larger kernels. On CPU it does not pay
+    (the larger working set falls out of cache; docs/benchmarks.md), so there images run one by one.
+    """
     if len(images) != len(probs):
         raise ValueError(f"got {len(images)} images but {len(probs)} probability maps")
     inputs = [_as_inputs(im, p) for im, p in zip(images, probs)]
-    groups: dict[tuple, list[int]] = {}
+    runs: list[list[int]] = []
+    open_runs: dict[tuple, list[int]] = {}  # the run still taking images, per (device, classes)
     for i, (_, p) in enumerate(inputs):
-        groups.setdefault((p.device, p.shape[0]), []).append(i)
-    labels: list[torch.Tensor | None] = [None] * len(inputs)
-    for members in groups.values():
-        qs = _refine([inputs[i][0] for i in members], [inputs[i][1] for i in members], params)
-        for i, q in zip(members, qs):
+        run = open_runs.get((p.device, p.shape[0]))
+        joins = (p.device.type == "cuda") if merge is None else merge
+        if run is None or not joins or sum(inputs[k][1][0].numel() for k in run) + p[0].numel() > _MERGE_PIXELS:
+            run = open_runs[(p.device, p.shape[0])] = []
+            runs.append(run)
+        run.append(i)
+    labels: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
+    for run in runs:
+        for i, q in zip(run, _refine([inputs[i][0] for i in run], [inputs[i][1] for i in run], params)):
             labels[i] = q.argmax(0).to(torch.uint8)
     return labels
