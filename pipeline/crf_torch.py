@@ -39,7 +39,7 @@ def _elevate(features: torch.Tensor) -> torch.Tensor:
     inv_std_dev = _f32(math.sqrt(2.0 / 3.0) * (d + 1))
     scale = [_f32(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev) for i in range(d)]
     cf = features * torch.tensor(scale, dtype=torch.float32, device=features.device)
-    elevated = [features.new_zeros(n)] * (d + 1)
+    elevated: list[torch.Tensor] = [features] * (d + 1)  # every slot is set below
     running = features.new_zeros(n)
     for j in range(d, 0, -1):  # densecrf's order of float additions
         elevated[j] = running - j * cf[:, j - 1]
