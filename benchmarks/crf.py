@@ -2,6 +2,10 @@
 encodings, and what the CRF buys (mIoU and boundary/trimap accuracy) on synthetic and real data.
 
     python benchmarks/crf.py [--repeats 6] [--skip-ray] [--skip-quality]
+    python benchmarks/crf.py --torch [--torch-parts fidelity,cpu,gpu] [--table-out table.md]
+
+``--torch`` instead prints the torch backend's table (pipeline/crf_torch.py vs pydensecrf: fidelity, CPU and
+GPU speed), from benchmarks/crf_torch_backend.py.
 """
 
 from __future__ import annotations
@@ -25,19 +29,9 @@ from pipeline.probs import encode_probs  # noqa: E402
 from pipeline.synthetic import SceneSpec, make_scene, varied_spec  # noqa: E402
 from pipeline.weights import normalisation  # noqa: E402
 
+from crf_torch_backend import smooth_probs  # noqa: E402  (this directory; shared with the torch backend's table)
+
 EVAL_SEEDS_START = 1_500_000
-
-
-def smooth_probs(label: np.ndarray, num_classes: int, rng: np.random.Generator, stride: int = 8) -> np.ndarray:
-    """Probabilities shaped like a DeepLab's at output stride 8, made from a label: the one-hot
-    label averaged over stride x stride cells and bilinearly upsampled (blurred, blocky
-    boundaries) as logits with scale 8, plus pixel noise (std 0.5), through a softmax."""
-    h, w = label.shape
-    onehot = torch.from_numpy(np.eye(num_classes, dtype=np.float32)[np.where(label == 255, 0, label)]).permute(2, 0, 1)
-    coarse = torch.nn.functional.avg_pool2d(onehot[None], stride, ceil_mode=True)
-    up = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
-    logits = 8.0 * up + 0.5 * torch.from_numpy(rng.normal(size=(num_classes, h, w)).astype(np.float32))
-    return logits.softmax(0).numpy()
 
 
 def raw_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
@@ -196,7 +190,15 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=30)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--torch", action="store_true", help="only the torch backend's table")
+    parser.add_argument("--torch-parts", default="fidelity,cpu,gpu", help="comma-separated: fidelity, cpu, gpu")
+    parser.add_argument("--table-out", help="also write the torch backend's table (Markdown) to this file")
     args = parser.parse_args()
+    if args.torch:
+        import crf_torch_backend
+
+        table_out = ["--table-out", args.table_out] if args.table_out else []
+        return crf_torch_backend.main(["--parts", args.torch_parts, "--repeats", str(args.repeats), *table_out])
     torch.set_num_threads(1)
     speed(args.repeats)
     if not args.skip_ray:
