@@ -127,13 +127,6 @@ class RunOutput:
         with self.fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns, filters=[("key", "in", keys)] if keys else None)
 
-    def read(self, kind: str, columns: list[str] | None = None) -> pa.Table:
-        """All part files of ``kind`` (small runs and tests; the job itself never reads all rows)."""
-        tables = [self.read_part(kind, name, columns) for name in self.part_names(kind)]
-        schema = MASKS_SCHEMA if kind == "masks" else ERRORS_SCHEMA
-        empty = schema.empty_table().select(columns) if columns else schema.empty_table()
-        return pa.concat_tables(tables) if tables else empty
-
     def rows_for(self, candidates: dict[str, list[list]]) -> dict[str, dict]:
         """The report's rows, by key: only the parts that hold them, only those keys."""
         by_part: dict[str, set[str]] = {}

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.compare import (COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA, RunTables, compare_batch,
