@@ -176,10 +176,15 @@ def test_overwrite_replaces_a_committed_run(ray_local, tmp_path):
     bucket = make_bucket(tmp_path / "bucket", n=2, corrupt=False)
     argv = [str(bucket / "images"), "--output", str(tmp_path / "out"), "--run-id", "r", "--no-crf"]
     run(config_from_args(build_parser().parse_args(argv), build_parser()))
-    first = sorted((tmp_path / "out" / "run=r" / "masks").iterdir())
+    masks = tmp_path / "out" / "run=r" / "masks"
+    first = sorted(masks.iterdir())
     assert main(argv) == 2  # no accidental overwrite
+    stale = masks / "part-from-an-older-run.parquet"  # a part the new run would never write
+    shutil.copy(first[0], stale)
+    written = first[0].stat().st_mtime_ns
     run(config_from_args(build_parser().parse_args(argv + ["--overwrite"]), build_parser()))
-    second = sorted((tmp_path / "out" / "run=r" / "masks").iterdir())
-    assert first != second and len(second) == 1
+    second = sorted(masks.iterdir())
+    assert not stale.exists() and second == first  # part names are a hash of their keys
+    assert second[0].stat().st_mtime_ns != written
     rows = pq.read_table(second[0])
     assert rows.num_rows == 2 and rows.column("mask_pre_crf").null_count == 2  # --no-crf: no pre-CRF copy
