@@ -27,7 +27,7 @@ from pipeline.crf import CRFRefiner, dense_crf  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
 from pipeline.probs import encode_probs  # noqa: E402
 from pipeline.synthetic import SceneSpec, make_scene, varied_spec  # noqa: E402
-from pipeline.weights import normalisation  # noqa: E402
+from pipeline.checkpoints import normalisation  # noqa: E402
 
 from crf_torch_backend import smooth_probs  # noqa: E402  (this directory; shared with the torch backend's table)
 

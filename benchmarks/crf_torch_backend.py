@@ -94,7 +94,7 @@ def fidelity_datasets(size: tuple[int, int] | None):
     from PIL import Image
 
     from pipeline.inference import load_model, predict_probs
-    from pipeline.weights import normalisation
+    from pipeline.checkpoints import normalisation
 
     def resized(image, label):
         if size is None:

@@ -26,7 +26,7 @@ from pipeline.config import InferenceConfig  # noqa: E402
 from pipeline.inference import class_map, infer_batch, load_model  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
 from pipeline.synthetic import make_scene, varied_spec  # noqa: E402
-from pipeline.weights import normalisation  # noqa: E402
+from pipeline.checkpoints import normalisation  # noqa: E402
 
 EVAL_SEEDS_START = 1_500_000  # disjoint from training (0..), held-out (1_000_000..) and demo (2_000_000..)
 DEEPLAB_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

@@ -121,7 +121,7 @@ def bare_loop(inputs, scales, flip, threads: int, device: str) -> Result:
     from pipeline.images import decode_image
     from pipeline.inference import class_map, infer_batch, load_model
     from pipeline.storage import read_bytes
-    from pipeline.weights import normalisation
+    from pipeline.checkpoints import normalisation
 
     torch.set_num_threads(threads)
     model, _, _ = load_model("deeplabv3plus_demo", None)
@@ -190,7 +190,7 @@ class Predictor:
 
     def __init__(self, scales, flip, threads: int, device: str) -> None:
         from pipeline.inference import load_model
-        from pipeline.weights import normalisation
+        from pipeline.checkpoints import normalisation
 
         self.threads, self.device = threads, device
         self.model = load_model("deeplabv3plus_demo", None)[0].to(device)

@@ -29,7 +29,8 @@ from pipeline.metrics import DatasetSummary, image_stats  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.palette import IGNORE_INDEX  # noqa: E402
 from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec  # noqa: E402
-from pipeline.weights import DEMO_WEIGHTS, IMAGENET_MEAN, normalisation  # noqa: E402
+from pipeline.checkpoints import normalisation  # noqa: E402
+from pipeline.weights import DEMO_WEIGHTS, IMAGENET_MEAN  # noqa: E402
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_200)  # the demo bucket uses 2_000_000+
 

@@ -22,8 +22,8 @@ from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty
 from pipeline.tables import UNCERTAINTY_COLUMNS, mark_error, result_table
 from pipeline.testing import limit_memory_if_asked
-from pipeline.weights import (WeightsError, categories_from, default_weights, load_into, normalisation,
-                              num_classes_in, read_checkpoint)
+from pipeline.checkpoints import load_into, normalisation, num_classes_in, read_checkpoint
+from pipeline.weights import WeightsError, categories_from, default_weights
 
 
 def multiscale_probs(model: torch.nn.Module, image: torch.Tensor, scales: tuple[float, ...], flip: bool,

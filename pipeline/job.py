@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -256,22 +257,32 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
     print(f"query            : duckdb -c \"SELECT key, miou_pre_crf, miou FROM '{uri}/masks/*.parquet' ORDER BY miou LIMIT 5\"")
 
 
-def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
-    import ray
-
-    from pipeline.stages import Resources, build_dataset, cluster_nodes
-
-    started = time.time()
+def _prepare(config: JobConfig):
+    """What the driver checks and reads before any work: weights, the inputs, the run folder."""
     weights, sha256 = resolve_weights(config)
     inputs = list_inputs(config.input_uri, config.labels_uri, storage_options=config.storage_options,
                          limit=config.limit)
     output = RunOutput(config.output_uri, config.run_id, config.storage_options)
     earlier = output.prepare(resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes)
+    return weights, sha256, inputs, output, earlier
+
+
+def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
+    import ray  # before the thread starts: the two threads then import disjoint packages
+
+    started = time.time()
+    # Ray starts (seconds of subprocesses) while this process loads torch, checks the weights and
+    # lists the bucket; a bad checkpoint or URI still fails before any image is read.
+    with ThreadPoolExecutor(1, thread_name_prefix="deeplab-prepare") as pool:
+        prepared = pool.submit(_prepare, config)
+        init_ray(ray_address)
+        weights, sha256, inputs, output, earlier = prepared.result()
     todo = inputs.without(earlier.keys)
     print(f"[deeplab-pipeline] {len(inputs)} inputs under {config.input_uri}; {len(earlier.keys)} already done; "
           f"{len(todo)} to segment → {output.uri}", flush=True)
 
-    init_ray(ray_address)
+    from pipeline.stages import Resources, build_dataset, cluster_nodes
+
     resources = Resources.resolve(config, cluster_nodes())
     print(f"[deeplab-pipeline] {describe(resources)}", flush=True)
     run_started = time.time()

@@ -84,7 +84,7 @@ def demo_model_case():
     for module in ("ray", "timm", "safetensors"):
         pytest.importorskip(module)
     from pipeline.inference import load_model, predict_probs
-    from pipeline.weights import normalisation
+    from pipeline.checkpoints import normalisation
 
     model, _, categories = load_model("deeplabv3plus_demo", None)
     rgb = Image.open(sorted((DEMO_BUCKET / "images").glob("*.jpg"))[0]).convert("RGB")

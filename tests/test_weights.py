@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 
 from pipeline.inference import load_model
 from pipeline.models import build_model
-from pipeline.weights import DEMO_WEIGHTS, WeightsError, load_into, read_checkpoint
+from pipeline.checkpoints import load_into, read_checkpoint
+from pipeline.weights import DEMO_WEIGHTS, WeightsError
 
 
 @pytest.fixture(scope="module")

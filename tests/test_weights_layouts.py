@@ -13,15 +13,13 @@ from torchvision.models import segmentation as tv_segmentation
 
 from pipeline.inference import load_model
 from pipeline.models import MODEL_BUILDERS, build_model
+from pipeline.checkpoints import load_backbone, load_into, read_checkpoint
 from pipeline.weights import (
     DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1,
     DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1,
     DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1,
     DEFAULT_WEIGHTS,
     WeightsError,
-    load_backbone,
-    load_into,
-    read_checkpoint,
 )
 
 PUBLISHED = [
@@ -136,7 +134,7 @@ def test_timm_imagenet_backbone_loads_into_the_v3plus_backbone():
     assert torch.equal(model.backbone.blocks_20.stack.conv3.conv_pw.weight,
                        classifier.blocks[20].stack.conv3.conv_pw.weight)
     # The same file is no whole model: the error says so instead of listing 700 keys.
-    with pytest.raises(WeightsError, match="holds only backbone weights; pipeline.weights.load_backbone"):
+    with pytest.raises(WeightsError, match="holds only backbone weights; pipeline.checkpoints.load_backbone"):
         load_model("deeplabv3plus_xception65", uri, num_classes=3)
 
 

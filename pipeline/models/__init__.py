@@ -8,25 +8,41 @@ LargeFOV), v2 (ResNet-101 ASPP-L), v3 (torchvision-compatible), v3+ (encoder-dec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from pipeline.models.deeplabv1 import deeplabv1_vgg16
-from pipeline.models.deeplabv2 import deeplabv2_resnet101
-from pipeline.models.deeplabv3 import deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_resnet101
-from pipeline.models.deeplabv3plus import deeplabv3plus_demo, deeplabv3plus_resnet101, deeplabv3plus_xception65
-
-MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "deeplabv1_vgg16": deeplabv1_vgg16,
-    "deeplabv2_resnet101": deeplabv2_resnet101,
-    "deeplabv3_resnet50": deeplabv3_resnet50,
-    "deeplabv3_resnet101": deeplabv3_resnet101,
-    "deeplabv3_mobilenet_v3_large": deeplabv3_mobilenet_v3_large,
-    "deeplabv3plus_resnet101": deeplabv3plus_resnet101,
-    "deeplabv3plus_xception65": deeplabv3plus_xception65,
-    "deeplabv3plus_demo": deeplabv3plus_demo,
+# One line per model: its name and the module holding its builder of the same name. Imported on
+# first use, so naming a model (the CLI's --model choices) does not import torch.
+_MODULES = {
+    "deeplabv1_vgg16": "deeplabv1",
+    "deeplabv2_resnet101": "deeplabv2",
+    "deeplabv3_resnet50": "deeplabv3",
+    "deeplabv3_resnet101": "deeplabv3",
+    "deeplabv3_mobilenet_v3_large": "deeplabv3",
+    "deeplabv3plus_resnet101": "deeplabv3plus",
+    "deeplabv3plus_xception65": "deeplabv3plus",
+    "deeplabv3plus_demo": "deeplabv3plus",
 }
+
+
+class _Builders(Mapping):
+    """Model name → builder; the builder's module is imported when it is looked up."""
+
+    def __getitem__(self, name: str) -> Callable[..., nn.Module]:
+        return getattr(import_module(f"{__name__}.{_MODULES[name]}"), name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_MODULES)
+
+    def __len__(self) -> int:
+        return len(_MODULES)
+
+
+MODEL_BUILDERS: Mapping[str, Callable[..., nn.Module]] = _Builders()
 
 
 def build_model(name: str, *, num_classes: int, output_stride: int | None = None) -> nn.Module:

@@ -139,7 +139,7 @@ def deeplabv3plus_resnet101(*, num_classes: int = 21, output_stride: int = 16) -
     """v3+ on ResNet-101; the decoder's low-level input is ``layer1`` (stride 4, 256 channels).
 
     timm's ``resnet101`` has torchvision's module names, so ImageNet ResNet-101 weights from
-    either library load into ``backbone`` (see ``pipeline.weights.load_backbone``).
+    either library load into ``backbone`` (see ``pipeline.checkpoints.load_backbone``).
     """
     backbone, low, high = _timm_backbone("resnet101", output_stride)
     return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride)
