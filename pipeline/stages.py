@@ -103,6 +103,8 @@ TASK_RETRIES = 3
 
 def _fault_tolerance(retries: int) -> dict:
     return {"max_restarts": -1, "max_task_retries": retries}
+
+
 WRITE_ACTORS = 4  # writers encode Parquet and PUT; a few keep up with any pool (they hold no CPU)
 
 
