@@ -63,7 +63,7 @@ class FusedCRF:
         refine_row(out, i, image, encode_probs(probs, self.encoding), params=self.params, encoding=self.encoding,
                    num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics)
 
-    def _inputs(self, image: np.ndarray, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, image: np.ndarray, probs: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         return image, quantise_probs(probs, self.encoding)  # dense_crf_torch moves the image to the probs' device
 
     def _torch_merged(self, out: dict[str, list], rows) -> bool:
@@ -74,6 +74,7 @@ class FusedCRF:
                 inputs = [self._inputs(image, probs) for _, image, probs in rows]
                 labels = [m.cpu().numpy().tobytes() for m in dense_crf_torch_batch(*zip(*inputs), self.params)]
         except Exception:  # each image alone next: the one that fails is found without losing the others
+            torch.cuda.empty_cache()  # what the failed merged call cached, for the images one by one
             return False
         seconds = (time.perf_counter() - start) / len(rows)
         for (i, _, _), mask in zip(rows, labels):
