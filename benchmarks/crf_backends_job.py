@@ -34,7 +34,8 @@ from PIL import Image  # noqa: E402
 from pipeline.synthetic import write_bucket  # noqa: E402
 
 BACKENDS = ("torch", "pydensecrf")
-ROWS_PER_FILE = 32  # part files often enough to time the steady state from their mtimes
+ROWS_PER_FILE = 16  # a part file per Ray batch: often enough to time the steady state from their mtimes
+MIN_PARTS = 6  # fewer part files than this make the steady state a guess: reported as n/a
 
 
 def run_job(bucket: Path, out: Path, backend: str, timeout: float) -> dict:
@@ -55,7 +56,7 @@ def run_job(bucket: Path, out: Path, backend: str, timeout: float) -> dict:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     parts = sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in (run_dir / "masks").glob("*.parquet"))
     span = parts[-1][0] - parts[0][0]
-    steady = sum(n for _, n in parts[1:]) / span if len(parts) > 2 and span > 0 else None
+    steady = sum(n for _, n in parts[1:]) / span if len(parts) >= MIN_PARTS and span > 0 else None
     images = manifest["counts"]["images"]
     return {"backend": backend, "images": images, "errors": manifest["counts"]["errors"], "e2e_s": seconds,
             "e2e_rate": images / seconds, "segment_rate": manifest["timings"]["images_per_s"], "steady": steady,
