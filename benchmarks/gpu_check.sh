@@ -96,6 +96,14 @@ STEP_TIMEOUT_S=60 run_step python-env python_env
 STEP_TIMEOUT_S=180 run_step crf-torch-tests "$PYTHON" -m pytest -q -rs tests/test_crf_torch.py -p no:cacheprovider
 STEP_TIMEOUT_S=180 run_step crf-torch-gpu-speed "$PYTHON" benchmarks/crf_torch_backend.py --parts gpu --repeats 5 \
     --table-out "$LOG_DIR/crf_torch_gpu.md"
+# The whole job, GPU inference + the torch CRF fused on the GPU vs + the CPU pydensecrf pool (images/s). Needs the
+# whole project (Ray, pydensecrf); the CPU dry run (GPU_CHECK_ALLOW_CPU=1 without CUDA) runs 8 images on the CPU plan.
+job_images() {
+    "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && echo 400 || echo 8
+}
+JOB_ARGS=(--images "$(job_images)" --timeout 140 --table-out "$LOG_DIR/crf_backends_job.md")
+[[ $ALLOW_CPU == 1 ]] && JOB_ARGS+=(--allow-cpu)
+STEP_TIMEOUT_S=300 run_step crf-backends-job "$PYTHON" benchmarks/crf_backends_job.py "${JOB_ARGS[@]}"
 # ---------------------------------------------------------------- summary --------------------------------------------
 
 {

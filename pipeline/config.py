@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+CRF_BACKENDS = ("auto", "pydensecrf", "torch")
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,13 @@ class ComputeConfig:
     # Custom Ray resources per actor, e.g. {"crf_node": 1} to pin CRF actors to CPU-only CRF nodes.
     infer_resources: dict = field(default_factory=dict, hash=False)
     crf_resources: dict = field(default_factory=dict, hash=False)
+    # Which dense CRF runs (pipeline.stages.Resources.resolve): "auto" is pydensecrf without GPUs
+    # (faster on a CPU core, docs/benchmarks.md) and the torch backend inside the GPU inference actors.
+    crf_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.crf_backend not in CRF_BACKENDS:
+            raise ValueError(f"crf_backend must be one of {', '.join(CRF_BACKENDS)}, got {self.crf_backend!r}")
         for name in ("infer_actors", "crf_actors"):
             if getattr(self, name) is None:
                 continue

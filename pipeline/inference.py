@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.config import CRFParams, InferenceConfig
-from pipeline.crf import refine_row
+from pipeline.crf_fused import FusedCRF
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty
@@ -209,13 +209,14 @@ class Segmenter:
 
     Emits per image the pre-CRF argmax mask, confidence summaries and, when a CRF stage follows,
     the averaged probabilities in ``inference.probs_encoding`` (see pipeline/probs.py). With
-    ``crf`` it refines each image itself and emits the result rows: the probabilities never
-    cross the object store.
+    ``crf`` it refines each image itself, with ``crf_backend`` (the torch one on the actor's
+    device), and emits the result rows: the probabilities never cross the object store.
     """
 
     def __init__(self, *, model: str, weights_uri: str | None, storage_options: dict, inference: InferenceConfig,
                  weights_sha256: str, num_classes: int, use_gpu: bool, threads: int, crf_follows: bool,
-                 run_id: str, mean: tuple[float, ...], std: tuple[float, ...], crf: CRFParams | None = None) -> None:
+                 run_id: str, mean: tuple[float, ...], std: tuple[float, ...], crf: CRFParams | None = None,
+                 crf_backend: str = "pydensecrf") -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.threads = max(1, threads)
         self.model, self.sha256, categories = load_model(
@@ -226,13 +227,15 @@ class Segmenter:
         self.num_classes = len(categories)
         self.inference = inference
         self.crf_follows = crf_follows
-        self.crf = crf  # refine in this actor, right after inference (no CRF pool follows)
         self.run_id = run_id
         self.mean, self.std = normalisation(mean, std, self.device)
         limit_memory_if_asked()
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.metrics = stage_metrics("infer")
-        self.crf_metrics = stage_metrics("crf")
+        # Refine in this actor, right after inference (no CRF pool follows).
+        self.crf = None if crf is None else FusedCRF(crf, backend=crf_backend, encoding=inference.probs_encoding,
+                                                     num_classes=self.num_classes, node_id=self.node_id,
+                                                     device=self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         if self.device.type == "cpu":
@@ -264,20 +267,20 @@ class Segmenter:
                     probs.append(None)
         per_image = (time.perf_counter() - start) / max(1, len(todo))
         out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [""] * n
+        inferred = []
         for i, image, p in zip(todo, images, probs):
             if p is None:
                 continue
             out["mask_pre"][i] = class_map(p).cpu().numpy().tobytes()
             for name, value in uncertainty(p, self.inference.low_conf_threshold).items():
                 out[name][i] = value
-            if self.crf_follows or self.crf is not None:
+            if self.crf_follows:
                 out["probs"][i] = encode_probs(p, self.inference.probs_encoding)
             out["infer_ms"][i] = per_image * 1000.0
             self.metrics.ok(per_image)
-            if self.crf is not None:
-                refine_row(out, i, image, out["probs"][i], params=self.crf, encoding=self.inference.probs_encoding,
-                           num_classes=self.num_classes, node_id=self.node_id, metrics=self.crf_metrics)
-                out["probs"][i] = b""
+            inferred.append((i, image, p))
+        if self.crf is not None:
+            self.crf(out, inferred)
         if self.crf_follows:
             return {k: np.array(v, dtype=object) if k in _BYTES_COLUMNS else np.array(v) for k, v in out.items()}
         return result_table(out, num_classes=self.num_classes, model=self.model_name,

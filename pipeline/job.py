@@ -15,7 +15,8 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options, json_object
+from pipeline.config import (CRF_BACKENDS, ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options,
+                             json_object)
 from pipeline.models import MODEL_BUILDERS
 from pipeline.compare import format_comparison, regression_message, run_before
 from pipeline.observability import push_summary
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pixels whose top-class probability is below this count as low-confidence")
     c = p.add_argument_group("dense CRF (defaults: DeepLab v2's published values)")
     c.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True, help="refine masks with dense CRF")
+    c.add_argument("--crf-backend", choices=CRF_BACKENDS, default=compute.crf_backend,
+                   help="pydensecrf (CPU) or torch (pipeline/crf_torch.py: the same labels, on the inference device); "
+                        "auto: torch inside the GPU inference actors when inference runs on GPUs (no CPU CRF pool), "
+                        "else pydensecrf, the faster one on a CPU core")
     c.add_argument("--crf-iterations", type=int, default=crf.iterations, help="mean-field iterations")
     c.add_argument("--crf-gaussian-sxy", type=float, default=crf.gaussian_sxy, help="smoothness kernel θγ (pixels)")
     c.add_argument("--crf-gaussian-compat", type=float, default=crf.gaussian_compat, help="smoothness weight w2")
@@ -108,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in "
                         "the cluster, or without GPUs one single-threaded actor per core left after CRF)")
     r.add_argument("--crf-actors", type=_range, default=compute.crf_actors, metavar="MIN-MAX",
-                   help="CPU CRF actor pool size on GPU clusters (default: 1 up to every CPU the inference "
-                        "actors leave on the nodes that may run it; without GPUs the CRF runs in the "
-                        "inference actors)")
+                   help="CPU CRF actor pool size on GPU clusters with --crf-backend pydensecrf (default: 1 up "
+                        "to every CPU the inference actors leave on the nodes that may run it; without GPUs "
+                        "or with the torch backend the CRF runs in the inference actors)")
     r.add_argument("--batch-size", type=int, default=compute.batch_size,
                    help="images per Ray batch (larger amortises Ray's per-batch cost; --max-batch-pixels bounds memory)")
     r.add_argument("--infer-cpus", type=float, help="CPUs (= torch threads) per inference actor (default: 1 with GPUs, "
@@ -183,7 +188,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             compute=ComputeConfig(infer_actors=args.infer_actors, crf_actors=args.crf_actors, batch_size=args.batch_size,
                                   infer_cpus=args.infer_cpus, crf_cpus=args.crf_cpus, use_gpu=args.gpu,
                                   object_store_mib=args.object_store_mib,
-                                  infer_resources=args.infer_resources, crf_resources=args.crf_resources),
+                                  infer_resources=args.infer_resources, crf_resources=args.crf_resources,
+                                  crf_backend=args.crf_backend),
             num_classes=args.num_classes,
             limit=args.limit,
             resume=args.resume,
@@ -305,7 +311,8 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
         "resources": {"use_gpu": resources.use_gpu, "infer_cpus": resources.infer_cpus,
                       "infer_threads": resources.infer_threads, "infer_actors": list(resources.infer_actors),
                       "crf_actors": list(resources.crf_actors) if resources.crf_actors else None,
-                      "crf_fused": resources.crf_fused, "decode_actors": list(resources.decode_actors),
+                      "crf_fused": resources.crf_fused, "crf_backend": resources.crf_backend,
+                      "decode_actors": list(resources.decode_actors),
                       "object_store_mib": resources.object_store_mib,
                       "cluster": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
         "timings": {"segment_s": round(run_seconds, 3), "processed": processed,
@@ -346,9 +353,10 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
 def describe(resources) -> str:
     lo, hi = resources.infer_actors
     if resources.crf_fused:
-        crf = "in the inference actors"
+        on_gpu = resources.use_gpu and resources.crf_backend == "torch"
+        crf = f"{resources.crf_backend} in the inference actors" + (", on the GPU" if on_gpu else "")
     elif resources.crf_actors:
-        crf = f"{resources.crf_actors[0]}-{resources.crf_actors[1]} CPU actors"
+        crf = f"{resources.crf_backend} in {resources.crf_actors[0]}-{resources.crf_actors[1]} CPU actors"
     else:
         crf = "off"
     return (f"inference on {'GPU' if resources.use_gpu else 'CPU'}: {lo if lo == hi else f'{lo}-{hi}'} actor(s), "

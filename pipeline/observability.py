@@ -1,8 +1,10 @@
 """Prometheus metrics, named per DESIGN.md with the ``deeplab_pipeline_`` prefix and base units.
 
-- Actors record ``deeplab_pipeline_images_total{stage,status}`` and
-  ``deeplab_pipeline_stage_seconds{stage}`` through Ray's metrics API, so Ray's own metrics
-  endpoint (scraped by Prometheus) exposes them live; Ray prepends its ``ray_`` namespace there.
+- Actors record ``deeplab_pipeline_images_total{stage,status}``,
+  ``deeplab_pipeline_stage_seconds{stage}`` and ``deeplab_pipeline_fallbacks_total{stage,fallback}``
+  (images the torch CRF could not allocate for, refined by pydensecrf) through Ray's metrics API,
+  so Ray's own metrics endpoint (scraped by Prometheus) exposes them live; Ray prepends its
+  ``ray_`` namespace there.
 - The driver pushes the run summary (the same counters and histograms over the whole run, plus
   ``deeplab_pipeline_miou{run_id,crf}``) to a Pushgateway with ``--pushgateway URL``: the
   nightly case, where the cluster is gone before Prometheus would scrape it. With
@@ -33,6 +35,9 @@ class StageMetrics:
                                    tag_keys=("stage", "status"))
             self._seconds = Histogram("deeplab_pipeline_stage_seconds", "Per-image stage time",
                                       boundaries=list(STAGE_BUCKETS), tag_keys=("stage",))
+            self._fallbacks = Counter("deeplab_pipeline_fallbacks_total",
+                                      "Images a stage handed to its fallback (e.g. torch CRF out of memory)",
+                                      tag_keys=("stage", "fallback"))
 
     def ok(self, seconds: float) -> None:
         if self._enabled:
@@ -42,6 +47,10 @@ class StageMetrics:
     def error(self) -> None:
         if self._enabled:
             self._images.inc(1.0, tags={"stage": self.stage, "status": "error"})
+
+    def fallback(self, to: str) -> None:
+        if self._enabled:
+            self._fallbacks.inc(1.0, tags={"stage": self.stage, "fallback": to})
 
 
 @functools.cache

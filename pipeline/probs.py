@@ -31,6 +31,18 @@ def decode_probs(data: bytes, encoding: str, shape: tuple[int, int, int]) -> np.
     return np.frombuffer(data, dtype=np.dtype(encoding)).reshape(shape).astype(np.float32)
 
 
+def quantise_probs(probs: torch.Tensor, encoding: str) -> torch.Tensor:
+    """decode_probs(encode_probs(probs)) as float32 on probs' device: the CRF's input in every plan, so
+    the fused torch backend on a GPU refines what the CRF pool would get, without a copy to the host."""
+    import torch
+
+    if encoding == "uint8":
+        levels = (probs.clamp(0, 1) * 255).round_().byte().float()
+        # Divide by a tensor: CUDA turns division by a Python scalar into a (differently rounded) multiply.
+        return levels / torch.tensor(255.0, device=probs.device)
+    return probs.half().float() if encoding == "float16" else probs.float()
+
+
 def uncertainty(probs: torch.Tensor, low_conf_threshold: float = 0.5) -> dict[str, float]:
     """Per-image confidence summaries of (C, H, W) probabilities, before CRF.
 

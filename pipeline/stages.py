@@ -1,7 +1,8 @@
 """The Ray Data DAG: keys → read+decode (actor pool) → inference (actor pool, with the CRF fused in
-on CPU-only clusters) → dense CRF (CPU actor pool, on GPU clusters) → write (part files published
-by workers). Every stage passes failed rows through untouched, so each input key leaves the DAG
-exactly once, as a mask row or an error row, in exactly one part file."""
+on CPU-only clusters and with the torch backend on GPUs) → dense CRF (CPU actor pool: pydensecrf on
+GPU clusters) → write (part files published by workers). Every stage passes failed rows through
+untouched, so each input key leaves the DAG exactly once, as a mask row or an error row, in exactly
+one part file."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Resources:
     decode_actors: tuple[int, int]
     crf_actors: tuple[int, int] | None = None  # the CPU CRF pool; None: no pool (CRF off or fused)
     crf_fused: bool = False  # the inference actor refines its own images
+    crf_backend: str | None = None  # "pydensecrf" or "torch" (on the inference device when fused); None: CRF off
 
     @classmethod
     def resolve(cls, config: JobConfig, cluster: dict[str, float] | list[dict[str, float]]) -> "Resources":
@@ -41,9 +43,15 @@ class Resources:
         total_cpus = sum(n.get("CPU", 0.0) for n in nodes) or 1.0
         gpus = sum(n.get("GPU", 0.0) for n in nodes)
         use_gpu = compute.use_gpu if compute.use_gpu is not None else gpus > 0
+        backend = None
+        if config.crf is not None:
+            # auto: on GPUs the torch backend (same labels as pydensecrf, and a CPU pool would need
+            # ~100 cores per GPU at pydensecrf's speed); on a CPU core pydensecrf is the faster one.
+            backend = compute.crf_backend if compute.crf_backend != "auto" else ("torch" if use_gpu else "pydensecrf")
         # Without GPUs the CRF runs in the inference actor, one per core: no probabilities through
-        # the object store and no CPU split between two pools (benchmarks/pipeline_vs_loop.py).
-        fused = config.crf is not None and not use_gpu
+        # the object store and no CPU split between two pools (benchmarks/pipeline_vs_loop.py). With
+        # GPUs the torch backend runs there too, on the GPU, right after the forward pass.
+        fused = backend is not None and (not use_gpu or backend == "torch")
         if use_gpu:
             actors = compute.infer_actors or (max(1, int(gpus)),) * 2
             cpus = compute.infer_cpus or 1.0
@@ -78,7 +86,7 @@ class Resources:
         # Decode actors may fill the CPUs inference leaves too (one at least); Ray Data adds them
         # only while decoding is what inference waits for.
         decoders = max(1, min(math.floor(sum(left) / compute.decode_cpus + 1e-9), int(total_cpus)))
-        return cls(use_gpu, cpus, threads, actors, budget, (1, decoders), crf_actors, fused)
+        return cls(use_gpu, cpus, threads, actors, budget, (1, decoders), crf_actors, fused, backend)
 
 
 def _eligible(node: dict[str, float], required: dict) -> bool:
@@ -148,6 +156,7 @@ def build_dataset(inputs: Inputs, config: JobConfig, weights: Weights, weights_s
             "use_gpu": resources.use_gpu, "threads": resources.infer_threads,
             "crf_follows": resources.crf_actors is not None, "run_id": config.run_id,
             "mean": weights.mean, "std": weights.std, "crf": config.crf if resources.crf_fused else None,
+            "crf_backend": resources.crf_backend or "pydensecrf",
         },
         batch_size=compute.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),

@@ -15,7 +15,7 @@ def test_help_lists_every_option():
     assert proc.returncode == 0
     for flag in ("--output", "--labels", "--model", "--weights", "--scales", "--flip", "--crf", "--no-crf",
                  "--crf-bilateral-srgb", "--output-stride", "--infer-actors", "--crf-actors", "--batch-size",
-                 "--run-id", "--resume", "--overwrite", "--limit", "--storage-options"):
+                 "--run-id", "--resume", "--overwrite", "--limit", "--storage-options", "--crf-backend"):
         assert flag in proc.stdout, flag
 
 
@@ -23,6 +23,20 @@ def test_demo_defaults_need_no_arguments():
     config = config_from_args(build_parser().parse_args([]), build_parser())
     assert config.input_uri.endswith("demo_bucket/images") and config.labels_uri.endswith("demo_bucket/labels")
     assert config.output_uri == "outputs" and config.crf is not None
+    assert config.compute.crf_backend == "auto"
+
+
+@pytest.mark.parametrize("backend", ["auto", "pydensecrf", "torch"])
+def test_crf_backend_flag(backend):
+    args = build_parser().parse_args(["x", "--output", "o", "--crf-backend", backend])
+    assert config_from_args(args, build_parser()).compute.crf_backend == backend
+
+
+def test_crf_backend_is_validated_in_the_config_too():
+    from pipeline.config import ComputeConfig
+
+    with pytest.raises(ValueError, match="crf_backend must be one of auto, pydensecrf, torch"):
+        ComputeConfig(crf_backend="densecrf")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -32,6 +46,7 @@ def test_demo_defaults_need_no_arguments():
     (["x", "--output", "o", "--storage-options", "[1]"], "JSON object"),
     (["x", "--output", "o", "--crf-iterations", "0"], "iterations must be >= 1"),
     (["x", "--output", "o", "--model", "nope"], "invalid choice"),
+    (["x", "--output", "o", "--crf-backend", "cuda"], "--crf-backend: invalid choice"),
     (["x", "--output", "o", "--resume"], "--resume needs the --run-id"),
 ])
 def test_bad_arguments_exit_2_with_a_reason(argv, message, capsys):

@@ -53,7 +53,7 @@ def find_workers(job: subprocess.Popen, title: str) -> list[psutil.Process]:
     return found
 
 
-# The job in a Ray that declares a (fake) GPU: the GPU plan, whose CRF runs in its own CPU pool.
+# The job in a Ray that declares a (fake) GPU: the GPU plan with pydensecrf, whose CRF runs in its own CPU pool.
 _FAKE_GPU_JOB = """
 import os, sys
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -72,7 +72,10 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
     out = tmp_path / "out"
     args = [str(bucket / "images"), "--labels", str(bucket / "labels"), "--output", str(out),
             "--run-id", "killed", "--batch-size", "1", "--rows-per-file", "2"]
-    cmd = [sys.executable, "-c", _FAKE_GPU_JOB, *args] if udf == "CRFRefiner" else job_cmd(*args)
+    if udf == "CRFRefiner":
+        cmd = [sys.executable, "-c", _FAKE_GPU_JOB, *args, "--crf-backend", "pydensecrf"]
+    else:
+        cmd = job_cmd(*args)
     job = subprocess.Popen(cmd, cwd=REPO, env=job_env(PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     title = f"ray::MapWorker(MapBatches({udf}))"

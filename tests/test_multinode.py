@@ -48,6 +48,7 @@ def test_actors_run_on_their_node_types(cluster, tmp_path):
          "--labels", str(DEMO_BUCKET / "labels"), "--output", str(out), "--run-id", "multinode", "--limit", "4",
          "--infer-actors", "1-1",
          "--infer-resources", '{"gpu_node": 1}', "--crf-resources", '{"crf_node": 1}',
+         "--crf-backend", "pydensecrf",  # the GPU plan with a CPU CRF pool (auto would fuse torch into the GPU actor)
          "--ray-address", cluster.address],
         env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -24,7 +24,7 @@ def test_cpu_default_is_one_single_threaded_actor_per_core_with_the_crf_inside()
     # 2 cores: 2 - 0.25 (decode) = 1.75 CPUs for inference -> 2 actors of 0.875, 1 thread each; with
     # CRF on, each inference actor refines its own images (no CRF pool, nothing through the store).
     assert resolve({"CPU": 2.0}, crf=False) == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, False)
-    assert resolve({"CPU": 2.0}) == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, True)
+    assert resolve({"CPU": 2.0}) == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, True, "pydensecrf")
     r = resolve({"CPU": 16.0})
     assert r.infer_actors == (16, 16) and r.infer_threads == 1 and r.infer_cpus == pytest.approx(15.75 / 16)
     assert r.crf_fused and r.crf_actors is None and r.decode_actors == (1, 1)
@@ -42,27 +42,51 @@ def test_cpu_explicit_sizes_win():
 def test_gpu_default_is_one_actor_per_gpu_and_pools_that_grow_with_the_cluster():
     # One dict = the whole cluster: 4 GPU actors x 1 CPU leave 28 CPUs, which the CRF pool may grow
     # into (from 1 actor) and the decode pool too (capped at one per CPU).
-    r = resolve({"CPU": 32.0, "GPU": 4.0})
-    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4 + 64 * 16, (1, 32), (1, 28), False)
+    r = resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend="pydensecrf")
+    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4 + 64 * 16, (1, 32), (1, 28), False, "pydensecrf")
     assert resolve({"CPU": 32.0, "GPU": 4.0}, infer_actors=(1, 8)).infer_actors == (1, 8)
-    assert resolve({"CPU": 32.0, "GPU": 4.0}, crf_actors=(2, 6)).crf_actors == (2, 6)
+    assert resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend="pydensecrf", crf_actors=(2, 6)).crf_actors == (2, 6)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, object_store_mib=100).object_store_mib == 100
     # --gpu on a cluster whose GPU nodes are still scaled to zero: one actor, the autoscaler adds a node.
     assert resolve({"CPU": 4.0}, use_gpu=True).infer_actors == (1, 1)
     # Per node: a CPU head and two 64-CPU nodes with 8 GPUs each; every node may run CRF actors.
     nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}]
-    r = resolve(nodes)
+    r = resolve(nodes, crf_backend="pydensecrf")
     assert r.infer_actors == (16, 16) and r.crf_actors == (1, 8 + 56 + 56) and r.decode_actors == (1, 136)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_gpu_with_the_torch_backend_refines_in_the_gpu_actors_and_starts_no_crf_pool(backend):
+    # The CRF runs on the GPU right after the forward pass: no CPU CRF pool, no probabilities in the
+    # object store (so no object-store budget for them), and an explicit --crf-actors starts no pool.
+    r = resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend)
+    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4, (1, 32), None, True, "torch")
+    assert resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend, crf_actors=(2, 6)).crf_actors is None
+    nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0, "crf_node": 64.0}]
+    r = resolve(nodes, crf_backend=backend, crf_resources={"crf_node": 1})
+    assert r.crf_fused and r.crf_actors is None and r.infer_actors == (16, 16)
+    assert resolve({"CPU": 4.0}, use_gpu=True, crf_backend=backend).crf_backend == "torch"
+
+
+def test_cpu_backend_choice_and_crf_off():
+    # Without GPUs auto is pydensecrf (the faster one on a core, docs/benchmarks.md); torch if asked,
+    # fused either way. With the CRF off there is no backend at all.
+    assert resolve({"CPU": 2.0}, crf_backend="torch") == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, True,
+                                                                   "torch")
+    assert resolve({"CPU": 2.0}, crf_backend="pydensecrf").crf_backend == "pydensecrf"
+    assert resolve({"CPU": 32.0, "GPU": 4.0}, crf=False, crf_backend="torch").crf_backend is None
+    assert resolve({"CPU": 32.0, "GPU": 4.0}, crf=False).crf_actors is None
 
 
 def test_crf_pool_grows_only_on_the_nodes_that_may_run_it():
     nodes = [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0, "gpu_node": 1.0}, {"CPU": 16.0, "crf_node": 16.0},
              {"CPU": 16.0, "crf_node": 16.0}]
-    r = resolve(nodes, infer_resources={"gpu_node": 1}, crf_resources={"crf_node": 1})
+    pool = {"crf_backend": "pydensecrf"}
+    r = resolve(nodes, infer_resources={"gpu_node": 1}, crf_resources={"crf_node": 1}, **pool)
     assert r.infer_actors == (1, 1) and r.crf_actors == (1, 32)
-    assert resolve(nodes, crf_resources={"crf_node": 1}, crf_cpus=2.0).crf_actors == (1, 16)
+    assert resolve(nodes, crf_resources={"crf_node": 1}, crf_cpus=2.0, **pool).crf_actors == (1, 16)
     # No node offers the resource yet (an autoscaling cluster at zero): one actor, the autoscaler adds nodes.
-    assert resolve(nodes[:2], crf_resources={"crf_node": 1}).crf_actors == (1, 1)
+    assert resolve(nodes[:2], crf_resources={"crf_node": 1}, **pool).crf_actors == (1, 1)
 
 
 _THREADS_PROBE = """

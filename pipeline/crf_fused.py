@@ -1,0 +1,112 @@
+"""The dense CRF inside the inference actor (the fused plans, pipeline/stages.py).
+
+Both backends refine the probabilities as the CRF pool would receive them (``inference.probs_encoding``),
+so every plan gives the same masks. pydensecrf gets them encoded, on the host; the torch backend gets them
+quantised on the actor's device, where they already are: on a GPU they never leave it. An image the torch
+backend cannot allocate for (CUDA out of memory, a failed host allocation) is refined by pydensecrf on the
+CPU instead, with a warning and a ``deeplab_pipeline_fallbacks_total`` count; if that fails too, it is the
+image's error row (stage ``crf``), as on the pydensecrf path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from pipeline.config import CRFParams
+from pipeline.crf import refine_row
+from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch
+from pipeline.observability import stage_metrics
+from pipeline.probs import encode_probs, quantise_probs
+from pipeline.tables import mark_error
+
+log = logging.getLogger(__name__)
+
+# What a failed allocation says when it is not a torch.OutOfMemoryError / MemoryError: the host allocator
+# (c10's "can't allocate memory"), std::bad_alloc in native code, cuSPARSE/cuBLAS workspaces.
+_ALLOCATION_MESSAGES = ("can't allocate memory", "out of memory", "bad_alloc", "ALLOC_FAILED")
+
+
+def allocation_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed (the input was too large), not a bug or a bad input."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _ALLOCATION_MESSAGES)
+
+
+class FusedCRF:
+    """Refines a batch's rows in place (``mask``, ``crf_ms``, ``crf_node``, or the error), right after inference."""
+
+    def __init__(self, params: CRFParams, *, backend: str, encoding: str, num_classes: int, node_id: str,
+                 device: torch.device) -> None:
+        if backend not in ("pydensecrf", "torch"):
+            raise ValueError(f"CRF backend must be pydensecrf or torch, got {backend!r}")
+        self.params, self.backend, self.encoding = params, backend, encoding
+        self.num_classes, self.node_id, self.device = num_classes, node_id, device
+        self.metrics = stage_metrics("crf")
+
+    def __call__(self, out: dict[str, list], rows: list[tuple[int, np.ndarray, torch.Tensor]]) -> None:
+        """``rows``: (row index, (H, W, 3) uint8 image, (C, H, W) probabilities on the device) per image."""
+        if self.backend == "pydensecrf":
+            for i, image, probs in rows:
+                self._pydensecrf(out, i, image, probs)
+            return
+        if self.device.type == "cuda" and len(rows) > 1 and self._torch_merged(out, rows):
+            return
+        for i, image, probs in rows:
+            self._torch_one(out, i, image, probs)
+
+    def _pydensecrf(self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor) -> None:
+        refine_row(out, i, image, encode_probs(probs, self.encoding), params=self.params, encoding=self.encoding,
+                   num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics)
+
+    def _inputs(self, image: np.ndarray, probs: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        return image, quantise_probs(probs, self.encoding)  # dense_crf_torch moves the image to the probs' device
+
+    def _torch_merged(self, out: dict[str, list], rows) -> bool:
+        """All rows as one call (merged lattices: fewer, larger GPU kernels); False, nothing set, if it fails."""
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                inputs = [self._inputs(image, probs) for _, image, probs in rows]
+                labels = [m.cpu().numpy().tobytes() for m in dense_crf_torch_batch(*zip(*inputs), self.params)]
+        except Exception:  # each image alone next: the one that fails is found without losing the others
+            torch.cuda.empty_cache()  # what the failed merged call cached, for the images one by one
+            return False
+        seconds = (time.perf_counter() - start) / len(rows)
+        for (i, _, _), mask in zip(rows, labels):
+            out["mask"][i], out["crf_ms"][i], out["crf_node"][i] = mask, seconds * 1000.0, self.node_id
+            self.metrics.ok(seconds)
+        return True
+
+    def _torch_one(self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor) -> None:
+        out["crf_node"][i] = self.node_id
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                mask = dense_crf_torch(*self._inputs(image, probs), self.params).cpu().numpy().tobytes()
+        except Exception as exc:
+            if not allocation_failure(exc):
+                mark_error(out, i, "crf", exc, f"dense CRF (torch) failed: {exc}")
+                return
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        else:
+            seconds = time.perf_counter() - start
+            out["mask"][i], out["crf_ms"][i] = mask, seconds * 1000.0
+            self.metrics.ok(seconds)
+            return
+        failed_ms = (time.perf_counter() - start) * 1000.0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand back what the failed attempt cached before the next image
+        log.warning("dense CRF: the torch backend could not allocate for %s (%sx%s, on %s: %s); refining it with "
+                    "pydensecrf on the CPU", out["key"][i], image.shape[0], image.shape[1], self.device, reason)
+        self.metrics.fallback("pydensecrf")
+        self._pydensecrf(out, i, image, probs)
+        if out["error_stage"][i]:
+            out["error_message"][i] = (f"the torch backend could not allocate ({reason}); "
+                                       f"then {out['error_message'][i]}")[:1000]
+        else:
+            out["crf_ms"][i] += failed_ms  # the image's CRF time includes the attempt that failed

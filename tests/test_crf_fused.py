@@ -1,0 +1,99 @@
+"""The CRF inside the inference actor (pipeline/crf_fused.py): both backends refine the same probabilities,
+the torch backend's input is the CRF pool's, and what counts as an allocation failure."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import CRFParams
+from pipeline.crf import dense_crf
+from pipeline.crf_fused import FusedCRF, allocation_failure
+from pipeline.probs import ENCODINGS, decode_probs, encode_probs, quantise_probs
+from tests.conftest import DEMO_BUCKET
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_quantised_probs_are_bitwise_what_the_crf_pool_decodes(encoding, device):
+    probs = torch.rand(5, 37, 41, generator=torch.Generator().manual_seed(0)).softmax(0)
+    probs[0, 0, :3] = torch.tensor([0.0, 1.0, 0.5 / 255])  # the ends and a rounding tie of uint8
+    expected = decode_probs(encode_probs(probs, encoding), encoding, tuple(probs.shape))
+    got = quantise_probs(probs.to(device), encoding)
+    assert got.device.type == device and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.cpu().numpy(), expected)
+
+
+def test_allocation_failures_are_told_from_other_errors():
+    with pytest.raises(RuntimeError) as failed:  # a real failed host allocation: 2**60 bytes
+        torch.empty(2**60, dtype=torch.uint8)
+    assert allocation_failure(failed.value)
+    assert allocation_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    assert allocation_failure(MemoryError())
+    assert not allocation_failure(ValueError("probs must be (C, H, W)"))
+    assert not allocation_failure(RuntimeError("expected scalar type Float but found Double"))
+
+
+def _rows(n: int = 3, classes: int = 6):
+    """Demo images with blocky, confident probabilities from their labels, as inference would emit them."""
+    rows = []
+    for i, path in enumerate(sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:n]):
+        image = np.array(Image.open(path).convert("RGB"))
+        label = np.array(Image.open(DEMO_BUCKET / "labels" / f"{path.stem}.png"))
+        onehot = torch.from_numpy(np.eye(classes, dtype=np.float32)[np.where(label == 255, 0, label)]).permute(2, 0, 1)
+        coarse = torch.nn.functional.avg_pool2d(onehot[None], 8, ceil_mode=True)
+        up = torch.nn.functional.interpolate(coarse, size=label.shape, mode="bilinear", align_corners=False)[0]
+        rows.append((i, image, (6.0 * up).softmax(0)))
+    return rows
+
+
+def _columns(n: int) -> dict[str, list]:
+    return {"key": [f"k{i}" for i in range(n)], "mask": [b""] * n, "crf_ms": [0.0] * n, "crf_node": [""] * n,
+            "error_stage": [""] * n, "error_type": [""] * n, "error_message": [""] * n}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_same_masks(device):
+    rows = _rows()
+    outs = {}
+    for backend in ("pydensecrf", "torch"):
+        crf = FusedCRF(CRFParams(), backend=backend, encoding="uint8", num_classes=6, node_id="node",
+                       device=torch.device(device if backend == "torch" else "cpu"))
+        outs[backend] = _columns(len(rows))
+        crf(outs[backend], [(i, image, p.to(crf.device)) for i, image, p in rows])
+    for out in outs.values():
+        assert out["error_stage"] == [""] * len(rows) and out["crf_node"] == ["node"] * len(rows)
+        assert all(ms > 0 for ms in out["crf_ms"])
+    for (i, image, p), torch_mask, pyd_mask in zip(rows, outs["torch"]["mask"], outs["pydensecrf"]["mask"]):
+        reference = dense_crf(image, decode_probs(encode_probs(p, "uint8"), "uint8", tuple(p.shape)))
+        assert pyd_mask == reference.tobytes()
+        same = (np.frombuffer(torch_mask, np.uint8) == reference.ravel()).mean()
+        assert same >= 0.999, (i, same)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
+    """The fused GPU plan's Segmenter (torch CRF on the GPU) against the CPU plan's (pydensecrf): same rows."""
+    from pipeline.config import InferenceConfig
+    from pipeline.decode import decode_batch
+    from pipeline.inference import Segmenter
+    from pipeline.weights import DEMO_WEIGHTS as W
+
+    uris = sorted(str(p) for p in (DEMO_BUCKET / "images").glob("*.jpg"))[:4]
+    batch = decode_batch({"key": np.array(uris), "uri": np.array(uris), "label_uri": np.array([""] * len(uris))},
+                         storage_options={}, num_classes=len(W.categories), max_pixels=None)
+    tables = {}
+    for backend, gpu in (("torch", True), ("pydensecrf", False)):
+        seg = Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
+                        weights_sha256=W.sha256, num_classes=len(W.categories), use_gpu=gpu, threads=1,
+                        crf_follows=False, run_id="t", mean=W.mean, std=W.std, crf=CRFParams(), crf_backend=backend)
+        assert seg.device.type == ("cuda" if gpu else "cpu")
+        tables[backend] = seg(dict(batch)).to_pylist()
+    for gpu_row, cpu_row in zip(tables["torch"], tables["pydensecrf"]):
+        assert gpu_row.keys() == cpu_row.keys() and not gpu_row["error_stage"] and gpu_row["crf_ms"] > 0
+        gpu_mask, cpu_mask = (np.array(Image.open(io.BytesIO(r["mask"]))) for r in (gpu_row, cpu_row))
+        assert (gpu_mask == cpu_mask).mean() >= 0.999
