@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in "
                         "the cluster, or without GPUs one single-threaded actor per core left after CRF)")
     r.add_argument("--crf-actors", type=_range, default=compute.crf_actors, metavar="MIN-MAX",
-                   help="CPU CRF actor pool size on GPU clusters with --crf-backend pydensecrf (default: 1 up "
-                        "to every CPU the inference actors leave on the nodes that may run it; without GPUs "
-                        "or with the torch backend the CRF runs in the inference actors)")
+                   help="CPU CRF actor pool size on GPU clusters (asking for it makes --crf-backend auto "
+                        "pydensecrf; default: 1 up to every CPU the inference actors leave on the nodes that "
+                        "may run it; without GPUs or with --crf-backend torch the CRF runs in the inference actors)")
     r.add_argument("--batch-size", type=int, default=compute.batch_size,
                    help="images per Ray batch (larger amortises Ray's per-batch cost; --max-batch-pixels bounds memory)")
     r.add_argument("--infer-cpus", type=float, help="CPUs (= torch threads) per inference actor (default: 1 with GPUs, "

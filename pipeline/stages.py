@@ -46,8 +46,11 @@ class Resources:
         backend = None
         if config.crf is not None:
             # auto: on GPUs the torch backend (same labels as pydensecrf, and a CPU pool would need
-            # ~100 cores per GPU at pydensecrf's speed); on a CPU core pydensecrf is the faster one.
-            backend = compute.crf_backend if compute.crf_backend != "auto" else ("torch" if use_gpu else "pydensecrf")
+            # ~100 cores per GPU at pydensecrf's speed) unless a CPU pool is asked for; on a CPU
+            # core pydensecrf is the faster one.
+            asks_pool = compute.crf_actors is not None or bool(compute.crf_resources)
+            backend = compute.crf_backend if compute.crf_backend != "auto" else (
+                "torch" if use_gpu and not asks_pool else "pydensecrf")
         # Without GPUs the CRF runs in the inference actor, one per core: no probabilities through
         # the object store and no CPU split between two pools (benchmarks/pipeline_vs_loop.py). With
         # GPUs the torch backend runs there too, on the GPU, right after the forward pass.

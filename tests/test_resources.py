@@ -61,11 +61,15 @@ def test_gpu_with_the_torch_backend_refines_in_the_gpu_actors_and_starts_no_crf_
     # object store (so no object-store budget for them), and an explicit --crf-actors starts no pool.
     r = resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend)
     assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4, (1, 32), None, True, "torch")
-    assert resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend, crf_actors=(2, 6)).crf_actors is None
-    nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0, "crf_node": 64.0}]
-    r = resolve(nodes, crf_backend=backend, crf_resources={"crf_node": 1})
-    assert r.crf_fused and r.crf_actors is None and r.infer_actors == (16, 16)
     assert resolve({"CPU": 4.0}, use_gpu=True, crf_backend=backend).crf_backend == "torch"
+    nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0, "crf_node": 64.0}]
+    pooled = [resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend, crf_actors=(2, 6)),
+              resolve(nodes, crf_backend=backend, crf_resources={"crf_node": 1})]
+    if backend == "torch":  # asked for by name: it runs on the GPU, and --crf-actors starts no pool
+        assert all(r.crf_fused and r.crf_actors is None for r in pooled)
+    else:  # auto, with a CPU pool asked for (--crf-actors / --crf-resources): that pool, pydensecrf
+        assert [(r.crf_backend, r.crf_fused, r.crf_actors) for r in pooled] == [
+            ("pydensecrf", False, (2, 6)), ("pydensecrf", False, (1, 56))]  # 64 CPUs - 8 GPU actors
 
 
 def test_cpu_backend_choice_and_crf_off():
