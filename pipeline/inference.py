@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 
 import numpy as np
 import ray
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.crf import refine_row
+from pipeline.memory import BUDGET_TILE, MIN_IMAGE_BYTES, held_bytes, image_budget, infer_bytes
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty
@@ -98,13 +100,14 @@ def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, *, tile: i
 
 
 def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch.Tensor, std: torch.Tensor,
-                config: InferenceConfig) -> list[torch.Tensor]:
+                config: InferenceConfig, seconds: list[float] | None = None) -> list[torch.Tensor]:
     """(C, H, W) probabilities per RGB uint8 image.
 
     Images of one size run as one tensor batch ("bucket" batching, exact); with "pad" batching
     images are zero-padded (after normalisation) to the largest size in their group, run at once,
     and cropped back — fewer, larger forwards, at the cost of padded context near the borders.
-    ``forward_groups`` decides the groups.
+    ``forward_groups`` decides the groups. ``seconds``, if given, receives each image's share of
+    the forward pass it was in (its group's time divided among the group's images).
     """
     device = mean.device
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[config.precision])
@@ -127,8 +130,11 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
         return (x - mean) / std
 
     results: list[torch.Tensor | None] = [None] * len(images)
+    if seconds is not None:
+        seconds[:] = [0.0] * len(images)
     with torch.inference_mode():
         for indices in forward_groups([im.shape[:2] for im in images], config):
+            start = time.perf_counter()
             if len(indices) == 1 or config.batching == "bucket":
                 probs = run(to_tensor([images[i] for i in indices]))
             else:
@@ -140,6 +146,11 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
                 probs = run(x)
             for j, i in enumerate(indices):
                 results[i] = probs[j, :, : images[i].shape[0], : images[i].shape[1]]
+            if seconds is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # kernels run asynchronously: time them, not their launch
+                for i in indices:
+                    seconds[i] = (time.perf_counter() - start) / len(indices)
     return results
 
 
@@ -215,7 +226,8 @@ class Segmenter:
 
     def __init__(self, *, model: str, weights_uri: str | None, storage_options: dict, inference: InferenceConfig,
                  weights_sha256: str, num_classes: int, use_gpu: bool, threads: int, crf_follows: bool,
-                 run_id: str, mean: tuple[float, ...], std: tuple[float, ...], crf: CRFParams | None = None) -> None:
+                 run_id: str, mean: tuple[float, ...], std: tuple[float, ...], crf: CRFParams | None = None,
+                 actor_memory_mib: int = 0) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.threads = max(1, threads)
         self.model, self.sha256, categories = load_model(
@@ -230,6 +242,7 @@ class Segmenter:
         self.run_id = run_id
         self.mean, self.std = normalisation(mean, std, self.device)
         limit_memory_if_asked()
+        self.budget = image_budget(actor_memory_mib)  # measured now that the model is loaded
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.metrics = stage_metrics("infer")
         self.crf_metrics = stage_metrics("crf")
@@ -243,28 +256,17 @@ class Segmenter:
             torch.set_num_threads(self.threads)
         n = len(batch["key"])
         out = {k: list(v) for k, v in batch.items()}
-        out.update(mask_pre=[b""] * n, probs=[b""] * n, infer_ms=[0.0] * n, infer_node=[self.node_id] * n)
+        out.update(mask_pre=[b""] * n, probs=[b""] * n, infer_ms=[0.0] * n, infer_node=[self.node_id] * n,
+                   infer_tile=[0] * n)
         for name in UNCERTAINTY_COLUMNS:
             out[name] = [float("nan")] * n
         todo = [i for i in range(n) if not out["error_stage"][i]]
         images = [np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]),
                                                                           int(batch["width"][i]), 3) for i in todo]
-        start = time.perf_counter()
-        try:
-            probs = infer_batch(self.model, images, mean=self.mean, std=self.std, config=self.inference)
-        except Exception:
-            # Find the image that fails (e.g. out of memory on a huge one) without losing the others.
-            probs = []
-            for i, image in zip(todo, images):
-                try:
-                    probs.append(infer_batch(self.model, [image], mean=self.mean, std=self.std,
-                                             config=self.inference)[0])
-                except Exception as exc:
-                    mark_error(out, i, "infer", exc, f"inference failed: {exc}")
-                    probs.append(None)
-        per_image = (time.perf_counter() - start) / max(1, len(todo))
-        out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [""] * n
-        for i, image, p in zip(todo, images, probs):
+        probs, seconds = self._infer(out, todo, images)
+        out["mask"], out["crf_ms"], out["crf_node"], out["crf_scale"] = [b""] * n, [0.0] * n, [""] * n, [1.0] * n
+        for j, (i, image) in enumerate(zip(todo, images)):
+            p, probs[j] = probs[j], None  # the full-size probabilities go as soon as they are encoded
             if p is None:
                 continue
             out["mask_pre"][i] = class_map(p).cpu().numpy().tobytes()
@@ -272,16 +274,57 @@ class Segmenter:
                 out[name][i] = value
             if self.crf_follows or self.crf is not None:
                 out["probs"][i] = encode_probs(p, self.inference.probs_encoding)
-            out["infer_ms"][i] = per_image * 1000.0
-            self.metrics.ok(per_image)
+            del p
+            out["infer_ms"][i] = seconds[j] * 1000.0
+            self.metrics.ok(seconds[j])
             if self.crf is not None:
+                h, w = image.shape[:2]
+                budget = None if self.budget is None else max(MIN_IMAGE_BYTES, self.budget - held_bytes(
+                    h, w, self.num_classes))
                 refine_row(out, i, image, out["probs"][i], params=self.crf, encoding=self.inference.probs_encoding,
-                           num_classes=self.num_classes, node_id=self.node_id, metrics=self.crf_metrics)
+                           num_classes=self.num_classes, node_id=self.node_id, metrics=self.crf_metrics,
+                           budget=budget)
                 out["probs"][i] = b""
         if self.crf_follows:
             return {k: np.array(v, dtype=object) if k in _BYTES_COLUMNS else np.array(v) for k, v in out.items()}
         return result_table(out, num_classes=self.num_classes, model=self.model_name,
                             weights_sha256=self.sha256, run_id=self.run_id)
+
+    def _infer(self, out: dict[str, list], todo: list[int], images: list[np.ndarray]):
+        """(probabilities or None, seconds) per image; an image whose whole-image inference would
+        exceed the actor's memory share runs tiled (``infer_tile``), a failure is that row's error."""
+        probs: list[torch.Tensor | None] = [None] * len(images)
+        seconds = [0.0] * len(images)
+        inf = self.inference
+        over = [self.budget is not None and not inf.tile
+                and infer_bytes(*im.shape[:2], inf.scales, inf.flip) > self.budget for im in images]
+        for tiled in (False, True):
+            part = [j for j in range(len(images)) if over[j] == tiled]
+            if not part:
+                continue
+            config = replace(inf, tile=BUDGET_TILE, tile_overlap=min(inf.tile_overlap, BUDGET_TILE // 2)) if tiled else inf
+            for j in part:
+                h, w = images[j].shape[:2]
+                out["infer_tile"][todo[j]] = config.tile if config.tile and max(h, w) > config.tile else 0
+            times: list[float] = []
+            try:
+                got = infer_batch(self.model, [images[j] for j in part], mean=self.mean, std=self.std,
+                                  config=config, seconds=times)
+            except Exception:
+                # Find the image that fails (e.g. out of memory on a huge one) without losing the others.
+                got, times = [], []
+                for j in part:
+                    one: list[float] = []
+                    try:
+                        got.append(infer_batch(self.model, [images[j]], mean=self.mean, std=self.std,
+                                               config=config, seconds=one)[0])
+                    except Exception as exc:
+                        mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
+                        got.append(None)
+                    times.append(one[0] if one else 0.0)
+            for j, p, t in zip(part, got, times):
+                probs[j], seconds[j] = p, t
+        return probs, seconds
 
 
 _BYTES_COLUMNS = {"image", "label", "mask_pre", "probs", "mask"}
