@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -97,6 +98,68 @@ def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, *, tile: i
             total[..., top : top + tile, left : left + tile] += probs
             count[..., top : top + tile, left : left + tile] += 1
     return total / count
+
+
+def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor, std: torch.Tensor,
+                  config: InferenceConfig, encoding: str | None) -> tuple[np.ndarray, dict[str, float], bytes]:
+    """What ``Segmenter`` keeps of sliding-window inference on one RGB uint8 image — the pre-CRF
+    class map, the uncertainty summaries and (``encoding``) the encoded probabilities — computed
+    band by band: the same windows and averages as ``sliding_window_probs``, but neither the
+    normalised image nor the probabilities ever exist at full size in float32 (88 bytes a pixel
+    at 6 classes), so memory is the image, the outputs and two tile rows of probabilities."""
+    height, width = rgb.shape[:2]
+    tile, stride = config.tile, max(1, config.tile - config.tile_overlap)
+    tops, lefts = _tile_starts(height, tile, stride), _tile_starts(width, tile, stride)
+    rows, cols = torch.zeros(height), torch.zeros(width)  # windows covering each row / column
+    for top in tops:
+        rows[top : top + tile] += 1
+    for left in lefts:
+        cols[left : left + tile] += 1
+    device = mean.device
+    autocast = (torch.autocast(device.type, dtype=_AUTOCAST[config.precision])
+                if config.precision != "fp32" else contextlib.nullcontext())
+    with warnings.catch_warnings():  # the batch's image buffer is read-only; windows are only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.from_numpy(rgb)
+    mask = np.empty((height, width), dtype=np.uint8)
+    encoded = None
+    top_sum = entropy_sum = low = 0.0
+    acc, base = None, 0  # acc holds rows base.. of the probabilities summed over windows
+    with torch.inference_mode():
+        for n, top in enumerate(tops):
+            bottom = min(top + tile, height)
+            for left in lefts:
+                x = host[top:bottom, left : left + tile].to(device).permute(2, 0, 1)[None].float().div_(255.0)
+                x = (x - mean) / std
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    p = multiscale_probs(model, x, config.scales, config.flip, config.average)[0].float().cpu()
+                if acc is None:
+                    acc = torch.zeros(p.shape[0], 0, width)
+                    if encoding:
+                        encoded = np.empty((p.shape[0], height, width), dtype=np.dtype(encoding))
+                if acc.shape[1] < bottom - base:
+                    acc = torch.cat([acc, torch.zeros(acc.shape[0], bottom - base - acc.shape[1], width)], dim=1)
+                acc[:, top - base : bottom - base, left : left + p.shape[2]] += p
+            done = (tops[n + 1] if n + 1 < len(tops) else height) - base  # rows no later window touches
+            band = acc[:, :done] / (rows[base : base + done, None] * cols[None, :])
+            mask[base : base + done] = class_map(band).numpy()
+            best = band.max(dim=0).values
+            top_sum += float(best.double().sum())
+            entropy_sum += float(-(band * band.clamp_min(1e-12).log()).sum(dim=0).double().sum())
+            low += float((best < config.low_conf_threshold).sum())
+            if encoded is not None:
+                encoded[:, base : base + done] = np.frombuffer(encode_probs(band, encoding), dtype=encoded.dtype
+                                                               ).reshape(band.shape)
+            del band, best
+            acc, base = acc[:, done:].clone(), base + done
+    pixels, classes = height * width, acc.shape[0]
+    mean_entropy = entropy_sum / pixels
+    summary = {"mean_max_prob": top_sum / pixels, "mean_entropy": mean_entropy,
+               "mean_entropy_norm": mean_entropy / float(np.log(classes)) if classes > 1 else 0.0,
+               "low_conf_fraction": low / pixels}
+    return mask, summary, encoded.tobytes() if encoded is not None else b""
 
 
 def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch.Tensor, std: torch.Tensor,
@@ -263,18 +326,14 @@ class Segmenter:
         todo = [i for i in range(n) if not out["error_stage"][i]]
         images = [np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]),
                                                                           int(batch["width"][i]), 3) for i in todo]
-        probs, seconds = self._infer(out, todo, images)
+        results, seconds = self._infer(out, todo, images)
         out["mask"], out["crf_ms"], out["crf_node"], out["crf_scale"] = [b""] * n, [0.0] * n, [""] * n, [1.0] * n
         for j, (i, image) in enumerate(zip(todo, images)):
-            p, probs[j] = probs[j], None  # the full-size probabilities go as soon as they are encoded
-            if p is None:
+            if results[j] is None:
                 continue
-            out["mask_pre"][i] = class_map(p).cpu().numpy().tobytes()
-            for name, value in uncertainty(p, self.inference.low_conf_threshold).items():
+            (out["mask_pre"][i], summary, out["probs"][i]), results[j] = results[j], None
+            for name, value in summary.items():
                 out[name][i] = value
-            if self.crf_follows or self.crf is not None:
-                out["probs"][i] = encode_probs(p, self.inference.probs_encoding)
-            del p
             out["infer_ms"][i] = seconds[j] * 1000.0
             self.metrics.ok(seconds[j])
             if self.crf is not None:
@@ -291,40 +350,56 @@ class Segmenter:
                             weights_sha256=self.sha256, run_id=self.run_id)
 
     def _infer(self, out: dict[str, list], todo: list[int], images: list[np.ndarray]):
-        """(probabilities or None, seconds) per image; an image whose whole-image inference would
-        exceed the actor's memory share runs tiled (``infer_tile``), a failure is that row's error."""
-        probs: list[torch.Tensor | None] = [None] * len(images)
+        """(pre-CRF mask bytes, uncertainty, encoded probabilities) or None, and seconds, per image.
+
+        An image whose whole-image inference would exceed the actor's memory share runs tiled
+        (``infer_tile``), as every image does with ``--tile``; a failure is that row's error."""
+        results: list[tuple | None] = [None] * len(images)
         seconds = [0.0] * len(images)
         inf = self.inference
-        over = [self.budget is not None and not inf.tile
-                and infer_bytes(*im.shape[:2], inf.scales, inf.flip) > self.budget for im in images]
-        for tiled in (False, True):
-            part = [j for j in range(len(images)) if over[j] == tiled]
-            if not part:
+        encoding = inf.probs_encoding if self.crf_follows or self.crf is not None else None
+        budget_tiled = replace(inf, tile=BUDGET_TILE, tile_overlap=min(inf.tile_overlap, BUDGET_TILE // 2))
+        whole = []
+        for j, image in enumerate(images):
+            h, w = image.shape[:2]
+            config = inf
+            if not inf.tile and self.budget is not None and infer_bytes(h, w, inf.scales, inf.flip) > self.budget:
+                config = budget_tiled
+            if not config.tile or max(h, w) <= config.tile:
+                whole.append(j)
                 continue
-            config = replace(inf, tile=BUDGET_TILE, tile_overlap=min(inf.tile_overlap, BUDGET_TILE // 2)) if tiled else inf
-            for j in part:
-                h, w = images[j].shape[:2]
-                out["infer_tile"][todo[j]] = config.tile if config.tile and max(h, w) > config.tile else 0
-            times: list[float] = []
+            out["infer_tile"][todo[j]] = config.tile
+            start = time.perf_counter()
             try:
-                got = infer_batch(self.model, [images[j] for j in part], mean=self.mean, std=self.std,
-                                  config=config, seconds=times)
-            except Exception:
-                # Find the image that fails (e.g. out of memory on a huge one) without losing the others.
-                got, times = [], []
-                for j in part:
-                    one: list[float] = []
-                    try:
-                        got.append(infer_batch(self.model, [images[j]], mean=self.mean, std=self.std,
-                                               config=config, seconds=one)[0])
-                    except Exception as exc:
-                        mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
-                        got.append(None)
-                    times.append(one[0] if one else 0.0)
-            for j, p, t in zip(part, got, times):
-                probs[j], seconds[j] = p, t
-        return probs, seconds
+                mask, summary, encoded = tiled_outputs(self.model, image, mean=self.mean, std=self.std,
+                                                       config=config, encoding=encoding)
+            except Exception as exc:
+                mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
+                continue
+            results[j], seconds[j] = (mask.tobytes(), summary, encoded), time.perf_counter() - start
+        times: list[float] = []
+        try:
+            probs = infer_batch(self.model, [images[j] for j in whole], mean=self.mean, std=self.std,
+                                config=inf, seconds=times)
+        except Exception:
+            # Find the image that fails (e.g. out of memory on a huge one) without losing the others.
+            probs, times = [], []
+            for j in whole:
+                one: list[float] = []
+                try:
+                    probs.append(infer_batch(self.model, [images[j]], mean=self.mean, std=self.std,
+                                             config=inf, seconds=one)[0])
+                except Exception as exc:
+                    mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
+                    probs.append(None)
+                times.append(one[0] if one else 0.0)
+        for k, j in enumerate(whole):
+            p, probs[k] = probs[k], None  # the full-size probabilities go as soon as they are encoded
+            if p is not None:
+                results[j] = (class_map(p).cpu().numpy().tobytes(), uncertainty(p, inf.low_conf_threshold),
+                              encode_probs(p, encoding) if encoding else b"")
+                seconds[j] = times[k]
+        return results, seconds
 
 
 _BYTES_COLUMNS = {"image", "label", "mask_pre", "probs", "mask"}

@@ -126,3 +126,23 @@ def test_job_with_a_tiny_budget_tiles_and_reduces_only_the_big_image(tmp_path):
     assert np.asarray(Image.open(io.BytesIO(big["mask"]))).shape == (1500, 2000) == (big["height"], big["width"])
     assert small["infer_tile"] is None and small["crf_scale"] == 1.0
     assert "reduced-resolution CRF: 1" in proc.stdout
+
+
+def test_banded_tiled_outputs_equal_sliding_window_inference():
+    import torch
+
+    from pipeline.inference import class_map, load_model, sliding_window_probs, tiled_outputs
+    from pipeline.probs import encode_probs, uncertainty
+    from pipeline.weights import normalisation
+
+    model, _, _ = load_model(W.model, None)
+    mean, std = normalisation(W.mean, W.std, torch.device("cpu"))
+    image, _ = make_scene(1_000_020, SceneSpec(height=230, width=310))
+    config = InferenceConfig(tile=96, tile_overlap=32, scales=(0.75, 1.0), flip=True)
+    mask, summary, encoded = tiled_outputs(model, image, mean=mean, std=std, config=config, encoding="uint8")
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
+    with torch.inference_mode():
+        probs = sliding_window_probs(model, x, tile=96, overlap=32, scales=config.scales, flip=True)[0]
+    assert np.array_equal(mask, class_map(probs).numpy())
+    assert encoded == encode_probs(probs, "uint8")
+    assert summary == pytest.approx(uncertainty(probs), rel=1e-5)
