@@ -57,10 +57,12 @@ def reduced_crf(image: np.ndarray, probs: bytes, encoding: str, num_classes: int
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small_rgb = np.asarray(Image.fromarray(image).resize(size, Image.BOX))
     planes = np.frombuffer(probs, dtype=np.dtype(encoding)).reshape(num_classes, h, w)
-    small = np.stack([np.asarray(Image.fromarray(plane.astype(np.float32, copy=False), "F").resize(size, Image.BOX))
-                      for plane in planes])
-    if encoding == "uint8":
-        small /= 255.0
+    if encoding == "uint8":  # resized as 8-bit planes: no float32 copy of a full-size plane
+        small = np.stack([np.asarray(Image.fromarray(plane).resize(size, Image.BOX)) for plane in planes])
+        small = small.astype(np.float32) / 255.0
+    else:
+        small = np.stack([np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.BOX))
+                          for plane in planes])
     scaled = replace(params, gaussian_sxy=params.gaussian_sxy * scale, bilateral_sxy=params.bilateral_sxy * scale)
     _, q = dense_crf(small_rgb, small, scaled, return_probs=True)
     labels = np.zeros((h, w), dtype=np.uint8)

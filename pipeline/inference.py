@@ -101,7 +101,7 @@ def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, *, tile: i
 
 
 def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor, std: torch.Tensor,
-                  config: InferenceConfig, encoding: str | None) -> tuple[np.ndarray, dict[str, float], bytes]:
+                  config: InferenceConfig, encoding: str | None) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
     """What ``Segmenter`` keeps of sliding-window inference on one RGB uint8 image — the pre-CRF
     class map, the uncertainty summaries and (``encoding``) the encoded probabilities — computed
     band by band: the same windows and averages as ``sliding_window_probs``, but neither the
@@ -159,7 +159,7 @@ def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor
     summary = {"mean_max_prob": top_sum / pixels, "mean_entropy": mean_entropy,
                "mean_entropy_norm": mean_entropy / float(np.log(classes)) if classes > 1 else 0.0,
                "low_conf_fraction": low / pixels}
-    return mask, summary, encoded.tobytes() if encoded is not None else b""
+    return mask, summary, encoded  # an array, not bytes: bytes() would copy C bytes a pixel once more
 
 
 def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch.Tensor, std: torch.Tensor,
@@ -376,7 +376,10 @@ class Segmenter:
             except Exception as exc:
                 mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
                 continue
-            results[j], seconds[j] = (mask.tobytes(), summary, encoded), time.perf_counter() - start
+            if encoded is not None and self.crf_follows:
+                encoded = encoded.tobytes()  # the batch column to the CRF pool holds bytes; the fused CRF reads the array
+            results[j], seconds[j] = (mask.tobytes(), summary, b"" if encoded is None else encoded), \
+                time.perf_counter() - start
         times: list[float] = []
         try:
             probs = infer_batch(self.model, [images[j] for j in whole], mean=self.mean, std=self.std,

@@ -23,7 +23,7 @@ import math
 import os
 
 INFER_BYTES_PER_PIXEL = 230
-FLIP_FACTOR = 1.6
+FLIP_FACTOR = 1.8
 # Full-resolution host tensors of tiled inference, per pixel and class (accumulated and averaged
 # probabilities) and per pixel (the normalised input, the overlap count).
 TILED_BYTES_PER_PIXEL_CLASS = 8
