@@ -100,6 +100,9 @@ def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, *, tile: i
     return total / count
 
 
+_BAND_ROWS = 64
+
+
 def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor, std: torch.Tensor,
                   config: InferenceConfig, encoding: str | None) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
     """What ``Segmenter`` keeps of sliding-window inference on one RGB uint8 image — the pre-CRF
@@ -124,7 +127,7 @@ def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor
     mask = np.empty((height, width), dtype=np.uint8)
     encoded = None
     top_sum = entropy_sum = low = 0.0
-    acc, base = None, 0  # acc holds rows base.. of the probabilities summed over windows
+    acc = None  # rows top..top+tile of the probabilities summed over windows
     with torch.inference_mode():
         for n, top in enumerate(tops):
             bottom = min(top + tile, height)
@@ -136,24 +139,25 @@ def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor
                 with autocast:
                     p = multiscale_probs(model, x, config.scales, config.flip, config.average)[0].float().cpu()
                 if acc is None:
-                    acc = torch.zeros(p.shape[0], 0, width)
+                    acc = torch.zeros(p.shape[0], min(tile, height), width)
                     if encoding:
                         encoded = np.empty((p.shape[0], height, width), dtype=np.dtype(encoding))
-                if acc.shape[1] < bottom - base:
-                    acc = torch.cat([acc, torch.zeros(acc.shape[0], bottom - base - acc.shape[1], width)], dim=1)
-                acc[:, top - base : bottom - base, left : left + p.shape[2]] += p
-            done = (tops[n + 1] if n + 1 < len(tops) else height) - base  # rows no later window touches
-            band = acc[:, :done] / (rows[base : base + done, None] * cols[None, :])
-            mask[base : base + done] = class_map(band).numpy()
-            best = band.max(dim=0).values
-            top_sum += float(best.double().sum())
-            entropy_sum += float(-(band * band.clamp_min(1e-12).log()).sum(dim=0).double().sum())
-            low += float((best < config.low_conf_threshold).sum())
-            if encoded is not None:
-                encoded[:, base : base + done] = np.frombuffer(encode_probs(band, encoding), dtype=encoded.dtype
-                                                               ).reshape(band.shape)
-            del band, best
-            acc, base = acc[:, done:].clone(), base + done
+                acc[:, : bottom - top, left : left + p.shape[2]] += p
+            done = (tops[n + 1] if n + 1 < len(tops) else height) - top  # rows no later window touches
+            for r0 in range(0, done, _BAND_ROWS):  # a few rows at a time keeps the temporaries small
+                r1 = min(done, r0 + _BAND_ROWS)
+                band = acc[:, r0:r1] / (rows[top + r0 : top + r1, None] * cols[None, :])
+                mask[top + r0 : top + r1] = class_map(band).numpy()
+                best = band.max(dim=0).values
+                top_sum += float(best.double().sum())
+                entropy_sum += float(-(band * band.clamp_min(1e-12).log()).sum(dim=0).double().sum())
+                low += float((best < config.low_conf_threshold).sum())
+                if encoded is not None:
+                    encoded[:, top + r0 : top + r1] = np.frombuffer(encode_probs(band, encoding),
+                                                                    dtype=encoded.dtype).reshape(band.shape)
+            keep = bottom - top - done  # rows the next tile row adds to, moved to the top of acc
+            acc[:, :keep] = acc[:, done : done + keep].clone()
+            acc[:, keep:] = 0
     pixels, classes = height * width, acc.shape[0]
     mean_entropy = entropy_sum / pixels
     summary = {"mean_max_prob": top_sum / pixels, "mean_entropy": mean_entropy,

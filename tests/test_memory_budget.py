@@ -144,5 +144,5 @@ def test_banded_tiled_outputs_equal_sliding_window_inference():
     with torch.inference_mode():
         probs = sliding_window_probs(model, x, tile=96, overlap=32, scales=config.scales, flip=True)[0]
     assert np.array_equal(mask, class_map(probs).numpy())
-    assert encoded == encode_probs(probs, "uint8")
+    assert encoded.tobytes() == encode_probs(probs, "uint8")
     assert summary == pytest.approx(uncertainty(probs), rel=1e-5)
