@@ -12,7 +12,7 @@ import ray
 from PIL import Image
 
 from pipeline.config import CRFParams
-from pipeline.memory import MIN_IMAGE_BYTES, crf_scale, held_bytes, image_budget
+from pipeline.memory import MIN_IMAGE_BYTES, crf_scale, held_bytes, image_budget, release_freed
 from pipeline.observability import stage_metrics
 from pipeline.probs import decode_probs
 from pipeline.tables import mark_error, result_table
@@ -63,6 +63,7 @@ def reduced_crf(image: np.ndarray, probs: bytes, encoding: str, num_classes: int
     else:
         small = np.stack([np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.BOX))
                           for plane in planes])
+    release_freed()  # PIL's full-size copies of the image and planes, before pydensecrf allocates
     scaled = replace(params, gaussian_sxy=params.gaussian_sxy * scale, bilateral_sxy=params.bilateral_sxy * scale)
     _, q = dense_crf(small_rgb, small, scaled, return_probs=True)
     labels = np.zeros((h, w), dtype=np.uint8)

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.crf import refine_row
-from pipeline.memory import BUDGET_TILE, MIN_IMAGE_BYTES, held_bytes, image_budget, infer_bytes
+from pipeline.memory import BUDGET_TILE, MIN_IMAGE_BYTES, held_bytes, image_budget, infer_bytes, release_freed
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty
@@ -380,6 +380,7 @@ class Segmenter:
             except Exception as exc:
                 mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
                 continue
+            release_freed()
             if encoded is not None and self.crf_follows:
                 encoded = encoded.tobytes()  # the batch column to the CRF pool holds bytes; the fused CRF reads the array
             results[j], seconds[j] = (mask.tobytes(), summary, b"" if encoded is None else encoded), \

@@ -91,3 +91,15 @@ def rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_freed() -> None:
+    """Hand memory freed by large temporaries back to the OS (glibc's ``malloc_trim``; elsewhere a
+    no-op). glibc raises its mmap threshold after big frees, so later blocks of that size come from
+    the heap and stay resident after they are freed: 240 MiB after tiled inference on 50 MP."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
