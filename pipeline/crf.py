@@ -53,22 +53,32 @@ def reduced_crf(image: np.ndarray, probs: bytes, encoding: str, num_classes: int
     (the same neighbourhood in the picture), and the refined probabilities upsampled bilinearly,
     one class at a time, with a running argmax: no full-size float array is ever made.
     """
+    small_rgb, small = _downscale(image, probs, encoding, num_classes, scale)
+    return _refine_small(small_rgb, small, image.shape[:2], scale, params)
+
+
+def _downscale(image: np.ndarray, probs, encoding: str, num_classes: int,
+               scale: float) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small_rgb = np.asarray(Image.fromarray(image).resize(size, Image.BOX))
     planes = np.frombuffer(probs, dtype=np.dtype(encoding)).reshape(num_classes, h, w)
     if encoding == "uint8":  # resized as 8-bit planes: no float32 copy of a full-size plane
         small = np.stack([np.asarray(Image.fromarray(plane).resize(size, Image.BOX)) for plane in planes])
-        small = small.astype(np.float32) / 255.0
-    else:
-        small = np.stack([np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.BOX))
-                          for plane in planes])
+        return small_rgb, small.astype(np.float32) / 255.0
+    return small_rgb, np.stack([np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.BOX))
+                                for plane in planes])
+
+
+def _refine_small(small_rgb: np.ndarray, small: np.ndarray, shape: tuple[int, int], scale: float,
+                  params: CRFParams) -> np.ndarray:
     release_freed()  # PIL's full-size copies of the image and planes, before pydensecrf allocates
+    h, w = shape
     scaled = replace(params, gaussian_sxy=params.gaussian_sxy * scale, bilateral_sxy=params.bilateral_sxy * scale)
     _, q = dense_crf(small_rgb, small, scaled, return_probs=True)
     labels = np.zeros((h, w), dtype=np.uint8)
     best = np.zeros((h, w), dtype=np.uint8)
-    for c in range(num_classes):
+    for c in range(q.shape[0]):
         up = np.asarray(Image.fromarray(np.round(q[c] * 255.0).astype(np.uint8)).resize((w, h), Image.BILINEAR))
         better = up > best if c else np.ones((h, w), dtype=bool)  # ties keep the lower class, as argmax does
         labels[better] = c
@@ -76,11 +86,12 @@ def reduced_crf(image: np.ndarray, probs: bytes, encoding: str, num_classes: int
     return labels
 
 
-def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes, *, params: CRFParams, encoding: str,
-               num_classes: int, node_id: str, metrics, budget: int | None = None) -> None:
+def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes | None, *, params: CRFParams,
+               encoding: str, num_classes: int, node_id: str, metrics, budget: int | None = None) -> None:
     """Refine row ``i`` of a stage's columns in place: ``mask``, ``crf_ms``, ``crf_scale``,
     ``crf_node``, or its error. Above ``budget`` bytes or ``params.max_pixels`` the CRF runs at a
-    reduced resolution (``pipeline.memory.crf_scale``).
+    reduced resolution (``pipeline.memory.crf_scale``). ``probs`` None: take ``out["probs"][i]``
+    and drop it once downscaled, before the CRF allocates (C bytes a pixel: 286 MiB at 50 MP).
 
     The CRF pool and the fused inference actor both call this on the encoded probabilities, so
     either plan gives the same masks for the same inputs.
@@ -90,10 +101,15 @@ def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes, *,
     start = time.perf_counter()
     scale = crf_scale(h, w, num_classes, budget, params.max_pixels)
     try:
+        owned = probs is None
         if scale < 1.0:
-            labels = reduced_crf(image, probs, encoding, num_classes, scale, params)
+            small_rgb, small = _downscale(image, out["probs"][i] if owned else probs, encoding, num_classes, scale)
+            if owned:
+                out["probs"][i] = b""
+            labels = _refine_small(small_rgb, small, (h, w), scale, params)
         else:
-            labels = dense_crf(image, decode_probs(probs, encoding, (num_classes, h, w)), params)
+            labels = dense_crf(image, decode_probs(out["probs"][i] if owned else probs, encoding,
+                                                   (num_classes, h, w)), params)
         out["mask"][i] = labels.tobytes()
     except Exception as exc:
         mark_error(out, i, "crf", exc, f"dense CRF failed: {exc}")

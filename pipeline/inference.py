@@ -344,7 +344,7 @@ class Segmenter:
                 h, w = image.shape[:2]
                 budget = None if self.budget is None else max(MIN_IMAGE_BYTES, self.budget - held_bytes(
                     h, w, self.num_classes))
-                refine_row(out, i, image, out["probs"][i], params=self.crf, encoding=self.inference.probs_encoding,
+                refine_row(out, i, image, None, params=self.crf, encoding=self.inference.probs_encoding,
                            num_classes=self.num_classes, node_id=self.node_id, metrics=self.crf_metrics,
                            budget=budget)
                 out["probs"][i] = b""
