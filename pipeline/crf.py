@@ -91,7 +91,7 @@ def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes | N
     """Refine row ``i`` of a stage's columns in place: ``mask``, ``crf_ms``, ``crf_scale``,
     ``crf_node``, or its error. Above ``budget`` bytes or ``params.max_pixels`` the CRF runs at a
     reduced resolution (``pipeline.memory.crf_scale``). ``probs`` None: take ``out["probs"][i]``
-    and drop it once downscaled, before the CRF allocates (C bytes a pixel: 286 MiB at 50 MP).
+    and drop it once downscaled, before the CRF allocates (C bytes a pixel).
 
     The CRF pool and the fused inference actor both call this on the encoded probabilities, so
     either plan gives the same masks for the same inputs.

@@ -9,8 +9,8 @@ The estimates are linear in pixels, fitted to peak-RSS growth measured by
   lies between the largest scale's and the sum's: the sum errs on the safe side); flip doubles
   the forward batch, which measured ``FLIP_FACTOR``x.
 - dense CRF (pydensecrf, 10 iterations): ``CRF_BYTES_PER_PIXEL + CRF_BYTES_PER_PIXEL_CLASS * C``
-  per pixel on a natural photo; a noise image grows the permutohedral lattice (more distinct
-  colours) and took up to 2.4x that.
+  per pixel on a natural photo; noise images and reduced-scale runs (a narrower bilateral kernel)
+  grow the permutohedral lattice beyond it (docs/benchmarks.md).
 
 An image whose inference estimate exceeds the actor's share runs tiled (``BUDGET_TILE``: network
 memory is then that of one tile); an image whose CRF estimate exceeds what is left, or that has
@@ -96,7 +96,7 @@ def rss_bytes() -> int:
 def release_freed() -> None:
     """Hand memory freed by large temporaries back to the OS (glibc's ``malloc_trim``; elsewhere a
     no-op). glibc raises its mmap threshold after big frees, so later blocks of that size come from
-    the heap and stay resident after they are freed: 240 MiB after tiled inference on 50 MP."""
+    the heap and stay resident after they are freed (tiled inference's band temporaries)."""
     try:
         import ctypes
 
