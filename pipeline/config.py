@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 CRF_BACKENDS = ("auto", "pydensecrf", "torch")
+MIN_ACTOR_MEMORY_MIB = 256
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class CRFParams:
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
     min_prob: float = 1e-6  # unary = -log(max(p, min_prob)): never log(0)
+    # Larger images are refined at a reduced resolution (masks.crf_scale), which bounds CRF time
+    # (docs/benchmarks.md); 0: no limit.
+    max_pixels: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -38,6 +42,8 @@ class CRFParams:
                 raise ValueError(f"CRF {name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.min_prob < 1:
             raise ValueError(f"CRF min_prob must be in (0, 1), got {self.min_prob}")
+        if self.max_pixels < 0:
+            raise ValueError(f"CRF max pixels must be >= 0 (0: no limit), got {self.max_pixels}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,9 @@ class ComputeConfig:
     # Which dense CRF runs (pipeline.stages.Resources.resolve): "auto" is pydensecrf without GPUs
     # (faster on a CPU core, docs/benchmarks.md) and the torch backend inside the GPU inference actors.
     crf_backend: str = "auto"
+    # Memory each inference and CRF actor may use (MiB); an image that would take it past this
+    # runs tiled / with a reduced-resolution CRF (pipeline/memory.py). 0: no budget.
+    actor_memory_mib: int = 2048
 
     def __post_init__(self) -> None:
         if self.crf_backend not in CRF_BACKENDS:
@@ -125,6 +134,9 @@ class ComputeConfig:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.object_store_mib is not None and self.object_store_mib < 1:
             raise ValueError(f"object store budget must be >= 1 MiB, got {self.object_store_mib}")
+        if self.actor_memory_mib != 0 and not MIN_ACTOR_MEMORY_MIB <= self.actor_memory_mib <= 2**20:
+            raise ValueError(f"actor memory must be 0 (no budget) or {MIN_ACTOR_MEMORY_MIB}..{2**20} MiB, got "
+                             f"{self.actor_memory_mib} (an inference actor holds ~1 GiB before its first image)")
 
 
 @dataclass(frozen=True)

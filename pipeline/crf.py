@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 import ray
+from PIL import Image
 
 from pipeline.config import CRFParams
+from pipeline.memory import MIN_IMAGE_BYTES, crf_scale, held_bytes, image_budget, release_freed
 from pipeline.observability import stage_metrics
 from pipeline.probs import decode_probs
 from pipeline.tables import mark_error, result_table
@@ -42,9 +45,53 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     return (labels, q) if return_probs else labels
 
 
-def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes, *, params: CRFParams, encoding: str,
-               num_classes: int, node_id: str, metrics) -> None:
-    """Refine row ``i`` of a stage's columns in place: ``mask``, ``crf_ms``, ``crf_node``, or its error.
+def reduced_crf(image: np.ndarray, probs: bytes, encoding: str, num_classes: int, scale: float,
+                params: CRFParams) -> np.ndarray:
+    """Labels (H, W) uint8 of a dense CRF run at ``scale`` of the image's size.
+
+    Image and probabilities are area-averaged down, the kernels' spatial widths scaled with them
+    (the same neighbourhood in the picture), and the refined probabilities upsampled bilinearly,
+    one class at a time, with a running argmax: no full-size float array is ever made.
+    """
+    small_rgb, small = _downscale(image, probs, encoding, num_classes, scale)
+    return _refine_small(small_rgb, small, image.shape[:2], scale, params)
+
+
+def _downscale(image: np.ndarray, probs, encoding: str, num_classes: int,
+               scale: float) -> tuple[np.ndarray, np.ndarray]:
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small_rgb = np.asarray(Image.fromarray(image).resize(size, Image.BOX))
+    planes = np.frombuffer(probs, dtype=np.dtype(encoding)).reshape(num_classes, h, w)
+    if encoding == "uint8":  # resized as 8-bit planes: no float32 copy of a full-size plane
+        small = np.stack([np.asarray(Image.fromarray(plane).resize(size, Image.BOX)) for plane in planes])
+        return small_rgb, small.astype(np.float32) / 255.0
+    return small_rgb, np.stack([np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.BOX))
+                                for plane in planes])
+
+
+def _refine_small(small_rgb: np.ndarray, small: np.ndarray, shape: tuple[int, int], scale: float,
+                  params: CRFParams) -> np.ndarray:
+    release_freed()  # PIL's full-size copies of the image and planes, before pydensecrf allocates
+    h, w = shape
+    scaled = replace(params, gaussian_sxy=params.gaussian_sxy * scale, bilateral_sxy=params.bilateral_sxy * scale)
+    _, q = dense_crf(small_rgb, small, scaled, return_probs=True)
+    labels = np.zeros((h, w), dtype=np.uint8)
+    best = np.zeros((h, w), dtype=np.uint8)
+    for c in range(q.shape[0]):
+        up = np.asarray(Image.fromarray(np.round(q[c] * 255.0).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+        better = up > best if c else np.ones((h, w), dtype=bool)  # ties keep the lower class, as argmax does
+        labels[better] = c
+        np.maximum(best, up, out=best)
+    return labels
+
+
+def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes | None, *, params: CRFParams,
+               encoding: str, num_classes: int, node_id: str, metrics, budget: int | None = None) -> None:
+    """Refine row ``i`` of a stage's columns in place: ``mask``, ``crf_ms``, ``crf_scale``,
+    ``crf_node``, or its error. Above ``budget`` bytes or ``params.max_pixels`` the CRF runs at a
+    reduced resolution (``pipeline.memory.crf_scale``). ``probs`` None: take ``out["probs"][i]``
+    and drop it once downscaled, before the CRF allocates (C bytes a pixel).
 
     The CRF pool and the fused inference actor both call this on the encoded probabilities, so
     either plan gives the same masks for the same inputs.
@@ -52,13 +99,24 @@ def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes, *,
     h, w = image.shape[:2]
     out["crf_node"][i] = node_id
     start = time.perf_counter()
+    scale = crf_scale(h, w, num_classes, budget, params.max_pixels)
     try:
-        out["mask"][i] = dense_crf(image, decode_probs(probs, encoding, (num_classes, h, w)), params).tobytes()
+        owned = probs is None
+        if scale < 1.0:
+            small_rgb, small = _downscale(image, out["probs"][i] if owned else probs, encoding, num_classes, scale)
+            if owned:
+                out["probs"][i] = b""
+            labels = _refine_small(small_rgb, small, (h, w), scale, params)
+        else:
+            labels = dense_crf(image, decode_probs(out["probs"][i] if owned else probs, encoding,
+                                                   (num_classes, h, w)), params)
+        out["mask"][i] = labels.tobytes()
     except Exception as exc:
         mark_error(out, i, "crf", exc, f"dense CRF failed: {exc}")
         return
     seconds = time.perf_counter() - start
     out["crf_ms"][i] = seconds * 1000.0
+    out["crf_scale"][i] = scale
     metrics.ok(seconds)
 
 
@@ -69,8 +127,9 @@ class CRFRefiner:
     """
 
     def __init__(self, *, params: CRFParams, num_classes: int, model: str, weights_sha256: str, run_id: str,
-                 probs_encoding: str = "uint8") -> None:
+                 probs_encoding: str = "uint8", actor_memory_mib: int = 0) -> None:
         self.params = params
+        self.budget = image_budget(actor_memory_mib)
         self.probs_encoding = probs_encoding
         self.num_classes = num_classes
         self.model = model
@@ -82,13 +141,14 @@ class CRFRefiner:
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["key"])
         out = {k: list(v) for k, v in batch.items()}
-        out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [""] * n
+        out["mask"], out["crf_ms"], out["crf_node"], out["crf_scale"] = [b""] * n, [0.0] * n, [""] * n, [1.0] * n
         for i in range(n):
             if out["error_stage"][i]:
                 continue
-            image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]),
-                                                                            int(batch["width"][i]), 3)
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
+            budget = None if self.budget is None else max(MIN_IMAGE_BYTES, self.budget - held_bytes(h, w, self.num_classes))
             refine_row(out, i, image, batch["probs"][i], params=self.params, encoding=self.probs_encoding,
-                       num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics)
+                       num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics, budget=budget)
         return result_table(out, num_classes=self.num_classes, model=self.model,
                             weights_sha256=self.weights_sha256, run_id=self.run_id)

@@ -19,6 +19,7 @@ import torch
 from pipeline.config import CRFParams
 from pipeline.crf import refine_row
 from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch
+from pipeline.memory import crf_scale
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, quantise_probs
 from pipeline.tables import mark_error
@@ -48,20 +49,33 @@ class FusedCRF:
         self.num_classes, self.node_id, self.device = num_classes, node_id, device
         self.metrics = stage_metrics("crf")
 
-    def __call__(self, out: dict[str, list], rows: list[tuple[int, np.ndarray, torch.Tensor]]) -> None:
-        """``rows``: (row index, (H, W, 3) uint8 image, (C, H, W) probabilities on the device) per image."""
-        if self.backend == "pydensecrf":
-            for i, image, probs in rows:
-                self._pydensecrf(out, i, image, probs)
-            return
-        if self.device.type == "cuda" and len(rows) > 1 and self._torch_merged(out, rows):
-            return
-        for i, image, probs in rows:
-            self._torch_one(out, i, image, probs)
+    @property
+    def batched(self) -> bool:
+        """Whether a batch's images are best refined in one call (merged lattices on a GPU)."""
+        return self.backend == "torch" and self.device.type == "cuda"
 
-    def _pydensecrf(self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor) -> None:
-        refine_row(out, i, image, encode_probs(probs, self.encoding), params=self.params, encoding=self.encoding,
-                   num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics)
+    def __call__(self, out: dict[str, list], rows: list[tuple[int, np.ndarray, torch.Tensor | None, int | None]]) -> None:
+        """``rows``: (row index, (H, W, 3) uint8 image, (C, H, W) probabilities on the device, or None when
+        they are ``out["probs"][i]``, encoded, and the row's memory budget in bytes or None) per image."""
+        on_torch = []
+        for i, image, probs, budget in rows:
+            h, w = image.shape[:2]
+            if (self.backend == "torch" and probs is not None
+                    and crf_scale(h, w, self.num_classes, budget, self.params.max_pixels) == 1.0):
+                on_torch.append((i, image, probs, budget))
+            else:  # pydensecrf, or an image over the budget: at a reduced resolution (pipeline/crf.py)
+                self._pydensecrf(out, i, image, probs, budget)
+        if not (self.batched and len(on_torch) > 1 and self._torch_merged(out, on_torch)):
+            for row in on_torch:
+                self._torch_one(out, *row)
+        for i, *_ in rows:
+            out["probs"][i] = b""
+
+    def _pydensecrf(self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor | None,
+                    budget: int | None) -> None:
+        refine_row(out, i, image, None if probs is None else encode_probs(probs, self.encoding), params=self.params,
+                   encoding=self.encoding, num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics,
+                   budget=budget)
 
     def _inputs(self, image: np.ndarray, probs: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         return image, quantise_probs(probs, self.encoding)  # dense_crf_torch moves the image to the probs' device
@@ -71,18 +85,19 @@ class FusedCRF:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                inputs = [self._inputs(image, probs) for _, image, probs in rows]
+                inputs = [self._inputs(image, probs) for _, image, probs, _ in rows]
                 labels = [m.cpu().numpy().tobytes() for m in dense_crf_torch_batch(*zip(*inputs), self.params)]
         except Exception:  # each image alone next: the one that fails is found without losing the others
             torch.cuda.empty_cache()  # what the failed merged call cached, for the images one by one
             return False
         seconds = (time.perf_counter() - start) / len(rows)
-        for (i, _, _), mask in zip(rows, labels):
+        for (i, *_), mask in zip(rows, labels):
             out["mask"][i], out["crf_ms"][i], out["crf_node"][i] = mask, seconds * 1000.0, self.node_id
             self.metrics.ok(seconds)
         return True
 
-    def _torch_one(self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor) -> None:
+    def _torch_one(self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor,
+                   budget: int | None) -> None:
         out["crf_node"][i] = self.node_id
         start = time.perf_counter()
         try:
@@ -104,7 +119,7 @@ class FusedCRF:
         log.warning("dense CRF: the torch backend could not allocate for %s (%sx%s, on %s: %s); refining it with "
                     "pydensecrf on the CPU", out["key"][i], image.shape[0], image.shape[1], self.device, reason)
         self.metrics.fallback("pydensecrf")
-        self._pydensecrf(out, i, image, probs)
+        self._pydensecrf(out, i, image, probs, budget)
         if out["error_stage"][i]:
             out["error_message"][i] = (f"the torch backend could not allocate ({reason}); "
                                        f"then {out['error_message'][i]}")[:1000]

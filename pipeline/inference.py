@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
+from dataclasses import replace
 
 import numpy as np
 import ray
@@ -17,6 +19,7 @@ from torch.nn import functional as F
 
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.crf_fused import FusedCRF
+from pipeline.memory import BUDGET_TILE, MIN_IMAGE_BYTES, held_bytes, image_budget, infer_bytes, release_freed
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty
@@ -97,14 +100,81 @@ def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, *, tile: i
     return total / count
 
 
+_BAND_ROWS = 64
+
+
+def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor, std: torch.Tensor,
+                  config: InferenceConfig, encoding: str | None) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
+    """What ``Segmenter`` keeps of sliding-window inference on one RGB uint8 image — the pre-CRF
+    class map, the uncertainty summaries and (``encoding``) the encoded probabilities — computed
+    band by band: the same windows and averages as ``sliding_window_probs``, but neither the
+    normalised image nor the probabilities ever exist at full size in float32 (88 bytes a pixel
+    at 6 classes), so memory is the image, the outputs and two tile rows of probabilities."""
+    height, width = rgb.shape[:2]
+    tile, stride = config.tile, max(1, config.tile - config.tile_overlap)
+    tops, lefts = _tile_starts(height, tile, stride), _tile_starts(width, tile, stride)
+    rows, cols = torch.zeros(height), torch.zeros(width)  # windows covering each row / column
+    for top in tops:
+        rows[top : top + tile] += 1
+    for left in lefts:
+        cols[left : left + tile] += 1
+    device = mean.device
+    autocast = (torch.autocast(device.type, dtype=_AUTOCAST[config.precision])
+                if config.precision != "fp32" else contextlib.nullcontext())
+    with warnings.catch_warnings():  # the batch's image buffer is read-only; windows are only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.from_numpy(rgb)
+    mask = np.empty((height, width), dtype=np.uint8)
+    encoded = None
+    top_sum = entropy_sum = low = 0.0
+    acc = None  # rows top..top+tile of the probabilities summed over windows
+    with torch.inference_mode():
+        for n, top in enumerate(tops):
+            bottom = min(top + tile, height)
+            for left in lefts:
+                x = host[top:bottom, left : left + tile].to(device).permute(2, 0, 1)[None].float().div_(255.0)
+                x = (x - mean) / std
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    p = multiscale_probs(model, x, config.scales, config.flip, config.average)[0].float().cpu()
+                if acc is None:
+                    acc = torch.zeros(p.shape[0], min(tile, height), width)
+                    if encoding:
+                        encoded = np.empty((p.shape[0], height, width), dtype=np.dtype(encoding))
+                acc[:, : bottom - top, left : left + p.shape[2]] += p
+            done = (tops[n + 1] if n + 1 < len(tops) else height) - top  # rows no later window touches
+            for r0 in range(0, done, _BAND_ROWS):  # a few rows at a time keeps the temporaries small
+                r1 = min(done, r0 + _BAND_ROWS)
+                band = acc[:, r0:r1] / (rows[top + r0 : top + r1, None] * cols[None, :])
+                mask[top + r0 : top + r1] = class_map(band).numpy()
+                best = band.max(dim=0).values
+                top_sum += float(best.double().sum())
+                entropy_sum += float(-(band * band.clamp_min(1e-12).log()).sum(dim=0).double().sum())
+                low += float((best < config.low_conf_threshold).sum())
+                if encoded is not None:
+                    encoded[:, top + r0 : top + r1] = np.frombuffer(encode_probs(band, encoding),
+                                                                    dtype=encoded.dtype).reshape(band.shape)
+            keep = bottom - top - done  # rows the next tile row adds to, moved to the top of acc
+            acc[:, :keep] = acc[:, done : done + keep].clone()
+            acc[:, keep:] = 0
+    pixels, classes = height * width, acc.shape[0]
+    mean_entropy = entropy_sum / pixels
+    summary = {"mean_max_prob": top_sum / pixels, "mean_entropy": mean_entropy,
+               "mean_entropy_norm": mean_entropy / float(np.log(classes)) if classes > 1 else 0.0,
+               "low_conf_fraction": low / pixels}
+    return mask, summary, encoded  # an array, not bytes: bytes() would copy C bytes a pixel once more
+
+
 def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch.Tensor, std: torch.Tensor,
-                config: InferenceConfig) -> list[torch.Tensor]:
+                config: InferenceConfig, seconds: list[float] | None = None) -> list[torch.Tensor]:
     """(C, H, W) probabilities per RGB uint8 image.
 
     Images of one size run as one tensor batch ("bucket" batching, exact); with "pad" batching
     images are zero-padded (after normalisation) to the largest size in their group, run at once,
     and cropped back — fewer, larger forwards, at the cost of padded context near the borders.
-    ``forward_groups`` decides the groups.
+    ``forward_groups`` decides the groups. ``seconds``, if given, receives each image's share of
+    the forward pass it was in (its group's time divided among the group's images).
     """
     device = mean.device
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[config.precision])
@@ -127,8 +197,11 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
         return (x - mean) / std
 
     results: list[torch.Tensor | None] = [None] * len(images)
+    if seconds is not None:
+        seconds[:] = [0.0] * len(images)
     with torch.inference_mode():
         for indices in forward_groups([im.shape[:2] for im in images], config):
+            start = time.perf_counter()
             if len(indices) == 1 or config.batching == "bucket":
                 probs = run(to_tensor([images[i] for i in indices]))
             else:
@@ -140,6 +213,11 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
                 probs = run(x)
             for j, i in enumerate(indices):
                 results[i] = probs[j, :, : images[i].shape[0], : images[i].shape[1]]
+            if seconds is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # kernels run asynchronously: time them, not their launch
+                for i in indices:
+                    seconds[i] = (time.perf_counter() - start) / len(indices)
     return results
 
 
@@ -216,7 +294,7 @@ class Segmenter:
     def __init__(self, *, model: str, weights_uri: str | None, storage_options: dict, inference: InferenceConfig,
                  weights_sha256: str, num_classes: int, use_gpu: bool, threads: int, crf_follows: bool,
                  run_id: str, mean: tuple[float, ...], std: tuple[float, ...], crf: CRFParams | None = None,
-                 crf_backend: str = "pydensecrf") -> None:
+                 crf_backend: str = "pydensecrf", actor_memory_mib: int = 0) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.threads = max(1, threads)
         self.model, self.sha256, categories = load_model(
@@ -230,6 +308,7 @@ class Segmenter:
         self.run_id = run_id
         self.mean, self.std = normalisation(mean, std, self.device)
         limit_memory_if_asked()
+        self.budget = image_budget(actor_memory_mib)  # measured now that the model is loaded
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.metrics = stage_metrics("infer")
         # Refine in this actor, right after inference (no CRF pool follows).
@@ -246,45 +325,99 @@ class Segmenter:
             torch.set_num_threads(self.threads)
         n = len(batch["key"])
         out = {k: list(v) for k, v in batch.items()}
-        out.update(mask_pre=[b""] * n, probs=[b""] * n, infer_ms=[0.0] * n, infer_node=[self.node_id] * n)
+        out.update(mask_pre=[b""] * n, probs=[b""] * n, infer_ms=[0.0] * n, infer_node=[self.node_id] * n,
+                   infer_tile=[0] * n)
         for name in UNCERTAINTY_COLUMNS:
             out[name] = [float("nan")] * n
         todo = [i for i in range(n) if not out["error_stage"][i]]
         images = [np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]),
                                                                           int(batch["width"][i]), 3) for i in todo]
-        start = time.perf_counter()
-        try:
-            probs = infer_batch(self.model, images, mean=self.mean, std=self.std, config=self.inference)
-        except Exception:
-            # Find the image that fails (e.g. out of memory on a huge one) without losing the others.
-            probs = []
-            for i, image in zip(todo, images):
-                try:
-                    probs.append(infer_batch(self.model, [image], mean=self.mean, std=self.std,
-                                             config=self.inference)[0])
-                except Exception as exc:
-                    mark_error(out, i, "infer", exc, f"inference failed: {exc}")
-                    probs.append(None)
-        per_image = (time.perf_counter() - start) / max(1, len(todo))
-        out["mask"], out["crf_ms"], out["crf_node"] = [b""] * n, [0.0] * n, [""] * n
-        inferred = []
-        for i, image, p in zip(todo, images, probs):
-            if p is None:
+        results, seconds = self._infer(out, todo, images)
+        out["mask"], out["crf_ms"], out["crf_node"], out["crf_scale"] = [b""] * n, [0.0] * n, [""] * n, [1.0] * n
+        refine = []  # (row, image, probabilities on the device or None, memory budget) for the fused CRF
+        for j, (i, image) in enumerate(zip(todo, images)):
+            if results[j] is None:
                 continue
-            out["mask_pre"][i] = class_map(p).cpu().numpy().tobytes()
-            for name, value in uncertainty(p, self.inference.low_conf_threshold).items():
+            (out["mask_pre"][i], summary, out["probs"][i], probs), results[j] = results[j], None
+            for name, value in summary.items():
                 out[name][i] = value
-            if self.crf_follows:
-                out["probs"][i] = encode_probs(p, self.inference.probs_encoding)
-            out["infer_ms"][i] = per_image * 1000.0
-            self.metrics.ok(per_image)
-            inferred.append((i, image, p))
-        if self.crf is not None:
-            self.crf(out, inferred)
+            out["infer_ms"][i] = seconds[j] * 1000.0
+            self.metrics.ok(seconds[j])
+            if self.crf is not None:
+                refine.append((i, image, probs, self._crf_budget(image)))
+                if not self.crf.batched:  # one image at a time: each one's probabilities go as it is refined
+                    self.crf(out, refine)
+                    refine = []
+        if refine:
+            self.crf(out, refine)
         if self.crf_follows:
             return {k: np.array(v, dtype=object) if k in _BYTES_COLUMNS else np.array(v) for k, v in out.items()}
         return result_table(out, num_classes=self.num_classes, model=self.model_name,
                             weights_sha256=self.sha256, run_id=self.run_id)
+
+    def _crf_budget(self, image: np.ndarray) -> int | None:
+        """Bytes the CRF of this image may take: the actor's share less what the row already holds."""
+        h, w = image.shape[:2]
+        return None if self.budget is None else max(MIN_IMAGE_BYTES, self.budget - held_bytes(h, w, self.num_classes))
+
+    def _infer(self, out: dict[str, list], todo: list[int], images: list[np.ndarray]):
+        """(pre-CRF mask bytes, uncertainty, encoded probabilities, the probabilities on the device for
+        the fused torch CRF or None) or None, and seconds, per image.
+
+        An image whose whole-image inference would exceed the actor's memory share runs tiled
+        (``infer_tile``), as every image does with ``--tile``; a failure is that row's error."""
+        results: list[tuple | None] = [None] * len(images)
+        seconds = [0.0] * len(images)
+        inf = self.inference
+        encoding = inf.probs_encoding if self.crf_follows or self.crf is not None else None
+        budget_tiled = replace(inf, tile=BUDGET_TILE, tile_overlap=min(inf.tile_overlap, BUDGET_TILE // 2))
+        whole = []
+        for j, image in enumerate(images):
+            h, w = image.shape[:2]
+            config = inf
+            if not inf.tile and self.budget is not None and infer_bytes(h, w, inf.scales, inf.flip) > self.budget:
+                config = budget_tiled
+            if not config.tile or max(h, w) <= config.tile:
+                whole.append(j)
+                continue
+            out["infer_tile"][todo[j]] = config.tile
+            start = time.perf_counter()
+            try:
+                mask, summary, encoded = tiled_outputs(self.model, image, mean=self.mean, std=self.std,
+                                                       config=config, encoding=encoding)
+            except Exception as exc:
+                mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
+                continue
+            release_freed()
+            if encoded is not None and self.crf_follows:
+                encoded = encoded.tobytes()  # the batch column to the CRF pool holds bytes; the fused CRF reads the array
+            results[j], seconds[j] = (mask.tobytes(), summary, b"" if encoded is None else encoded, None), \
+                time.perf_counter() - start
+        times: list[float] = []
+        try:
+            probs = infer_batch(self.model, [images[j] for j in whole], mean=self.mean, std=self.std,
+                                config=inf, seconds=times)
+        except Exception:
+            # Find the image that fails (e.g. out of memory on a huge one) without losing the others.
+            probs, times = [], []
+            for j in whole:
+                one: list[float] = []
+                try:
+                    probs.append(infer_batch(self.model, [images[j]], mean=self.mean, std=self.std,
+                                             config=inf, seconds=one)[0])
+                except Exception as exc:
+                    mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
+                    probs.append(None)
+                times.append(one[0] if one else 0.0)
+        for k, j in enumerate(whole):
+            p, probs[k] = probs[k], None  # the full-size probabilities go as soon as they are encoded
+            if p is not None:
+                on_device = self.crf is not None and self.crf.backend == "torch"  # refined where they are
+                results[j] = (class_map(p).cpu().numpy().tobytes(), uncertainty(p, inf.low_conf_threshold),
+                              encode_probs(p, encoding) if encoding and not on_device else b"",
+                              p if on_device else None)
+                seconds[j] = times[k]
+        return results, seconds
 
 
 _BYTES_COLUMNS = {"image", "label", "mask_pre", "probs", "mask"}

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--crf-bilateral-sxy", type=float, default=crf.bilateral_sxy, help="appearance kernel θα (pixels)")
     c.add_argument("--crf-bilateral-srgb", type=float, default=crf.bilateral_srgb, help="appearance kernel θβ (colour)")
     c.add_argument("--crf-bilateral-compat", type=float, default=crf.bilateral_compat, help="appearance weight w1")
+    c.add_argument("--crf-max-pixels", type=int, default=crf.max_pixels, metavar="PIXELS",
+                   help="refine larger images at a reduced resolution (masks.crf_scale), which bounds CRF "
+                        "seconds per image; 0: no limit")
     r = p.add_argument_group("compute")
     r.add_argument("--infer-actors", type=_range, default=compute.infer_actors, metavar="MIN-MAX",
                    help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in "
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--object-store-mib", type=int, metavar="MIB",
                    help="object-store memory Ray Data may fill with blocks in flight (default: 256 per GPU "
                         "inference actor, 64 per CPU inference or CRF actor)")
+    r.add_argument("--actor-memory-mib", type=int, default=compute.actor_memory_mib, metavar="MIB",
+                   help="memory each inference and CRF actor may use: an image that would exceed it runs tiled "
+                        "(masks.infer_tile) and its CRF at a reduced resolution (masks.crf_scale); 0: no budget")
     r.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="run inference on GPUs (default: when the cluster has GPUs)")
     r.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
@@ -170,7 +176,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     try:
         crf = CRFParams(iterations=args.crf_iterations, gaussian_sxy=args.crf_gaussian_sxy,
                         gaussian_compat=args.crf_gaussian_compat, bilateral_sxy=args.crf_bilateral_sxy,
-                        bilateral_srgb=args.crf_bilateral_srgb, bilateral_compat=args.crf_bilateral_compat)
+                        bilateral_srgb=args.crf_bilateral_srgb, bilateral_compat=args.crf_bilateral_compat,
+                        max_pixels=args.crf_max_pixels)
         return JobConfig(
             input_uri=str(DEMO_BUCKET / "images") if demo else args.input,
             output_uri=args.output or "outputs",
@@ -187,7 +194,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             crf=crf if args.crf else None,
             compute=ComputeConfig(infer_actors=args.infer_actors, crf_actors=args.crf_actors, batch_size=args.batch_size,
                                   infer_cpus=args.infer_cpus, crf_cpus=args.crf_cpus, use_gpu=args.gpu,
-                                  object_store_mib=args.object_store_mib,
+                                  object_store_mib=args.object_store_mib, actor_memory_mib=args.actor_memory_mib,
                                   infer_resources=args.infer_resources, crf_resources=args.crf_resources,
                                   crf_backend=args.crf_backend),
             num_classes=args.num_classes,
@@ -251,6 +258,9 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
     print("\n=== deeplab-pipeline run summary ===")
     print(f"images segmented : {summary.images}   errors: {summary.errors}   labelled: {summary.labelled}"
           + (f"   labels not scored: {summary.label_errors} (masks.label_error)" if summary.label_errors else ""))
+    if summary.tiled or summary.crf_reduced:
+        print(f"memory budget    : tiled inference: {summary.tiled} (masks.infer_tile)   "
+              f"reduced-resolution CRF: {summary.crf_reduced} (masks.crf_scale)")
     pre = summary.pre.miou if summary.pre else None
     print(f"mIoU             : {_fmt(summary.post.miou)} (pre-CRF {_fmt(pre)})")
     print(f"pixel accuracy   : {_fmt(summary.post.pixel_acc)} (pre-CRF {_fmt(summary.pre.pixel_acc if summary.pre else None)})")

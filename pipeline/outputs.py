@@ -43,6 +43,8 @@ class RunSummary:
     post: DatasetSummary
     pre: DatasetSummary | None
     label_errors: int = 0  # segmented images whose label was not scored (masks.label_error)
+    tiled: int = 0  # images whose inference ran tiled (masks.infer_tile)
+    crf_reduced: int = 0  # images whose CRF ran at a reduced resolution (masks.crf_scale < 1)
     comparison: Comparison | None = None  # against the previous committed run, when asked for
 
 
@@ -167,9 +169,10 @@ class RunOutput:
         self.write_table("classes.parquet", classes)
 
         summary = RunSummary(images=stats.images, errors=stats.errors, labelled=stats.labelled, post=post, pre=pre,
-                             label_errors=stats.label_errors)
+                             label_errors=stats.label_errors, tiled=stats.tiled, crf_reduced=stats.crf_reduced)
         counts = {"images": summary.images, "errors": summary.errors, "labelled": summary.labelled,
-                  "label_errors": summary.label_errors, "inputs": summary.images + summary.errors}
+                  "label_errors": summary.label_errors, "tiled": summary.tiled, "crf_reduced": summary.crf_reduced,
+                  "inputs": summary.images + summary.errors}
         metrics = {"miou": post.miou, "pixel_acc": post.pixel_acc, "mean_acc": post.mean_acc, "fw_iou": post.fw_iou,
                    "miou_pre_crf": pre.miou if pre else None, "pixel_acc_pre_crf": pre.pixel_acc if pre else None,
                    "mean_acc_pre_crf": pre.mean_acc if pre else None, "fw_iou_pre_crf": pre.fw_iou if pre else None}

@@ -29,8 +29,8 @@ SECTIONS = {
 TOP_K = 4
 TIMED_STAGES = {"infer": "infer_ms", "crf": "crf_ms"}
 # What reading an earlier part for its statistics needs: no mask, no image.
-STAT_COLUMNS = ["key", "has_label", "label_error", "intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf",
-                "infer_ms", "crf_ms", *dict.fromkeys(c for c, _ in SECTIONS.values())]
+STAT_COLUMNS = ["key", "has_label", "label_error", "infer_tile", "crf_scale", "intersect", "union", "label_area",
+                "intersect_pre_crf", "union_pre_crf", "infer_ms", "crf_ms", *dict.fromkeys(c for c, _ in SECTIONS.values())]
 _SUMS = ("intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
 
 
@@ -44,6 +44,8 @@ class PartStats:
     labelled: int = 0
     labelled_pre: int = 0  # labelled rows that also have pre-CRF statistics (CRF ran)
     label_errors: int = 0  # segmented images whose label could not be scored (masks.label_error)
+    tiled: int = 0  # images that ran tiled to fit their actor's memory or --tile (masks.infer_tile)
+    crf_reduced: int = 0  # images refined at a reduced resolution (masks.crf_scale < 1)
     sums: dict[str, list[int]] = field(default_factory=dict)  # _SUMS → per-class totals
     outcomes: dict[str, int] = field(default_factory=dict)  # "stage/status" → inputs
     histograms: dict[str, list[float]] = field(default_factory=dict)  # stage → bucket counts + [sum]
@@ -66,6 +68,8 @@ class PartStats:
         return cls(
             num_classes, images=masks.num_rows, errors=errors.num_rows, labelled=labelled.num_rows,
             labelled_pre=with_pre.num_rows, label_errors=pc.count(masks.column("label_error")).as_py() or 0,
+            tiled=pc.count(masks.column("infer_tile")).as_py() or 0,
+            crf_reduced=pc.sum(pc.less(masks.column("crf_scale"), 1.0)).as_py() or 0,
             sums={name: _column_sum(labelled.column(name), num_classes) for name in _SUMS},
             outcomes=outcomes,
             histograms={stage: _histogram(masks.column(col)) for stage, col in TIMED_STAGES.items()},
@@ -81,6 +85,7 @@ class PartStats:
             self.num_classes, self.images + other.images, self.errors + other.errors,
             self.labelled + other.labelled, self.labelled_pre + other.labelled_pre,
             self.label_errors + other.label_errors,
+            tiled=self.tiled + other.tiled, crf_reduced=self.crf_reduced + other.crf_reduced,
             sums=added(self.sums, other.sums),
             outcomes={k: self.outcomes.get(k, 0) + other.outcomes.get(k, 0) for k in self.outcomes | other.outcomes},
             histograms=added(self.histograms, other.histograms),

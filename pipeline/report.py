@@ -188,6 +188,8 @@ def render_report(*, manifest: dict, classes: pa.Table, candidates: dict[str, li
         ("weights sha256", manifest["weights"]["sha256"]),
         ("images / errors / labelled", f"{counts['images']} / {counts['errors']} / {counts['labelled']}"),
         ("labels not scored (masks.label_error)", counts.get("label_errors", 0)),
+        ("tiled inference / reduced-resolution CRF (memory budget)",
+         f"{counts.get('tiled', 0)} / {counts.get('crf_reduced', 0)}"),
         ("mIoU after CRF", fmt(metrics["miou"])), ("mIoU before CRF", fmt(metrics["miou_pre_crf"])),
         ("pixel accuracy (after / before)", f"{fmt(metrics['pixel_acc'])} / {fmt(metrics['pixel_acc_pre_crf'])}"),
         ("throughput", f"{timings['images_per_s']} images/s over {timings['segment_s']} s"),

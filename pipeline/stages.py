@@ -160,6 +160,7 @@ def build_dataset(inputs: Inputs, config: JobConfig, weights: Weights, weights_s
             "crf_follows": resources.crf_actors is not None, "run_id": config.run_id,
             "mean": weights.mean, "std": weights.std, "crf": config.crf if resources.crf_fused else None,
             "crf_backend": resources.crf_backend or "pydensecrf",
+            "actor_memory_mib": compute.actor_memory_mib,
         },
         batch_size=compute.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),
@@ -175,7 +176,8 @@ def build_dataset(inputs: Inputs, config: JobConfig, weights: Weights, weights_s
             CRFRefiner,
             fn_constructor_kwargs={"params": config.crf, "num_classes": weights.num_classes, "model": config.model,
                                    "weights_sha256": weights_sha256, "run_id": config.run_id,
-                                   "probs_encoding": config.inference.probs_encoding},
+                                   "probs_encoding": config.inference.probs_encoding,
+                                   "actor_memory_mib": compute.actor_memory_mib},
             batch_size=1,  # one image per call keeps CRF actors evenly loaded
             compute=ray.data.ActorPoolStrategy(min_size=min(resources.crf_actors[0], len(inputs)),
                                                max_size=min(resources.crf_actors[1], len(inputs))),

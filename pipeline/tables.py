@@ -42,6 +42,8 @@ MASKS_SCHEMA = pa.schema([
     ("weights_sha256", pa.string()),
     ("infer_ms", pa.float64()),
     ("crf_ms", pa.float64()),
+    ("crf_scale", pa.float64()),  # resolution the CRF ran at (1.0 full; < 1 over the memory budget); null without CRF
+    ("infer_tile", pa.int32()),  # sliding-window tile size inference used; null for whole-image inference
     ("crf_changed_fraction", pa.float64()),  # share of pixels whose label CRF changed; null without CRF
     ("mean_max_prob", pa.float64()),  # confidence summaries of the pre-CRF probabilities (probs.py)
     ("mean_entropy", pa.float64()),
@@ -132,6 +134,8 @@ def result_table(batch: dict[str, np.ndarray], *, num_classes: int, model: str, 
             has_label=bool(batch["has_label"][i]), label_error=str(batch["label_error"][i]) or None,
             infer_ms=float(batch["infer_ms"][i]),
             crf_ms=float(batch["crf_ms"][i]) if len(crf_bytes) else None,
+            crf_scale=float(batch["crf_scale"][i]) if len(crf_bytes) else None,
+            infer_tile=int(batch["infer_tile"][i]) or None,
             crf_changed_fraction=float((pre != post).mean()) if len(crf_bytes) else None,
             **{name: float(batch[name][i]) for name in UNCERTAINTY_COLUMNS},
         )

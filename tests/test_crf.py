@@ -82,7 +82,7 @@ def test_actor_records_crf_ms_and_turns_failures_into_error_rows():
         "label": np.array([truth.tobytes(), b""], dtype=object), "has_label": np.array([True, False]), "label_error": np.array(["", ""]),
         "mask_pre": np.array([truth.tobytes(), truth.tobytes()], dtype=object),
         "probs": np.array([probs.tobytes(), probs.tobytes()[:100]], dtype=object),  # truncated probs → failure
-        "infer_ms": np.array([5.0, 5.0]), "infer_node": np.array(["n1", "n1"]),
+        "infer_ms": np.array([5.0, 5.0]), "infer_node": np.array(["n1", "n1"]), "infer_tile": np.array([0, 0]),
         "error_stage": np.array(["", ""]), "error_type": np.array(["", ""]), "error_message": np.array(["", ""]),
     }
     table = CRFRefiner(params=CRFParams(), num_classes=2, model="m", weights_sha256="0" * 64, run_id="r",

@@ -53,7 +53,7 @@ def _rows(n: int = 3, classes: int = 6):
 
 def _columns(n: int) -> dict[str, list]:
     return {"key": [f"k{i}" for i in range(n)], "mask": [b""] * n, "crf_ms": [0.0] * n, "crf_node": [""] * n,
-            "error_stage": [""] * n, "error_type": [""] * n, "error_message": [""] * n}
+            "error_stage": [""] * n, "error_type": [""] * n, "error_message": [""] * n, "crf_scale": [1.0] * n, "probs": [b""] * n}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -64,7 +64,7 @@ def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_s
         crf = FusedCRF(CRFParams(), backend=backend, encoding="uint8", num_classes=6, node_id="node",
                        device=torch.device(device if backend == "torch" else "cpu"))
         outs[backend] = _columns(len(rows))
-        crf(outs[backend], [(i, image, p.to(crf.device)) for i, image, p in rows])
+        crf(outs[backend], [(i, image, p.to(crf.device), None) for i, image, p in rows])
     for out in outs.values():
         assert out["error_stage"] == [""] * len(rows) and out["crf_node"] == ["node"] * len(rows)
         assert all(ms > 0 for ms in out["crf_ms"])

@@ -81,7 +81,8 @@ def check_run(fs, run_dir: str, input_keys: list[str], label_reader) -> dict:
     assert manifest["metrics"]["miou"] == pytest.approx(np.nanmean(iou), abs=1e-12)
     assert manifest["metrics"]["miou_pre_crf"] == pytest.approx(np.nanmean(iou_pre), abs=1e-12)
     assert manifest["counts"] == {"images": len(masks), "errors": 1, "labelled": len(masks), "label_errors": 0,
-                                  "inputs": len(input_keys)}
+                                  "tiled": 0, "crf_reduced": 0, "inputs": len(input_keys)}
+    assert all(r["crf_scale"] == 1.0 and r["infer_tile"] is None for r in masks)  # demo images fit any budget
     return manifest
 
 

