@@ -289,10 +289,16 @@ def run(config: JobConfig, *, ray_address: str | None = None) -> RunSummary:
     started = time.time()
     # Ray starts (seconds of subprocesses) while this process loads torch, checks the weights and
     # lists the bucket; a bad checkpoint or URI still fails before any image is read.
+    connected = ray.is_initialized()
     with ThreadPoolExecutor(1, thread_name_prefix="deeplab-prepare") as pool:
         prepared = pool.submit(_prepare, config)
-        init_ray(ray_address)
-        weights, sha256, inputs, output, earlier = prepared.result()
+        try:
+            init_ray(ray_address)
+            weights, sha256, inputs, output, earlier = prepared.result()
+        except BaseException:
+            if not connected and ray.is_initialized():
+                ray.shutdown()  # a bad flag or URI leaves no Ray behind in a process that goes on (tests, notebooks)
+            raise
     todo = inputs.without(earlier.keys)
     print(f"[deeplab-pipeline] {len(inputs)} inputs under {config.input_uri}; {len(earlier.keys)} already done; "
           f"{len(todo)} to segment → {output.uri}", flush=True)
