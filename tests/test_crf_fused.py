@@ -97,3 +97,32 @@ def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
         assert gpu_row.keys() == cpu_row.keys() and not gpu_row["error_stage"] and gpu_row["crf_ms"] > 0
         gpu_mask, cpu_mask = (np.array(Image.open(io.BytesIO(r["mask"]))) for r in (gpu_row, cpu_row))
         assert (gpu_mask == cpu_mask).mean() >= 0.999
+
+
+def test_fused_and_pooled_layouts_write_the_same_rows():
+    """The CPU plan (CRF inside the inference actor) and the GPU plan's CPU pool (inference, then
+    CRFRefiner) give the same masks and metrics for the same labelled images."""
+    import pyarrow as pa
+
+    from pipeline.config import InferenceConfig
+    from pipeline.crf import CRFRefiner
+    from pipeline.decode import decode_batch
+    from pipeline.inference import Segmenter
+    from pipeline.weights import DEMO_WEIGHTS as W
+
+    images = sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:4]
+    batch = decode_batch({"key": np.array([p.name for p in images]), "uri": np.array([str(p) for p in images]),
+                          "label_uri": np.array([str(DEMO_BUCKET / "labels" / f"{p.stem}.png") for p in images])},
+                         storage_options={}, num_classes=len(W.categories), max_pixels=None)
+    common = dict(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
+                  weights_sha256=W.sha256, num_classes=len(W.categories), use_gpu=False, threads=1, run_id="t",
+                  mean=W.mean, std=W.std, actor_memory_mib=2048)
+    fused = Segmenter(**common, crf_follows=False, crf=CRFParams(), crf_backend="pydensecrf")(batch)
+    probs = Segmenter(**common, crf_follows=True)(batch)
+    pooled = CRFRefiner(params=CRFParams(), num_classes=len(W.categories), model=W.model, weights_sha256=W.sha256,
+                        run_id="t", actor_memory_mib=2048)(probs)
+    assert isinstance(fused, pa.Table) and fused.column("has_label").to_pylist() == [True] * 4
+    timing = {"infer_ms", "crf_ms", "infer_node", "crf_node"}
+    columns = [c for c in fused.column_names if c not in timing]
+    assert pooled.column_names == fused.column_names
+    assert pooled.select(columns).equals(fused.select(columns))
