@@ -39,7 +39,6 @@ T_MODULE = time.time()  # the harness's "python started" mark: before any other 
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import fcntl  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import multiprocessing as mp  # noqa: E402
@@ -56,7 +55,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LOCK = "/tmp/bench.lock"
+from common import LOCK, bench_lock, write_section  # noqa: E402  (benchmarks/common.py)
+
 DOCS = ROOT / "docs" / "benchmarks.md"
 PYTHON = sys.executable
 DATE = "2026-12-02"
@@ -65,15 +65,6 @@ SAMPLE_S = 0.25
 MODEL = "deeplabv3plus_demo"
 
 
-@contextlib.contextmanager
-def bench_lock():
-    """Exclusive lock around each timed run, so benchmarks of other agents on this host don't overlap."""
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- measures
@@ -235,16 +226,8 @@ def loop_worker(paths: list[str], out_dir: str, crf: bool, times_path: str) -> N
                                             "done": done}))
 
 
-@dataclass
-class LoopRun:
-    images: int
-    start: float
-    workers: list[dict]
-    sampler: TreeSampler
-
-    @property
-    def end(self) -> float:
-        return max(w["done"][-1] for w in self.workers if w["done"])
+class _Rates:
+    """End to end seconds and images/s of a run with ``images``, ``start`` and ``end``."""
 
     @property
     def seconds(self) -> float:
@@ -253,6 +236,18 @@ class LoopRun:
     @property
     def rate(self) -> float:
         return self.images / self.seconds
+
+
+@dataclass
+class LoopRun(_Rates):
+    images: int
+    start: float
+    workers: list[dict]
+    sampler: TreeSampler
+
+    @property
+    def end(self) -> float:
+        return max(w["done"][-1] for w in self.workers if w["done"])
 
     @property
     def steady(self) -> float:
@@ -287,7 +282,7 @@ def run_loop(files: list[Path], procs: int, crf: bool, out_dir: Path) -> LoopRun
 # --------------------------------------------------------------------------- the job
 
 @dataclass
-class JobRun:
+class JobRun(_Rates):
     name: str
     images: int
     start: float
@@ -297,14 +292,6 @@ class JobRun:
     parts: list[tuple[float, int]]  # (mtime, rows) of every part file
     sampler: TreeSampler
     run_dir: Path
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
-
-    @property
-    def rate(self) -> float:
-        return self.images / self.seconds
 
     @property
     def steady(self) -> float | None:
@@ -656,19 +643,6 @@ def report(works: list[Workload], startups: list[Startup], imports: list[tuple[s
     return "\n".join(lines)
 
 
-def append_docs(text: str) -> None:
-    """Append our section; the file holds other benchmarks' sections too, which stay as they are."""
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    with open(DOCS, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        existing = f.read()
-        if not existing:
-            f.write("# Benchmarks\n\nMeasured results of the scripts under benchmarks/, newest sections last.\n")
-        f.write(("\n" if existing.endswith("\n") or not existing else "\n\n") + text)
-        fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # --------------------------------------------------------------------------- main
 
 def warm_caches(old_root: Path | None) -> None:
@@ -745,8 +719,8 @@ def main() -> int:
         print("\n".join(job.sampler.timeline(job.start)))
     print("\n" + text)
     if not args.no_docs:
-        append_docs(text)
-        print(f"[ceiling] appended to {DOCS}")
+        write_section(DOCS, "## Ceiling: the job vs one process per core", text)
+        print(f"[ceiling] wrote its section of {DOCS}")
     return 0
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import resource
@@ -50,8 +49,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # also as a child step: its cwd is the measured tree
+from common import LOCK, bench_lock, write_section  # noqa: E402
 OLD_TREE = Path("/work/wt-old")
-LOCK = "/tmp/bench.lock"
 ROWS_PER_PART = 1000
 NUM_CLASSES = 6
 CATEGORIES = ("background", "disc", "box", "triangle", "ring", "bar")  # the demo checkpoint's
@@ -219,15 +219,6 @@ class Result:
         return self.status == "ok"
 
 
-@contextlib.contextmanager
-def bench_lock():
-    """Timed steps of all benchmarks on this machine take turns."""
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _tree(proc) -> list:
@@ -765,19 +756,6 @@ def render(args, runs, listing, e2e, command: str) -> str:
     return "\n".join(parts)
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace (or append) our section of docs/benchmarks.md, keeping everyone else's."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def merge(args) -> int:
     """One section from several runs of this script (e.g. the driver-side parts and the end-to-end part)."""
     groups: dict[str, list[dict]] = {"runs": [], "listing": [], "e2e": []}
@@ -795,7 +773,7 @@ def merge(args) -> int:
     section = render(args, groups["runs"], groups["listing"], groups["e2e"], "` and `".join(commands))
     print(section)
     if args.docs:
-        write_docs(Path(args.docs), section)
+        write_section(Path(args.docs), SECTION, section)
     return 0
 
 
@@ -852,7 +830,7 @@ def main() -> int:
                      **{s: asdict(r[s]) for s in SIDES if s in r}} for r in runs + listing + e2e]}
     (args.work / "results.json").write_text(json.dumps(raw, indent=2))
     if args.docs:
-        write_docs(Path(args.docs), section)
+        write_section(Path(args.docs), SECTION, section)
         print(f"\nwrote {args.docs}")
     if not args.keep:
         for child in args.work.iterdir():
