@@ -18,7 +18,7 @@ from pipeline.observability import stage_metrics
 from pipeline.palette import IGNORE_INDEX, png_to_mask
 from pipeline.storage import Locator, read_bytes
 from pipeline.tables import mark_error
-from pipeline.testing import crash_if_asked
+from pipeline.testing import crash_if_asked, pause_if_asked
 
 
 FETCH_THREADS = 16
@@ -132,6 +132,7 @@ class Decoder:
         keys = [str(k) for k in batch["key"]]  # URIs are derived here: the driver ships keys only
         for key in keys:
             crash_if_asked(key)
+            pause_if_asked()
         batch = {"key": batch["key"], "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
                  "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object)}
         return decode_batch(batch, **self.kwargs)

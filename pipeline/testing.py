@@ -10,6 +10,7 @@ import os
 
 CRASH_KEYS = "DEEPLAB_PIPELINE_TEST_CRASH_KEYS"  # comma-separated keys whose decode segfaults
 MEMORY_LIMIT = "DEEPLAB_PIPELINE_TEST_INFER_MEMORY_MIB"  # address space an inference actor may add
+DECODE_SECONDS = "DEEPLAB_PIPELINE_TEST_DECODE_SECONDS"  # each decode takes this long (a kill can catch it busy)
 
 
 def _active(name: str) -> str:
@@ -22,6 +23,15 @@ def crash_if_asked(key: str) -> None:
         import ctypes
 
         ctypes.string_at(0)
+
+
+def pause_if_asked() -> None:
+    """Make this decode last the given seconds: a test can then kill the decode actor mid-batch."""
+    seconds = _active(DECODE_SECONDS)
+    if seconds:
+        import time
+
+        time.sleep(float(seconds))
 
 
 def limit_memory_if_asked() -> None:
