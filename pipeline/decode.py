@@ -132,7 +132,7 @@ class Decoder:
         keys = [str(k) for k in batch["key"]]  # URIs are derived here: the driver ships keys only
         for key in keys:
             crash_if_asked(key)
-            pause_if_asked()
+        pause_if_asked("decode")
         batch = {"key": batch["key"], "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
                  "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object)}
         return decode_batch(batch, **self.kwargs)

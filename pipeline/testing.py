@@ -10,7 +10,7 @@ import os
 
 CRASH_KEYS = "DEEPLAB_PIPELINE_TEST_CRASH_KEYS"  # comma-separated keys whose decode segfaults
 MEMORY_LIMIT = "DEEPLAB_PIPELINE_TEST_INFER_MEMORY_MIB"  # address space an inference actor may add
-DECODE_SECONDS = "DEEPLAB_PIPELINE_TEST_DECODE_SECONDS"  # each decode takes this long (a kill can catch it busy)
+PAUSE = "DEEPLAB_PIPELINE_TEST_PAUSE"  # "stage=seconds": each call of that stage takes this long
 
 
 def _active(name: str) -> str:
@@ -25,10 +25,10 @@ def crash_if_asked(key: str) -> None:
         ctypes.string_at(0)
 
 
-def pause_if_asked() -> None:
-    """Make this decode last the given seconds: a test can then kill the decode actor mid-batch."""
-    seconds = _active(DECODE_SECONDS)
-    if seconds:
+def pause_if_asked(stage: str) -> None:
+    """Make this call of ``stage`` last the given seconds: a test can then kill its actor mid-batch."""
+    asked, _, seconds = _active(PAUSE).partition("=")
+    if asked == stage:
         import time
 
         time.sleep(float(seconds))

@@ -76,8 +76,9 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
         cmd = [sys.executable, "-c", _FAKE_GPU_JOB, *args, "--crf-backend", "pydensecrf"]
     else:
         cmd = job_cmd(*args)
-    # Decoding 64x64 JPEGs takes milliseconds: too short a window to find the decode actor busy.
-    slow = {"DEEPLAB_PIPELINE_TEST_DECODE_SECONDS": "0.5"} if udf == "Decoder" else {}
+    # Decoding 64x64 JPEGs or writing 2 rows takes milliseconds: too short to find that actor busy.
+    slow = {"Decoder": "decode=0.5", "PartWriter": "write=0.5"}
+    slow = {"DEEPLAB_PIPELINE_TEST_PAUSE": slow[udf]} if udf in slow else {}
     job = subprocess.Popen(cmd, cwd=REPO, env=job_env(PYTHONPATH=str(REPO), **slow), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     title = f"ray::MapWorker(MapBatches({udf}))"
