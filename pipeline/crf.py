@@ -12,7 +12,7 @@ import ray
 from PIL import Image
 
 from pipeline.config import CRFParams
-from pipeline.memory import MIN_IMAGE_BYTES, crf_scale, held_bytes, image_budget, release_freed
+from pipeline.memory import crf_budget, crf_scale, image_budget, release_freed
 from pipeline.observability import stage_metrics
 from pipeline.probs import decode_probs
 from pipeline.tables import mark_error, result_table
@@ -147,8 +147,8 @@ class CRFRefiner:
                 continue
             h, w = int(batch["height"][i]), int(batch["width"][i])
             image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
-            budget = None if self.budget is None else max(MIN_IMAGE_BYTES, self.budget - held_bytes(h, w, self.num_classes))
             refine_row(out, i, image, batch["probs"][i], params=self.params, encoding=self.probs_encoding,
-                       num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics, budget=budget)
+                       num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics,
+                       budget=crf_budget(self.budget, h, w, self.num_classes))
         return result_table(out, num_classes=self.num_classes, model=self.model,
                             weights_sha256=self.weights_sha256, run_id=self.run_id)

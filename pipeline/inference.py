@@ -19,10 +19,10 @@ from torch.nn import functional as F
 
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.crf_fused import FusedCRF
-from pipeline.memory import BUDGET_TILE, MIN_IMAGE_BYTES, held_bytes, image_budget, infer_bytes, release_freed
+from pipeline.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, release_freed
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
-from pipeline.probs import encode_probs, uncertainty
+from pipeline.probs import encode_probs, uncertainty, uncertainty_summary
 from pipeline.tables import UNCERTAINTY_COLUMNS, mark_error, result_table
 from pipeline.testing import limit_memory_if_asked
 from pipeline.checkpoints import load_into, normalisation, num_classes_in, read_checkpoint
@@ -158,12 +158,9 @@ def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor
             keep = bottom - top - done  # rows the next tile row adds to, moved to the top of acc
             acc[:, :keep] = acc[:, done : done + keep].clone()
             acc[:, keep:] = 0
-    pixels, classes = height * width, acc.shape[0]
-    mean_entropy = entropy_sum / pixels
-    summary = {"mean_max_prob": top_sum / pixels, "mean_entropy": mean_entropy,
-               "mean_entropy_norm": mean_entropy / float(np.log(classes)) if classes > 1 else 0.0,
-               "low_conf_fraction": low / pixels}
-    return mask, summary, encoded  # an array, not bytes: bytes() would copy C bytes a pixel once more
+    pixels = height * width
+    # The encoded probabilities stay an array, not bytes: bytes() would copy C bytes a pixel once more.
+    return mask, uncertainty_summary(top_sum / pixels, entropy_sum / pixels, low / pixels, acc.shape[0]), encoded
 
 
 def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch.Tensor, std: torch.Tensor,
@@ -344,7 +341,7 @@ class Segmenter:
             out["infer_ms"][i] = seconds[j] * 1000.0
             self.metrics.ok(seconds[j])
             if self.crf is not None:
-                refine.append((i, image, probs, self._crf_budget(image)))
+                refine.append((i, image, probs, crf_budget(self.budget, *image.shape[:2], self.num_classes)))
                 if not self.crf.batched:  # one image at a time: each one's probabilities go as it is refined
                     self.crf(out, refine)
                     refine = []
@@ -354,11 +351,6 @@ class Segmenter:
             return {k: np.array(v, dtype=object) if k in _BYTES_COLUMNS else np.array(v) for k, v in out.items()}
         return result_table(out, num_classes=self.num_classes, model=self.model_name,
                             weights_sha256=self.sha256, run_id=self.run_id)
-
-    def _crf_budget(self, image: np.ndarray) -> int | None:
-        """Bytes the CRF of this image may take: the actor's share less what the row already holds."""
-        h, w = image.shape[:2]
-        return None if self.budget is None else max(MIN_IMAGE_BYTES, self.budget - held_bytes(h, w, self.num_classes))
 
     def _infer(self, out: dict[str, list], todo: list[int], images: list[np.ndarray]):
         """(pre-CRF mask bytes, uncertainty, encoded probabilities, the probabilities on the device for

@@ -24,10 +24,6 @@ import os
 
 INFER_BYTES_PER_PIXEL = 230
 FLIP_FACTOR = 1.8
-# Full-resolution host tensors of tiled inference, per pixel and class (accumulated and averaged
-# probabilities) and per pixel (the normalised input, the overlap count).
-TILED_BYTES_PER_PIXEL_CLASS = 8
-TILED_BYTES_PER_PIXEL = 40
 CRF_BYTES_PER_PIXEL = 200
 CRF_BYTES_PER_PIXEL_CLASS = 33
 BUDGET_TILE = 513  # DeepLab's crop size; the overlap is InferenceConfig.tile_overlap
@@ -42,13 +38,6 @@ def infer_bytes(height: int, width: int, scales: tuple[float, ...], flip: bool) 
     return int(height * width * INFER_BYTES_PER_PIXEL * sum(s * s for s in scales) * (FLIP_FACTOR if flip else 1.0))
 
 
-def tiled_infer_bytes(height: int, width: int, classes: int, tile: int, scales: tuple[float, ...],
-                      flip: bool) -> int:
-    """Peak memory of sliding-window inference: one tile's forward plus the full-size host tensors."""
-    full = height * width * (TILED_BYTES_PER_PIXEL + TILED_BYTES_PER_PIXEL_CLASS * classes)
-    return full + infer_bytes(min(height, tile), min(width, tile), scales, flip)
-
-
 def crf_bytes(height: int, width: int, classes: int) -> int:
     """Peak memory of pydensecrf's dense CRF on one image."""
     return int(height * width * (CRF_BYTES_PER_PIXEL + CRF_BYTES_PER_PIXEL_CLASS * classes))
@@ -58,6 +47,11 @@ def held_bytes(height: int, width: int, classes: int) -> int:
     """What a fused inference actor still holds while it refines the image: the RGB image, the
     pre-CRF mask and the uint8-encoded probabilities."""
     return height * width * (4 + classes)
+
+
+def crf_budget(image_budget: int | None, height: int, width: int, classes: int) -> int | None:
+    """Bytes the CRF of one image may take: the actor's ``image_budget`` less what the row holds."""
+    return None if image_budget is None else max(MIN_IMAGE_BYTES, image_budget - held_bytes(height, width, classes))
 
 
 def crf_scale(height: int, width: int, classes: int, budget: int | None, max_pixels: int | None) -> float:

@@ -53,11 +53,16 @@ def uncertainty(probs: torch.Tensor, low_conf_threshold: float = 0.5) -> dict[st
     p = probs.float()
     top = p.max(dim=0).values
     entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=0)
-    num_classes = p.shape[0]
-    mean_entropy = float(entropy.mean())
+    low = float((top < low_conf_threshold).float().mean())
+    return uncertainty_summary(float(top.mean()), float(entropy.mean()), low, p.shape[0])
+
+
+def uncertainty_summary(mean_max_prob: float, mean_entropy: float, low_conf_fraction: float,
+                        num_classes: int) -> dict[str, float]:
+    """The UNCERTAINTY_COLUMNS of one image from its means (``uncertainty``; tiled inference sums them by band)."""
     return {
-        "mean_max_prob": float(top.mean()),
+        "mean_max_prob": mean_max_prob,
         "mean_entropy": mean_entropy,
         "mean_entropy_norm": mean_entropy / float(np.log(num_classes)) if num_classes > 1 else 0.0,
-        "low_conf_fraction": float((top < low_conf_threshold).float().mean()),
+        "low_conf_fraction": low_conf_fraction,
     }
