@@ -376,7 +376,7 @@ def build_part(pool: Pool, start: int, stop: int, run_id: str, uris: list[str], 
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.tables import ERRORS_SCHEMA, MASKS_SCHEMA
+    from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 
     keys = _keys(start, stop)
     n_err = 2 if (start // ROWS_PER_PART) % ERROR_EVERY == 0 and stop - start > 2 else 0

@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import CRFParams  # noqa: E402
-from pipeline.job import DEMO_BUCKET, _scales, init_ray  # noqa: E402
+from pipeline.flags import parse_scales  # noqa: E402
+from pipeline.job import DEMO_BUCKET, init_ray  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
 from pipeline.palette import png_to_mask  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", help="label PNGs paired by key (default: the demo bucket's)")
     parser.add_argument("--model", default=DEMO_WEIGHTS.model)
     parser.add_argument("--weights", default=DEMO_WEIGHTS.uri)
-    parser.add_argument("--scales", type=_scales, default=(1.0,))
+    parser.add_argument("--scales", type=parse_scales, default=(1.0,))
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--limit", type=int, default=12, help="labelled images to tune on")
     parser.add_argument("--sxy", type=_floats, default=DEFAULT_GRID["bilateral_sxy"], help="bilateral θα values")

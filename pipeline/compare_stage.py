@@ -20,7 +20,7 @@ from pipeline.compare import (ERROR_COLUMNS, MASK_COLUMNS, Comparison, Compariso
                               compare_batch, error_kinds, finish, merge_error_kinds)
 from pipeline.outputs import RunOutput
 from pipeline.storage import arrow_filesystem, write_parquet_atomic
-from pipeline.tables import ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 from pipeline.writer import part_name
 
 ROWS_PER_PARTITION = 20_000  # join partitions: about this many keys each

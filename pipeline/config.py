@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import argparse
-import json
 from dataclasses import asdict, dataclass, field
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -209,14 +207,3 @@ def redact(options: dict) -> dict:
         else:
             out[k] = v
     return out
-
-
-def json_object(text: str) -> dict:
-    """argparse type for options given as a JSON object (e.g. --storage-options)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
-    return value

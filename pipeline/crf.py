@@ -15,7 +15,7 @@ from pipeline.config import CRFParams
 from pipeline.memory import crf_budget, crf_scale, image_budget, release_freed
 from pipeline.observability import stage_metrics
 from pipeline.probs import decode_probs
-from pipeline.tables import mark_error, result_table
+from pipeline.results import mark_error, result_table
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(), *,

@@ -22,7 +22,7 @@ from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch
 from pipeline.memory import crf_scale
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, quantise_probs
-from pipeline.tables import mark_error
+from pipeline.results import mark_error
 
 log = logging.getLogger(__name__)
 

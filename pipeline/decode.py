@@ -17,7 +17,7 @@ from pipeline.images import ImageTooLarge, decode_image
 from pipeline.observability import stage_metrics
 from pipeline.palette import IGNORE_INDEX, png_to_mask
 from pipeline.storage import Locator, read_bytes
-from pipeline.tables import mark_error
+from pipeline.results import mark_error
 from pipeline.testing import crash_if_asked, pause_if_asked
 
 

@@ -23,7 +23,8 @@ from pipeline.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, 
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, uncertainty, uncertainty_summary
-from pipeline.tables import UNCERTAINTY_COLUMNS, mark_error, result_table
+from pipeline.results import mark_error, result_table
+from pipeline.schema import UNCERTAINTY_COLUMNS
 from pipeline.testing import limit_memory_if_asked
 from pipeline.checkpoints import load_into, normalisation, num_classes_in, read_checkpoint
 from pipeline.weights import WeightsError, categories_from, default_weights

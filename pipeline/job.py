@@ -15,8 +15,8 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import (CRF_BACKENDS, ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options,
-                             json_object)
+from pipeline.config import CRF_BACKENDS, ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options
+from pipeline.flags import json_object, parse_range, parse_scales
 from pipeline.models import MODEL_BUILDERS
 from pipeline.compare import format_comparison, regression_message, run_before
 from pipeline.observability import push_summary
@@ -27,21 +27,6 @@ from pipeline.weights import DEMO_WEIGHTS, Weights, WeightsError, default_weight
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_BUCKET = ASSETS / "demo_bucket"
-
-
-def _range(text: str) -> tuple[int, int]:
-    try:
-        lo, _, hi = text.partition("-")
-        return int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,1.0,1.5, got {text!r}") from None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "checkpoint for deeplabv3plus_demo)")
     io_.add_argument("--num-classes", type=int, help="classes in the checkpoint (default: read from the checkpoint)")
     inf = p.add_argument_group("inference")
-    inf.add_argument("--scales", type=_scales, default=(1.0,),
+    inf.add_argument("--scales", type=parse_scales, default=(1.0,),
                      help="comma-separated input scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (DeepLab's eval set)")
     inf.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
                      help="also run horizontally flipped inputs and average")
@@ -112,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refine larger images at a reduced resolution (masks.crf_scale), which bounds CRF "
                         "seconds per image; 0: no limit")
     r = p.add_argument_group("compute")
-    r.add_argument("--infer-actors", type=_range, default=compute.infer_actors, metavar="MIN-MAX",
+    r.add_argument("--infer-actors", type=parse_range, default=compute.infer_actors, metavar="MIN-MAX",
                    help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in "
                         "the cluster, or without GPUs one single-threaded actor per core left after CRF)")
-    r.add_argument("--crf-actors", type=_range, default=compute.crf_actors, metavar="MIN-MAX",
+    r.add_argument("--crf-actors", type=parse_range, default=compute.crf_actors, metavar="MIN-MAX",
                    help="CPU CRF actor pool size on GPU clusters (asking for it makes --crf-backend auto "
                         "pydensecrf; default: 1 up to every CPU the inference actors leave on the nodes that "
                         "may run it; without GPUs or with --crf-backend torch the CRF runs in the inference actors)")

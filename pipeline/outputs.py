@@ -24,7 +24,7 @@ from pipeline.metrics import DatasetSummary
 from pipeline.partstats import STAT_COLUMNS, PartStats
 from pipeline.report import render_report
 from pipeline.storage import Locator, open_fs, protocols, write_bytes_atomic, write_parquet_atomic
-from pipeline.tables import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
 
 SUCCESS = "_SUCCESS"
 REPORT_COLUMNS = ["key", "uri", "mask", "mask_pre_crf", "miou", "miou_pre_crf", "crf_changed_fraction",

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline.outputs import RunOutput
 from pipeline.partstats import PartStats
 from pipeline.storage import Inputs
-from pipeline.tables import ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 from pipeline.writer import part_name
 
 PROGRESS_SECONDS = 10.0

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from pipeline.partstats import PartStats
 from pipeline.storage import write_parquet_atomic
-from pipeline.tables import split_results
+from pipeline.results import split_results
 from pipeline.testing import pause_if_asked
 
 WRITE_SCHEMA = pa.schema([("part", pa.string()), ("stats", pa.string())])

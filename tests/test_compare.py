@@ -13,7 +13,7 @@ from pipeline.compare import (COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA, RunT
                               compare_tables, join_by_key, mask_disagreement, regression_message, run_before)
 from pipeline.outputs import committed_runs
 from pipeline.palette import mask_to_png
-from pipeline.tables import CLASSES_SCHEMA, ERRORS_SCHEMA
+from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA
 
 NAMES = ("background", "disc", "box")
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.job import build_parser, config_from_args, run
-from pipeline.tables import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
 from tests.conftest import REPO, S3_ENV, make_bucket
 
 pytestmark = pytest.mark.slow
