@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import CRFParams  # noqa: E402
 from pipeline.flags import parse_scales  # noqa: E402
-from pipeline.job import DEMO_BUCKET, init_ray  # noqa: E402
+from pipeline.cli import DEMO_BUCKET  # noqa: E402
+from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
 from pipeline.palette import png_to_mask  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402

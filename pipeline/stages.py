@@ -97,11 +97,6 @@ def _eligible(node: dict[str, float], required: dict) -> bool:
     return all(node.get(name, 0.0) >= amount for name, amount in required.items())
 
 
-def cluster_nodes() -> list[dict[str, float]]:
-    """Resources of each alive node of the connected Ray cluster."""
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
 # A worker that dies mid-batch (node preempted, OOM-killed, segfault in native code) loses no
 # rows: Ray re-runs the batch on a restarted actor / another worker, and Ray Data keeps only one
 # result per batch, so every key still leaves the DAG once. Ray Data 2.60 defaults are unbounded

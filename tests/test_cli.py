@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pipeline.job import build_parser, config_from_args, main
+from pipeline.cli import build_parser, config_from_args, main
 from tests.conftest import REPO
 
 

@@ -170,7 +170,7 @@ def test_committed_runs_in_commit_order_and_run_before(tmp_path):
     (["--compare-previous", "--fail-on-regression", "-1"], "--fail-on-regression must be >= 0"),
 ])
 def test_job_regression_flags_are_checked_before_any_work(argv, message, tmp_path, capsys):
-    from pipeline.job import main
+    from pipeline.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["in", "--output", str(tmp_path / "o"), *argv])

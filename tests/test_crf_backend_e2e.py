@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.job import build_parser, config_from_args, run
+from pipeline.cli import build_parser, config_from_args
+from pipeline.job import run
 from pipeline.testing import MEMORY_LIMIT
 from tests.conftest import REPO, make_bucket
 

@@ -59,7 +59,7 @@ import os, sys
 os.environ["RAY_AUTH_MODE"] = "disabled"
 import ray
 ray.init(num_cpus=3, num_gpus=1, include_dashboard=False)
-from pipeline.job import main
+from pipeline.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

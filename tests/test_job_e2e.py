@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.job import build_parser, config_from_args, run
+from pipeline.cli import build_parser, config_from_args
+from pipeline.job import run
 from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
 from tests.conftest import REPO, S3_ENV, make_bucket
 

@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.job import build_parser, config_from_args
+from pipeline.cli import build_parser, config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

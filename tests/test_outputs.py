@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job import build_parser, config_from_args, main, run
+from pipeline.cli import build_parser, config_from_args, main
+from pipeline.job import run
 from tests.conftest import REPO, S3_ENV, free_port, make_bucket, sql_block
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ import os, sys, urllib.request, time
 os.environ["RAY_AUTH_MODE"] = "disabled"
 import ray
 ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port={metrics_port})
-from pipeline.job import main
+from pipeline.cli import main
 rc = main([{str(bucket / 'images')!r}, "--labels", {str(bucket / 'labels')!r}, "--output", {str(out)!r},
            "--run-id", "night-1", "--pushgateway", "http://127.0.0.1:{gw_port}"])
 text = ""

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.job import main
+from pipeline.cli import main
 from tests.conftest import DEMO_BUCKET, REPO, S3_ENV, free_port
 from tests.faulty_s3 import FaultyS3
 from tests.test_ray_submit import RAY, _stop_session
@@ -194,7 +194,7 @@ def test_credentials_never_reach_outputs_logs_or_ray_metadata(secure_cluster):
     # arguments and must still stay out of logs and outputs. This driver takes them from its
     # environment, not its command line (Ray records that: see the test above).
     api_env = {**env, "API_SECRET": API_SECRET}
-    script = ("import os; from pipeline.job import build_parser, config_from_args, run; from dataclasses import replace; "
+    script = ("import os; from pipeline.cli import build_parser, config_from_args; from pipeline.job import run; from dataclasses import replace; "
               "p = build_parser(); c = config_from_args(p.parse_args(['s3://secure/in', '--output', 's3://secure/out', "
               "'--run-id', 'api', '--no-crf']), p); "
               "run(replace(c, storage_options={'key': 'testing-key-id', 'secret': os.environ['API_SECRET'], "

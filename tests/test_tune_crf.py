@@ -29,7 +29,7 @@ def test_tune_crf_prints_table_and_flags_to_pass_back(tmp_path):
     flags = proc.stdout.split("pass back: ")[1].split()
     assert flags == ["--crf-bilateral-sxy", f"{best['bilateral_sxy']:g}", "--crf-bilateral-srgb",
                      f"{best['bilateral_srgb']:g}", "--crf-bilateral-compat", f"{best['bilateral_compat']:g}"]
-    from pipeline.job import build_parser
+    from pipeline.cli import build_parser
 
     args = build_parser().parse_args(flags)  # the flags are accepted by the job as printed
     assert args.crf_bilateral_sxy == best["bilateral_sxy"]

@@ -1,0 +1,86 @@
+"""``segment_bucket.py``: segment every image under a URI with DeepLab (+dense CRF) on Ray Data.
+
+Run with no arguments for the embedded demo (local Ray, bundled bucket and checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+from pipeline.config import JobConfig, credential_options
+from pipeline.flags import add_flags, values_from
+from pipeline.job import JOB_ERRORS, SystemicFailure, regression_exit, run
+
+DEMO_BUCKET = Path(__file__).resolve().parent / "assets" / "demo_bucket"
+DEMO_MODEL = "deeplabv3plus_demo"
+
+# Argument groups of --help, in order ("" is the parser's own options); each config class names its group.
+GROUPS = {"": None, "model": "model", "inference": "inference",
+          "crf": "dense CRF (defaults: DeepLab v2's published values)", "compute": "compute", "run": "run"}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones: their help says what happens when the option is unset."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every field of JobConfig and its sections, as declared there (pipeline/config.py)."""
+    p = argparse.ArgumentParser(
+        prog="segment_bucket.py", description=__doc__, formatter_class=_HelpFormatter,
+        epilog="Outputs: OUTPUT/run=<run_id>/{masks/,errors/,classes.parquet,manifest.json,_SUCCESS}. "
+               "Credentials come from the standard AWS/GCS environment and are never printed.")
+    groups = {name: p.add_argument_group(title) if title else p for name, title in GROUPS.items()}
+    add_flags(p, groups, JobConfig)
+    return p
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
+    """The JobConfig the parsed flags describe, with the demo's defaults when no INPUT_URI is given."""
+    values = values_from_or_exit(args, parser)
+    demo = values["input_uri"] is None
+    if not demo and not values["output_uri"]:
+        parser.error("--output is required when INPUT_URI is given")
+    if values["resume"] and not values["run_id"]:
+        parser.error("--resume needs the --run-id of the run to continue")
+    if credential_options(values["storage_options"]):
+        parser.error(f"--storage-options must not carry credentials "
+                     f"({', '.join(credential_options(values['storage_options']))}): the command line is "
+                     "visible to `ps` and Ray records it as the job's entrypoint; set AWS_ACCESS_KEY_ID/"
+                     "AWS_SECRET_ACCESS_KEY (e.g. from a Kubernetes Secret) or use a credentials file")
+    if demo:
+        values.update(input_uri=str(DEMO_BUCKET / "images"),
+                      labels_uri=values["labels_uri"] or str(DEMO_BUCKET / "labels"))
+    values["output_uri"] = values["output_uri"] or "outputs"
+    values["model"] = values["model"] or DEMO_MODEL
+    values["run_id"] = values["run_id"] or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+    try:
+        return JobConfig(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def values_from_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    try:
+        return values_from(args, JobConfig)  # builds the sections, which check their own fields
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    config = config_from_args(parser.parse_args(argv), parser)
+    try:
+        summary = run(config)
+    except JOB_ERRORS as exc:
+        print(f"segment_bucket.py: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemicFailure as exc:
+        print(f"segment_bucket.py: error: {exc}", file=sys.stderr)
+        return 1
+    return regression_exit(config, summary)
