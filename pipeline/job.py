@@ -17,10 +17,11 @@ from pathlib import Path
 
 from pipeline.config import CRF_BACKENDS, ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options
 from pipeline.flags import json_object, parse_range, parse_scales
+from pipeline.metrics import format_score
 from pipeline.models import MODEL_BUILDERS
-from pipeline.compare import format_comparison, regression_message, run_before
+from pipeline.compare_text import format_comparison, regression_message
 from pipeline.observability import push_summary
-from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs
+from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs, run_before
 from pipeline.runner import SystemicFailure, run_dag
 from pipeline.storage import InputError, list_inputs
 from pipeline.weights import DEMO_WEIGHTS, Weights, WeightsError, default_weights
@@ -235,10 +236,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, seconds: float, processed: int) -> None:
     print("\n=== deeplab-pipeline run summary ===")
     print(f"images segmented : {summary.images}   errors: {summary.errors}   labelled: {summary.labelled}"
@@ -247,8 +244,10 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
         print(f"memory budget    : tiled inference: {summary.tiled} (masks.infer_tile)   "
               f"reduced-resolution CRF: {summary.crf_reduced} (masks.crf_scale)")
     pre = summary.pre.miou if summary.pre else None
-    print(f"mIoU             : {_fmt(summary.post.miou)} (pre-CRF {_fmt(pre)})")
-    print(f"pixel accuracy   : {_fmt(summary.post.pixel_acc)} (pre-CRF {_fmt(summary.pre.pixel_acc if summary.pre else None)})")
+    print(f"mIoU             : {format_score(summary.post.miou)} (pre-CRF {format_score(pre)})")
+    pre_acc = summary.pre.pixel_acc if summary.pre else None
+    print(f"pixel accuracy   : {format_score(summary.post.pixel_acc)} "
+          f"(pre-CRF {format_score(pre_acc)})")
     if summary.labelled:
         print("per-class IoU    : " + ", ".join(
             f"{name} {'n/a' if v != v else f'{v:.3f}'}" for name, v in zip(categories, summary.post.iou)))
