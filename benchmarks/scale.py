@@ -445,7 +445,6 @@ def write_run(pool: Pool, out: Path, run_id: str, n_keys: int, uris: list[str], 
               changed: bool) -> None:
     """A committed run dir OUT/run=<id>/ (masks/, errors/, classes.parquet, _SUCCESS) and its parts' stats."""
     from pipeline.outputs import classes_table
-    from pipeline.metrics import DatasetSummary
     from pipeline.partstats import PartStats
     from pipeline.writer import part_name
     import pyarrow as pa
@@ -465,9 +464,7 @@ def write_run(pool: Pool, out: Path, run_id: str, n_keys: int, uris: list[str], 
             stats = PartStats.of(name, masks, errors, NUM_CLASSES)
             sidecar.write(stats.to_json() + "\n")
             total += stats
-    i, u, a = total.total("intersect"), total.total("union"), total.total("label_area")
-    pre = DatasetSummary.from_sums(total.total("intersect_pre_crf"), total.total("union_pre_crf"), a)
-    pq.write_table(classes_table(CATEGORIES, i, u, a, DatasetSummary.from_sums(i, u, a), pre), run / "classes.parquet")
+    pq.write_table(classes_table(CATEGORIES, total), run / "classes.parquet")
     (run / "manifest.json").write_text(json.dumps(manifest_for(run_id)))
     committed_at = f"2026-12-0{1 if not changed else 2}T02:00:00+00:00"
     (run / "_SUCCESS").write_text(json.dumps({"images": total.images, "committed_at": committed_at}))

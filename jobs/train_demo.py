@@ -1,6 +1,6 @@
 """Train the bundled demo checkpoint from scratch on the synthetic dataset (CPU, minutes).
 
-    python jobs/train_demo.py                       # writes pipeline/assets/deeplabv3plus_demo.safetensors
+    python jobs/train_demo.py           # writes pipeline/assets/deeplabv3plus_demo.safetensors
     python jobs/train_demo.py --steps 200 --out /tmp/ckpt.safetensors   # a quick smoke run
 
 Prints the held-out mIoU (synthetic seeds disjoint from training and from the demo bucket) and
@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.metrics import DatasetSummary, image_stats  # noqa: E402
+from pipeline.metrics import DatasetSummary, image_stats, summarise  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.palette import IGNORE_INDEX  # noqa: E402
 from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec  # noqa: E402
@@ -46,8 +46,8 @@ def make_split(seeds, spec: SceneSpec) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, n: int, crop: int,
-                 scale_range: tuple[float, float] = (1.0, 1.0)):
+def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, n: int,
+                 crop: int, scale_range: tuple[float, float] = (1.0, 1.0)):
     """``n`` random square crops (and their labels) from scenes of varied size, randomly mirrored.
 
     With a ``scale_range`` other than (1, 1) each scene is first resized by a random factor in it
@@ -66,12 +66,15 @@ def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Gen
             label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
         pad_h, pad_w = max(0, crop - image.shape[0]), max(0, crop - image.shape[1])
         if pad_h or pad_w:
-            image = np.concatenate([image, np.broadcast_to(mean_rgb, (image.shape[0], pad_w, 3))], axis=1)
-            image = np.concatenate([image, np.broadcast_to(mean_rgb, (pad_h, image.shape[1], 3))], axis=0)
+            right = np.broadcast_to(mean_rgb, (image.shape[0], pad_w, 3))
+            image = np.concatenate([image, right], axis=1)
+            image = np.concatenate([image, np.broadcast_to(mean_rgb, (pad_h, image.shape[1], 3))],
+                                   axis=0)
             label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
         top = rng.integers(0, image.shape[0] - crop + 1)
         left = rng.integers(0, image.shape[1] - crop + 1)
-        x, y = image[top : top + crop, left : left + crop], label[top : top + crop, left : left + crop]
+        window = (slice(top, top + crop), slice(left, left + crop))
+        x, y = image[window], label[window]
         if rng.random() < 0.5:
             x, y = x[:, ::-1], y[:, ::-1]
         xs.append(x)
@@ -80,27 +83,31 @@ def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Gen
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 10) -> DatasetSummary:
+def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
+             batch: int = 10) -> DatasetSummary:
     model.eval()
     n = len(CLASS_NAMES)
-    totals = np.zeros((3, n), dtype=np.int64)
-    for i in range(0, len(images), batch):
-        pred = model(to_tensor(images[i : i + batch])).argmax(1).numpy()
-        for p, t in zip(pred, labels[i : i + batch]):
-            s = image_stats(p, t, n)
-            totals += np.stack([s.intersect, s.union, s.label_area])
-    return DatasetSummary.from_sums(*totals)
+
+    def stats():
+        for i in range(0, len(images), batch):
+            pred = model(to_tensor(images[i : i + batch])).argmax(1).numpy()
+            yield from (image_stats(p, t, n) for p, t in zip(pred, labels[i : i + batch]))
+
+    return summarise(stats(), n)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop", type=int, default=160, help="square training crop size in pixels")
     parser.add_argument("--scale-min", type=float, default=1.0,
-                        help="random-scale augmentation, smallest factor (DeepLab: 0.5; default: off)")
+                        help="random-scale augmentation, smallest factor "
+                             "(DeepLab: 0.5; default: off)")
     parser.add_argument("--scale-max", type=float, default=1.0,
-                        help="random-scale augmentation, largest factor (DeepLab: 2.0; default: off)")
+                        help="random-scale augmentation, largest factor "
+                             "(DeepLab: 2.0; default: off)")
     parser.add_argument("--train-scenes", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -108,19 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEMO_WEIGHTS.uri)
     args = parser.parse_args(argv)
     if not 0 < args.scale_min <= args.scale_max:
-        parser.error(f"--scale-min/--scale-max must satisfy 0 < MIN <= MAX, got {args.scale_min} and {args.scale_max}")
+        parser.error(f"--scale-min/--scale-max must satisfy 0 < MIN <= MAX, "
+                     f"got {args.scale_min} and {args.scale_max}")
+    return args
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(args.seed)
-    t0 = time.time()
-    # Training scenes have the demo bucket's varied sizes (objects scale with the scene), so the
-    # network sees the object scales it meets at inference time; it trains on square crops.
-    train = [make_scene(s, varied_spec(s)) for s in range(args.train_scenes)]
-    val_x, val_y = make_split(HELD_OUT_SEEDS, SceneSpec())
-    print(f"generated {len(train)} training and {len(val_x)} held-out scenes in {time.time() - t0:.0f}s", flush=True)
 
-    model = build_model(DEMO_WEIGHTS.model, num_classes=len(CLASS_NAMES))
+def train(model: torch.nn.Module, scenes: list, rng: np.random.Generator,
+          args: argparse.Namespace) -> float:
+    """Optimise ``model`` on random crops of ``scenes``; returns the seconds it took."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     # Poly decay as in the DeepLab papers, with a short linear warm-up.
     warmup = max(1, args.steps // 30)
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     model.train()
     for step in range(args.steps):
-        x, y = random_crops(train, rng, args.batch_size, args.crop, (args.scale_min, args.scale_max))
+        x, y = random_crops(scenes, rng, args.batch_size, args.crop,
+                            (args.scale_min, args.scale_max))
         logits = model(to_tensor(x))
         loss = F.cross_entropy(logits, torch.from_numpy(y).long(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
@@ -140,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         if step % 100 == 0 or step == args.steps - 1:
             rate = (step + 1) / (time.time() - t0)
             eta = (args.steps - step - 1) / rate
-            print(f"step {step:5d}/{args.steps} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e} "
-                  f"{rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
-    train_s = time.time() - t0
+            print(f"step {step:5d}/{args.steps} loss {loss.item():.4f} "
+                  f"lr {schedule.get_last_lr()[0]:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min",
+                  flush=True)
+    return time.time() - t0
 
-    summary = evaluate(model, val_x, val_y)
+
+def save(model: torch.nn.Module, summary: DatasetSummary, args: argparse.Namespace) -> Path:
+    """The checkpoint with its metadata (model, classes, held-out mIoU, training settings)."""
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     if (args.scale_min, args.scale_max) != (1.0, 1.0):
         metadata["scale_augmentation"] = f"{args.scale_min}-{args.scale_max}"
     save_file(state, str(out), metadata=metadata)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.time()
+    # Training scenes have the demo bucket's varied sizes (objects scale with the scene), so the
+    # network sees the object scales it meets at inference time; it trains on square crops.
+    scenes = [make_scene(s, varied_spec(s)) for s in range(args.train_scenes)]
+    val_x, val_y = make_split(HELD_OUT_SEEDS, SceneSpec())
+    print(f"generated {len(scenes)} training and {len(val_x)} held-out scenes "
+          f"in {time.time() - t0:.0f}s", flush=True)
+
+    model = build_model(DEMO_WEIGHTS.model, num_classes=len(CLASS_NAMES))
+    train_s = train(model, scenes, rng, args)
+    summary = evaluate(model, val_x, val_y)
+    out = save(model, summary, args)
     print(json.dumps({
-        "checkpoint": str(out), "bytes": out.stat().st_size, "sha256": digest,
+        "checkpoint": str(out), "bytes": out.stat().st_size,
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
         "train_minutes": round(train_s / 60, 1), "held_out_miou": round(summary.miou, 4),
         "held_out_pixel_acc": round(summary.pixel_acc, 4),
         "per_class_iou": {c: round(float(v), 4) for c, v in zip(CLASS_NAMES, summary.iou)},

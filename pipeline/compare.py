@@ -4,10 +4,12 @@ Pure analysis on tables: ``compare_batch`` takes rows of the two runs' masks joi
 (``JOINED_COLUMNS``) and returns the comparison rows plus a small additive ``ComparisonStats``;
 ``finish`` turns the summed stats, both runs' ``classes.parquet`` and their error kinds into a
 ``Comparison``. ``pipeline/compare_stage.py`` runs this over whole runs on Ray Data (join in
-workers, rows written by workers); ``compare_tables`` runs it on in-memory tables. The outputs
-live under the newer run:
+workers, rows written by workers); ``compare_tables`` runs it on in-memory tables. Error kinds
+are in ``pipeline/compare_errors.py``, the console text in ``pipeline/compare_text.py``. The
+outputs live under the newer run:
 
-    run=<new>/comparison/*.parquet        one row per key with a mask in either run (COMPARISON_SCHEMA)
+    run=<new>/comparison/*.parquet        one row per key with a mask in either run
+                                          (COMPARISON_SCHEMA)
     run=<new>/comparison_classes.parquet  one row per class (COMPARISON_CLASSES_SCHEMA)
     run=<new>/comparison.json             run-level numbers: mIoU delta, counts, new error types
 
@@ -23,18 +25,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.compare_errors import NewError, error_kinds, new_error_types
+from pipeline.metrics import mean_of_classes
 from pipeline.palette import png_to_mask
 
 MASK_COLUMNS = ("key", "uri", "mask", "miou", "mean_max_prob", "class_pixels")
 JOINED_COLUMNS = ("key", *(f"{c}_{side}" for side in ("old", "new") for c in MASK_COLUMNS[1:]))
-ERROR_COLUMNS = ["key", "stage", "error_type", "message"]
 COMPARISON_FILES = ("comparison", "comparison_classes.parquet", "comparison.json")
 STATUSES = ("both", "added", "removed")
 
 COMPARISON_SCHEMA = pa.schema([
     ("key", pa.string()),
-    ("status", pa.string()),  # both | added (mask only in the newer run) | removed (only in the older run)
-    ("disagreement", pa.float64()),  # share of pixels whose class differs; null unless status = both
+    # both | added (mask only in the newer run) | removed (only in the older run)
+    ("status", pa.string()),
+    # share of pixels whose class differs; null unless status = both
+    ("disagreement", pa.float64()),
     ("miou_new", pa.float64()),  # per-image mIoU, null without a label
     ("miou_old", pa.float64()),
     ("mean_max_prob_new", pa.float64()),
@@ -46,15 +51,16 @@ COMPARISON_SCHEMA = pa.schema([
 COMPARISON_CLASSES_SCHEMA = pa.schema([
     ("class_id", pa.int32()),
     ("class_name", pa.string()),
-    ("iou_new", pa.float64()),  # dataset IoU from classes.parquet, null where the class has no union
+    # dataset IoU from classes.parquet, null where the class has no union
+    ("iou_new", pa.float64()),
     ("iou_old", pa.float64()),
     ("iou_delta", pa.float64()),  # iou_new - iou_old
-    ("pixel_share_new", pa.float64()),  # share of predicted pixels, over the keys both runs segmented
+    # share of predicted pixels, over the keys both runs segmented
+    ("pixel_share_new", pa.float64()),
     ("pixel_share_old", pa.float64()),
     ("run_id", pa.string()),
     ("against_run_id", pa.string()),
 ])
-
 
 
 @dataclass(frozen=True)
@@ -78,17 +84,6 @@ class ChangedImage:
     mask_new: bytes
 
 
-@dataclass(frozen=True)
-class NewError:
-    """An (error stage, error type) pair the older run did not have."""
-
-    stage: str
-    error_type: str
-    count: int
-    example_key: str
-    example_message: str
-
-
 @dataclass
 class ComparisonStats:
     """Additive summary of some compared rows (what a comparison worker returns)."""
@@ -96,22 +91,25 @@ class ComparisonStats:
     statuses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
     changed: int = 0
     disagreement_sum: float = 0.0
-    pixels_old: list[int] = field(default_factory=list)  # predicted pixels per class, keys in both runs
+    # predicted pixels per class, over the keys in both runs
+    pixels_old: list[int] = field(default_factory=list)
     pixels_new: list[int] = field(default_factory=list)
     examples: list[ChangedImage] = field(default_factory=list)  # most changed first
     limit: int = 0  # how many examples are kept
 
     def __add__(self, other: "ComparisonStats") -> "ComparisonStats":
+        limit = max(self.limit, other.limit)
         return ComparisonStats(
-            {s: self.statuses[s] + other.statuses[s] for s in STATUSES}, self.changed + other.changed,
-            self.disagreement_sum + other.disagreement_sum,
+            {s: self.statuses[s] + other.statuses[s] for s in STATUSES},
+            self.changed + other.changed, self.disagreement_sum + other.disagreement_sum,
             _add(self.pixels_old, other.pixels_old), _add(self.pixels_new, other.pixels_new),
-            _most_changed(self.examples + other.examples, max(self.limit, other.limit)), max(self.limit, other.limit))
+            _most_changed(self.examples + other.examples, limit), limit)
 
 
 def _add(a: list[int], b: list[int]) -> list[int]:
     n = max(len(a), len(b))
-    return (np.pad(np.asarray(a, np.int64), (0, n - len(a))) + np.pad(np.asarray(b, np.int64), (0, n - len(b)))).tolist()
+    return (np.pad(np.asarray(a, np.int64), (0, n - len(a)))
+            + np.pad(np.asarray(b, np.int64), (0, n - len(b)))).tolist()
 
 
 def _most_changed(examples: list[ChangedImage], k: int) -> list[ChangedImage]:
@@ -133,7 +131,9 @@ class Comparison:
 
     @property
     def miou_delta(self) -> float | None:
-        return None if self.miou_new is None or self.miou_old is None else self.miou_new - self.miou_old
+        if self.miou_new is None or self.miou_old is None:
+            return None
+        return self.miou_new - self.miou_old
 
     def count(self, status: str) -> int:
         return self.statuses[status]
@@ -142,10 +142,13 @@ class Comparison:
         """The mIoU and class IoUs that dropped by more than ``threshold``, worst class first."""
         reasons = []
         if self.miou_delta is not None and -self.miou_delta > threshold:
-            reasons.append(f"mIoU {self.miou_old:.4f} -> {self.miou_new:.4f} ({self.miou_delta:+.4f})")
-        rows = [r for r in self.classes.to_pylist() if r["iou_delta"] is not None and -r["iou_delta"] > threshold]
+            reasons.append(f"mIoU {self.miou_old:.4f} -> {self.miou_new:.4f} "
+                           f"({self.miou_delta:+.4f})")
+        rows = [r for r in self.classes.to_pylist()
+                if r["iou_delta"] is not None and -r["iou_delta"] > threshold]
         for r in sorted(rows, key=lambda r: r["iou_delta"]):
-            reasons.append(f"IoU of {r['class_name']} {r['iou_old']:.4f} -> {r['iou_new']:.4f} ({r['iou_delta']:+.4f})")
+            reasons.append(f"IoU of {r['class_name']} {r['iou_old']:.4f} -> {r['iou_new']:.4f} "
+                           f"({r['iou_delta']:+.4f})")
         return reasons
 
     def to_json(self) -> dict:
@@ -169,9 +172,9 @@ def mask_disagreement(old_png: bytes, new_png: bytes) -> float:
 
 
 def dataset_miou(classes: pa.Table) -> float | None:
-    """Mean IoU over the classes that have one (union > 0), as in classes.parquet and manifest.json."""
-    iou = [v for v in classes.column("iou").to_pylist() if v is not None]  # one value per class
-    return float(np.mean(iou)) if iou else None
+    """Mean IoU over the classes that have one (union > 0), as in classes.parquet and
+    manifest.json."""
+    return mean_of_classes(classes.column("iou").to_pylist())
 
 
 def compare_batch(joined: pa.Table, *, run_id: str, against: str, examples: int = 5
@@ -197,12 +200,14 @@ def compare_batch(joined: pa.Table, *, run_id: str, against: str, examples: int 
         "run_id": pa.array([run_id] * joined.num_rows, pa.string()),
         "against_run_id": pa.array([against] * joined.num_rows, pa.string()),
     }).cast(COMPARISON_SCHEMA)
-    counts = {s: 0 for s in STATUSES} | {e["values"]: e["counts"] for e in pc.value_counts(status).to_pylist()}
+    counts = {s: 0 for s in STATUSES} | {e["values"]: e["counts"]
+                                         for e in pc.value_counts(status).to_pylist()}
     changed = [ChangedImage(k, u, d, o, n) for k, u, d, o, n in zip(
         both.column("key").to_pylist(), both.column("uri_new").to_pylist(), values,
         both.column("mask_old").to_pylist(), both.column("mask_new").to_pylist()) if d > 0]
     stats = ComparisonStats(counts, len(changed), float(sum(values)),
-                            _pixel_sum(both.column("class_pixels_old")), _pixel_sum(both.column("class_pixels_new")),
+                            _pixel_sum(both.column("class_pixels_old")),
+                            _pixel_sum(both.column("class_pixels_new")),
                             _most_changed(changed, examples), examples)
     return rows, stats
 
@@ -214,30 +219,8 @@ def _pixel_sum(column: pa.ChunkedArray) -> list[int]:
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
     positions = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.bincount(positions, weights=flat, minlength=int(lengths.max(initial=0))).astype(np.int64).tolist()
-
-
-def error_kinds(errors: pa.Table) -> pa.Table:
-    """(stage, error_type) → count and the smallest key with its message; additive via ``merge_error_kinds``."""
-    grouped = errors.select(ERROR_COLUMNS).sort_by("key").group_by(["stage", "error_type"], use_threads=False)
-    return grouped.aggregate([("key", "count"), ("key", "first"), ("message", "first")]).rename_columns(
-        ["stage", "error_type", "count", "example_key", "example_message"])
-
-
-def merge_error_kinds(tables: list[pa.Table]) -> pa.Table:
-    """Sum of ``error_kinds`` tables from parts of one run."""
-    merged = pa.concat_tables(tables) if tables else error_kinds(pa.table(
-        {c: pa.array([], pa.string()) for c in ERROR_COLUMNS}))
-    merged = merged.sort_by("example_key").group_by(["stage", "error_type"], use_threads=False)
-    return merged.aggregate([("count", "sum"), ("example_key", "first"), ("example_message", "first")]).rename_columns(
-        ["stage", "error_type", "count", "example_key", "example_message"])
-
-
-def new_error_types(old_kinds: pa.Table, new_kinds: pa.Table) -> tuple[NewError, ...]:
-    seen = set(zip(old_kinds.column("stage").to_pylist(), old_kinds.column("error_type").to_pylist()))
-    found = [NewError(r["stage"], r["error_type"], r["count"], r["example_key"], r["example_message"][:200])
-             for r in new_kinds.to_pylist() if (r["stage"], r["error_type"]) not in seen]
-    return tuple(sorted(found, key=lambda e: (e.stage, e.error_type)))
+    sums = np.bincount(positions, weights=flat, minlength=int(lengths.max(initial=0)))
+    return sums.astype(np.int64).tolist()
 
 
 def _share(pixels: list[int], num_classes: int) -> np.ndarray:
@@ -249,7 +232,7 @@ def _share(pixels: list[int], num_classes: int) -> np.ndarray:
 
 def _compare_classes(old_classes: pa.Table, new_classes: pa.Table, stats: ComparisonStats,
                      run_id: str, against: str) -> pa.Table:
-    """Classes are matched by (id, name), so runs with different class lists never mix two classes."""
+    """Classes are matched by (id, name): runs with different class lists never mix two classes."""
     old_iou = {(r["class_id"], r["class_name"]): r["iou"] for r in old_classes.to_pylist()}
     new_iou = {(r["class_id"], r["class_name"]): r["iou"] for r in new_classes.to_pylist()}
     share_old = _share(stats.pixels_old, old_classes.num_rows)
@@ -271,8 +254,9 @@ def _compare_classes(old_classes: pa.Table, new_classes: pa.Table, stats: Compar
     return pa.Table.from_pylist(rows, schema=COMPARISON_CLASSES_SCHEMA)
 
 
-def finish(stats: ComparisonStats, *, run_id: str, against: str, old_classes: pa.Table, new_classes: pa.Table,
-           old_error_kinds: pa.Table, new_error_kinds: pa.Table) -> Comparison:
+def finish(stats: ComparisonStats, *, run_id: str, against: str, old_classes: pa.Table,
+           new_classes: pa.Table, old_error_kinds: pa.Table, new_error_kinds: pa.Table
+           ) -> Comparison:
     """The comparison from the summed stats of all compared rows."""
     both = stats.statuses["both"]
     return Comparison(
@@ -280,7 +264,8 @@ def finish(stats: ComparisonStats, *, run_id: str, against: str, old_classes: pa
         mean_disagreement=stats.disagreement_sum / both if both else None,
         classes=_compare_classes(old_classes, new_classes, stats, run_id, against),
         miou_new=dataset_miou(new_classes), miou_old=dataset_miou(old_classes),
-        new_errors=new_error_types(old_error_kinds, new_error_kinds), examples=tuple(stats.examples))
+        new_errors=new_error_types(old_error_kinds, new_error_kinds),
+        examples=tuple(stats.examples))
 
 
 def join_by_key(old: pa.Table, new: pa.Table) -> pa.Table:
@@ -294,58 +279,12 @@ def join_by_key(old: pa.Table, new: pa.Table) -> pa.Table:
     return pa.table(out)
 
 
-def compare_tables(old: RunTables, new: RunTables, *, examples: int = 5) -> tuple[Comparison, pa.Table]:
+def compare_tables(old: RunTables, new: RunTables, *, examples: int = 5
+                   ) -> tuple[Comparison, pa.Table]:
     """Compare ``new`` against ``old`` in memory; returns the comparison and its rows."""
-    rows, stats = compare_batch(join_by_key(old.masks, new.masks), run_id=new.run_id, against=old.run_id,
-                                examples=examples)
+    rows, stats = compare_batch(join_by_key(old.masks, new.masks), run_id=new.run_id,
+                                against=old.run_id, examples=examples)
     comparison = finish(stats, run_id=new.run_id, against=old.run_id, old_classes=old.classes,
                         new_classes=new.classes, old_error_kinds=error_kinds(old.errors),
                         new_error_kinds=error_kinds(new.errors))
     return comparison, rows
-
-
-def run_before(runs: list[str], run_id: str) -> str | None:
-    """The committed run just before ``run_id`` in ``runs`` (oldest first); the latest one when
-    ``run_id`` is not committed yet, which is the case while a run commits."""
-    if run_id in runs:
-        i = runs.index(run_id)
-        return runs[i - 1] if i > 0 else None
-    return runs[-1] if runs else None
-
-
-def regression_message(comparison: Comparison, threshold: float) -> str | None:
-    """One line naming what regressed by more than ``threshold``, or None."""
-    reasons = comparison.regressions(threshold)
-    if not reasons:
-        return None
-    shown = "; ".join(reasons[:4]) + (f"; and {len(reasons) - 4} more" if len(reasons) > 4 else "")
-    return f"regression against run {comparison.against} (threshold {threshold:g}): {shown}"
-
-
-def _fmt(value: float | None, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def format_comparison(comparison: Comparison, *, top: int = 5) -> str:
-    """A short plain-text table for the console."""
-    c = comparison
-    lines = [
-        f"\n=== comparison: run {c.run_id} against run {c.against} ===",
-        f"images           : {c.count('both')} in both runs, {c.changed_images} changed, "
-        f"{c.count('added')} added, {c.count('removed')} removed",
-        f"mIoU             : {_fmt(c.miou_old)} -> {_fmt(c.miou_new)} ({_fmt(c.miou_delta, '+.4f')})",
-    ]
-    classes = [r for r in c.classes.to_pylist() if r["iou_delta"] is not None]
-    if classes:
-        lines.append(f"{'class':<16} {'IoU old':>8} {'IoU new':>8} {'delta':>8}")
-        for r in sorted(classes, key=lambda r: r["iou_delta"])[:top]:
-            lines.append(f"{r['class_name'][:16]:<16} {r['iou_old']:>8.4f} {r['iou_new']:>8.4f} "
-                         f"{r['iou_delta']:>+8.4f}")
-    if c.changed_images:
-        lines.append(f"{'most changed image':<40} {'pixels changed':>14}")
-        for e in c.examples[:top]:
-            lines.append(f"{e.key[-40:]:<40} {100 * e.disagreement:>13.2f}%")
-    for e in c.new_errors:
-        lines.append(f"new error        : {e.stage}/{e.error_type} x{e.count}, "
-                     f"e.g. {e.example_key}: {e.example_message}")
-    return "\n".join(lines)

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.compare import (ERROR_COLUMNS, MASK_COLUMNS, Comparison, ComparisonStats,
-                              compare_batch, error_kinds, finish, merge_error_kinds)
+from pipeline.compare import MASK_COLUMNS, Comparison, ComparisonStats, compare_batch, finish
+from pipeline.compare_errors import ERROR_COLUMNS, error_kinds, merge_error_kinds
 from pipeline.outputs import RunOutput
 from pipeline.storage import arrow_filesystem, write_parquet_atomic
 from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
@@ -26,8 +26,8 @@ from pipeline.writer import part_name
 ROWS_PER_PARTITION = 20_000  # join partitions: about this many keys each
 
 
-def compare_part(joined: pa.Table, *, run_uri: str | None, storage_options: dict, run_id: str, against: str,
-                 examples: int) -> pa.Table:
+def compare_part(joined: pa.Table, *, run_uri: str | None, storage_options: dict, run_id: str,
+                 against: str, examples: int) -> pa.Table:
     """Ray Data task: joined rows in, comparison part written, one row of pickled stats out."""
     rows, stats = compare_batch(joined, run_id=run_id, against=against, examples=examples)
     if run_uri is not None and rows.num_rows:
@@ -50,7 +50,8 @@ def _masks(output: RunOutput, side: str) -> ray.data.Dataset:
 
 
 def _kinds(output: RunOutput) -> pa.Table:
-    ds = _read(output, "errors", ERROR_COLUMNS).map_batches(error_kinds, batch_format="pyarrow", batch_size=None)
+    ds = _read(output, "errors", ERROR_COLUMNS).map_batches(error_kinds, batch_format="pyarrow",
+                                                            batch_size=None)
     return merge_error_kinds(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
 
 
@@ -59,7 +60,8 @@ def _classes(output: RunOutput) -> pa.Table:
         return pq.read_table(f)
 
 
-def compare_outputs(old: RunOutput, new: RunOutput, *, write: bool = True, examples: int = 5) -> Comparison:
+def compare_outputs(old: RunOutput, new: RunOutput, *, write: bool = True,
+                    examples: int = 5) -> Comparison:
     """Compare two committed runs (``new`` may be committing: its classes.parquet is written)."""
     old_masks, new_masks = _masks(old, "old"), _masks(new, "new")
     parts = len(old.part_names("masks")) + len(new.part_names("masks"))
@@ -69,13 +71,15 @@ def compare_outputs(old: RunOutput, new: RunOutput, *, write: bool = True, examp
         new.remove("comparison")
     writer = {"run_uri": new.full_uri() if write else None, "storage_options": new.storage_options,
               "run_id": new.run_id, "against": old.run_id, "examples": examples}
-    results = joined.map_batches(compare_part, fn_kwargs=writer, batch_format="pyarrow", batch_size=None)
+    results = joined.map_batches(compare_part, fn_kwargs=writer, batch_format="pyarrow",
+                                 batch_size=None)
     stats = ComparisonStats()
     for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         for blob in batch.column("stats").to_pylist():
             stats = stats + pickle.loads(blob)
     comparison = finish(stats, run_id=new.run_id, against=old.run_id, old_classes=_classes(old),
-                        new_classes=_classes(new), old_error_kinds=_kinds(old), new_error_kinds=_kinds(new))
+                        new_classes=_classes(new), old_error_kinds=_kinds(old),
+                        new_error_kinds=_kinds(new))
     if write:
         new.write_table("comparison_classes.parquet", comparison.classes)
         new.write_json("comparison.json", comparison.to_json())

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.metrics import format_score
 from pipeline.outputs import RunSummary
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, seconds: float,
@@ -18,8 +15,8 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
     if summary.tiled or summary.crf_reduced:
         print(f"memory budget    : tiled inference: {summary.tiled} (masks.infer_tile)   "
               f"reduced-resolution CRF: {summary.crf_reduced} (masks.crf_scale)")
-    print(f"mIoU             : {_fmt(summary.post.miou)} (pre-CRF {_fmt(pre.miou if pre else None)})")
-    print(f"pixel accuracy   : {_fmt(summary.post.pixel_acc)} (pre-CRF {_fmt(pre.pixel_acc if pre else None)})")
+    print(f"mIoU             : {format_score(summary.post.miou)} (pre-CRF {format_score(pre.miou if pre else None)})")
+    print(f"pixel accuracy   : {format_score(summary.post.pixel_acc)} (pre-CRF {format_score(pre.pixel_acc if pre else None)})")
     if summary.labelled:
         print("per-class IoU    : " + ", ".join(
             f"{name} {'n/a' if v != v else f'{v:.3f}'}" for name, v in zip(categories, summary.post.iou)))

@@ -22,7 +22,8 @@ from pipeline.crf_fused import FusedCRF
 from pipeline.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, release_freed
 from pipeline.models import build_model
 from pipeline.observability import stage_metrics
-from pipeline.probs import encode_probs, uncertainty, uncertainty_summary
+from pipeline.metrics import uncertainty, uncertainty_summary
+from pipeline.probs import encode_probs
 from pipeline.results import mark_error, result_table
 from pipeline.schema import UNCERTAINTY_COLUMNS
 from pipeline.testing import limit_memory_if_asked

@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from pipeline.cluster import cluster_nodes, init_ray
-from pipeline.compare import format_comparison, regression_message, run_before
+from pipeline.compare_text import format_comparison, regression_message
 from pipeline.config import JobConfig
 from pipeline.console import describe, print_summary
 from pipeline.manifest import build_manifest
 from pipeline.observability import push_summary
-from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs
+from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs, run_before
 from pipeline.runner import SystemicFailure, run_dag
 from pipeline.storage import InputError, list_inputs
 from pipeline.weights import Weights, WeightsError, default_weights

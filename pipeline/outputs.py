@@ -27,8 +27,8 @@ from pipeline.storage import Locator, open_fs, protocols, write_bytes_atomic, wr
 from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
 
 SUCCESS = "_SUCCESS"
-REPORT_COLUMNS = ["key", "uri", "mask", "mask_pre_crf", "miou", "miou_pre_crf", "crf_changed_fraction",
-                  "mean_max_prob", "low_conf_fraction"]
+REPORT_COLUMNS = ["key", "uri", "mask", "mask_pre_crf", "miou", "miou_pre_crf",
+                  "crf_changed_fraction", "mean_max_prob", "low_conf_fraction"]
 
 
 class OutputError(ValueError):
@@ -63,7 +63,8 @@ class RunOutput:
         self.fs, root = open_fs(output_uri, self.storage_options)
         self.run_dir = posixpath.join(root.rstrip("/"), f"run={run_id}")
         # Local runs print as plain paths, so they paste into duckdb/pandas as they are.
-        self.uri = self.run_dir if "file" in protocols(self.fs) else self.fs.unstrip_protocol(self.run_dir)
+        local = "file" in protocols(self.fs)
+        self.uri = self.run_dir if local else self.fs.unstrip_protocol(self.run_dir)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.run_dir, *parts)
@@ -83,10 +84,11 @@ class RunOutput:
             return nothing
         if not resume:
             state = "a committed run" if committed else "an incomplete run"
-            raise OutputError(f"{self.uri} already holds {state}; pass --resume to continue it (same --run-id) "
-                              f"or --overwrite to replace it")
+            raise OutputError(f"{self.uri} already holds {state}; pass --resume to continue it "
+                              f"(same --run-id) or --overwrite to replace it")
         if committed:
-            self.fs.rm(self.path(SUCCESS))  # the run is being changed: readers must not see it complete
+            # The run is being changed: readers must not see it complete.
+            self.fs.rm(self.path(SUCCESS))
         return self.earlier(num_classes)
 
     def earlier(self, num_classes: int) -> Earlier:
@@ -101,7 +103,7 @@ class RunOutput:
         return Earlier(pa.chunked_array([c for k in keys for c in k.chunks], pa.string()), stats)
 
     def written_keys(self) -> pa.ChunkedArray:
-        """Every key in the part files (the key columns only), for reconciling against the listing."""
+        """Every key in the part files (the key columns only), to reconcile with the listing."""
         chunks = [c for kind in ("masks", "errors") for name in self.part_names(kind)
                   for c in self.read_part(kind, name, ["key"]).column("key").chunks]
         return pa.chunked_array(chunks, pa.string())
@@ -114,8 +116,9 @@ class RunOutput:
         self.fs.invalidate_cache(folder)  # workers wrote there since this process last listed it
         if not self.fs.exists(folder):
             return []
-        return sorted(posixpath.basename(p) for p in self.fs.ls(folder, detail=False)
-                      if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+        names = (posixpath.basename(p) for p in self.fs.ls(folder, detail=False)
+                 if p.endswith(".parquet"))
+        return sorted(n for n in names if not n.startswith((".", "_")))
 
     def read_part(self, kind: str, name: str, columns: list[str] | None = None,
                   keys: list[str] | None = None) -> pa.Table:
@@ -127,7 +130,8 @@ class RunOutput:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns, filters=[("key", "in", keys)] if keys else None)
+            return pq.read_table(f, columns=columns,
+                                 filters=[("key", "in", keys)] if keys else None)
 
     def rows_for(self, candidates: dict[str, list[list]]) -> dict[str, dict]:
         """The report's rows, by key: only the parts that hold them, only those keys."""
@@ -151,59 +155,71 @@ class RunOutput:
         write_parquet_atomic(self.full_uri(name), table, self.storage_options)
 
     def write_json(self, name: str, data: dict) -> None:
-        write_bytes_atomic(self.full_uri(name), json.dumps(data, indent=2, default=str).encode(), self.storage_options)
+        write_bytes_atomic(self.full_uri(name), json.dumps(data, indent=2, default=str).encode(),
+                           self.storage_options)
 
     def remove(self, name: str) -> None:
         if self.fs.exists(self.path(name)):
             self.fs.rm(self.path(name), recursive=True)
 
-    def commit(self, stats: PartStats, categories: tuple[str, ...], manifest: dict, *, locator: Locator,
-               compare: Callable[[], Comparison] | None = None) -> RunSummary:
+    def commit(self, stats: PartStats, categories: tuple[str, ...], manifest: dict, *,
+               locator: Locator, compare: Callable[[], Comparison] | None = None) -> RunSummary:
         """Write classes.parquet, manifest.json, the comparison (``compare`` runs it) and
         report.html from the summed part stats, then _SUCCESS."""
-        intersect, union, label_area = stats.total("intersect"), stats.total("union"), stats.total("label_area")
-        post = DatasetSummary.from_sums(intersect, union, label_area)
-        pre = (DatasetSummary.from_sums(stats.total("intersect_pre_crf"), stats.total("union_pre_crf"), label_area)
-               if stats.labelled_pre else None)
-        classes = classes_table(categories, intersect, union, label_area, post, pre)
+        post, pre = stats.summaries()
+        classes = classes_table(categories, stats)
         self.write_table("classes.parquet", classes)
-
-        summary = RunSummary(images=stats.images, errors=stats.errors, labelled=stats.labelled, post=post, pre=pre,
-                             label_errors=stats.label_errors, tiled=stats.tiled, crf_reduced=stats.crf_reduced)
-        counts = {"images": summary.images, "errors": summary.errors, "labelled": summary.labelled,
-                  "label_errors": summary.label_errors, "tiled": summary.tiled, "crf_reduced": summary.crf_reduced,
-                  "inputs": summary.images + summary.errors}
-        metrics = {"miou": post.miou, "pixel_acc": post.pixel_acc, "mean_acc": post.mean_acc, "fw_iou": post.fw_iou,
-                   "miou_pre_crf": pre.miou if pre else None, "pixel_acc_pre_crf": pre.pixel_acc if pre else None,
-                   "mean_acc_pre_crf": pre.mean_acc if pre else None, "fw_iou_pre_crf": pre.fw_iou if pre else None}
-        manifest = {**manifest, "counts": counts, "metrics": metrics}
+        summary = RunSummary(images=stats.images, errors=stats.errors, labelled=stats.labelled,
+                             post=post, pre=pre, label_errors=stats.label_errors,
+                             tiled=stats.tiled, crf_reduced=stats.crf_reduced)
+        counts = _counts(summary)
+        manifest = {**manifest, "counts": counts, "metrics": _metrics(post, pre)}
         self.write_json("manifest.json", manifest)
-        for name in COMPARISON_FILES:  # from an earlier commit of this run: they describe other masks
+        for name in COMPARISON_FILES:  # an earlier commit's: they describe other masks
             self.remove(name)
         comparison = None
         if compare is not None:
-            # Needs this run's classes.parquet (written above); the report shows it, _SUCCESS covers it.
+            # Reads classes.parquet (written above); the report shows it, _SUCCESS covers it.
             comparison = compare()
             summary = replace(summary, comparison=comparison)
         page = render_report(manifest=manifest, classes=classes, candidates=stats.candidates,
                              rows=self.rows_for(stats.candidates), errors=self.first_errors(50),
-                             error_count=stats.errors, locator=locator, storage_options=self.storage_options,
-                             comparison=comparison)
+                             error_count=stats.errors, locator=locator,
+                             storage_options=self.storage_options, comparison=comparison)
         write_bytes_atomic(self.full_uri("report.html"), page.encode(), self.storage_options)
-        write_bytes_atomic(self.full_uri(SUCCESS), json.dumps({**counts, "committed_at": manifest.get("finished_at")}
-                                                               ).encode(), self.storage_options)
+        success = {**counts, "committed_at": manifest.get("finished_at")}
+        write_bytes_atomic(self.full_uri(SUCCESS), json.dumps(success).encode(),
+                           self.storage_options)
         return summary
 
 
-def classes_table(categories: tuple[str, ...], intersect: np.ndarray, union: np.ndarray, label_area: np.ndarray,
-                  post: DatasetSummary, pre: DatasetSummary | None) -> pa.Table:
+def _counts(summary: RunSummary) -> dict[str, int]:
+    """manifest.json's and _SUCCESS's counts."""
+    return {"images": summary.images, "errors": summary.errors, "labelled": summary.labelled,
+            "label_errors": summary.label_errors, "tiled": summary.tiled,
+            "crf_reduced": summary.crf_reduced, "inputs": summary.images + summary.errors}
+
+
+def _metrics(post: DatasetSummary, pre: DatasetSummary | None) -> dict[str, float | None]:
+    """manifest.json's metrics: after CRF, then before CRF (null when the CRF did not run)."""
+    before = pre.scores() if pre else dict.fromkeys(post.scores())
+    return {**post.scores(), **{f"{name}_pre_crf": value for name, value in before.items()}}
+
+
+def classes_table(categories: tuple[str, ...], stats: PartStats) -> pa.Table:
+    """classes.parquet: the summed statistics and IoUs per class (null where there is no union)."""
     n = len(categories)
+    post, pre = stats.summaries()
 
     def iou(summary: DatasetSummary | None) -> list[float | None]:
-        return [None] * n if summary is None else [None if np.isnan(v) else float(v) for v in summary.iou]
+        if summary is None:
+            return [None] * n
+        return [None if np.isnan(v) else float(v) for v in summary.iou]
 
-    return pa.table({"class_id": list(range(n)), "class_name": list(categories), "intersect": intersect.tolist(),
-                     "union": union.tolist(), "label_area": label_area.tolist(), "iou": iou(post),
+    return pa.table({"class_id": list(range(n)), "class_name": list(categories),
+                     "intersect": stats.total("intersect").tolist(),
+                     "union": stats.total("union").tolist(),
+                     "label_area": stats.total("label_area").tolist(), "iou": iou(post),
                      "iou_pre_crf": iou(pre)}, schema=CLASSES_SCHEMA)
 
 
@@ -225,5 +241,15 @@ def committed_runs(output_uri: str, storage_options: dict | None = None) -> list
             committed_at = str(json.loads(data).get("committed_at") or "")
         except (ValueError, AttributeError):
             committed_at = ""  # an empty or foreign _SUCCESS still marks a committed run
-        runs.append((committed_at, posixpath.basename(posixpath.dirname(path)).removeprefix("run=")))
+        run_id = posixpath.basename(posixpath.dirname(path)).removeprefix("run=")
+        runs.append((committed_at, run_id))
     return [run_id for _, run_id in sorted(runs)]
+
+
+def run_before(runs: list[str], run_id: str) -> str | None:
+    """The committed run just before ``run_id`` in ``runs`` (oldest first); the latest one when
+    ``run_id`` is not committed yet, which is the case while a run commits."""
+    if run_id in runs:
+        i = runs.index(run_id)
+        return runs[i - 1] if i > 0 else None
+    return runs[-1] if runs else None

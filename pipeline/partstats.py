@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.metrics import DatasetSummary
 from pipeline.observability import STAGE_BUCKETS
 
 # Report sections: (column, largest first?). Ties go to the smaller key, so any split into parts
@@ -29,8 +30,9 @@ SECTIONS = {
 TOP_K = 4
 TIMED_STAGES = {"infer": "infer_ms", "crf": "crf_ms"}
 # What reading an earlier part for its statistics needs: no mask, no image.
-STAT_COLUMNS = ["key", "has_label", "label_error", "infer_tile", "crf_scale", "intersect", "union", "label_area",
-                "intersect_pre_crf", "union_pre_crf", "infer_ms", "crf_ms", *dict.fromkeys(c for c, _ in SECTIONS.values())]
+STAT_COLUMNS = ["key", "has_label", "label_error", "infer_tile", "crf_scale", "intersect", "union",
+                "label_area", "intersect_pre_crf", "union_pre_crf", "infer_ms", "crf_ms",
+                *dict.fromkeys(c for c, _ in SECTIONS.values())]
 _SUMS = ("intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
 
 
@@ -48,9 +50,11 @@ class PartStats:
     crf_reduced: int = 0  # images refined at a reduced resolution (masks.crf_scale < 1)
     sums: dict[str, list[int]] = field(default_factory=dict)  # _SUMS → per-class totals
     outcomes: dict[str, int] = field(default_factory=dict)  # "stage/status" → inputs
-    histograms: dict[str, list[float]] = field(default_factory=dict)  # stage → bucket counts + [sum]
+    # stage → bucket counts + [sum]
+    histograms: dict[str, list[float]] = field(default_factory=dict)
     nodes: dict[str, list[str]] = field(default_factory=dict)  # stage → Ray node ids
-    candidates: dict[str, list[list]] = field(default_factory=dict)  # section → [[value, key, part], ...]
+    # section → [[value, key, part], ...]
+    candidates: dict[str, list[list]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, num_classes: int) -> "PartStats":
@@ -67,19 +71,23 @@ class PartStats:
             outcomes[f"{entry['values']}/error"] = entry["counts"]
         return cls(
             num_classes, images=masks.num_rows, errors=errors.num_rows, labelled=labelled.num_rows,
-            labelled_pre=with_pre.num_rows, label_errors=pc.count(masks.column("label_error")).as_py() or 0,
+            labelled_pre=with_pre.num_rows,
+            label_errors=pc.count(masks.column("label_error")).as_py() or 0,
             tiled=pc.count(masks.column("infer_tile")).as_py() or 0,
             crf_reduced=pc.sum(pc.less(masks.column("crf_scale"), 1.0)).as_py() or 0,
             sums={name: _column_sum(labelled.column(name), num_classes) for name in _SUMS},
             outcomes=outcomes,
-            histograms={stage: _histogram(masks.column(col)) for stage, col in TIMED_STAGES.items()},
+            histograms={stage: _histogram(masks.column(col))
+                        for stage, col in TIMED_STAGES.items()},
             nodes={stage: sorted(ids) for stage, ids in (nodes or {}).items()},
-            candidates={name: _top(masks, column, descending, part) for name, (column, descending) in SECTIONS.items()},
+            candidates={name: _top(masks, column, descending, part)
+                        for name, (column, descending) in SECTIONS.items()},
         )
 
     def __add__(self, other: "PartStats") -> "PartStats":
         def added(a: dict, b: dict) -> dict:
-            return {k: (np.add(a[k], b[k]).tolist() if k in a and k in b else a.get(k, b.get(k))) for k in a | b}
+            return {k: (np.add(a[k], b[k]).tolist() if k in a and k in b else a.get(k, b.get(k)))
+                    for k in a | b}
 
         return PartStats(
             self.num_classes, self.images + other.images, self.errors + other.errors,
@@ -87,15 +95,28 @@ class PartStats:
             self.label_errors + other.label_errors,
             tiled=self.tiled + other.tiled, crf_reduced=self.crf_reduced + other.crf_reduced,
             sums=added(self.sums, other.sums),
-            outcomes={k: self.outcomes.get(k, 0) + other.outcomes.get(k, 0) for k in self.outcomes | other.outcomes},
+            outcomes={k: self.outcomes.get(k, 0) + other.outcomes.get(k, 0)
+                      for k in self.outcomes | other.outcomes},
             histograms=added(self.histograms, other.histograms),
-            nodes={k: sorted(set(self.nodes.get(k, [])) | set(other.nodes.get(k, []))) for k in self.nodes | other.nodes},
-            candidates={name: _merge_top(self.candidates.get(name, []) + other.candidates.get(name, []),
-                                         SECTIONS[name][1]) for name in SECTIONS},
+            nodes={k: sorted(set(self.nodes.get(k, [])) | set(other.nodes.get(k, [])))
+                   for k in self.nodes | other.nodes},
+            candidates={name: _merge_top(self.candidates.get(name, [])
+                                         + other.candidates.get(name, []), SECTIONS[name][1])
+                        for name in SECTIONS},
         )
 
     def total(self, name: str) -> np.ndarray:
         return np.asarray(self.sums.get(name, [0] * self.num_classes), dtype=np.int64)
+
+    def summaries(self) -> tuple[DatasetSummary, DatasetSummary | None]:
+        """Dataset metrics after CRF and before it (None when no labelled row ran the CRF)."""
+        label_area = self.total("label_area")
+        post = DatasetSummary.from_sums(self.total("intersect"), self.total("union"), label_area)
+        if not self.labelled_pre:
+            return post, None
+        pre = DatasetSummary.from_sums(self.total("intersect_pre_crf"),
+                                       self.total("union_pre_crf"), label_area)
+        return post, pre
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -116,14 +137,17 @@ def _column_sum(column: pa.ChunkedArray, num_classes: int) -> list[int]:
 
 def _histogram(ms: pa.ChunkedArray) -> list[float]:
     """Prometheus buckets (value <= bound, then +Inf) of per-image seconds, and their sum last."""
-    seconds = pc.divide(ms.filter(pc.greater(pc.fill_null(ms, 0.0), 0.0)), 1000.0).to_numpy(zero_copy_only=False)
-    counts = np.bincount(np.searchsorted(STAGE_BUCKETS, seconds, side="left"), minlength=len(STAGE_BUCKETS) + 1)
+    timed = ms.filter(pc.greater(pc.fill_null(ms, 0.0), 0.0))
+    seconds = pc.divide(timed, 1000.0).to_numpy(zero_copy_only=False)
+    counts = np.bincount(np.searchsorted(STAGE_BUCKETS, seconds, side="left"),
+                         minlength=len(STAGE_BUCKETS) + 1)
     return [*counts.astype(float).tolist(), float(seconds.sum())]
 
 
 def _top(masks: pa.Table, column: str, descending: bool, part: str) -> list[list]:
     valid = masks.filter(pc.is_valid(masks.column(column))).select([column, "key"])
-    ordered = valid.sort_by([(column, "descending" if descending else "ascending"), ("key", "ascending")])
+    ordered = valid.sort_by([(column, "descending" if descending else "ascending"),
+                             ("key", "ascending")])
     return [[r[column], r["key"], part] for r in ordered.slice(0, TOP_K).to_pylist()]
 
 

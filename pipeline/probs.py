@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # CRF actors import this module for decode_probs and never need torch (~1.5 s, ~0.9 GB RSS)
+if TYPE_CHECKING:  # CRF actors import this for decode_probs; torch would cost them time and RSS
     import torch
 
 ENCODINGS = ("float32", "float16", "uint8")
@@ -42,27 +42,3 @@ def quantise_probs(probs: torch.Tensor, encoding: str) -> torch.Tensor:
         return levels / torch.tensor(255.0, device=probs.device)
     return probs.half().float() if encoding == "float16" else probs.float()
 
-
-def uncertainty(probs: torch.Tensor, low_conf_threshold: float = 0.5) -> dict[str, float]:
-    """Per-image confidence summaries of (C, H, W) probabilities, before CRF.
-
-    mean_max_prob: mean over pixels of the top-class probability; mean_entropy: mean pixel entropy
-    in nats, and divided by log C (0 = certain, 1 = uniform); low_conf_fraction: share of pixels
-    whose top-class probability is below the threshold.
-    """
-    p = probs.float()
-    top = p.max(dim=0).values
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=0)
-    low = float((top < low_conf_threshold).float().mean())
-    return uncertainty_summary(float(top.mean()), float(entropy.mean()), low, p.shape[0])
-
-
-def uncertainty_summary(mean_max_prob: float, mean_entropy: float, low_conf_fraction: float,
-                        num_classes: int) -> dict[str, float]:
-    """The UNCERTAINTY_COLUMNS of one image from its means (``uncertainty``; tiled inference sums them by band)."""
-    return {
-        "mean_max_prob": mean_max_prob,
-        "mean_entropy": mean_entropy,
-        "mean_entropy_norm": mean_entropy / float(np.log(num_classes)) if num_classes > 1 else 0.0,
-        "low_conf_fraction": low_conf_fraction,
-    }

@@ -9,7 +9,8 @@ from torch.nn import functional as F
 from pipeline.config import InferenceConfig
 from pipeline.inference import class_map, forward_groups, infer_batch, multiscale_probs, sliding_window_probs
 from pipeline.models import build_model
-from pipeline.probs import decode_probs, encode_probs, uncertainty
+from pipeline.metrics import uncertainty
+from pipeline.probs import decode_probs, encode_probs
 from pipeline.checkpoints import normalisation
 
 SCALES = (0.5, 1.0, 1.75)

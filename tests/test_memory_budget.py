@@ -132,7 +132,8 @@ def test_banded_tiled_outputs_equal_sliding_window_inference():
     import torch
 
     from pipeline.inference import class_map, load_model, sliding_window_probs, tiled_outputs
-    from pipeline.probs import encode_probs, uncertainty
+    from pipeline.metrics import uncertainty
+    from pipeline.probs import encode_probs
     from pipeline.checkpoints import normalisation
 
     model, _, _ = load_model(W.model, None)

@@ -1,4 +1,4 @@
-"""jobs/tune_crf.py: a real (small) search over the demo bucket, as Ray tasks."""
+"""jobs/tune_crf.py: a real (small) search over the demo bucket, as Ray tasks; its normalisation."""
 
 import json
 import os
@@ -9,9 +9,8 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_tune_crf_prints_table_and_flags_to_pass_back(tmp_path):
     out = tmp_path / "tune.json"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -33,3 +32,24 @@ def test_tune_crf_prints_table_and_flags_to_pass_back(tmp_path):
 
     args = build_parser().parse_args(flags)  # the flags are accepted by the job as printed
     assert args.crf_bilateral_sxy == best["bilateral_sxy"]
+
+
+def test_tune_crf_normalises_with_the_weights_of_the_model_it_runs(monkeypatch):
+    import importlib.util
+
+    from pipeline.weights import DEMO_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, Weights
+
+    spec = importlib.util.spec_from_file_location("tune_crf", REPO / "jobs" / "tune_crf.py")
+    tune_crf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_crf)
+    other = Weights(model="other", uri="x", sha256=None, categories=("a",), mean=(0.1, 0.2, 0.3),
+                    std=(0.4, 0.5, 0.6))
+    known = {"other": other, DEMO_WEIGHTS.model: DEMO_WEIGHTS}
+    monkeypatch.setattr(tune_crf, "default_weights", known.get)
+    assert tune_crf.weights_used("other", None).mean == (0.1, 0.2, 0.3)
+    assert tune_crf.weights_used(DEMO_WEIGHTS.model, None) == DEMO_WEIGHTS
+    mean, std = tune_crf.weights_used("other", None).normalisation()
+    assert mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert std.flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])
+    custom = tune_crf.weights_used("other", "s3://b/own.pth")  # one's own file: as the job does
+    assert (custom.mean, custom.std) == (IMAGENET_MEAN, IMAGENET_STD)
