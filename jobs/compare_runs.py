@@ -20,13 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.compare_text import format_comparison, regression_message  # noqa: E402
 from pipeline.compare_stage import compare_outputs  # noqa: E402
 from pipeline.flags import json_object  # noqa: E402
-<<<<<<< HEAD
 from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.outputs import RunOutput, committed_runs  # noqa: E402
-=======
-from pipeline.job import init_ray  # noqa: E402
 from pipeline.outputs import RunOutput, committed_runs, run_before  # noqa: E402
->>>>>>> metrics-one-place
 
 PROG = "compare_runs.py"
 

@@ -25,15 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import CRFParams  # noqa: E402
 from pipeline.flags import parse_scales  # noqa: E402
-<<<<<<< HEAD
 from pipeline.cli import DEMO_BUCKET  # noqa: E402
 from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
-from pipeline.palette import png_to_mask  # noqa: E402
-=======
->>>>>>> metrics-one-place
 from pipeline.images import decode_image  # noqa: E402
-from pipeline.job import DEMO_BUCKET, init_ray  # noqa: E402
 from pipeline.metrics import format_score, image_stats, summarise, trimap_accuracy  # noqa: E402
 from pipeline.palette import png_to_mask  # noqa: E402
 from pipeline.storage import list_inputs, read_bytes  # noqa: E402

@@ -16,6 +16,7 @@ from pipeline.memory import crf_budget, crf_scale, image_budget, release_freed
 from pipeline.observability import stage_metrics
 from pipeline.probs import decode_probs
 from pipeline.results import mark_error, result_table
+from pipeline.schema import add_columns
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(), *,
@@ -140,8 +141,7 @@ class CRFRefiner:
 
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["key"])
-        out = {k: list(v) for k, v in batch.items()}
-        out["mask"], out["crf_ms"], out["crf_node"], out["crf_scale"] = [b""] * n, [0.0] * n, [""] * n, [1.0] * n
+        out = add_columns({k: list(v) for k, v in batch.items()}, "crf", n)
         for i in range(n):
             if out["error_stage"][i]:
                 continue

@@ -18,6 +18,7 @@ from pipeline.observability import stage_metrics
 from pipeline.palette import IGNORE_INDEX, png_to_mask
 from pipeline.storage import Locator, read_bytes
 from pipeline.results import mark_error
+from pipeline.schema import add_columns, to_stream
 from pipeline.testing import crash_if_asked, pause_if_asked
 
 
@@ -48,12 +49,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_cla
                  max_pixels: int | None) -> dict[str, np.ndarray]:
     """Read and decode images and labels; any failure becomes that row's error."""
     n = len(batch["key"])
-    out = {
-        "key": list(batch["key"]), "uri": list(batch["uri"]),
-        "image": [b""] * n, "height": [0] * n, "width": [0] * n, "exif_orientation": [0] * n,
-        "label": [b""] * n, "has_label": [False] * n, "label_error": [""] * n,
-        "error_stage": [""] * n, "error_type": [""] * n, "error_message": [""] * n,
-    }
+    out = add_columns({"key": list(batch["key"])}, "decode", n)
+    out["uri"] = list(batch["uri"])
     uris, label_uris = [str(u) for u in batch["uri"]], [str(u) for u in batch["label_uri"]]
     start = time.perf_counter()
     fetched = fetch_all(uris + label_uris, storage_options)
@@ -90,7 +87,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_cla
             stage_metrics("label").error()
         elif label is not None:
             out["label"][i], out["has_label"][i] = label.tobytes(), True
-    return {k: np.array(v, dtype=object) if k in ("image", "label") else np.array(v) for k, v in out.items()}
+    return to_stream(out)
 
 
 def check_label(data: bytes | Exception | None, uri: str, shape: tuple[int, int],

@@ -25,7 +25,7 @@ from pipeline.observability import stage_metrics
 from pipeline.metrics import uncertainty, uncertainty_summary
 from pipeline.probs import encode_probs
 from pipeline.results import mark_error, result_table
-from pipeline.schema import UNCERTAINTY_COLUMNS
+from pipeline.schema import add_columns, to_stream
 from pipeline.testing import limit_memory_if_asked
 from pipeline.checkpoints import load_into, normalisation, num_classes_in, read_checkpoint
 from pipeline.weights import WeightsError, categories_from, default_weights
@@ -323,16 +323,14 @@ class Segmenter:
             # torch.get_num_threads() still said 2 — half the CPU fallback's throughput.
             torch.set_num_threads(self.threads)
         n = len(batch["key"])
-        out = {k: list(v) for k, v in batch.items()}
-        out.update(mask_pre=[b""] * n, probs=[b""] * n, infer_ms=[0.0] * n, infer_node=[self.node_id] * n,
-                   infer_tile=[0] * n)
-        for name in UNCERTAINTY_COLUMNS:
-            out[name] = [float("nan")] * n
+        out = add_columns({k: list(v) for k, v in batch.items()}, "infer", n)
+        out["infer_node"] = [self.node_id] * n
         todo = [i for i in range(n) if not out["error_stage"][i]]
         images = [np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]),
                                                                           int(batch["width"][i]), 3) for i in todo]
         results, seconds = self._infer(out, todo, images)
-        out["mask"], out["crf_ms"], out["crf_node"], out["crf_scale"] = [b""] * n, [0.0] * n, [""] * n, [1.0] * n
+        if self.crf is not None:
+            add_columns(out, "crf", n)
         refine = []  # (row, image, probabilities on the device or None, memory budget) for the fused CRF
         for j, (i, image) in enumerate(zip(todo, images)):
             if results[j] is None:
@@ -350,7 +348,7 @@ class Segmenter:
         if refine:
             self.crf(out, refine)
         if self.crf_follows:
-            return {k: np.array(v, dtype=object) if k in _BYTES_COLUMNS else np.array(v) for k, v in out.items()}
+            return to_stream(out)
         return result_table(out, num_classes=self.num_classes, model=self.model_name,
                             weights_sha256=self.sha256, run_id=self.run_id)
 
@@ -413,5 +411,3 @@ class Segmenter:
                 seconds[j] = times[k]
         return results, seconds
 
-
-_BYTES_COLUMNS = {"image", "label", "mask_pre", "probs", "mask"}

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from pipeline.metrics import image_stats
 from pipeline.observability import stage_metrics
 from pipeline.palette import mask_to_png
-from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA, RESULT_SCHEMA, UNCERTAINTY_COLUMNS
+from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA, RESULT_COLUMNS, RESULT_SCHEMA, Col
 
 
 def mark_error(out: dict[str, list], i: int, stage: str, exc: BaseException | None, message: str) -> None:
@@ -37,49 +37,55 @@ def split_results(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return masks, errors
 
 
+def _value(col: Col, value):
+    """A stream value as the row's Python value; ``col.null`` (e.g. 0 for "none") becomes null."""
+    if col.null is not None and value == col.null:
+        return None
+    return _PYTHON[col.type.id](value)
+
+
+_PYTHON = {pa.string().id: str, pa.int32().id: int, pa.float64().id: float, pa.bool_().id: bool}
+_PASSED = [c for c in RESULT_COLUMNS if c.passed or c.stage == "read"]
+_ON_ERROR = [c for c in _PASSED if c.kept_on_error]
+
+
 def result_table(batch: dict[str, np.ndarray], *, num_classes: int, model: str, weights_sha256: str,
                  run_id: str) -> pa.Table:
     """Per-image PNG masks and metric statistics for a batch that went through inference (+CRF).
 
-    Expects the stream's columns: key, uri, height, width, label, has_label, mask_pre, mask
-    (raw uint8 bytes; ``mask`` empty when CRF is off), infer_ms, crf_ms, infer_node, crf_node and the
-    error columns.
+    The stream's masks columns (pipeline/schema.py) are copied; those of a stage that did not run
+    (the CRF's when it is off) are null. ``mask_pre`` and ``mask`` are raw uint8 labels.
     """
+    passed = [c for c in _PASSED if c.name in batch]
+    on_error = [c for c in _ON_ERROR if c.name in batch]
     rows = []
     for i in range(len(batch["key"])):
-        row = {"key": str(batch["key"][i]), "uri": str(batch["uri"][i]), "model": model,
-               "weights_sha256": weights_sha256, "run_id": run_id,
-               "infer_node": batch["infer_node"][i] or None, "crf_node": batch["crf_node"][i] or None}
-        if batch["error_stage"][i]:
-            row.update(error_stage=str(batch["error_stage"][i]), error_type=str(batch["error_type"][i]),
-                       error_message=str(batch["error_message"][i]))
-            rows.append(row)
-            continue
-        h, w = int(batch["height"][i]), int(batch["width"][i])
-        pre = np.frombuffer(batch["mask_pre"][i], dtype=np.uint8).reshape(h, w)
-        crf_bytes = batch["mask"][i]
-        post = np.frombuffer(crf_bytes, dtype=np.uint8).reshape(h, w) if len(crf_bytes) else pre
-        row.update(
-            height=h, width=w, mask=mask_to_png(post), exif_orientation=int(batch["exif_orientation"][i]) or None,
-            mask_pre_crf=mask_to_png(pre) if len(crf_bytes) else None,
-            class_pixels=np.bincount(post.ravel(), minlength=num_classes)[:num_classes].tolist(),
-            has_label=bool(batch["has_label"][i]), label_error=str(batch["label_error"][i]) or None,
-            infer_ms=float(batch["infer_ms"][i]),
-            crf_ms=float(batch["crf_ms"][i]) if len(crf_bytes) else None,
-            crf_scale=float(batch["crf_scale"][i]) if len(crf_bytes) else None,
-            infer_tile=int(batch["infer_tile"][i]) or None,
-            crf_changed_fraction=float((pre != post).mean()) if len(crf_bytes) else None,
-            **{name: float(batch[name][i]) for name in UNCERTAINTY_COLUMNS},
-        )
-        if row["has_label"]:
-            label = np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)
-            post_stats, pre_stats = image_stats(post, label, num_classes), image_stats(pre, label, num_classes)
-            row.update(
-                intersect=post_stats.intersect.tolist(), union=post_stats.union.tolist(),
-                label_area=post_stats.label_area.tolist(),
-                intersect_pre_crf=pre_stats.intersect.tolist(), union_pre_crf=pre_stats.union.tolist(),
-                pixel_acc=post_stats.pixel_acc, miou=post_stats.miou,
-                pixel_acc_pre_crf=pre_stats.pixel_acc, miou_pre_crf=pre_stats.miou,
-            )
+        failed = bool(batch["error_stage"][i])
+        row = {c.name: _value(c, batch[c.name][i]) for c in (on_error if failed else passed)}
+        row.update(model=model, weights_sha256=weights_sha256, run_id=run_id)
+        if not failed:
+            row.update(_computed(batch, i, num_classes))
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def _computed(batch: dict[str, np.ndarray], i: int, num_classes: int) -> dict:
+    """The ``stage="result"`` columns of row ``i``: PNG masks, class pixels and metric statistics."""
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    pre = np.frombuffer(batch["mask_pre"][i], dtype=np.uint8).reshape(h, w)
+    refined = "mask" in batch
+    post = np.frombuffer(batch["mask"][i], dtype=np.uint8).reshape(h, w) if refined else pre
+    row = {"mask": mask_to_png(post), "mask_pre_crf": mask_to_png(pre) if refined else None,
+           "class_pixels": np.bincount(post.ravel(), minlength=num_classes)[:num_classes].tolist(),
+           "crf_changed_fraction": float((pre != post).mean()) if refined else None}
+    if batch["has_label"][i]:
+        label = np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)
+        post_stats, pre_stats = image_stats(post, label, num_classes), image_stats(pre, label, num_classes)
+        row.update(
+            intersect=post_stats.intersect.tolist(), union=post_stats.union.tolist(),
+            label_area=post_stats.label_area.tolist(),
+            intersect_pre_crf=pre_stats.intersect.tolist(), union_pre_crf=pre_stats.union.tolist(),
+            pixel_acc=post_stats.pixel_acc, miou=post_stats.miou,
+            pixel_acc_pre_crf=pre_stats.pixel_acc, miou_pre_crf=pre_stats.miou,
+        )
+    return row
