@@ -17,13 +17,13 @@ from pathlib import Path
 
 from pipeline.config import CRF_BACKENDS, ComputeConfig, CRFParams, InferenceConfig, JobConfig, credential_options
 from pipeline.flags import json_object, parse_range, parse_scales
-from pipeline.models import MODEL_BUILDERS
+from pipeline.models import DEFAULT_MODEL, MODEL_BUILDERS
 from pipeline.compare import format_comparison, regression_message, run_before
 from pipeline.observability import push_summary
 from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs
 from pipeline.runner import SystemicFailure, run_dag
 from pipeline.storage import InputError, list_inputs
-from pipeline.weights import DEMO_WEIGHTS, Weights, WeightsError, default_weights
+from pipeline.weights import Weights, WeightsError, default_weights
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_BUCKET = ASSETS / "demo_bucket"
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="URI", help="where run=<run_id>/ is written (default for the demo: ./outputs)")
     p.add_argument("--labels", metavar="URI", help="label PNGs paired by key (extension → .png); 255 = ignore")
     io_ = p.add_argument_group("model")
-    io_.add_argument("--model", default=DEMO_WEIGHTS.model, choices=sorted(MODEL_BUILDERS), help="model architecture")
+    io_.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODEL_BUILDERS), help="model architecture")
     io_.add_argument("--weights", metavar="URI", help="checkpoint URI (safetensors or torch), optionally "
                      "'URI#sha256=<hex>' (default: the model's published weights; the bundled "
                      "checkpoint for deeplabv3plus_demo)")

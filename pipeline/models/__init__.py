@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
+# The job's --model default; a plain string so the CLI can name it without importing torch.
+DEFAULT_MODEL = "deeplabv3plus_demo"
+
 # One line per model: its name and the module holding its builder of the same name. Imported on
 # first use, so naming a model (the CLI's --model choices) does not import torch.
 _MODULES = {
