@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from pipeline.models.protocol import SegmentationModel
+
 if TYPE_CHECKING:
     from torch import nn
 
