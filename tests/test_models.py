@@ -184,3 +184,24 @@ def test_bad_arguments_are_refused():
         build_model("deeplabv2_resnet101", num_classes=2, output_stride=32)
     with pytest.raises(ValueError, match=r"shape \(N, 3, H, W\)"):
         build_model("deeplabv1_vgg16", num_classes=2)(torch.randn(1, 1, 33, 33))
+
+
+_HEAVY = {"deeplabv1_vgg16", "deeplabv2_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+          "deeplabv3plus_resnet101", "deeplabv3plus_xception65"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in MODEL_BUILDERS])
+def test_every_model_satisfies_the_protocol(name):
+    from pipeline.checkpoints import num_classes_in
+    from pipeline.models import SegmentationModel
+    from pipeline.weights import DEFAULT_WEIGHTS, default_weights
+
+    model = MODEL_BUILDERS[name](num_classes=3, output_stride=16).eval()
+    assert isinstance(model, SegmentationModel)
+    assert isinstance(model.backbone, nn.Module) and model.output_stride == 16
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 65)).shape == (1, 3, 65, 65)
+    assert num_classes_in(model.state_dict()) == 3
+    if name in DEFAULT_WEIGHTS:  # v1, v2 and the v3+ paper models have no published weights yet
+        assert default_weights(name).model == name

@@ -12,8 +12,13 @@ from collections.abc import Callable, Iterator, Mapping
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from pipeline.models.protocol import SegmentationModel
+
 if TYPE_CHECKING:
     from torch import nn
+
+# The job's --model default; a plain string so the CLI can name it without importing torch.
+DEFAULT_MODEL = "deeplabv3plus_demo"
 
 # One line per model: its name and the module holding its builder of the same name. Imported on
 # first use, so naming a model (the CLI's --model choices) does not import torch.

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.models.deeplabv3 import ASPPPooling
+
 
 class SeparableConvBNReLU(nn.Sequential):
     """Depthwise 3x3 (dilated) + BN + ReLU, then pointwise 1x1 + BN + ReLU."""
@@ -41,22 +43,6 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
-class ImagePooling(nn.Sequential):
-    """ASPP's image-level branch: global average pool, 1x1 conv, upsample back."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        return F.interpolate(super().forward(x), size=size, mode="bilinear", align_corners=False)
-
-
 class SeparableASPP(nn.Module):
     """1x1 + three separable 3x3 atrous branches + image pooling, concatenated, projected by 1x1."""
 
@@ -65,7 +51,7 @@ class SeparableASPP(nn.Module):
         self.rates = tuple(rates)
         branches = [ConvBNReLU(in_channels, out_channels, 1)]
         branches += [SeparableConvBNReLU(in_channels, out_channels, dilation=r) for r in self.rates]
-        branches.append(ImagePooling(in_channels, out_channels))
+        branches.append(ASPPPooling(in_channels, out_channels))
         self.branches = nn.ModuleList(branches)
         self.project = nn.Sequential(ConvBNReLU(len(branches) * out_channels, out_channels, 1), nn.Dropout(dropout))
 
@@ -73,7 +59,7 @@ class SeparableASPP(nn.Module):
         return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
 
 
-class Decoder(nn.Module):
+class DeepLabV3PlusDecoder(nn.Module):
     """v3+ decoder: low-level 1x1 → 48 ch, concat with upsampled ASPP, two separable 3x3, classifier."""
 
     def __init__(self, low_level_channels: int, aspp_channels: int, num_classes: int, low_level_reduced: int = 48) -> None:
@@ -102,7 +88,7 @@ class DeepLabV3Plus(nn.Module):
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         self.backbone = backbone
         self.aspp = SeparableASPP(high_level_channels, aspp_channels, rates)
-        self.decoder = Decoder(low_level_channels, aspp_channels, num_classes)
+        self.decoder = DeepLabV3PlusDecoder(low_level_channels, aspp_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
