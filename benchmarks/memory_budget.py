@@ -45,7 +45,7 @@ print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 _SEGMENT = """
 import json, pickle, resource, sys, time
 from pipeline.config import CRFParams, InferenceConfig
-from pipeline.inference import Segmenter
+from pipeline.segmenter import Segmenter
 from pipeline.weights import DEMO_WEIGHTS as W
 budget, crf_max = int(sys.argv[2]), int(sys.argv[3])
 seg = Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
@@ -157,7 +157,7 @@ import json, sys, time
 import numpy as np
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.decode import decode_batch
-from pipeline.inference import Segmenter
+from pipeline.segmenter import Segmenter
 from pipeline.weights import DEMO_WEIGHTS as W
 images = sorted(__import__("pathlib").Path("pipeline/assets/demo_bucket/images").glob("*.jpg"))
 batches = [decode_batch({"key": np.array([p.name for p in images[i:i + 16]]), "uri": np.array([str(p) for p in images[i:i + 16]]),

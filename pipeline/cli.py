@@ -12,10 +12,11 @@ from pathlib import Path
 
 from pipeline.config import JobConfig, credential_options
 from pipeline.flags import add_flags, values_from
+from pipeline.models import DEFAULT_MODEL
 from pipeline.job import JOB_ERRORS, SystemicFailure, regression_exit, run
 
 DEMO_BUCKET = Path(__file__).resolve().parent / "assets" / "demo_bucket"
-DEMO_MODEL = "deeplabv3plus_demo"
+
 
 # Argument groups of --help, in order ("" is the parser's own options); each config class names its group.
 GROUPS = {"": None, "model": "model", "inference": "inference",
@@ -57,7 +58,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         values.update(input_uri=str(DEMO_BUCKET / "images"),
                       labels_uri=values["labels_uri"] or str(DEMO_BUCKET / "labels"))
     values["output_uri"] = values["output_uri"] or "outputs"
-    values["model"] = values["model"] or DEMO_MODEL
+    values["model"] = values["model"] or DEFAULT_MODEL
     values["run_id"] = values["run_id"] or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
     try:
         return JobConfig(**values)

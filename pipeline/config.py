@@ -159,7 +159,7 @@ class JobConfig:
     labels_uri: str | None = option(flag="--labels", group="", metavar="URI",
                                     help="label PNGs paired by key (extension → .png); 255 = ignore")
     model: str = option(flag="--model", group="model", choices=MODEL_BUILDERS, check_choices=False,
-                        help="model architecture (default: deeplabv3plus_demo)")
+                        help="model architecture (default: the bundled demo model, deeplabv3plus_demo)")
     # None: the model's default weight set (pipeline.weights.default_weights).
     weights_uri: str | None = option(flag="--weights", group="model", metavar="URI",
                                      help="checkpoint URI (safetensors or torch), optionally 'URI#sha256=<hex>' "

@@ -15,7 +15,7 @@ import ray
 from pipeline.config import JobConfig
 from pipeline.crf import CRFRefiner
 from pipeline.decode import Decoder
-from pipeline.inference import Segmenter
+from pipeline.segmenter import Segmenter
 from pipeline.storage import Inputs
 from pipeline.writer import PartWriter
 from pipeline.weights import Weights

@@ -80,7 +80,7 @@ def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
     """The fused GPU plan's Segmenter (torch CRF on the GPU) against the CPU plan's (pydensecrf): same rows."""
     from pipeline.config import InferenceConfig
     from pipeline.decode import decode_batch
-    from pipeline.inference import Segmenter
+    from pipeline.segmenter import Segmenter
     from pipeline.weights import DEMO_WEIGHTS as W
 
     uris = sorted(str(p) for p in (DEMO_BUCKET / "images").glob("*.jpg"))[:4]
@@ -107,7 +107,7 @@ def test_fused_and_pooled_layouts_write_the_same_rows():
     from pipeline.config import InferenceConfig
     from pipeline.crf import CRFRefiner
     from pipeline.decode import decode_batch
-    from pipeline.inference import Segmenter
+    from pipeline.segmenter import Segmenter
     from pipeline.weights import DEMO_WEIGHTS as W
 
     images = sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:4]

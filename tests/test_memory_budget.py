@@ -55,7 +55,7 @@ def test_reduced_crf_keeps_full_size_and_agrees_with_the_full_crf():
 
 
 def _segmenter(**kwargs):
-    from pipeline.inference import Segmenter
+    from pipeline.segmenter import Segmenter
 
     return Segmenter(model=W.model, weights_uri=None, storage_options={}, weights_sha256=W.sha256,
                      num_classes=len(W.categories), use_gpu=False, threads=1, crf_follows=False, run_id="t",
@@ -131,7 +131,8 @@ def test_job_with_a_tiny_budget_tiles_and_reduces_only_the_big_image(tmp_path):
 def test_banded_tiled_outputs_equal_sliding_window_inference():
     import torch
 
-    from pipeline.inference import class_map, load_model, sliding_window_probs, tiled_outputs
+    from pipeline.inference import class_map, load_model, sliding_window_probs
+    from pipeline.segmenter import tiled_outputs
     from pipeline.metrics import uncertainty
     from pipeline.probs import encode_probs
     from pipeline.checkpoints import normalisation

@@ -97,7 +97,7 @@ _THREADS_PROBE = """
 import json, re, threading, torch
 from pipeline.config import InferenceConfig
 from pipeline.decode import decode_batch
-from pipeline.inference import Segmenter
+from pipeline.segmenter import Segmenter
 from pipeline.weights import DEMO_WEIGHTS as W
 import numpy as np
 
