@@ -1,8 +1,7 @@
 """Read + decode stage: bytes from any fsspec URI to RGB pixels and validated labels.
 
-Runs in its own small actor pool (``Decoder``), so this module stays free of torch: a worker
-that imported it (through pipeline.stages → pipeline.inference) paid ~3 s and ~1 GB of RSS
-before its first image.
+Runs in its own small actor pool (``Decoder``), so this module stays free of torch: a decode
+worker that imported torch paid seconds and a GB of RSS before its first image (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -116,9 +115,8 @@ class Decoder:
 
     An actor pool rather than tasks: decode tasks wait (backpressured) while inference catches
     up, and Ray ends a worker that idles beyond its soft limit of one worker per CPU, which the
-    inference actors already hold. Each next decode task then started a new Python worker: 38
-    workers for 4800 demo images on 2 cores, 18.7 instead of 26 images/s and 19 % more memory than
-    a 480-image run (benchmarks/pipeline_vs_loop.py). An actor stays up for the whole run.
+    inference actors already hold, so each next decode task started a new Python worker (slower
+    and larger: docs/benchmarks.md, "Design choices"). An actor stays up for the whole run.
     """
 
     def __init__(self, *, locator: Locator, storage_options: dict, num_classes: int, max_pixels: int | None) -> None:

@@ -55,9 +55,8 @@ def multiscale_probs(model: torch.nn.Module, image: torch.Tensor, scales: tuple[
 def class_map(probs: torch.Tensor) -> torch.Tensor:
     """(H, W) uint8 most probable class of (C, H, W) probabilities (the first one on ties).
 
-    ``max(0).indices`` rather than ``argmax(0)``: same result, but torch 2.14's CPU argmax over
-    the leading dimension is ~20x slower (20 ms vs 1 ms for 6x300x380, benchmarks/pipeline_vs_loop.py's
-    images), which made it a third of the demo model's per-image time.
+    ``max(0).indices`` rather than ``argmax(0)``: same result, but torch's CPU argmax over the
+    leading dimension is much slower (docs/benchmarks.md, "Design choices").
     """
     return probs.max(dim=0).indices.to(torch.uint8)
 
@@ -91,6 +90,35 @@ def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, *, tile: i
     return total / count
 
 
+def _forward(model: torch.nn.Module, x: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
+    """Probabilities of a normalised (N, 3, H, W) batch on its device, whole or tiled."""
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, config.precision):
+        if config.tile:
+            return sliding_window_probs(model, x, tile=config.tile, overlap=config.tile_overlap,
+                                        scales=config.scales, flip=config.flip, average=config.average)
+        return multiscale_probs(model, x, config.scales, config.flip, config.average)
+
+
+def _normalised(rgbs: list[np.ndarray], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Same-size RGB uint8 images as one normalised (N, 3, H, W) float batch on mean's device."""
+    host = torch.from_numpy(np.stack(rgbs))
+    if mean.device.type == "cuda":
+        host = host.pin_memory()  # lets the copy overlap with the previous batch's compute
+    x = host.to(mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - mean) / std
+
+
+def _padded(images: list[np.ndarray], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Images of different sizes, normalised, zero-padded to the largest in one batch."""
+    height, width = max(im.shape[0] for im in images), max(im.shape[1] for im in images)
+    x = torch.zeros(len(images), 3, height, width, device=mean.device)
+    for j, im in enumerate(images):
+        x[j, :, : im.shape[0], : im.shape[1]] = _normalised([im], mean, std)[0]
+    return x
+
+
 def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch.Tensor, std: torch.Tensor,
                 config: InferenceConfig, seconds: list[float] | None = None) -> list[torch.Tensor]:
     """(C, H, W) probabilities per RGB uint8 image.
@@ -101,46 +129,20 @@ def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch
     ``forward_groups`` decides the groups. ``seconds``, if given, receives each image's share of
     the forward pass it was in (its group's time divided among the group's images).
     """
-    device = mean.device
-    autocast = (torch.autocast(device.type, dtype=_AUTOCAST[config.precision])
-                if config.precision != "fp32" else contextlib.nullcontext())
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            if config.tile:
-                return sliding_window_probs(model, x, tile=config.tile, overlap=config.tile_overlap,
-                                            scales=config.scales, flip=config.flip, average=config.average)
-            return multiscale_probs(model, x, config.scales, config.flip, config.average)
-
-    def to_tensor(rgbs: list[np.ndarray]) -> torch.Tensor:
-        host = torch.from_numpy(np.stack(rgbs))
-        if device.type == "cuda":
-            host = host.pin_memory()  # lets the copy overlap with the previous batch's compute
-        x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - mean) / std
-
     results: list[torch.Tensor | None] = [None] * len(images)
     if seconds is not None:
         seconds[:] = [0.0] * len(images)
     with torch.inference_mode():
         for indices in forward_groups([im.shape[:2] for im in images], config):
             start = time.perf_counter()
-            if len(indices) == 1 or config.batching == "bucket":
-                probs = run(to_tensor([images[i] for i in indices]))
-            else:
-                height = max(images[i].shape[0] for i in indices)
-                width = max(images[i].shape[1] for i in indices)
-                x = torch.zeros(len(indices), 3, height, width, device=device)
-                for j, i in enumerate(indices):
-                    x[j, :, : images[i].shape[0], : images[i].shape[1]] = to_tensor([images[i]])[0]
-                probs = run(x)
+            group = [images[i] for i in indices]
+            same = len(indices) == 1 or config.batching == "bucket"
+            probs = _forward(model, _normalised(group, mean, std) if same else _padded(group, mean, std), config)
             for j, i in enumerate(indices):
                 results[i] = probs[j, :, : images[i].shape[0], : images[i].shape[1]]
             if seconds is not None:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # kernels run asynchronously: time them, not their launch
+                if mean.device.type == "cuda":
+                    torch.cuda.synchronize(mean.device)  # kernels run asynchronously: time them, not their launch
                 for i in indices:
                     seconds[i] = (time.perf_counter() - start) / len(indices)
     return results

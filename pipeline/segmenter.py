@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import ray
@@ -133,11 +134,12 @@ class Segmenter:
             model, weights_uri, storage_options=storage_options, output_stride=inference.output_stride,
             num_classes=num_classes, expected_sha256=weights_sha256)
         self.model.to(self.device)
-        self.model_name = model
         self.num_classes = len(categories)
         self.inference = inference
         self.crf_follows = crf_follows
-        self.run_id = run_id
+        # The last compute stage emits the result rows; before a CRF pool, the stream goes on.
+        self.emit = to_stream if crf_follows else partial(result_table, num_classes=self.num_classes, model=model,
+                                                          weights_sha256=self.sha256, run_id=run_id)
         self.mean, self.std = normalisation(mean, std, self.device)
         limit_memory_if_asked()
         self.budget = image_budget(actor_memory_mib)  # measured now that the model is loaded
@@ -180,10 +182,7 @@ class Segmenter:
                     refine = []
         if refine:
             self.crf(out, refine)
-        if self.crf_follows:
-            return to_stream(out)
-        return result_table(out, num_classes=self.num_classes, model=self.model_name,
-                            weights_sha256=self.sha256, run_id=self.run_id)
+        return self.emit(out)
 
     def _infer(self, out: dict[str, list], todo: list[int], images: list[np.ndarray]):
         """(pre-CRF mask bytes, uncertainty, encoded probabilities, the probabilities on the device for
@@ -207,17 +206,28 @@ class Segmenter:
                 continue
             out["infer_tile"][todo[j]] = config.tile
             start = time.perf_counter()
-            try:
-                mask, summary, encoded = tiled_outputs(self.model, image, mean=self.mean, std=self.std,
-                                                       config=config, encoding=encoding)
-            except Exception as exc:
-                mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
-                continue
-            release_freed()
-            if encoded is not None and self.crf_follows:
-                encoded = encoded.tobytes()  # the batch column to the CRF pool holds bytes; the fused CRF reads the array
-            results[j], seconds[j] = (mask.tobytes(), summary, b"" if encoded is None else encoded, None), \
-                time.perf_counter() - start
+            results[j] = self._tiled(out, todo[j], image, config, encoding)
+            seconds[j] = time.perf_counter() - start
+        self._whole(out, todo, images, whole, encoding, results, seconds)
+        return results, seconds
+
+    def _tiled(self, out: dict[str, list], i: int, image: np.ndarray, config: InferenceConfig,
+               encoding: str | None) -> tuple | None:
+        try:
+            mask, summary, encoded = tiled_outputs(self.model, image, mean=self.mean, std=self.std,
+                                                   config=config, encoding=encoding)
+        except Exception as exc:
+            mark_error(out, i, "infer", exc, f"inference failed: {exc}")
+            return None
+        release_freed()
+        if encoded is not None and self.crf_follows:
+            encoded = encoded.tobytes()  # the CRF pool's batch column holds bytes; the fused CRF reads the array
+        return mask.tobytes(), summary, b"" if encoded is None else encoded, None
+
+    def _whole(self, out: dict[str, list], todo: list[int], images: list[np.ndarray], whole: list[int],
+               encoding: str | None, results: list, seconds: list[float]) -> None:
+        """Whole-image inference of ``images[j]`` for j in ``whole``, into ``results``/``seconds``."""
+        inf = self.inference
         times: list[float] = []
         try:
             probs = infer_batch(self.model, [images[j] for j in whole], mean=self.mean, std=self.std,
@@ -234,13 +244,11 @@ class Segmenter:
                     mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
                     probs.append(None)
                 times.append(one[0] if one else 0.0)
+        on_device = self.crf is not None and self.crf.backend == "torch"  # refined where they are
         for k, j in enumerate(whole):
             p, probs[k] = probs[k], None  # the full-size probabilities go as soon as they are encoded
             if p is not None:
-                on_device = self.crf is not None and self.crf.backend == "torch"  # refined where they are
                 results[j] = (class_map(p).cpu().numpy().tobytes(), uncertainty(p, inf.low_conf_threshold),
                               encode_probs(p, encoding) if encoding and not on_device else b"",
                               p if on_device else None)
                 seconds[j] = times[k]
-        return results, seconds
-

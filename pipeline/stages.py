@@ -43,34 +43,12 @@ class Resources:
         total_cpus = sum(n.get("CPU", 0.0) for n in nodes) or 1.0
         gpus = sum(n.get("GPU", 0.0) for n in nodes)
         use_gpu = compute.use_gpu if compute.use_gpu is not None else gpus > 0
-        backend = None
-        if config.crf is not None:
-            # auto: on GPUs the torch backend (same labels as pydensecrf, and a CPU pool would need
-            # ~100 cores per GPU at pydensecrf's speed) unless a CPU pool is asked for; on a CPU
-            # core pydensecrf is the faster one.
-            asks_pool = compute.crf_actors is not None or bool(compute.crf_resources)
-            backend = compute.crf_backend if compute.crf_backend != "auto" else (
-                "torch" if use_gpu and not asks_pool else "pydensecrf")
+        backend = _crf_backend(config, use_gpu)
         # Without GPUs the CRF runs in the inference actor, one per core: no probabilities through
         # the object store and no CPU split between two pools (benchmarks/pipeline_vs_loop.py). With
         # GPUs the torch backend runs there too, on the GPU, right after the forward pass.
         fused = backend is not None and (not use_gpu or backend == "torch")
-        if use_gpu:
-            actors = compute.infer_actors or (max(1, int(gpus)),) * 2
-            cpus = compute.infer_cpus or 1.0
-            threads = max(1, int(cpus))
-        else:
-            spare = total_cpus - compute.decode_cpus
-            if compute.infer_actors is not None:
-                actors = compute.infer_actors
-                cpus = compute.infer_cpus or max(0.5, spare / actors[1])
-            elif compute.infer_cpus is not None:
-                cpus = compute.infer_cpus
-                actors = (max(1, math.floor(spare / cpus)),) * 2
-            else:
-                actors = (max(1, round(spare)),) * 2
-                cpus = max(0.5, spare / actors[1])
-            threads = max(1, math.floor(cpus + 0.5))
+        actors, cpus, threads = _inference_actors(compute, use_gpu, gpus, total_cpus)
         # CPUs each node keeps after the inference actors it may host (GPU nodes host one per GPU).
         left = [n.get("CPU", 0.0) - (_eligible(n, compute.infer_resources) and use_gpu) * n.get("GPU", 0.0) * cpus
                 for n in nodes]
@@ -90,6 +68,38 @@ class Resources:
         # only while decoding is what inference waits for.
         decoders = max(1, min(math.floor(sum(left) / compute.decode_cpus + 1e-9), int(total_cpus)))
         return cls(use_gpu, cpus, threads, actors, budget, (1, decoders), crf_actors, fused, backend)
+
+
+def _crf_backend(config: JobConfig, use_gpu: bool) -> str | None:
+    """The dense CRF that runs; None: CRF off."""
+    if config.crf is None:
+        return None
+    compute = config.compute
+    if compute.crf_backend != "auto":
+        return compute.crf_backend
+    # auto: on GPUs the torch backend (same labels as pydensecrf, and a CPU pool would need many
+    # cores per GPU at pydensecrf's speed) unless a CPU pool is asked for; on a CPU core
+    # pydensecrf is the faster one.
+    asks_pool = compute.crf_actors is not None or bool(compute.crf_resources)
+    return "torch" if use_gpu and not asks_pool else "pydensecrf"
+
+
+def _inference_actors(compute, use_gpu: bool, gpus: float, total_cpus: float):
+    """(actor range, CPUs per actor, torch threads per actor) of the inference pool."""
+    if use_gpu:
+        cpus = compute.infer_cpus or 1.0
+        return compute.infer_actors or (max(1, int(gpus)),) * 2, cpus, max(1, int(cpus))
+    spare = total_cpus - compute.decode_cpus
+    if compute.infer_actors is not None:
+        actors = compute.infer_actors
+        cpus = compute.infer_cpus or max(0.5, spare / actors[1])
+    elif compute.infer_cpus is not None:
+        cpus = compute.infer_cpus
+        actors = (max(1, math.floor(spare / cpus)),) * 2
+    else:
+        actors = (max(1, round(spare)),) * 2
+        cpus = max(0.5, spare / actors[1])
+    return actors, cpus, max(1, math.floor(cpus + 0.5))
 
 
 def _eligible(node: dict[str, float], required: dict) -> bool:
@@ -122,8 +132,25 @@ def build_dataset(inputs: Inputs, config: JobConfig, weights: Weights, weights_s
     A batch whose worker died ``retries`` + 1 times is dropped, not fatal: the caller reconciles
     the keys that reached no part file (pipeline/runner.py). ``upto`` ends the DAG after that stage
     (decode, infer, crf), which is how the runner learns where an input kills its worker."""
-    compute = config.compute
-    blocks = max(1, min(math.ceil(len(inputs) / compute.batch_size), max_blocks))
+    blocks = max(1, min(math.ceil(len(inputs) / config.compute.batch_size), max_blocks))
+    stage = _Stage(config, weights, resources, blocks, _fault_tolerance(retries))
+    ds = _keys(inputs, blocks, resources, tolerate)
+    ds = ds.map_batches(Decoder, **stage.decode(inputs))
+    if upto == "decode":
+        return ds
+    ds = ds.map_batches(Segmenter, **stage.infer(weights_sha256))
+    if upto == "infer":
+        return ds
+    if resources.crf_actors is not None:
+        ds = ds.map_batches(CRFRefiner, **stage.crf(weights_sha256, len(inputs)))
+    if upto == "crf":
+        return ds
+    # Workers write: each call publishes one part file of up to --rows-per-file rows.
+    return ds.map_batches(PartWriter, **stage.write(run_uri))
+
+
+def _keys(inputs: Inputs, blocks: int, resources: Resources, tolerate: bool) -> ray.data.Dataset:
+    """The listed keys in ``blocks`` blocks, with the run's object-store budget and error tolerance."""
     keys = pa.table({"key": inputs.keys})
     step = math.ceil(keys.num_rows / blocks)
     ds = ray.data.from_arrow([keys.slice(i, step) for i in range(0, keys.num_rows, step)])
@@ -131,60 +158,64 @@ def build_dataset(inputs: Inputs, config: JobConfig, weights: Weights, weights_s
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(object_store_memory=resources.object_store_mib * 2**20)
     ds.context.max_errored_blocks = -1 if tolerate else 0
-    fault_tolerance = _fault_tolerance(retries)
-    # A small run has fewer batches than the pool has actors: don't start (and load the model on)
-    # actors that would get no batch.
-    infer_min, infer_max = (min(n, blocks) for n in resources.infer_actors)
-    # Tiled inference bounds network memory, so the pixel guard only applies to whole-image runs.
-    max_pixels = None if config.inference.tile else config.inference.max_pixels
-    ds = ds.map_batches(Decoder, fn_constructor_kwargs={"locator": inputs.locator(),
-                                                        "storage_options": config.storage_options,
-                                                        "num_classes": weights.num_classes, "max_pixels": max_pixels},
-                        batch_size=compute.batch_size, num_cpus=compute.decode_cpus,
-                        compute=ray.data.ActorPoolStrategy(min_size=resources.decode_actors[0],
-                                                           max_size=min(resources.decode_actors[1], blocks)),
-                        **fault_tolerance)
-    if upto == "decode":
-        return ds
-    ds = ds.map_batches(
-        Segmenter,
-        fn_constructor_kwargs={
-            "model": config.model, "weights_uri": config.weights_uri, "storage_options": config.storage_options,
-            "inference": config.inference, "weights_sha256": weights_sha256, "num_classes": weights.num_classes,
-            "use_gpu": resources.use_gpu, "threads": resources.infer_threads,
-            "crf_follows": resources.crf_actors is not None, "run_id": config.run_id,
-            "mean": weights.mean, "std": weights.std, "crf": config.crf if resources.crf_fused else None,
-            "crf_backend": resources.crf_backend or "pydensecrf",
-            "actor_memory_mib": compute.actor_memory_mib,
-        },
-        batch_size=compute.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),
-        num_gpus=1 if resources.use_gpu else 0,
-        num_cpus=resources.infer_cpus,
-        resources=compute.infer_resources or None,
-        **fault_tolerance,
-    )
-    if upto == "infer":
-        return ds
-    if resources.crf_actors is not None:
-        ds = ds.map_batches(
-            CRFRefiner,
-            fn_constructor_kwargs={"params": config.crf, "num_classes": weights.num_classes, "model": config.model,
-                                   "weights_sha256": weights_sha256, "run_id": config.run_id,
-                                   "probs_encoding": config.inference.probs_encoding,
-                                   "actor_memory_mib": compute.actor_memory_mib},
+    return ds
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Each stage's ``map_batches`` arguments: its callable's constructor, batch size and resources."""
+
+    config: JobConfig
+    weights: Weights
+    resources: Resources
+    blocks: int
+    fault_tolerance: dict
+
+    def decode(self, inputs: Inputs) -> dict:
+        compute = self.config.compute
+        # Tiled inference bounds network memory, so the pixel guard only applies to whole-image runs.
+        max_pixels = None if self.config.inference.tile else self.config.inference.max_pixels
+        return dict(fn_constructor_kwargs={"locator": inputs.locator(), "storage_options": self.config.storage_options,
+                                           "num_classes": self.weights.num_classes, "max_pixels": max_pixels},
+                    batch_size=compute.batch_size, num_cpus=compute.decode_cpus,
+                    compute=ray.data.ActorPoolStrategy(min_size=self.resources.decode_actors[0],
+                                                       max_size=min(self.resources.decode_actors[1], self.blocks)),
+                    **self.fault_tolerance)
+
+    def infer(self, weights_sha256: str) -> dict:
+        config, weights, resources = self.config, self.weights, self.resources
+        # A small run has fewer batches than the pool has actors: don't start (and load the model on)
+        # actors that would get no batch.
+        infer_min, infer_max = (min(n, self.blocks) for n in resources.infer_actors)
+        return dict(
+            fn_constructor_kwargs={
+                "model": config.model, "weights_uri": config.weights_uri, "storage_options": config.storage_options,
+                "inference": config.inference, "weights_sha256": weights_sha256, "num_classes": weights.num_classes,
+                "use_gpu": resources.use_gpu, "threads": resources.infer_threads,
+                "crf_follows": resources.crf_actors is not None, "run_id": config.run_id,
+                "mean": weights.mean, "std": weights.std, "crf": config.crf if resources.crf_fused else None,
+                "crf_backend": resources.crf_backend or "pydensecrf",
+                "actor_memory_mib": config.compute.actor_memory_mib,
+            },
+            batch_size=config.compute.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),
+            num_gpus=1 if resources.use_gpu else 0, num_cpus=resources.infer_cpus,
+            resources=config.compute.infer_resources or None, **self.fault_tolerance)
+
+    def crf(self, weights_sha256: str, images: int) -> dict:
+        config, pool = self.config, self.resources.crf_actors
+        return dict(
+            fn_constructor_kwargs={"params": config.crf, "num_classes": self.weights.num_classes,
+                                   "model": config.model, "weights_sha256": weights_sha256,
+                                   "run_id": config.run_id, "probs_encoding": config.inference.probs_encoding,
+                                   "actor_memory_mib": config.compute.actor_memory_mib},
             batch_size=1,  # one image per call keeps CRF actors evenly loaded
-            compute=ray.data.ActorPoolStrategy(min_size=min(resources.crf_actors[0], len(inputs)),
-                                               max_size=min(resources.crf_actors[1], len(inputs))),
-            num_cpus=compute.crf_cpus,
-            resources=compute.crf_resources or None,
-            **fault_tolerance,
-        )
-    if upto == "crf":
-        return ds
-    # Workers write: each call publishes one part file of up to --rows-per-file rows.
-    return ds.map_batches(
-        PartWriter, fn_constructor_kwargs={"run_uri": run_uri, "storage_options": config.storage_options,
-                                           "num_classes": weights.num_classes},
-        batch_size=config.rows_per_file, batch_format="pyarrow", num_cpus=0,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=WRITE_ACTORS), **fault_tolerance)
+            compute=ray.data.ActorPoolStrategy(min_size=min(pool[0], images), max_size=min(pool[1], images)),
+            num_cpus=config.compute.crf_cpus, resources=config.compute.crf_resources or None,
+            **self.fault_tolerance)
+
+    def write(self, run_uri: str) -> dict:
+        return dict(fn_constructor_kwargs={"run_uri": run_uri, "storage_options": self.config.storage_options,
+                                           "num_classes": self.weights.num_classes},
+                    batch_size=self.config.rows_per_file, batch_format="pyarrow", num_cpus=0,
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=WRITE_ACTORS), **self.fault_tolerance)

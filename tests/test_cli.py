@@ -67,3 +67,61 @@ def test_bad_inputs_fail_before_any_work(tmp_path, capsys):
     assert main([str(empty), "--output", str(tmp_path / "o"), "--weights", f"{REPO}/pipeline/assets/deeplabv3plus_demo.safetensors#sha256={'1' * 64}"]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def _config_classes():
+    from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig
+
+    return (JobConfig, InferenceConfig, CRFParams, ComputeConfig)
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
+def test_every_config_field_is_a_flag_with_help(cls):
+    """A field is its own flag (pipeline/flags.py option): none can be left out of the CLI."""
+    from dataclasses import fields
+
+    help_text = build_parser().format_help()
+    for f in fields(cls):
+        if "section" in f.metadata:
+            continue
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} is not declared with option(...)"
+        from pipeline.flags import flag_name
+
+        name = flag_name(cls, f)
+        assert (name if name.startswith("-") else name.upper() + "_URI") in help_text, name
+
+
+def test_flags_reach_the_config_they_name():
+    argv = ["s3://b/in", "--output", "s3://b/out", "--run-id", "r1", "--crf-min-prob", "0.001",
+            "--crf-iterations", "5", "--decode-cpus", "0.5", "--precision", "bf16", "--scales", "0.5,1",
+            "--no-gpu", "--infer-actors", "1-3", "--ray-address", "ray://head:10001", "--limit", "7",
+            "--crf-backend", "torch", "--storage-options", '{"anon": true}']
+    config = config_from_args(build_parser().parse_args(argv), build_parser())
+    assert (config.input_uri, config.output_uri, config.run_id) == ("s3://b/in", "s3://b/out", "r1")
+    assert config.crf.min_prob == 0.001 and config.crf.iterations == 5
+    assert config.compute.decode_cpus == 0.5 and config.compute.use_gpu is False
+    assert config.compute.infer_actors == (1, 3) and config.compute.crf_backend == "torch"
+    assert config.inference.precision == "bf16" and config.inference.scales == (0.5, 1.0)
+    assert config.ray_address == "ray://head:10001" and config.limit == 7
+    assert config.storage_options == {"anon": True}
+
+
+def test_unset_flags_give_the_config_defaults():
+    from pipeline.config import JobConfig
+    from pipeline.models import DEFAULT_MODEL
+
+    config = config_from_args(build_parser().parse_args(["in", "--output", "out", "--run-id", "r"]), build_parser())
+    assert config == JobConfig(input_uri="in", output_uri="out", labels_uri=None, model=DEFAULT_MODEL,
+                               weights_uri=None, run_id="r")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["x", "--output", "o", "--crf-min-prob", "1.5"], "CRF min prob must be < 1"),
+    (["x", "--output", "o", "--decode-cpus", "0"], "--decode-cpus must be > 0"),
+    (["x", "--output", "o", "--resume", "--overwrite", "--run-id", "r"], "--resume and --overwrite exclude"),
+])
+def test_declared_bounds_are_checked_with_the_flag_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
