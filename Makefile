@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast train-demo demo-bucket clean
+.PHONY: demo test test-fast lint format train-demo demo-bucket clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) jobs/segment_bucket.py
 
-test: $(STAMP)
+test: lint
 	bash .ci/system-packages.sh
 	$(PY) -m pytest -m 'slow or not slow'
+
+# ruff with the project's settings (pyproject.toml): lint, and a format that must already hold.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest
