@@ -89,7 +89,7 @@ def _refine_small(small_rgb: np.ndarray, small: np.ndarray, shape: tuple[int, in
 
 def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes | None, *, params: CRFParams,
                encoding: str, num_classes: int, node_id: str, metrics, budget: int | None = None) -> None:
-    """Refine row ``i`` of a stage's columns in place: ``mask``, ``crf_ms``, ``crf_scale``,
+    """Refine row ``i`` of a stage's columns in place: ``mask_crf``, ``crf_ms``, ``crf_scale``,
     ``crf_node``, or its error. Above ``budget`` bytes or ``params.max_pixels`` the CRF runs at a
     reduced resolution (``pipeline.memory.crf_scale``). ``probs`` None: take ``out["probs"][i]``
     and drop it once downscaled, before the CRF allocates (C bytes a pixel).
@@ -111,7 +111,7 @@ def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes | N
         else:
             labels = dense_crf(image, decode_probs(out["probs"][i] if owned else probs, encoding,
                                                    (num_classes, h, w)), params)
-        out["mask"][i] = labels.tobytes()
+        out["mask_crf"][i] = labels.tobytes()
     except Exception as exc:
         mark_error(out, i, "crf", exc, f"dense CRF failed: {exc}")
         return

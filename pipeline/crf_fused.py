@@ -39,7 +39,7 @@ def allocation_failure(exc: BaseException) -> bool:
 
 
 class FusedCRF:
-    """Refines a batch's rows in place (``mask``, ``crf_ms``, ``crf_node``, or the error), right after inference."""
+    """Refines a batch's rows in place (``mask_crf``, ``crf_ms``, ``crf_node``, or the error), right after inference."""
 
     def __init__(self, params: CRFParams, *, backend: str, encoding: str, num_classes: int, node_id: str,
                  device: torch.device) -> None:
@@ -92,7 +92,7 @@ class FusedCRF:
             return False
         seconds = (time.perf_counter() - start) / len(rows)
         for (i, *_), mask in zip(rows, labels):
-            out["mask"][i], out["crf_ms"][i], out["crf_node"][i] = mask, seconds * 1000.0, self.node_id
+            out["mask_crf"][i], out["crf_ms"][i], out["crf_node"][i] = mask, seconds * 1000.0, self.node_id
             self.metrics.ok(seconds)
         return True
 
@@ -110,7 +110,7 @@ class FusedCRF:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         else:
             seconds = time.perf_counter() - start
-            out["mask"][i], out["crf_ms"][i] = mask, seconds * 1000.0
+            out["mask_crf"][i], out["crf_ms"][i] = mask, seconds * 1000.0
             self.metrics.ok(seconds)
             return
         failed_ms = (time.perf_counter() - start) * 1000.0

@@ -45,7 +45,7 @@ def _value(col: Col, value):
 
 
 _PYTHON = {pa.string().id: str, pa.int32().id: int, pa.float64().id: float, pa.bool_().id: bool}
-_PASSED = [c for c in RESULT_COLUMNS if c.passed or c.stage == "read"]
+_PASSED = [c for c in RESULT_COLUMNS if c.passed]
 _ON_ERROR = [c for c in _PASSED if c.kept_on_error]
 
 
@@ -54,7 +54,7 @@ def result_table(batch: dict[str, np.ndarray], *, num_classes: int, model: str, 
     """Per-image PNG masks and metric statistics for a batch that went through inference (+CRF).
 
     The stream's masks columns (pipeline/schema.py) are copied; those of a stage that did not run
-    (the CRF's when it is off) are null. ``mask_pre`` and ``mask`` are raw uint8 labels.
+    (the CRF's when it is off) are null. ``mask_pre`` and ``mask_crf`` are raw uint8 labels.
     """
     passed = [c for c in _PASSED if c.name in batch]
     on_error = [c for c in _ON_ERROR if c.name in batch]
@@ -73,8 +73,8 @@ def _computed(batch: dict[str, np.ndarray], i: int, num_classes: int) -> dict:
     """The ``stage="result"`` columns of row ``i``: PNG masks, class pixels and metric statistics."""
     h, w = int(batch["height"][i]), int(batch["width"][i])
     pre = np.frombuffer(batch["mask_pre"][i], dtype=np.uint8).reshape(h, w)
-    refined = "mask" in batch
-    post = np.frombuffer(batch["mask"][i], dtype=np.uint8).reshape(h, w) if refined else pre
+    refined = "mask_crf" in batch
+    post = np.frombuffer(batch["mask_crf"][i], dtype=np.uint8).reshape(h, w) if refined else pre
     row = {"mask": mask_to_png(post), "mask_pre_crf": mask_to_png(pre) if refined else None,
            "class_pixels": np.bincount(post.ravel(), minlength=num_classes)[:num_classes].tolist(),
            "crf_changed_fraction": float((pre != post).mean()) if refined else None}

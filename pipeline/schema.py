@@ -1,8 +1,8 @@
 """The columns of the stream between stages, by the stage that adds them, and the output tables.
 
-Each stage adds only its own stream columns (``add_columns``); a masks column is one ``Col`` entry
-naming the stage that fills it: a stream column of the same name copied into the row
-(``results.result_table``), or one the result rows compute (``stage="result"``). The last compute
+Every column is one ``Col`` entry in ``COLUMNS`` naming the stage that fills it; each stage adds
+only its own stream columns (``add_columns``), the result rows copy the stream's masks columns
+(``results.result_table``) and compute the ``stage="result"`` ones. The last compute
 stage emits one ``RESULT_SCHEMA`` table per batch holding both successful and failed rows
 (``error_stage`` is empty on success); the write stage splits it into ``masks`` and ``errors``.
 Keeping one schema through the stream keeps every input key in exactly one place (DESIGN.md).
@@ -18,54 +18,42 @@ import pyarrow as pa
 
 NAN = float("nan")
 UNCERTAINTY_COLUMNS = ("mean_max_prob", "mean_entropy", "mean_entropy_norm", "low_conf_fraction")
-
-# The stream's columns by the stage that adds them, each with its value before the stage filled it
-# (and for a row that failed). Bytes columns hold raw buffers: uint8 pixels, encoded probabilities.
-STREAM: dict[str, dict[str, Any]] = {
-    "decode": {"uri": "", "image": b"", "height": 0, "width": 0, "exif_orientation": 0, "label": b"",
-               "has_label": False, "label_error": "", "error_stage": "", "error_type": "", "error_message": ""},
-    "infer": {"mask_pre": b"", "probs": b"", "infer_ms": 0.0, "infer_node": "", "infer_tile": 0,
-              **dict.fromkeys(UNCERTAINTY_COLUMNS, NAN)},
-    "crf": {"mask": b"", "crf_ms": 0.0, "crf_node": "", "crf_scale": 1.0},
-}
-
-
-def add_columns(out: dict[str, list], stage: str, n: int) -> dict[str, list]:
-    """Add ``stage``'s stream columns to ``out`` (n rows), each at its empty value; returns ``out``."""
-    for name, empty in STREAM[stage].items():
-        out[name] = [empty] * n
-    return out
-
-
-def to_stream(out: dict[str, list]) -> dict[str, np.ndarray]:
-    """A stage's columns as the numpy batch Ray Data carries (bytes columns as object arrays)."""
-    return {k: np.array(v, dtype=object) if isinstance(_empty(k), bytes) else np.array(v) for k, v in out.items()}
-
-
-def _empty(name: str) -> Any:
-    return next((cols[name] for cols in STREAM.values() if name in cols), None)
+STAGES = ("decode", "infer", "crf")  # the stages that add stream columns, in DAG order
+_EMPTY = {pa.binary().id: b"", pa.string().id: "", pa.int32().id: 0, pa.float64().id: 0.0, pa.bool_().id: False}
 
 
 @dataclass(frozen=True)
 class Col:
-    """One output column: its Arrow type and the stage that fills it. ``null``: the stream value
-    that is written as null (0 for "none" in an int column, "" in a string one)."""
+    """One column: its Arrow type and the stage that fills it — a stream stage (``STAGES``: the stage
+    writes the stream column of this name and the result rows copy it), ``read`` (the listed key) or
+    ``result`` (computed by the result rows). ``table``: "masks" (a masks column), "result" (only in
+    the result rows: the error protocol, node ids) or "" (stream only). ``null``: the stream value
+    written as null (0 for "none" in an int column, "" in a string one); ``empty``: the stream value
+    before the stage filled it (default: the type's zero)."""
 
     name: str
     type: pa.DataType
-    stage: str  # read | decode | infer | crf | result
+    stage: str
     null: Any = None
+    empty: Any = None
+    table: str = "masks"
     kept_on_error: bool = False  # also set on a failed row (which carries no masks columns otherwise)
 
     @property
     def passed(self) -> bool:
         """Copied from the stream column of the same name (else computed by the result rows)."""
-        return self.stage in STREAM
+        return self.stage in STAGES or self.stage == "read"
+
+    @property
+    def empty_value(self) -> Any:
+        return _EMPTY[self.type.id] if self.empty is None else self.empty
 
 
 _COUNTS = pa.list_(pa.int64())
+_F64 = pa.float64()
 
-MASKS_COLUMNS = (
+# Masks columns in the table's order, then the result rows' own and the stream-only columns.
+COLUMNS = (
     Col("key", pa.string(), "read", kept_on_error=True),
     Col("uri", pa.string(), "decode", kept_on_error=True),
     Col("height", pa.int32(), "decode"),
@@ -81,32 +69,54 @@ MASKS_COLUMNS = (
     Col("label_area", _COUNTS, "result"),
     Col("intersect_pre_crf", _COUNTS, "result"),
     Col("union_pre_crf", _COUNTS, "result"),
-    Col("pixel_acc", pa.float64(), "result"),
-    Col("miou", pa.float64(), "result"),
-    Col("pixel_acc_pre_crf", pa.float64(), "result"),
-    Col("miou_pre_crf", pa.float64(), "result"),
+    Col("pixel_acc", _F64, "result"),
+    Col("miou", _F64, "result"),
+    Col("pixel_acc_pre_crf", _F64, "result"),
+    Col("miou_pre_crf", _F64, "result"),
     Col("model", pa.string(), "result"),
     Col("weights_sha256", pa.string(), "result"),
-    Col("infer_ms", pa.float64(), "infer"),
-    Col("crf_ms", pa.float64(), "crf"),  # null without CRF
-    Col("crf_scale", pa.float64(), "crf"),  # resolution the CRF ran at (1.0 full; < 1 over the memory budget)
+    Col("infer_ms", _F64, "infer"),
+    Col("crf_ms", _F64, "crf"),  # null without CRF
+    Col("crf_scale", _F64, "crf", empty=1.0),  # resolution the CRF ran at (< 1 over the memory budget)
     Col("infer_tile", pa.int32(), "infer", null=0),  # sliding-window tile size; null for whole images
-    Col("crf_changed_fraction", pa.float64(), "result"),  # share of pixels CRF relabelled; null without CRF
-    Col("mean_max_prob", pa.float64(), "infer"),  # confidence of the pre-CRF probabilities (metrics.py)
-    Col("mean_entropy", pa.float64(), "infer"),
-    Col("mean_entropy_norm", pa.float64(), "infer"),
-    Col("low_conf_fraction", pa.float64(), "infer"),
+    Col("crf_changed_fraction", _F64, "result"),  # share of pixels CRF relabelled; null without CRF
+    # Confidence of the pre-CRF probabilities (pipeline/metrics.py uncertainty).
+    *(Col(name, _F64, "infer", empty=NAN) for name in UNCERTAINTY_COLUMNS),
     Col("run_id", pa.string(), "result"),
+    Col("error_stage", pa.string(), "decode", null="", table="result", kept_on_error=True),
+    Col("error_type", pa.string(), "decode", null="", table="result", kept_on_error=True),
+    Col("error_message", pa.string(), "decode", null="", table="result", kept_on_error=True),
+    # Ray node ids, collected into manifest.json.
+    Col("infer_node", pa.string(), "infer", null="", table="result", kept_on_error=True),
+    Col("crf_node", pa.string(), "crf", null="", table="result", kept_on_error=True),
+    Col("image", pa.binary(), "decode", table=""),  # RGB uint8 pixels
+    Col("label", pa.binary(), "decode", table=""),  # class ids, uint8
+    Col("mask_pre", pa.binary(), "infer", table=""),  # pre-CRF class ids, uint8
+    Col("probs", pa.binary(), "infer", table=""),  # probabilities for the CRF (inference.probs_encoding)
+    Col("mask_crf", pa.binary(), "crf", table=""),  # class ids after CRF, uint8
 )
 
-# masks columns + the error columns, all nullable: one row per input key.
-RESULT_COLUMNS = MASKS_COLUMNS + (
-    Col("error_stage", pa.string(), "decode", null="", kept_on_error=True),
-    Col("error_type", pa.string(), "decode", null="", kept_on_error=True),
-    Col("error_message", pa.string(), "decode", null="", kept_on_error=True),
-    Col("infer_node", pa.string(), "infer", null="", kept_on_error=True),  # Ray node ids, collected into manifest.json
-    Col("crf_node", pa.string(), "crf", null="", kept_on_error=True),
-)
+# The stream's columns by the stage that adds them, each with its value before the stage filled it.
+STREAM: dict[str, dict[str, Any]] = {
+    stage: {c.name: c.empty_value for c in COLUMNS if c.stage == stage} for stage in STAGES
+}
+_BYTES = {c.name for c in COLUMNS if c.type.id == pa.binary().id}
+
+
+def add_columns(out: dict[str, list], stage: str, n: int) -> dict[str, list]:
+    """Add ``stage``'s stream columns to ``out`` (n rows), each at its empty value; returns ``out``."""
+    for name, empty in STREAM[stage].items():
+        out[name] = [empty] * n
+    return out
+
+
+def to_stream(out: dict[str, list]) -> dict[str, np.ndarray]:
+    """A stage's columns as the numpy batch Ray Data carries (bytes columns as object arrays)."""
+    return {k: np.array(v, dtype=object) if k in _BYTES else np.array(v) for k, v in out.items()}
+
+
+MASKS_COLUMNS = tuple(c for c in COLUMNS if c.table == "masks")
+RESULT_COLUMNS = MASKS_COLUMNS + tuple(c for c in COLUMNS if c.table == "result")
 
 
 def _schema(columns: tuple[Col, ...]) -> pa.Schema:

@@ -12,6 +12,7 @@ from pipeline.config import CRFParams
 from pipeline.crf import dense_crf
 from pipeline.crf_fused import FusedCRF, allocation_failure
 from pipeline.probs import ENCODINGS, decode_probs, encode_probs, quantise_probs
+from pipeline.schema import add_columns
 from tests.conftest import DEMO_BUCKET
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -52,8 +53,8 @@ def _rows(n: int = 3, classes: int = 6):
 
 
 def _columns(n: int) -> dict[str, list]:
-    return {"key": [f"k{i}" for i in range(n)], "mask": [b""] * n, "crf_ms": [0.0] * n, "crf_node": [""] * n,
-            "error_stage": [""] * n, "error_type": [""] * n, "error_message": [""] * n, "crf_scale": [1.0] * n, "probs": [b""] * n}
+    return add_columns({"key": [f"k{i}" for i in range(n)], "error_stage": [""] * n, "error_type": [""] * n,
+                        "error_message": [""] * n, "probs": [b""] * n}, "crf", n)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,7 +69,7 @@ def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_s
     for out in outs.values():
         assert out["error_stage"] == [""] * len(rows) and out["crf_node"] == ["node"] * len(rows)
         assert all(ms > 0 for ms in out["crf_ms"])
-    for (i, image, p), torch_mask, pyd_mask in zip(rows, outs["torch"]["mask"], outs["pydensecrf"]["mask"]):
+    for (i, image, p), torch_mask, pyd_mask in zip(rows, outs["torch"]["mask_crf"], outs["pydensecrf"]["mask_crf"]):
         reference = dense_crf(image, decode_probs(encode_probs(p, "uint8"), "uint8", tuple(p.shape)))
         assert pyd_mask == reference.tobytes()
         same = (np.frombuffer(torch_mask, np.uint8) == reference.ravel()).mean()
