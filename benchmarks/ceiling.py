@@ -59,8 +59,12 @@ from common import write_section  # noqa: E402  (benchmarks/common.py)
 def warm_caches(old_root: Path | None) -> None:
     """Untimed: import what every run imports once, so no run pays for a cold page cache alone."""
     for root in [ROOT] + ([old_root] if old_root else []):
-        subprocess.run([PYTHON, "-c", "import ray, ray.data, pipeline.job, pipeline.stages"], cwd=root,
-                       env=job_env(root), check=True)
+        subprocess.run(
+            [PYTHON, "-c", "import ray, ray.data, pipeline.job, pipeline.stages"],
+            cwd=root,
+            env=job_env(root),
+            check=True,
+        )
 
 
 def measure(work: Workload, bucket: Path, tmp: Path, procs: int, old_root: Path | None) -> None:
@@ -77,15 +81,19 @@ def measure(work: Workload, bucket: Path, tmp: Path, procs: int, old_root: Path 
         work.jobs[key] = run_job(name, root, images_uri, tmp / f"out-{tag}", key, work.images, work.crf, extra)
         work.masks[key] = compare_masks(tmp / f"loop-{tag}", work.jobs[key].run_dir)
         job = work.jobs[key]
-        print(f"[ceiling]   {job.seconds:.1f} s, {job.rate:.2f} images/s, steady {num(job.steady, 2)}, "
-              f"masks identical {work.masks[key][0]}/{work.masks[key][1]}", flush=True)
-    print(f"[ceiling]   loop {work.loop.seconds:.1f} s, {work.loop.rate:.2f} images/s, steady {work.loop.steady:.2f}",
-          flush=True)
+        print(
+            f"[ceiling]   {job.seconds:.1f} s, {job.rate:.2f} images/s, steady {num(job.steady, 2)}, "
+            f"masks identical {work.masks[key][0]}/{work.masks[key][1]}",
+            flush=True,
+        )
+    print(
+        f"[ceiling]   loop {work.loop.seconds:.1f} s, {work.loop.rate:.2f} images/s, steady {work.loop.steady:.2f}",
+        flush=True,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--images-off", type=int, default=480, help="images of the CRF-off workload (0: skip)")
     add("--images-on", type=int, default=240, help="images of the CRF-on workload (0: skip)")
@@ -104,9 +112,14 @@ def run_all(args, tmp: Path, old_root: Path | None, command: str) -> tuple[list[
     """Every workload (loop and job runs), then the start-up harness; the report's markdown."""
     from pipeline.synthetic import write_bucket
 
-    works = [w for w in (Workload(f"{args.images_off} images, CRF off", False, args.images_off),
-                         Workload(f"{args.images_on} images, CRF on", True, args.images_on))
-             if w.images]
+    works = [
+        w
+        for w in (
+            Workload(f"{args.images_off} images, CRF off", False, args.images_off),
+            Workload(f"{args.images_on} images, CRF on", True, args.images_on),
+        )
+        if w.images
+    ]
     warm_caches(old_root)
     for w in works:
         bucket = tmp / f"bucket-{'on' if w.crf else 'off'}"
@@ -145,6 +158,7 @@ def main() -> int:
         write_section(DOCS, "## Ceiling: the job vs one process per core", text)
         print(f"[ceiling] wrote its section of {DOCS}")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

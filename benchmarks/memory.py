@@ -70,7 +70,7 @@ class Peaks:
             self.processes = max(self.processes, len(procs))
             self._stop.wait(self._interval)
 
-    def stop(self) -> "Peaks":
+    def stop(self) -> Peaks:
         self._stop.set()
         self._thread.join()
         return self
@@ -79,9 +79,20 @@ class Peaks:
 def run_job(images: Path, out: Path, args) -> tuple[Peaks, float]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), str(images), "--output", str(out),
-           "--run-id", "mem", "--batch-size", str(args.batch_size), "--crf-actors", "1-1",
-           "--crf" if args.crf else "--no-crf"]
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "segment_bucket.py"),
+        str(images),
+        "--output",
+        str(out),
+        "--run-id",
+        "mem",
+        "--batch-size",
+        str(args.batch_size),
+        "--crf-actors",
+        "1-1",
+        "--crf" if args.crf else "--no-crf",
+    ]
     started = time.perf_counter()
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks = Peaks(job.pid)
@@ -111,16 +122,22 @@ def main() -> int:
             print(f"{count} images: {seconds:.0f}s, up to {peaks.processes} processes", flush=True)
 
     mib = 2**20
-    print(f"\n{args.size}x{args.size} PNGs, CRF {'on (1 actor)' if args.crf else 'off'}, batch size "
-          f"{args.batch_size}, {os.cpu_count()} cores; peak memory in MiB")
+    print(
+        f"\n{args.size}x{args.size} PNGs, CRF {'on (1 actor)' if args.crf else 'off'}, batch size "
+        f"{args.batch_size}, {os.cpu_count()} cores; peak memory in MiB"
+    )
     print(f"| {'images':>7} | {'driver RSS':>10} | {'tree RSS':>9} | {'tree PSS':>9} | {'seconds':>7} |")
     print(f"|{'-' * 9}|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 9}|")
     for count, (peaks, seconds) in results.items():
-        print(f"| {count:>7} | {peaks.driver_rss / mib:>10.0f} | {peaks.tree_rss / mib:>9.0f} | "
-              f"{peaks.tree_pss / mib:>9.0f} | {seconds:>7.0f} |")
+        print(
+            f"| {count:>7} | {peaks.driver_rss / mib:>10.0f} | {peaks.tree_rss / mib:>9.0f} | "
+            f"{peaks.tree_pss / mib:>9.0f} | {seconds:>7.0f} |"
+        )
     (small, _), (large, _) = results[counts[0]], results[counts[-1]]
-    print(f"| {'ratio':>7} | {large.driver_rss / small.driver_rss:>10.2f} | {large.tree_rss / small.tree_rss:>9.2f} | "
-          f"{large.tree_pss / small.tree_pss:>9.2f} | {'':>7} |")
+    print(
+        f"| {'ratio':>7} | {large.driver_rss / small.driver_rss:>10.2f} | {large.tree_rss / small.tree_rss:>9.2f} | "
+        f"{large.tree_pss / small.tree_pss:>9.2f} | {'':>7} |"
+    )
     return 0
 
 

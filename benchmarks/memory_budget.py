@@ -2,7 +2,7 @@
 
     python benchmarks/memory_budget.py table    # 0.2 / 2 / 12 / 50 MP photos, budgets off vs defaults
     python benchmarks/memory_budget.py fit      # the per-pixel constants of pipeline/memory.py
-    python benchmarks/memory_budget.py quality  # reduced-resolution CRF vs full: synthetic held-out + VOC photo at 12 MP
+    python benchmarks/memory_budget.py quality  # reduced-resolution CRF vs full: synthetic + VOC at 12 MP
     python benchmarks/memory_budget.py clean    # images/s of the actor on demo-size images, budget on vs off
 
 Every measurement runs the actors' own code (``Decoder``'s ``decode_batch``, ``Segmenter`` with the
@@ -67,8 +67,10 @@ def table(args) -> None:
     from pipeline.config import ComputeConfig, CRFParams
     from pipeline.synthetic import encode_jpeg
 
-    print("| image | budgets | decode peak RSS MiB | inference+CRF actor peak RSS MiB | infer s | tile | CRF s "
-          "| crf_scale | image s |")
+    print(
+        "| image | budgets | decode peak RSS MiB | inference+CRF actor peak RSS MiB | infer s | tile | CRF s "
+        "| crf_scale | image s |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for mp in args.sizes:
@@ -77,19 +79,27 @@ def table(args) -> None:
             jpeg.write_bytes(encode_jpeg(rgb))
             decoded = _child(_DECODE, str(jpeg), str(batch))
             name = f"{rgb.shape[1]}x{rgb.shape[0]} ({rgb.shape[0] * rgb.shape[1] / 1e6:.1f} MP)"
-            for label, budget, crf_max in (("off", 0, 0), ("defaults", ComputeConfig().actor_memory_mib,
-                                                           CRFParams().max_pixels)):
+            for label, budget, crf_max in (
+                ("off", 0, 0),
+                ("defaults", ComputeConfig().actor_memory_mib, CRFParams().max_pixels),
+            ):
                 if label == "off" and mp > SKIP_OFF_ABOVE_MP:
-                    print(f"| {name} | off | | not run (issue 17: 15.7 GB CRF actor, 7.8 GB inference actor, "
-                          f"299 s of CRF) | | | | | |", flush=True)
+                    print(
+                        f"| {name} | off | | not run (issue 17: 15.7 GB CRF actor, 7.8 GB inference actor, "
+                        f"299 s of CRF) | | | | | |",
+                        flush=True,
+                    )
                     continue
                 r = _child(_SEGMENT, str(batch), str(budget), str(crf_max))
                 if "failed" in r:
                     print(f"| {name} | {label} | {decoded.get('peak_mib', 0):.0f} | failed: {r['stderr'][-200:]!r} |")
                     continue
-                print(f"| {name} | {label} | {decoded['peak_mib']:.0f} | {r['peak_mib']:.0f} | "
-                      f"{r['infer_ms'] / 1000:.1f} | {r['infer_tile'] or 'whole'} | {r['crf_ms'] / 1000:.1f} | "
-                      f"{r['crf_scale']:.3f} | {r['s']:.1f} |", flush=True)
+                print(
+                    f"| {name} | {label} | {decoded['peak_mib']:.0f} | {r['peak_mib']:.0f} | "
+                    f"{r['infer_ms'] / 1000:.1f} | {r['infer_tile'] or 'whole'} | {r['crf_ms'] / 1000:.1f} | "
+                    f"{r['crf_scale']:.3f} | {r['s']:.1f} |",
+                    flush=True,
+                )
             print(f"<!-- {name}: actor baseline after loading the model {r.get('base_mib', 0):.0f} MiB -->")
 
 
@@ -137,19 +147,30 @@ def fit(args) -> None:
 
     print("| inference (demo model, CPU) | pixels | peak RSS growth MiB | bytes/pixel | estimate MiB |")
     print("|---|---:|---:|---:|---:|")
-    for side, scales, flip in ((724, "1.0", "no"), (1024, "1.0", "no"), (1448, "1.0", "no"),
-                               (1024, "1.0", "flip"), (1024, "0.5,1.0,1.5", "no")):
+    for side, scales, flip in (
+        (724, "1.0", "no"),
+        (1024, "1.0", "no"),
+        (1448, "1.0", "no"),
+        (1024, "1.0", "flip"),
+        (1024, "0.5,1.0,1.5", "no"),
+    ):
         r = _child(_FIT_INFER, str(side), str(side), scales, flip)
         est = memory.infer_bytes(side, side, tuple(float(s) for s in scales.split(",")), flip == "flip")
-        print(f"| scales {scales}{' + flip' if flip == 'flip' else ''} | {side}x{side} | {r['bytes'] / 2**20:.0f} | "
-              f"{r['bytes'] / side**2:.0f} | {est / 2**20:.0f} |", flush=True)
+        print(
+            f"| scales {scales}{' + flip' if flip == 'flip' else ''} | {side}x{side} | {r['bytes'] / 2**20:.0f} | "
+            f"{r['bytes'] / side**2:.0f} | {est / 2**20:.0f} |",
+            flush=True,
+        )
     print("\n| dense CRF (VOC photo) | pixels | classes | peak RSS growth MiB | bytes/pixel | estimate MiB | s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for mp, classes in ((2.0, 2), (2.0, 6), (2.0, 12), (0.5, 6)):
         r = _child(_FIT_CRF, str(mp), str(classes))
         est = memory.crf_bytes(1, r["pixels"], classes)
-        print(f"| | {r['pixels']} | {classes} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / r['pixels']:.0f} | "
-              f"{est / 2**20:.0f} | {r['s']:.1f} |", flush=True)
+        print(
+            f"| | {r['pixels']} | {classes} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / r['pixels']:.0f} | "
+            f"{est / 2**20:.0f} | {r['s']:.1f} |",
+            flush=True,
+        )
 
 
 _CLEAN = """
@@ -160,7 +181,8 @@ from pipeline.decode import decode_batch
 from pipeline.segmenter import Segmenter
 from pipeline.weights import DEMO_WEIGHTS as W
 images = sorted(__import__("pathlib").Path("pipeline/assets/demo_bucket/images").glob("*.jpg"))
-batches = [decode_batch({"key": np.array([p.name for p in images[i:i + 16]]), "uri": np.array([str(p) for p in images[i:i + 16]]),
+batches = [decode_batch({"key": np.array([p.name for p in images[i:i + 16]]),
+                         "uri": np.array([str(p) for p in images[i:i + 16]]),
                          "label_uri": np.array([""] * len(images[i:i + 16]))}, storage_options={}, num_classes=6,
                         max_pixels=None) for i in range(0, len(images), 16)]
 segs = {b: Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
@@ -184,8 +206,10 @@ print(json.dumps({"off": n / seconds[0], "on": n / seconds[2048]}))
 
 def clean(args) -> None:
     r = _child(_CLEAN, str(args.rounds))
-    print(f"demo bucket images (320x240-ish), CRF on, {args.rounds} interleaved rounds: budgets off "
-          f"{r['off']:.2f} images/s, on {r['on']:.2f} images/s ({(r['on'] / r['off'] - 1) * 100:+.1f} %)")
+    print(
+        f"demo bucket images (320x240-ish), CRF on, {args.rounds} interleaved rounds: budgets off "
+        f"{r['off']:.2f} images/s, on {r['on']:.2f} images/s ({(r['on'] / r['off'] - 1) * 100:+.1f} %)"
+    )
 
 
 def main() -> None:

@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
     gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"{args.size}x{args.size} input; CPU: batch 1, {args.threads} threads, median of {args.repeats}; "
-          f"GPU ({gpu_name}): batch {args.gpu_batch}, autocast\n")
+    print(
+        f"{args.size}x{args.size} input; CPU: batch 1, {args.threads} threads, median of {args.repeats}; "
+        f"GPU ({gpu_name}): batch {args.gpu_batch}, autocast\n"
+    )
     print("| model | OS | params (M) | GFLOPs | CPU ms/img | GPU |")
     print("|---|---:|---:|---:|---:|---|")
     for name in names:

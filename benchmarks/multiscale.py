@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.checkpoints import normalisation  # noqa: E402
 from pipeline.config import InferenceConfig  # noqa: E402
 from pipeline.inference import class_map, infer_batch, load_model  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
 from pipeline.synthetic import make_scene, varied_spec  # noqa: E402
-from pipeline.checkpoints import normalisation  # noqa: E402
 
 EVAL_SEEDS_START = 1_500_000  # disjoint from training (0..), held-out (1_000_000..) and demo (2_000_000..)
 DEEPLAB_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -36,8 +36,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--weights", nargs="+", metavar="URI",
-                        help="demo-model checkpoints to compare (default: the bundled one)")
+    parser.add_argument(
+        "--weights", nargs="+", metavar="URI", help="demo-model checkpoints to compare (default: the bundled one)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mean, std = normalisation()
@@ -45,8 +46,10 @@ def main() -> int:
     for uri in args.weights or [None]:
         model, sha, categories = load_model("deeplabv3plus_demo", uri)
         n = len(categories)
-        print(f"\nheld-out synthetic mIoU, {len(scenes)} scenes of varied size, checkpoint {uri or 'bundled'} "
-              f"(sha256 {sha[:12]})")
+        print(
+            f"\nheld-out synthetic mIoU, {len(scenes)} scenes of varied size, checkpoint {uri or 'bundled'} "
+            f"(sha256 {sha[:12]})"
+        )
         print(f"{'setting':36} {'mIoU':>7} {'pix acc':>8} {'trimap':>7} {'s/img':>7}")
         for name, config in (
             ("scale 1.0", InferenceConfig()),

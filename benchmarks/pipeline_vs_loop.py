@@ -32,10 +32,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline_vs_loop_parts.measure import (  # noqa: E402
+    Result,
+    bare_loop,
+    breakeven,
+    consume,
+    fresh_ray,
+    pipeline_run,
+)
+
 from pipeline.config import ComputeConfig, InferenceConfig  # noqa: E402
 from pipeline.synthetic import write_bucket  # noqa: E402
-from pipeline_vs_loop_parts.measure import (  # noqa: E402
-    Result, bare_loop, breakeven, consume, fresh_ray, pipeline_run)
 
 
 class Predictor:
@@ -44,8 +51,8 @@ class Predictor:
     confidence columns, no labels: the least a Ray Data script can do."""
 
     def __init__(self, scales, flip, threads: int, device: str) -> None:
-        from pipeline.inference import load_model
         from pipeline.checkpoints import normalisation
+        from pipeline.inference import load_model
 
         self.threads, self.device = threads, device
         self.model = load_model("deeplabv3plus_demo", None)[0].to(device)
@@ -69,12 +76,20 @@ def ray_script_run(inputs, scales, flip, actors: int, threads: int, gpu: bool, b
     # Read tasks get the pipeline's decode resources: read_images' default of 1 CPU a task leaves
     # too little for the actor pool on a small machine, and the run stalls.
     uris = [inputs.locator().image_uri(k) for k in inputs.keys.to_pylist()]
-    ds = ray.data.read_images(uris, mode="RGB", num_cpus=ComputeConfig().decode_cpus,
-                              override_num_blocks=max(1, math.ceil(len(uris) / batch_size)))
-    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"scales": scales, "flip": flip, "threads": threads,
-                                                          "device": "cuda" if gpu else "cpu"},
-                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_gpus=1 if gpu else 0, num_cpus=1 if gpu else threads * 0.875)
+    ds = ray.data.read_images(
+        uris,
+        mode="RGB",
+        num_cpus=ComputeConfig().decode_cpus,
+        override_num_blocks=max(1, math.ceil(len(uris) / batch_size)),
+    )
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"scales": scales, "flip": flip, "threads": threads, "device": "cuda" if gpu else "cpu"},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpu else 0,
+        num_cpus=1 if gpu else threads * 0.875,
+    )
     return consume(ds, f"hand-written Ray Data script, {actors}x{'GPU' if gpu else f'{threads}t'}")[0]
 
 
@@ -120,30 +135,42 @@ def throughput(args, scales, cores: int, gpu: bool, compute: ComputeConfig) -> R
         with fresh_ray(cores):
             default, _, resources = pipeline_run(inputs, scales, args.flip, compute, "Ray pipeline (job defaults)")
         with fresh_ray(cores):
-            script = ray_script_run(inputs, scales, args.flip, resources.infer_actors[1], resources.infer_threads,
-                                    gpu, args.batch_size)
+            script = ray_script_run(
+                inputs, scales, args.flip, resources.infer_actors[1], resources.infer_threads, gpu, args.batch_size
+            )
         # One actor with the loop's threads. Its Ray CPUs leave room for the decode actor, which
         # holds its share for the whole run: a 2-CPU actor on 2 cores waited for decoding to end.
         # Threads are CPUs rounded, so 1.75 CPUs still run 2 threads.
         cpus = min(float(best.threads), cores - compute.decode_cpus)
         with fresh_ray(cores):
-            matched, _, _ = pipeline_run(inputs, scales, args.flip,
-                                         ComputeConfig(batch_size=args.batch_size, infer_actors=(1, 1),
-                                                       infer_cpus=None if gpu else cpus),
-                                         "Ray pipeline (loop's compute)")
-    print(f"\n{args.images} images ({'GPU' if gpu else f'{cores} CPU cores'}), demo model, scales {scales}, "
-          f"flip {args.flip}, CRF off, batch {args.batch_size}; ratios are to the best loop")
+            matched, _, _ = pipeline_run(
+                inputs,
+                scales,
+                args.flip,
+                ComputeConfig(batch_size=args.batch_size, infer_actors=(1, 1), infer_cpus=None if gpu else cpus),
+                "Ray pipeline (loop's compute)",
+            )
+    print(
+        f"\n{args.images} images ({'GPU' if gpu else f'{cores} CPU cores'}), demo model, scales {scales}, "
+        f"flip {args.flip}, CRF off, batch {args.batch_size}; ratios are to the best loop"
+    )
     print(f"{'':44} {'e2e img/s':>10} {'ratio':>6} {'1st s':>6} {'steady':>8} {'ratio':>6}  GPU util")
     for r in loops + [script, default, matched]:
         steady = r.steady if r.steady is not None else r.rate
         first = f"{r.first_s:6.2f}" if r.first_s is not None else f"{'':6}"
-        print(f"{r.name:44} {r.rate:10.2f} {r.rate / best.rate:6.2f} {first} {steady:8.2f} "
-              f"{steady / best.rate:6.2f}  {r.gpu}")
-    print(f"\nRay pipeline / hand-written Ray Data script, same actors: end to end {default.rate / script.rate:.2f}, "
-          f"steady state {default.steady / max(script.steady, 1e-9):.2f}")
-    print(f"Ray pipeline steady state / best loop: {default.steady / best.rate:.2f} (goal >= "
-          f"{0.95 if gpu else 0.85}); start-up (first result) {default.first_s:.1f} s, so end to end reaches "
-          f"{0.95 if gpu else 0.85:.2f} of the loop from {breakeven(default, best.rate, 0.95 if gpu else 0.85)} images")
+        print(
+            f"{r.name:44} {r.rate:10.2f} {r.rate / best.rate:6.2f} {first} {steady:8.2f} "
+            f"{steady / best.rate:6.2f}  {r.gpu}"
+        )
+    print(
+        f"\nRay pipeline / hand-written Ray Data script, same actors: end to end {default.rate / script.rate:.2f}, "
+        f"steady state {default.steady / max(script.steady, 1e-9):.2f}"
+    )
+    print(
+        f"Ray pipeline steady state / best loop: {default.steady / best.rate:.2f} (goal >= "
+        f"{0.95 if gpu else 0.85}); start-up (first result) {default.first_s:.1f} s, so end to end reaches "
+        f"{0.95 if gpu else 0.85:.2f} of the loop from {breakeven(default, best.rate, 0.95 if gpu else 0.85)} images"
+    )
     return best
 
 
@@ -166,8 +193,10 @@ def memory(args, scales, cores: int, compute: ComputeConfig, best: Result | None
         print(f"{count:8d} {sampler.peak_pss / 2**20:9.0f} {sampler.peak_rss / 2**20:9.0f}")
     print(f"{'ratio':>8} {large.peak_pss / small.peak_pss:9.3f} {large.peak_rss / small.peak_rss:9.3f}")
     half = len(large.pss) // 2
-    print(f"within the {10 * n}-image run: peak PSS {max(large.pss[:half]) / 2**20:.0f} MiB in its first half, "
-          f"{max(large.pss[half:]) / 2**20:.0f} MiB in its second ({max(large.pss[half:]) / max(large.pss[:half]):.3f})")
+    print(
+        f"within the {10 * n}-image run: peak PSS {max(large.pss[:half]) / 2**20:.0f} MiB in its first half, "
+        f"{max(large.pss[half:]) / 2**20:.0f} MiB in its second ({max(large.pss[half:]) / max(large.pss[:half]):.3f})"
+    )
     big = runs[10 * n]
     line = f"{10 * n} images end to end: {big.rate:.2f} images/s, steady {big.steady:.2f}"
     if best is not None:

@@ -80,33 +80,31 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=_ints, default=[10_000, 100_000, 1_000_000],
-                   help="keys per synthetic run")
-    p.add_argument("--list-sizes", type=_ints, default=[10_000, 100_000],
-                   help="objects on the S3 server")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=_ints, default=[10_000, 100_000, 1_000_000], help="keys per synthetic run")
+    p.add_argument("--list-sizes", type=_ints, default=[10_000, 100_000], help="objects on the S3 server")
     p.add_argument("--e2e-sizes", type=_ints, default=[1000, 10_000], help="images end to end")
     p.add_argument("--skip-runs", action="store_true", help="skip commit/compare")
     p.add_argument("--skip-listing", action="store_true", help="skip list + resume on S3")
     p.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI runs")
     p.add_argument("--skip-before", action="store_true", help="measure the new code only")
-    p.add_argument("--before-max-keys", type=int,
-                   help="run the old commit/compare only up to this many keys")
-    p.add_argument("--keep", action="store_true",
-                   help="keep WORK (otherwise its big files are removed)")
+    p.add_argument("--before-max-keys", type=int, help="run the old commit/compare only up to this many keys")
+    p.add_argument("--keep", action="store_true", help="keep WORK (otherwise its big files are removed)")
     p.add_argument("--work", type=Path, default=Path("/tmp/scale-bench"))
     p.add_argument("--old-tree", type=Path, default=OLD_TREE, help="checkout of the code before")
-    p.add_argument("--rss-limit-gb", type=float, default=16,
-                   help="kill a step whose driver RSS passes this")
+    p.add_argument("--rss-limit-gb", type=float, default=16, help="kill a step whose driver RSS passes this")
     p.add_argument("--timeout-min", type=float, default=15, help="kill a step running longer")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="'' to not write")
     p.add_argument("--date", default=dt.date.today().isoformat())
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     p.add_argument("--machine", default=f"{os.cpu_count()} cores, {memory_gib:.0f} GiB")
-    p.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS_JSON",
-                   help="render one section from the results.json of earlier runs "
-                        "(each part measured once)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="render one section from the results.json of earlier runs (each part measured once)",
+    )
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--params", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -119,19 +117,28 @@ def measure_all(args) -> int:
     command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
     sides = ["after"] if args.skip_before else list(SIDES)
     args.work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args.work, {"before": args.old_tree.resolve(), "after": REPO},
-                    rss_limit_gb=args.rss_limit_gb, timeout_min=args.timeout_min)
+    runner = Runner(
+        args.work,
+        {"before": args.old_tree.resolve(), "after": REPO},
+        rss_limit_gb=args.rss_limit_gb,
+        timeout_min=args.timeout_min,
+    )
     pool = Pool()
-    runs = [] if args.skip_runs else part_runs(runner, pool, args.sizes, sides,
-                                               args.before_max_keys)
+    runs = [] if args.skip_runs else part_runs(runner, pool, args.sizes, sides, args.before_max_keys)
     listing = [] if args.skip_listing else part_listing(runner, pool, args.list_sizes, sides)
     e2e = [] if args.skip_e2e else part_e2e(runner, pool, args.e2e_sizes, sides)
 
     section = render(args, runs, listing, e2e, command)
     print("\n" + section)
-    raw = {"command": command, "date": args.date, "machine": args.machine,
-           "rows": [{**{k: v for k, v in r.items() if k not in SIDES},
-                     **{s: asdict(r[s]) for s in SIDES if s in r}} for r in runs + listing + e2e]}
+    raw = {
+        "command": command,
+        "date": args.date,
+        "machine": args.machine,
+        "rows": [
+            {**{k: v for k, v in r.items() if k not in SIDES}, **{s: asdict(r[s]) for s in SIDES if s in r}}
+            for r in runs + listing + e2e
+        ],
+    }
     (args.work / "results.json").write_text(json.dumps(raw, indent=2))
     if args.docs:
         write_section(Path(args.docs), SECTION, section)
@@ -151,6 +158,7 @@ def main() -> int:
     if args.merge:
         return merge(args)
     return measure_all(args)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -17,33 +17,40 @@ from pathlib import Path
 # Runnable from a checkout (`ray job submit --working-dir .` style), like jobs/segment_bucket.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.compare_text import format_comparison, regression_message  # noqa: E402
-from pipeline.compare_stage import compare_outputs  # noqa: E402
-from pipeline.flags import json_object  # noqa: E402
 from pipeline.cluster import init_ray  # noqa: E402
+from pipeline.compare_stage import compare_outputs  # noqa: E402
+from pipeline.compare_text import format_comparison, regression_message  # noqa: E402
+from pipeline.flags import json_object  # noqa: E402
 from pipeline.outputs import RunOutput, committed_runs, run_before  # noqa: E402
 
 PROG = "compare_runs.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("output", metavar="OUTPUT_URI",
-                   help="the job's --output: holds run=<id>/ folders")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output", metavar="OUTPUT_URI", help="the job's --output: holds run=<id>/ folders")
     p.add_argument("--run", metavar="ID", help="the newer run (default: the latest committed run)")
-    p.add_argument("--against", metavar="ID",
-                   help="the older run (default: the committed run before --run)")
-    p.add_argument("--fail-on-regression", type=float, metavar="DELTA",
-                   help="exit 3 when the mIoU or any class IoU dropped by more than DELTA "
-                        "(e.g. 0.02)")
-    p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the comparison files under the newer run (--no-write: print only)")
-    p.add_argument("--ray-address",
-                   help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
-                   help="fsspec storage options, "
-                        "e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
+    p.add_argument("--against", metavar="ID", help="the older run (default: the committed run before --run)")
+    p.add_argument(
+        "--fail-on-regression",
+        type=float,
+        metavar="DELTA",
+        help="exit 3 when the mIoU or any class IoU dropped by more than DELTA (e.g. 0.02)",
+    )
+    p.add_argument(
+        "--write",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the comparison files under the newer run (--no-write: print only)",
+    )
+    p.add_argument("--ray-address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--storage-options",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help='fsspec storage options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+    )
     return p
 
 
@@ -61,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if run_id is None:
             return _error(f"need two committed runs under {args.output}, found {len(runs)}")
         if run_id not in runs:
-            return _error(f"{name} {run_id}: no committed run=<id>/ (with _SUCCESS) "
-                          f"under {args.output}")
+            return _error(f"{name} {run_id}: no committed run=<id>/ (with _SUCCESS) under {args.output}")
     if old == new:
         return _error(f"--run and --against are the same run ({new})")
 
@@ -72,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison = compare_outputs(older, newer, write=args.write)
     print(format_comparison(comparison))
     if args.write:
-        print(f"written          : {newer.uri}/comparison/, comparison_classes.parquet, "
-              f"comparison.json")
+        print(f"written          : {newer.uri}/comparison/, comparison_classes.parquet, comparison.json")
     if args.fail_on_regression is not None:
         reason = regression_message(comparison, args.fail_on_regression)
         if reason:

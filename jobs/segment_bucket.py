@@ -1,7 +1,7 @@
 """Segment a bucket of images with DeepLab + dense CRF on Ray Data; see ``--help``.
 
-    python jobs/segment_bucket.py                                  # embedded demo
-    ray job submit --working-dir . -- python jobs/segment_bucket.py s3://b/images --output s3://b/out
+python jobs/segment_bucket.py                                  # embedded demo
+ray job submit --working-dir . -- python jobs/segment_bucket.py s3://b/images --output s3://b/out
 """
 
 import sys

@@ -12,15 +12,21 @@ from pathlib import Path
 
 from pipeline.config import JobConfig, credential_options
 from pipeline.flags import add_flags, values_from
-from pipeline.models import DEFAULT_MODEL
 from pipeline.job import JOB_ERRORS, SystemicFailure, regression_exit, run
+from pipeline.models import DEFAULT_MODEL
 
 DEMO_BUCKET = Path(__file__).resolve().parent / "assets" / "demo_bucket"
 
 
 # Argument groups of --help, in order ("" is the parser's own options); each config class names its group.
-GROUPS = {"": None, "model": "model", "inference": "inference",
-          "crf": "dense CRF (defaults: DeepLab v2's published values)", "compute": "compute", "run": "run"}
+GROUPS = {
+    "": None,
+    "model": "model",
+    "inference": "inference",
+    "crf": "dense CRF (defaults: DeepLab v2's published values)",
+    "compute": "compute",
+    "run": "run",
+}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,9 +39,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """Every field of JobConfig and its sections, as declared there (pipeline/config.py)."""
     p = argparse.ArgumentParser(
-        prog="segment_bucket.py", description=__doc__, formatter_class=_HelpFormatter,
+        prog="segment_bucket.py",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
         epilog="Outputs: OUTPUT/run=<run_id>/{masks/,errors/,classes.parquet,manifest.json,_SUCCESS}. "
-               "Credentials come from the standard AWS/GCS environment and are never printed.")
+        "Credentials come from the standard AWS/GCS environment and are never printed.",
+    )
     groups = {name: p.add_argument_group(title) if title else p for name, title in GROUPS.items()}
     add_flags(p, groups, JobConfig)
     return p
@@ -50,16 +59,19 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if values["resume"] and not values["run_id"]:
         parser.error("--resume needs the --run-id of the run to continue")
     if credential_options(values["storage_options"]):
-        parser.error(f"--storage-options must not carry credentials "
-                     f"({', '.join(credential_options(values['storage_options']))}): the command line is "
-                     "visible to `ps` and Ray records it as the job's entrypoint; set AWS_ACCESS_KEY_ID/"
-                     "AWS_SECRET_ACCESS_KEY (e.g. from a Kubernetes Secret) or use a credentials file")
+        parser.error(
+            f"--storage-options must not carry credentials "
+            f"({', '.join(credential_options(values['storage_options']))}): the command line is "
+            "visible to `ps` and Ray records it as the job's entrypoint; set AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY (e.g. from a Kubernetes Secret) or use a credentials file"
+        )
     if demo:
-        values.update(input_uri=str(DEMO_BUCKET / "images"),
-                      labels_uri=values["labels_uri"] or str(DEMO_BUCKET / "labels"))
+        values.update(
+            input_uri=str(DEMO_BUCKET / "images"), labels_uri=values["labels_uri"] or str(DEMO_BUCKET / "labels")
+        )
     values["output_uri"] = values["output_uri"] or "outputs"
     values["model"] = values["model"] or DEFAULT_MODEL
-    values["run_id"] = values["run_id"] or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+    values["run_id"] = values["run_id"] or dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
     try:
         return JobConfig(**values)
     except ValueError as exc:

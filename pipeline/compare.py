@@ -34,33 +34,37 @@ JOINED_COLUMNS = ("key", *(f"{c}_{side}" for side in ("old", "new") for c in MAS
 COMPARISON_FILES = ("comparison", "comparison_classes.parquet", "comparison.json")
 STATUSES = ("both", "added", "removed")
 
-COMPARISON_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    # both | added (mask only in the newer run) | removed (only in the older run)
-    ("status", pa.string()),
-    # share of pixels whose class differs; null unless status = both
-    ("disagreement", pa.float64()),
-    ("miou_new", pa.float64()),  # per-image mIoU, null without a label
-    ("miou_old", pa.float64()),
-    ("mean_max_prob_new", pa.float64()),
-    ("mean_max_prob_old", pa.float64()),
-    ("run_id", pa.string()),  # the newer run
-    ("against_run_id", pa.string()),  # the older run
-])
+COMPARISON_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        # both | added (mask only in the newer run) | removed (only in the older run)
+        ("status", pa.string()),
+        # share of pixels whose class differs; null unless status = both
+        ("disagreement", pa.float64()),
+        ("miou_new", pa.float64()),  # per-image mIoU, null without a label
+        ("miou_old", pa.float64()),
+        ("mean_max_prob_new", pa.float64()),
+        ("mean_max_prob_old", pa.float64()),
+        ("run_id", pa.string()),  # the newer run
+        ("against_run_id", pa.string()),  # the older run
+    ]
+)
 
-COMPARISON_CLASSES_SCHEMA = pa.schema([
-    ("class_id", pa.int32()),
-    ("class_name", pa.string()),
-    # dataset IoU from classes.parquet, null where the class has no union
-    ("iou_new", pa.float64()),
-    ("iou_old", pa.float64()),
-    ("iou_delta", pa.float64()),  # iou_new - iou_old
-    # share of predicted pixels, over the keys both runs segmented
-    ("pixel_share_new", pa.float64()),
-    ("pixel_share_old", pa.float64()),
-    ("run_id", pa.string()),
-    ("against_run_id", pa.string()),
-])
+COMPARISON_CLASSES_SCHEMA = pa.schema(
+    [
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        # dataset IoU from classes.parquet, null where the class has no union
+        ("iou_new", pa.float64()),
+        ("iou_old", pa.float64()),
+        ("iou_delta", pa.float64()),  # iou_new - iou_old
+        # share of predicted pixels, over the keys both runs segmented
+        ("pixel_share_new", pa.float64()),
+        ("pixel_share_old", pa.float64()),
+        ("run_id", pa.string()),
+        ("against_run_id", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -97,19 +101,24 @@ class ComparisonStats:
     examples: list[ChangedImage] = field(default_factory=list)  # most changed first
     limit: int = 0  # how many examples are kept
 
-    def __add__(self, other: "ComparisonStats") -> "ComparisonStats":
+    def __add__(self, other: ComparisonStats) -> ComparisonStats:
         limit = max(self.limit, other.limit)
         return ComparisonStats(
             {s: self.statuses[s] + other.statuses[s] for s in STATUSES},
-            self.changed + other.changed, self.disagreement_sum + other.disagreement_sum,
-            _add(self.pixels_old, other.pixels_old), _add(self.pixels_new, other.pixels_new),
-            _most_changed(self.examples + other.examples, limit), limit)
+            self.changed + other.changed,
+            self.disagreement_sum + other.disagreement_sum,
+            _add(self.pixels_old, other.pixels_old),
+            _add(self.pixels_new, other.pixels_new),
+            _most_changed(self.examples + other.examples, limit),
+            limit,
+        )
 
 
 def _add(a: list[int], b: list[int]) -> list[int]:
     n = max(len(a), len(b))
-    return (np.pad(np.asarray(a, np.int64), (0, n - len(a)))
-            + np.pad(np.asarray(b, np.int64), (0, n - len(b)))).tolist()
+    return (
+        np.pad(np.asarray(a, np.int64), (0, n - len(a))) + np.pad(np.asarray(b, np.int64), (0, n - len(b)))
+    ).tolist()
 
 
 def _most_changed(examples: list[ChangedImage], k: int) -> list[ChangedImage]:
@@ -142,20 +151,21 @@ class Comparison:
         """The mIoU and class IoUs that dropped by more than ``threshold``, worst class first."""
         reasons = []
         if self.miou_delta is not None and -self.miou_delta > threshold:
-            reasons.append(f"mIoU {self.miou_old:.4f} -> {self.miou_new:.4f} "
-                           f"({self.miou_delta:+.4f})")
-        rows = [r for r in self.classes.to_pylist()
-                if r["iou_delta"] is not None and -r["iou_delta"] > threshold]
+            reasons.append(f"mIoU {self.miou_old:.4f} -> {self.miou_new:.4f} ({self.miou_delta:+.4f})")
+        rows = [r for r in self.classes.to_pylist() if r["iou_delta"] is not None and -r["iou_delta"] > threshold]
         for r in sorted(rows, key=lambda r: r["iou_delta"]):
-            reasons.append(f"IoU of {r['class_name']} {r['iou_old']:.4f} -> {r['iou_new']:.4f} "
-                           f"({r['iou_delta']:+.4f})")
+            reasons.append(f"IoU of {r['class_name']} {r['iou_old']:.4f} -> {r['iou_new']:.4f} ({r['iou_delta']:+.4f})")
         return reasons
 
     def to_json(self) -> dict:
         return {
-            "run_id": self.run_id, "against_run_id": self.against,
-            "miou_new": self.miou_new, "miou_old": self.miou_old, "miou_delta": self.miou_delta,
-            "images": dict(self.statuses), "changed_images": self.changed_images,
+            "run_id": self.run_id,
+            "against_run_id": self.against,
+            "miou_new": self.miou_new,
+            "miou_old": self.miou_old,
+            "miou_delta": self.miou_delta,
+            "images": dict(self.statuses),
+            "changed_images": self.changed_images,
             "mean_disagreement": self.mean_disagreement,
             "new_errors": [e.__dict__ for e in self.new_errors],
         }
@@ -177,38 +187,58 @@ def dataset_miou(classes: pa.Table) -> float | None:
     return mean_of_classes(classes.column("iou").to_pylist())
 
 
-def compare_batch(joined: pa.Table, *, run_id: str, against: str, examples: int = 5
-                  ) -> tuple[pa.Table, ComparisonStats]:
+def compare_batch(
+    joined: pa.Table, *, run_id: str, against: str, examples: int = 5
+) -> tuple[pa.Table, ComparisonStats]:
     """Comparison rows (sorted by key) and their summary for rows of both runs joined by key."""
     joined = joined.sort_by("key")
     in_old, in_new = pc.is_valid(joined.column("mask_old")), pc.is_valid(joined.column("mask_new"))
     status = pc.if_else(pc.and_(in_old, in_new), "both", pc.if_else(in_new, "added", "removed"))
     both = joined.filter(pc.equal(status, "both"))
-    values = [mask_disagreement(o, n) for o, n in zip(both.column("mask_old").to_pylist(),
-                                                       both.column("mask_new").to_pylist())]
+    values = [
+        mask_disagreement(o, n)
+        for o, n in zip(both.column("mask_old").to_pylist(), both.column("mask_new").to_pylist())
+    ]
     disagreement = pa.array([None] * joined.num_rows, pa.float64())
     if values:
         both_index = pc.indices_nonzero(pc.equal(status, "both"))
         dense = np.full(joined.num_rows, np.nan)
         dense[both_index.to_numpy()] = values
         disagreement = pa.array(dense, mask=~np.isfinite(dense))
-    rows = pa.table({
-        "key": joined.column("key"), "status": status, "disagreement": disagreement,
-        "miou_new": joined.column("miou_new"), "miou_old": joined.column("miou_old"),
-        "mean_max_prob_new": joined.column("mean_max_prob_new"),
-        "mean_max_prob_old": joined.column("mean_max_prob_old"),
-        "run_id": pa.array([run_id] * joined.num_rows, pa.string()),
-        "against_run_id": pa.array([against] * joined.num_rows, pa.string()),
-    }).cast(COMPARISON_SCHEMA)
-    counts = {s: 0 for s in STATUSES} | {e["values"]: e["counts"]
-                                         for e in pc.value_counts(status).to_pylist()}
-    changed = [ChangedImage(k, u, d, o, n) for k, u, d, o, n in zip(
-        both.column("key").to_pylist(), both.column("uri_new").to_pylist(), values,
-        both.column("mask_old").to_pylist(), both.column("mask_new").to_pylist()) if d > 0]
-    stats = ComparisonStats(counts, len(changed), float(sum(values)),
-                            _pixel_sum(both.column("class_pixels_old")),
-                            _pixel_sum(both.column("class_pixels_new")),
-                            _most_changed(changed, examples), examples)
+    rows = pa.table(
+        {
+            "key": joined.column("key"),
+            "status": status,
+            "disagreement": disagreement,
+            "miou_new": joined.column("miou_new"),
+            "miou_old": joined.column("miou_old"),
+            "mean_max_prob_new": joined.column("mean_max_prob_new"),
+            "mean_max_prob_old": joined.column("mean_max_prob_old"),
+            "run_id": pa.array([run_id] * joined.num_rows, pa.string()),
+            "against_run_id": pa.array([against] * joined.num_rows, pa.string()),
+        }
+    ).cast(COMPARISON_SCHEMA)
+    counts = {s: 0 for s in STATUSES} | {e["values"]: e["counts"] for e in pc.value_counts(status).to_pylist()}
+    changed = [
+        ChangedImage(k, u, d, o, n)
+        for k, u, d, o, n in zip(
+            both.column("key").to_pylist(),
+            both.column("uri_new").to_pylist(),
+            values,
+            both.column("mask_old").to_pylist(),
+            both.column("mask_new").to_pylist(),
+        )
+        if d > 0
+    ]
+    stats = ComparisonStats(
+        counts,
+        len(changed),
+        float(sum(values)),
+        _pixel_sum(both.column("class_pixels_old")),
+        _pixel_sum(both.column("class_pixels_new")),
+        _most_changed(changed, examples),
+        examples,
+    )
     return rows, stats
 
 
@@ -230,8 +260,9 @@ def _share(pixels: list[int], num_classes: int) -> np.ndarray:
     return counts / total if total else np.full(num_classes, np.nan)
 
 
-def _compare_classes(old_classes: pa.Table, new_classes: pa.Table, stats: ComparisonStats,
-                     run_id: str, against: str) -> pa.Table:
+def _compare_classes(
+    old_classes: pa.Table, new_classes: pa.Table, stats: ComparisonStats, run_id: str, against: str
+) -> pa.Table:
     """Classes are matched by (id, name): runs with different class lists never mix two classes."""
     old_iou = {(r["class_id"], r["class_name"]): r["iou"] for r in old_classes.to_pylist()}
     new_iou = {(r["class_id"], r["class_name"]): r["iou"] for r in new_classes.to_pylist()}
@@ -244,28 +275,46 @@ def _compare_classes(old_classes: pa.Table, new_classes: pa.Table, stats: Compar
     rows = []
     for class_id, name in sorted(old_iou.keys() | new_iou.keys()):
         iou_old, iou_new = old_iou.get((class_id, name)), new_iou.get((class_id, name))
-        rows.append({
-            "class_id": class_id, "class_name": name, "iou_new": iou_new, "iou_old": iou_old,
-            "iou_delta": None if iou_new is None or iou_old is None else iou_new - iou_old,
-            "pixel_share_new": share(share_new, class_id, (class_id, name) in new_iou),
-            "pixel_share_old": share(share_old, class_id, (class_id, name) in old_iou),
-            "run_id": run_id, "against_run_id": against,
-        })
+        rows.append(
+            {
+                "class_id": class_id,
+                "class_name": name,
+                "iou_new": iou_new,
+                "iou_old": iou_old,
+                "iou_delta": None if iou_new is None or iou_old is None else iou_new - iou_old,
+                "pixel_share_new": share(share_new, class_id, (class_id, name) in new_iou),
+                "pixel_share_old": share(share_old, class_id, (class_id, name) in old_iou),
+                "run_id": run_id,
+                "against_run_id": against,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=COMPARISON_CLASSES_SCHEMA)
 
 
-def finish(stats: ComparisonStats, *, run_id: str, against: str, old_classes: pa.Table,
-           new_classes: pa.Table, old_error_kinds: pa.Table, new_error_kinds: pa.Table
-           ) -> Comparison:
+def finish(
+    stats: ComparisonStats,
+    *,
+    run_id: str,
+    against: str,
+    old_classes: pa.Table,
+    new_classes: pa.Table,
+    old_error_kinds: pa.Table,
+    new_error_kinds: pa.Table,
+) -> Comparison:
     """The comparison from the summed stats of all compared rows."""
     both = stats.statuses["both"]
     return Comparison(
-        run_id=run_id, against=against, statuses=dict(stats.statuses), changed_images=stats.changed,
+        run_id=run_id,
+        against=against,
+        statuses=dict(stats.statuses),
+        changed_images=stats.changed,
         mean_disagreement=stats.disagreement_sum / both if both else None,
         classes=_compare_classes(old_classes, new_classes, stats, run_id, against),
-        miou_new=dataset_miou(new_classes), miou_old=dataset_miou(old_classes),
+        miou_new=dataset_miou(new_classes),
+        miou_old=dataset_miou(old_classes),
         new_errors=new_error_types(old_error_kinds, new_error_kinds),
-        examples=tuple(stats.examples))
+        examples=tuple(stats.examples),
+    )
 
 
 def join_by_key(old: pa.Table, new: pa.Table) -> pa.Table:
@@ -279,12 +328,18 @@ def join_by_key(old: pa.Table, new: pa.Table) -> pa.Table:
     return pa.table(out)
 
 
-def compare_tables(old: RunTables, new: RunTables, *, examples: int = 5
-                   ) -> tuple[Comparison, pa.Table]:
+def compare_tables(old: RunTables, new: RunTables, *, examples: int = 5) -> tuple[Comparison, pa.Table]:
     """Compare ``new`` against ``old`` in memory; returns the comparison and its rows."""
-    rows, stats = compare_batch(join_by_key(old.masks, new.masks), run_id=new.run_id,
-                                against=old.run_id, examples=examples)
-    comparison = finish(stats, run_id=new.run_id, against=old.run_id, old_classes=old.classes,
-                        new_classes=new.classes, old_error_kinds=error_kinds(old.errors),
-                        new_error_kinds=error_kinds(new.errors))
+    rows, stats = compare_batch(
+        join_by_key(old.masks, new.masks), run_id=new.run_id, against=old.run_id, examples=examples
+    )
+    comparison = finish(
+        stats,
+        run_id=new.run_id,
+        against=old.run_id,
+        old_classes=old.classes,
+        new_classes=new.classes,
+        old_error_kinds=error_kinds(old.errors),
+        new_error_kinds=error_kinds(new.errors),
+    )
     return comparison, rows

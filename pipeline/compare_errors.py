@@ -29,25 +29,28 @@ class NewError:
 def error_kinds(errors: pa.Table) -> pa.Table:
     """(stage, error_type) → count and the smallest key with its message; additive via
     ``merge_error_kinds``."""
-    grouped = errors.select(ERROR_COLUMNS).sort_by("key").group_by(["stage", "error_type"],
-                                                                   use_threads=False)
-    return grouped.aggregate([("key", "count"), ("key", "first"), ("message", "first")]
-                             ).rename_columns(_KIND_COLUMNS)
+    grouped = errors.select(ERROR_COLUMNS).sort_by("key").group_by(["stage", "error_type"], use_threads=False)
+    return grouped.aggregate([("key", "count"), ("key", "first"), ("message", "first")]).rename_columns(_KIND_COLUMNS)
 
 
 def merge_error_kinds(tables: list[pa.Table]) -> pa.Table:
     """Sum of ``error_kinds`` tables from parts of one run."""
-    merged = pa.concat_tables(tables) if tables else error_kinds(pa.table(
-        {c: pa.array([], pa.string()) for c in ERROR_COLUMNS}))
+    merged = (
+        pa.concat_tables(tables)
+        if tables
+        else error_kinds(pa.table({c: pa.array([], pa.string()) for c in ERROR_COLUMNS}))
+    )
     merged = merged.sort_by("example_key").group_by(["stage", "error_type"], use_threads=False)
-    return merged.aggregate([("count", "sum"), ("example_key", "first"),
-                             ("example_message", "first")]).rename_columns(_KIND_COLUMNS)
+    return merged.aggregate([("count", "sum"), ("example_key", "first"), ("example_message", "first")]).rename_columns(
+        _KIND_COLUMNS
+    )
 
 
 def new_error_types(old_kinds: pa.Table, new_kinds: pa.Table) -> tuple[NewError, ...]:
-    seen = set(zip(old_kinds.column("stage").to_pylist(),
-                   old_kinds.column("error_type").to_pylist()))
-    found = [NewError(r["stage"], r["error_type"], r["count"], r["example_key"],
-                      r["example_message"][:200])
-             for r in new_kinds.to_pylist() if (r["stage"], r["error_type"]) not in seen]
+    seen = set(zip(old_kinds.column("stage").to_pylist(), old_kinds.column("error_type").to_pylist()))
+    found = [
+        NewError(r["stage"], r["error_type"], r["count"], r["example_key"], r["example_message"][:200])
+        for r in new_kinds.to_pylist()
+        if (r["stage"], r["error_type"]) not in seen
+    ]
     return tuple(sorted(found, key=lambda e: (e.stage, e.error_type)))

@@ -19,15 +19,16 @@ import ray
 from pipeline.compare import MASK_COLUMNS, Comparison, ComparisonStats, compare_batch, finish
 from pipeline.compare_errors import ERROR_COLUMNS, error_kinds, merge_error_kinds
 from pipeline.outputs import RunOutput
-from pipeline.storage import arrow_filesystem, write_parquet_atomic
 from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.storage import arrow_filesystem, write_parquet_atomic
 from pipeline.writer import part_name
 
 ROWS_PER_PARTITION = 20_000  # join partitions: about this many keys each
 
 
-def compare_part(joined: pa.Table, *, run_uri: str | None, storage_options: dict, run_id: str,
-                 against: str, examples: int) -> pa.Table:
+def compare_part(
+    joined: pa.Table, *, run_uri: str | None, storage_options: dict, run_id: str, against: str, examples: int
+) -> pa.Table:
     """Ray Data task: joined rows in, comparison part written, one row of pickled stats out."""
     rows, stats = compare_batch(joined, run_id=run_id, against=against, examples=examples)
     if run_uri is not None and rows.num_rows:
@@ -38,7 +39,7 @@ def compare_part(joined: pa.Table, *, run_uri: str | None, storage_options: dict
 
 def _read(output: RunOutput, kind: str, columns: list[str]) -> ray.data.Dataset:
     paths = [output.path(kind, name) for name in output.part_names(kind)]
-    schema = (MASKS_SCHEMA if kind == "masks" else ERRORS_SCHEMA)
+    schema = MASKS_SCHEMA if kind == "masks" else ERRORS_SCHEMA
     if not paths:
         return ray.data.from_arrow(schema.empty_table().select(columns))
     return ray.data.read_parquet(paths, columns=columns, filesystem=arrow_filesystem(output.fs))
@@ -50,8 +51,7 @@ def _masks(output: RunOutput, side: str) -> ray.data.Dataset:
 
 
 def _kinds(output: RunOutput) -> pa.Table:
-    ds = _read(output, "errors", ERROR_COLUMNS).map_batches(error_kinds, batch_format="pyarrow",
-                                                            batch_size=None)
+    ds = _read(output, "errors", ERROR_COLUMNS).map_batches(error_kinds, batch_format="pyarrow", batch_size=None)
     return merge_error_kinds(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
 
 
@@ -60,8 +60,7 @@ def _classes(output: RunOutput) -> pa.Table:
         return pq.read_table(f)
 
 
-def compare_outputs(old: RunOutput, new: RunOutput, *, write: bool = True,
-                    examples: int = 5) -> Comparison:
+def compare_outputs(old: RunOutput, new: RunOutput, *, write: bool = True, examples: int = 5) -> Comparison:
     """Compare two committed runs (``new`` may be committing: its classes.parquet is written)."""
     old_masks, new_masks = _masks(old, "old"), _masks(new, "new")
     parts = len(old.part_names("masks")) + len(new.part_names("masks"))
@@ -69,19 +68,28 @@ def compare_outputs(old: RunOutput, new: RunOutput, *, write: bool = True,
     joined = old_masks.join(new_masks, "full_outer", num_partitions=partitions, on=("key",))
     if write:
         new.remove("comparison")
-    writer = {"run_uri": new.full_uri() if write else None, "storage_options": new.storage_options,
-              "run_id": new.run_id, "against": old.run_id, "examples": examples}
-    results = joined.map_batches(compare_part, fn_kwargs=writer, batch_format="pyarrow",
-                                 batch_size=None)
+    writer = {
+        "run_uri": new.full_uri() if write else None,
+        "storage_options": new.storage_options,
+        "run_id": new.run_id,
+        "against": old.run_id,
+        "examples": examples,
+    }
+    results = joined.map_batches(compare_part, fn_kwargs=writer, batch_format="pyarrow", batch_size=None)
     stats = ComparisonStats()
     for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         for blob in batch.column("stats").to_pylist():
             stats = stats + pickle.loads(blob)
-    comparison = finish(stats, run_id=new.run_id, against=old.run_id, old_classes=_classes(old),
-                        new_classes=_classes(new), old_error_kinds=_kinds(old),
-                        new_error_kinds=_kinds(new))
+    comparison = finish(
+        stats,
+        run_id=new.run_id,
+        against=old.run_id,
+        old_classes=_classes(old),
+        new_classes=_classes(new),
+        old_error_kinds=_kinds(old),
+        new_error_kinds=_kinds(new),
+    )
     if write:
         new.write_table("comparison_classes.parquet", comparison.classes)
         new.write_json("comparison.json", comparison.to_json())
     return comparison
-

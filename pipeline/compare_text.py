@@ -29,13 +29,15 @@ def format_comparison(comparison: Comparison, *, top: int = 5) -> str:
     if classes:
         lines.append(f"{'class':<16} {'IoU old':>8} {'IoU new':>8} {'delta':>8}")
         for r in sorted(classes, key=lambda r: r["iou_delta"])[:top]:
-            lines.append(f"{r['class_name'][:16]:<16} {r['iou_old']:>8.4f} {r['iou_new']:>8.4f} "
-                         f"{r['iou_delta']:>+8.4f}")
+            lines.append(
+                f"{r['class_name'][:16]:<16} {r['iou_old']:>8.4f} {r['iou_new']:>8.4f} {r['iou_delta']:>+8.4f}"
+            )
     if c.changed_images:
         lines.append(f"{'most changed image':<40} {'pixels changed':>14}")
         for e in c.examples[:top]:
             lines.append(f"{e.key[-40:]:<40} {100 * e.disagreement:>13.2f}%")
     for e in c.new_errors:
-        lines.append(f"new error        : {e.stage}/{e.error_type} x{e.count}, "
-                     f"e.g. {e.example_key}: {e.example_message}")
+        lines.append(
+            f"new error        : {e.stage}/{e.error_type} x{e.count}, e.g. {e.example_key}: {e.example_message}"
+        )
     return "\n".join(lines)

@@ -6,25 +6,33 @@ from pipeline.metrics import format_score
 from pipeline.outputs import RunSummary
 
 
-def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, seconds: float,
-                  processed: int) -> None:
+def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, seconds: float, processed: int) -> None:
     pre = summary.pre
     print("\n=== deeplab-pipeline run summary ===")
-    print(f"images segmented : {summary.images}   errors: {summary.errors}   labelled: {summary.labelled}"
-          + (f"   labels not scored: {summary.label_errors} (masks.label_error)" if summary.label_errors else ""))
+    print(
+        f"images segmented : {summary.images}   errors: {summary.errors}   labelled: {summary.labelled}"
+        + (f"   labels not scored: {summary.label_errors} (masks.label_error)" if summary.label_errors else "")
+    )
     if summary.tiled or summary.crf_reduced:
-        print(f"memory budget    : tiled inference: {summary.tiled} (masks.infer_tile)   "
-              f"reduced-resolution CRF: {summary.crf_reduced} (masks.crf_scale)")
+        print(
+            f"memory budget    : tiled inference: {summary.tiled} (masks.infer_tile)   "
+            f"reduced-resolution CRF: {summary.crf_reduced} (masks.crf_scale)"
+        )
     print(f"mIoU             : {format_score(summary.post.miou)} (pre-CRF {format_score(pre.miou if pre else None)})")
-    print(f"pixel accuracy   : {format_score(summary.post.pixel_acc)} (pre-CRF {format_score(pre.pixel_acc if pre else None)})")
+    pre_acc = pre.pixel_acc if pre else None
+    print(f"pixel accuracy   : {format_score(summary.post.pixel_acc)} (pre-CRF {format_score(pre_acc)})")
     if summary.labelled:
-        print("per-class IoU    : " + ", ".join(
-            f"{name} {'n/a' if v != v else f'{v:.3f}'}" for name, v in zip(categories, summary.post.iou)))
+        print(
+            "per-class IoU    : "
+            + ", ".join(f"{name} {'n/a' if v != v else f'{v:.3f}'}" for name, v in zip(categories, summary.post.iou))
+        )
     print(f"throughput       : {processed} inputs in {seconds:.1f}s = {processed / max(seconds, 1e-9):.2f} images/s")
     print(f"outputs          : {uri}/")
     print(f"report           : {uri}/report.html")
-    print(f"query            : duckdb -c \"SELECT key, miou_pre_crf, miou FROM '{uri}/masks/*.parquet' "
-          f"ORDER BY miou LIMIT 5\"")
+    print(
+        f"query            : duckdb -c \"SELECT key, miou_pre_crf, miou FROM '{uri}/masks/*.parquet' "
+        f'ORDER BY miou LIMIT 5"'
+    )
 
 
 def describe(resources) -> str:
@@ -37,5 +45,7 @@ def describe(resources) -> str:
         crf = f"{resources.crf_backend} in {resources.crf_actors[0]}-{resources.crf_actors[1]} CPU actors"
     else:
         crf = "off"
-    return (f"inference on {'GPU' if resources.use_gpu else 'CPU'}: {lo if lo == hi else f'{lo}-{hi}'} actor(s), "
-            f"{resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads; CRF {crf}")
+    return (
+        f"inference on {'GPU' if resources.use_gpu else 'CPU'}: {lo if lo == hi else f'{lo}-{hi}'} actor(s), "
+        f"{resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads; CRF {crf}"
+    )

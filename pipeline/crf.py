@@ -19,8 +19,9 @@ from pipeline.results import mark_error, result_table
 from pipeline.schema import add_columns
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(), *,
-              return_probs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def dense_crf(
+    image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(), *, return_probs: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Refine ``probs`` (C, H, W) for ``image`` (H, W, 3 uint8); returns labels (H, W) uint8.
 
     pydensecrf reads raw buffers, so both inputs are converted here to the exact dtypes and the
@@ -39,15 +40,17 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     crf = dcrf.DenseCRF2D(width, height, num_classes)
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=rgb,
-                             compat=params.bilateral_compat)
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=rgb, compat=params.bilateral_compat
+    )
     q = np.array(crf.inference(params.iterations), dtype=np.float32).reshape(num_classes, height, width)
     labels = q.argmax(axis=0).astype(np.uint8)
     return (labels, q) if return_probs else labels
 
 
-def reduced_crf(image: np.ndarray, probs: bytes, encoding: str, num_classes: int, scale: float,
-                params: CRFParams) -> np.ndarray:
+def reduced_crf(
+    image: np.ndarray, probs: bytes, encoding: str, num_classes: int, scale: float, params: CRFParams
+) -> np.ndarray:
     """Labels (H, W) uint8 of a dense CRF run at ``scale`` of the image's size.
 
     Image and probabilities are area-averaged down, the kernels' spatial widths scaled with them
@@ -58,8 +61,9 @@ def reduced_crf(image: np.ndarray, probs: bytes, encoding: str, num_classes: int
     return _refine_small(small_rgb, small, image.shape[:2], scale, params)
 
 
-def _downscale(image: np.ndarray, probs, encoding: str, num_classes: int,
-               scale: float) -> tuple[np.ndarray, np.ndarray]:
+def _downscale(
+    image: np.ndarray, probs, encoding: str, num_classes: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small_rgb = np.asarray(Image.fromarray(image).resize(size, Image.BOX))
@@ -67,12 +71,14 @@ def _downscale(image: np.ndarray, probs, encoding: str, num_classes: int,
     if encoding == "uint8":  # resized as 8-bit planes: no float32 copy of a full-size plane
         small = np.stack([np.asarray(Image.fromarray(plane).resize(size, Image.BOX)) for plane in planes])
         return small_rgb, small.astype(np.float32) / 255.0
-    return small_rgb, np.stack([np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.BOX))
-                                for plane in planes])
+    return small_rgb, np.stack(
+        [np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.BOX)) for plane in planes]
+    )
 
 
-def _refine_small(small_rgb: np.ndarray, small: np.ndarray, shape: tuple[int, int], scale: float,
-                  params: CRFParams) -> np.ndarray:
+def _refine_small(
+    small_rgb: np.ndarray, small: np.ndarray, shape: tuple[int, int], scale: float, params: CRFParams
+) -> np.ndarray:
     release_freed()  # PIL's full-size copies of the image and planes, before pydensecrf allocates
     h, w = shape
     scaled = replace(params, gaussian_sxy=params.gaussian_sxy * scale, bilateral_sxy=params.bilateral_sxy * scale)
@@ -87,8 +93,19 @@ def _refine_small(small_rgb: np.ndarray, small: np.ndarray, shape: tuple[int, in
     return labels
 
 
-def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes | None, *, params: CRFParams,
-               encoding: str, num_classes: int, node_id: str, metrics, budget: int | None = None) -> None:
+def refine_row(
+    out: dict[str, list],
+    i: int,
+    image: np.ndarray,
+    probs: bytes | None,
+    *,
+    params: CRFParams,
+    encoding: str,
+    num_classes: int,
+    node_id: str,
+    metrics,
+    budget: int | None = None,
+) -> None:
     """Refine row ``i`` of a stage's columns in place: ``mask_crf``, ``crf_ms``, ``crf_scale``,
     ``crf_node``, or its error. Above ``budget`` bytes or ``params.max_pixels`` the CRF runs at a
     reduced resolution (``pipeline.memory.crf_scale``). ``probs`` None: take ``out["probs"][i]``
@@ -109,8 +126,9 @@ def refine_row(out: dict[str, list], i: int, image: np.ndarray, probs: bytes | N
                 out["probs"][i] = b""
             labels = _refine_small(small_rgb, small, (h, w), scale, params)
         else:
-            labels = dense_crf(image, decode_probs(out["probs"][i] if owned else probs, encoding,
-                                                   (num_classes, h, w)), params)
+            labels = dense_crf(
+                image, decode_probs(out["probs"][i] if owned else probs, encoding, (num_classes, h, w)), params
+            )
         out["mask_crf"][i] = labels.tobytes()
     except Exception as exc:
         mark_error(out, i, "crf", exc, f"dense CRF failed: {exc}")
@@ -127,8 +145,17 @@ class CRFRefiner:
     A failure on one image becomes that image's error row (stage ``crf``), never a failed run.
     """
 
-    def __init__(self, *, params: CRFParams, num_classes: int, model: str, weights_sha256: str, run_id: str,
-                 probs_encoding: str = "uint8", actor_memory_mib: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        params: CRFParams,
+        num_classes: int,
+        model: str,
+        weights_sha256: str,
+        run_id: str,
+        probs_encoding: str = "uint8",
+        actor_memory_mib: int = 0,
+    ) -> None:
         self.params = params
         self.budget = image_budget(actor_memory_mib)
         self.probs_encoding = probs_encoding
@@ -147,8 +174,18 @@ class CRFRefiner:
                 continue
             h, w = int(batch["height"][i]), int(batch["width"][i])
             image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
-            refine_row(out, i, image, batch["probs"][i], params=self.params, encoding=self.probs_encoding,
-                       num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics,
-                       budget=crf_budget(self.budget, h, w, self.num_classes))
-        return result_table(out, num_classes=self.num_classes, model=self.model,
-                            weights_sha256=self.weights_sha256, run_id=self.run_id)
+            refine_row(
+                out,
+                i,
+                image,
+                batch["probs"][i],
+                params=self.params,
+                encoding=self.probs_encoding,
+                num_classes=self.num_classes,
+                node_id=self.node_id,
+                metrics=self.metrics,
+                budget=crf_budget(self.budget, h, w, self.num_classes),
+            )
+        return result_table(
+            out, num_classes=self.num_classes, model=self.model, weights_sha256=self.weights_sha256, run_id=self.run_id
+        )

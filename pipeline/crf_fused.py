@@ -41,8 +41,9 @@ def allocation_failure(exc: BaseException) -> bool:
 class FusedCRF:
     """Refines a batch's rows in place (``mask_crf``, ``crf_ms``, ``crf_node``, or the error), right after inference."""
 
-    def __init__(self, params: CRFParams, *, backend: str, encoding: str, num_classes: int, node_id: str,
-                 device: torch.device) -> None:
+    def __init__(
+        self, params: CRFParams, *, backend: str, encoding: str, num_classes: int, node_id: str, device: torch.device
+    ) -> None:
         if backend not in ("pydensecrf", "torch"):
             raise ValueError(f"CRF backend must be pydensecrf or torch, got {backend!r}")
         self.params, self.backend, self.encoding = params, backend, encoding
@@ -54,14 +55,19 @@ class FusedCRF:
         """Whether a batch's images are best refined in one call (merged lattices on a GPU)."""
         return self.backend == "torch" and self.device.type == "cuda"
 
-    def __call__(self, out: dict[str, list], rows: list[tuple[int, np.ndarray, torch.Tensor | None, int | None]]) -> None:
+    def __call__(
+        self, out: dict[str, list], rows: list[tuple[int, np.ndarray, torch.Tensor | None, int | None]]
+    ) -> None:
         """``rows``: (row index, (H, W, 3) uint8 image, (C, H, W) probabilities on the device, or None when
         they are ``out["probs"][i]``, encoded, and the row's memory budget in bytes or None) per image."""
         on_torch = []
         for i, image, probs, budget in rows:
             h, w = image.shape[:2]
-            if (self.backend == "torch" and probs is not None
-                    and crf_scale(h, w, self.num_classes, budget, self.params.max_pixels) == 1.0):
+            if (
+                self.backend == "torch"
+                and probs is not None
+                and crf_scale(h, w, self.num_classes, budget, self.params.max_pixels) == 1.0
+            ):
                 on_torch.append((i, image, probs, budget))
             else:  # pydensecrf, or an image over the budget: at a reduced resolution (pipeline/crf.py)
                 self._pydensecrf(out, i, image, probs, budget)
@@ -71,11 +77,21 @@ class FusedCRF:
         for i, *_ in rows:
             out["probs"][i] = b""
 
-    def _pydensecrf(self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor | None,
-                    budget: int | None) -> None:
-        refine_row(out, i, image, None if probs is None else encode_probs(probs, self.encoding), params=self.params,
-                   encoding=self.encoding, num_classes=self.num_classes, node_id=self.node_id, metrics=self.metrics,
-                   budget=budget)
+    def _pydensecrf(
+        self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor | None, budget: int | None
+    ) -> None:
+        refine_row(
+            out,
+            i,
+            image,
+            None if probs is None else encode_probs(probs, self.encoding),
+            params=self.params,
+            encoding=self.encoding,
+            num_classes=self.num_classes,
+            node_id=self.node_id,
+            metrics=self.metrics,
+            budget=budget,
+        )
 
     def _inputs(self, image: np.ndarray, probs: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         return image, quantise_probs(probs, self.encoding)  # dense_crf_torch moves the image to the probs' device
@@ -96,8 +112,9 @@ class FusedCRF:
             self.metrics.ok(seconds)
         return True
 
-    def _torch_one(self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor,
-                   budget: int | None) -> None:
+    def _torch_one(
+        self, out: dict[str, list], i: int, image: np.ndarray, probs: torch.Tensor, budget: int | None
+    ) -> None:
         out["crf_node"][i] = self.node_id
         start = time.perf_counter()
         try:
@@ -116,12 +133,20 @@ class FusedCRF:
         failed_ms = (time.perf_counter() - start) * 1000.0
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand back what the failed attempt cached before the next image
-        log.warning("dense CRF: the torch backend could not allocate for %s (%sx%s, on %s: %s); refining it with "
-                    "pydensecrf on the CPU", out["key"][i], image.shape[0], image.shape[1], self.device, reason)
+        log.warning(
+            "dense CRF: the torch backend could not allocate for %s (%sx%s, on %s: %s); refining it with "
+            "pydensecrf on the CPU",
+            out["key"][i],
+            image.shape[0],
+            image.shape[1],
+            self.device,
+            reason,
+        )
         self.metrics.fallback("pydensecrf")
         self._pydensecrf(out, i, image, probs, budget)
         if out["error_stage"][i]:
-            out["error_message"][i] = (f"the torch backend could not allocate ({reason}); "
-                                       f"then {out['error_message'][i]}")[:1000]
+            out["error_message"][i] = (
+                f"the torch backend could not allocate ({reason}); then {out['error_message'][i]}"
+            )[:1000]
         else:
             out["crf_ms"][i] += failed_ms  # the image's CRF time includes the attempt that failed

@@ -55,8 +55,16 @@ def _simplex(elevated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rem0 = v * (d + 1)
     diff = elevated - rem0
     # densecrf, for i < j: rank[i] += diff_i < diff_j, rank[j] += !(diff_i < diff_j); then rank += sum(v).
-    rank = torch.stack([(diff[:, i + 1:] > diff[:, i:i + 1]).sum(1) + (diff[:, :i] >= diff[:, i:i + 1]).sum(1)
-                        for i in range(d + 1)], 1) + v.sum(1, keepdim=True).long()
+    rank = (
+        torch.stack(
+            [
+                (diff[:, i + 1 :] > diff[:, i : i + 1]).sum(1) + (diff[:, :i] >= diff[:, i : i + 1]).sum(1)
+                for i in range(d + 1)
+            ],
+            1,
+        )
+        + v.sum(1, keepdim=True).long()
+    )
     wrap = (rank < 0).long() - (rank > d).long()
     return rem0 + (d + 1) * wrap, rank + (d + 1) * wrap
 
@@ -83,7 +91,7 @@ def _vertex_codes(rem0: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor,
     widths = (base.amax(0) - low + 2 * d + 1).tolist()
     if math.prod(widths) >= 2**63:
         raise ValueError(f"lattice keys span {widths}: too wide for int64 codes (features too spread; raise sxy/srgb)")
-    strides = [math.prod(widths[k + 1:]) for k in range(d)]
+    strides = [math.prod(widths[k + 1 :]) for k in range(d)]
     stride = torch.tensor(strides, device=rank.device)
     origin = ((base - low) * stride).sum(1)
     codes = [origin + r * sum(strides) - (d + 1) * ((rank[:, :d] > d - r).long() * stride).sum(1) for r in range(d + 1)]
@@ -114,8 +122,12 @@ class PermutohedralLattice:
         alpha = _f32(1.0 / (1.0 + 2.0 ** -(slots - 1)))  # densecrf's "magic scaling constant"
         self.alpha = alpha
         self._splat = _csr(rows, pixels[by_point], self.weights.reshape(-1)[by_point], (self.num_points + 1, n))
-        self._slice = _csr(torch.arange(0, flat.numel() + 1, slots, device=flat.device), flat,
-                           (self.weights * alpha).reshape(-1), (n, self.num_points + 1))
+        self._slice = _csr(
+            torch.arange(0, flat.numel() + 1, slots, device=flat.device),
+            flat,
+            (self.weights * alpha).reshape(-1),
+            (n, self.num_points + 1),
+        )
 
     @classmethod
     def build(cls, features: torch.Tensor) -> PermutohedralLattice:
@@ -173,7 +185,7 @@ class PermutohedralLattice:
             return self._slice @ lattice  # sseCompute: sum_j (w_j * alpha) * value_j, in slot order
         out = torch.zeros_like(values)
         for j in range(self.offsets.shape[1]):  # seqCompute: sum_j (w_j * value_j) * alpha
-            out += (self.weights[:, j:j + 1] * lattice.index_select(0, self.offsets[:, j])) * self.alpha
+            out += (self.weights[:, j : j + 1] * lattice.index_select(0, self.offsets[:, j])) * self.alpha
         return out
 
     def normaliser(self) -> torch.Tensor:
@@ -192,8 +204,11 @@ def _csr(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size: 
 def _features(image: torch.Tensor, sxy: float, srgb: float | None = None) -> torch.Tensor:
     """(H*W, 2) x/sxy, y/sxy or (H*W, 5) with r/srgb, g/srgb, b/srgb, pixel j*W + i, as densecrf.cpp."""
     h, w = image.shape[:2]
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=image.device),
-                            torch.arange(w, dtype=torch.float32, device=image.device), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32, device=image.device),
+        torch.arange(w, dtype=torch.float32, device=image.device),
+        indexing="ij",
+    )
     columns, scales = [xs.reshape(-1), ys.reshape(-1)], [sxy, sxy]
     if srgb is not None:
         columns += [image[..., k].reshape(-1).float() for k in range(3)]
@@ -211,8 +226,10 @@ def _exp_normalise(x: torch.Tensor) -> torch.Tensor:
 
 def _pairwise_terms(images: list[torch.Tensor], params: CRFParams):
     """(lattice, normaliser, Potts weight) for the Gaussian, then the bilateral kernel, as crf.py adds them."""
-    kernels = [(params.gaussian_compat, params.gaussian_sxy, None),
-               (params.bilateral_compat, params.bilateral_sxy, params.bilateral_srgb)]
+    kernels = [
+        (params.gaussian_compat, params.gaussian_sxy, None),
+        (params.bilateral_compat, params.bilateral_sxy, params.bilateral_srgb),
+    ]
     terms = []
     for compat, sxy, srgb in kernels:
         if compat == 0:  # its message is -0 * K Q: subtracting it leaves every float as it was
@@ -274,8 +291,9 @@ def dense_crf_torch(image, probs, params: CRFParams = CRFParams(), *, return_pro
     return (labels, q) if return_probs else labels
 
 
-def dense_crf_torch_batch(images: list, probs: list, params: CRFParams = CRFParams(), *,
-                          merge: bool | None = None) -> list[torch.Tensor]:
+def dense_crf_torch_batch(
+    images: list, probs: list, params: CRFParams = CRFParams(), *, merge: bool | None = None
+) -> list[torch.Tensor]:
     """Labels (H, W) uint8 for several images, each exactly as dense_crf_torch gives it.
 
     With ``merge`` (default: on CUDA only) images sharing device and class count run their mean field as one

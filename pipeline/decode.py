@@ -15,11 +15,10 @@ from PIL import UnidentifiedImageError
 from pipeline.images import ImageTooLarge, decode_image
 from pipeline.observability import stage_metrics
 from pipeline.palette import IGNORE_INDEX, png_to_mask
-from pipeline.storage import Locator, read_bytes
 from pipeline.results import mark_error
 from pipeline.schema import add_columns, to_stream
+from pipeline.storage import Locator, read_bytes
 from pipeline.testing import crash_if_asked, pause_if_asked
-
 
 FETCH_THREADS = 16
 
@@ -44,8 +43,9 @@ def fetch_all(uris: list[str], storage_options: dict) -> list[bytes | Exception 
         return list(pool.map(fetch, uris))
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_classes: int,
-                 max_pixels: int | None) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], *, storage_options: dict, num_classes: int, max_pixels: int | None
+) -> dict[str, np.ndarray]:
     """Read and decode images and labels; any failure becomes that row's error."""
     n = len(batch["key"])
     out = add_columns({"key": list(batch["key"])}, "decode", n)
@@ -68,8 +68,13 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_cla
             mark_error(out, i, "decode", exc, f"refused before decoding: {exc}")
             continue
         except UnidentifiedImageError as exc:
-            mark_error(out, i, "decode", exc, f"not a readable image: {len(data)} bytes starting {data[:12]!r} "
-                                          f"are in no known image format")
+            mark_error(
+                out,
+                i,
+                "decode",
+                exc,
+                f"not a readable image: {len(data)} bytes starting {data[:12]!r} are in no known image format",
+            )
             continue
         except Exception as exc:
             mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
@@ -89,8 +94,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage_options: dict, num_cla
     return to_stream(out)
 
 
-def check_label(data: bytes | Exception | None, uri: str, shape: tuple[int, int],
-                num_classes: int) -> tuple[np.ndarray | None, str]:
+def check_label(
+    data: bytes | Exception | None, uri: str, shape: tuple[int, int], num_classes: int
+) -> tuple[np.ndarray | None, str]:
     """(label, "") for a usable label, (None, "") for none, (None, why) for one that cannot be scored."""
     if data is None or isinstance(data, FileNotFoundError):
         return None, ""  # images without a label are still segmented
@@ -105,8 +111,9 @@ def check_label(data: bytes | Exception | None, uri: str, shape: tuple[int, int]
         return None, f"label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}"
     bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
     if bad.size:
-        return None, (f"label has class ids {bad[:10].tolist()} outside 0..{num_classes - 1} "
-                      f"(and {IGNORE_INDEX} = ignore)")
+        return None, (
+            f"label has class ids {bad[:10].tolist()} outside 0..{num_classes - 1} (and {IGNORE_INDEX} = ignore)"
+        )
     return label, ""
 
 
@@ -128,6 +135,9 @@ class Decoder:
         for key in keys:
             crash_if_asked(key)
         pause_if_asked("decode")
-        batch = {"key": batch["key"], "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
-                 "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object)}
+        batch = {
+            "key": batch["key"],
+            "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
+            "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object),
+        }
         return decode_batch(batch, **self.kwargs)

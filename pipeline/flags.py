@@ -33,7 +33,7 @@ def json_object(text: str) -> dict:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"endpoint_url": "http://..."}\'')
     return value
 
 
@@ -43,16 +43,40 @@ def json_object(text: str) -> dict:
 # parser and the mapping back from it, so a field cannot be forgotten in either.
 
 
-def option(default: Any = MISSING, *, help: str, flag: str | None = None, group: str | None = None,
-           type: Callable[[str], Any] | None = None, choices: Sequence | None = None, lo: float | None = None,
-           above: float | None = None, hi: float | None = None, below: float | None = None,
-           metavar: str | None = None,
-           check_choices: bool = True, factory: Callable[[], Any] | None = None, note: str = "") -> Any:
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    group: str | None = None,
+    type: Callable[[str], Any] | None = None,
+    choices: Sequence | None = None,
+    lo: float | None = None,
+    above: float | None = None,
+    hi: float | None = None,
+    below: float | None = None,
+    metavar: str | None = None,
+    check_choices: bool = True,
+    factory: Callable[[], Any] | None = None,
+    note: str = "",
+) -> Any:
     """A dataclass field that is also a flag. ``lo``/``hi``: inclusive bounds, ``above``/``below``:
     exclusive ones, all checked by ``check_fields`` (``note`` is appended to that message); ``flag``
     defaults to ``--<prefix><name>`` with the class's ``FLAG_PREFIX``; ``group`` to its ``FLAG_GROUP``."""
-    meta = {"help": help, "flag": flag, "group": group, "type": type, "choices": choices, "lo": lo,
-            "above": above, "hi": hi, "below": below, "metavar": metavar, "check_choices": check_choices, "note": note}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "group": group,
+        "type": type,
+        "choices": choices,
+        "lo": lo,
+        "above": above,
+        "hi": hi,
+        "below": below,
+        "metavar": metavar,
+        "check_choices": check_choices,
+        "note": note,
+    }
     if factory is not None:
         return field(default_factory=factory, hash=False, metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,8 +103,12 @@ def check_fields(config) -> None:
             raise ValueError(f"{f.name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
         flag = flag_name(type(config), f)
         name = flag if label is None else f"{label}{f.name.replace('_', ' ')}"
-        for bound, fails, words in (("lo", lambda v, b: v < b, ">="), ("above", lambda v, b: v <= b, ">"),
-                                    ("hi", lambda v, b: v > b, "<="), ("below", lambda v, b: v >= b, "<")):
+        for bound, fails, words in (
+            ("lo", lambda v, b: v < b, ">="),
+            ("above", lambda v, b: v <= b, ">"),
+            ("hi", lambda v, b: v > b, "<="),
+            ("below", lambda v, b: v >= b, "<"),
+        ):
             if meta[bound] is not None and fails(value, meta[bound]):
                 where = "" if label is None else f" ({flag})"
                 raise ValueError(f"{name} must be {words} {meta[bound]:g}{meta['note']}, got {value}{where}")
@@ -101,8 +129,9 @@ def add_flags(parser: argparse.ArgumentParser, groups: dict[str, argparse._Argum
         meta = f.metadata
         if "section" in meta:
             if meta["toggle"]:
-                groups[meta["group"]].add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                                                   default=True, help=meta["toggle"])
+                groups[meta["group"]].add_argument(
+                    f"--{f.name}", action=argparse.BooleanOptionalAction, default=True, help=meta["toggle"]
+                )
             add_flags(parser, groups, meta["section"])
             continue
         if "help" not in meta:

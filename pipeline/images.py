@@ -39,8 +39,10 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Decoded:
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
         if width * height > limit:
-            raise ImageTooLarge(f"image declares {width}x{height} = {width * height / 1e6:.1f} MP, over the "
-                                f"{limit / 1e6:.1f} MP limit (--max-pixels; --tile allows larger images)")
+            raise ImageTooLarge(
+                f"image declares {width}x{height} = {width * height / 1e6:.1f} MP, over the "
+                f"{limit / 1e6:.1f} MP limit (--max-pixels; --tile allows larger images)"
+            )
         orientation = image.getexif().get(0x0112)
         image.load()
         upright = ImageOps.exif_transpose(image)

@@ -14,14 +14,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from pipeline.checkpoints import load_into, num_classes_in, read_checkpoint
 from pipeline.config import InferenceConfig
 from pipeline.models import build_model
-from pipeline.checkpoints import load_into, num_classes_in, read_checkpoint
 from pipeline.weights import WeightsError, categories_from, default_weights
 
 
-def multiscale_probs(model: torch.nn.Module, image: torch.Tensor, scales: tuple[float, ...], flip: bool,
-                     average: str = "probs") -> torch.Tensor:
+def multiscale_probs(
+    model: torch.nn.Module, image: torch.Tensor, scales: tuple[float, ...], flip: bool, average: str = "probs"
+) -> torch.Tensor:
     """Average over ``scales`` (and horizontal flips) for a (N, 3, H, W) batch; returns probabilities.
 
     ``average="probs"`` averages softmax probabilities (DeepLab v3's protocol); ``"logits"``
@@ -68,8 +69,16 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return starts + [length - tile]  # the last window ends at the border
 
 
-def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, *, tile: int, overlap: int,
-                         scales: tuple[float, ...], flip: bool, average: str = "probs") -> torch.Tensor:
+def sliding_window_probs(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    *,
+    tile: int,
+    overlap: int,
+    scales: tuple[float, ...],
+    flip: bool,
+    average: str = "probs",
+) -> torch.Tensor:
     """Multi-scale inference on overlapping ``tile`` x ``tile`` windows, probabilities averaged where
     windows overlap. Network memory depends on the tile, not on the image, so very large images
     run within a fixed budget (the full-resolution probability map stays on the host)."""
@@ -96,8 +105,15 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, config: InferenceConfig) -
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, config.precision):
         if config.tile:
-            return sliding_window_probs(model, x, tile=config.tile, overlap=config.tile_overlap,
-                                        scales=config.scales, flip=config.flip, average=config.average)
+            return sliding_window_probs(
+                model,
+                x,
+                tile=config.tile,
+                overlap=config.tile_overlap,
+                scales=config.scales,
+                flip=config.flip,
+                average=config.average,
+            )
         return multiscale_probs(model, x, config.scales, config.flip, config.average)
 
 
@@ -119,8 +135,15 @@ def _padded(images: list[np.ndarray], mean: torch.Tensor, std: torch.Tensor) -> 
     return x
 
 
-def infer_batch(model: torch.nn.Module, images: list[np.ndarray], *, mean: torch.Tensor, std: torch.Tensor,
-                config: InferenceConfig, seconds: list[float] | None = None) -> list[torch.Tensor]:
+def infer_batch(
+    model: torch.nn.Module,
+    images: list[np.ndarray],
+    *,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    config: InferenceConfig,
+    seconds: list[float] | None = None,
+) -> list[torch.Tensor]:
     """(C, H, W) probabilities per RGB uint8 image.
 
     Images of one size run as one tensor batch ("bucket" batching, exact); with "pad" batching
@@ -179,8 +202,15 @@ def forward_groups(sizes: list[tuple[int, int]], config: InferenceConfig) -> lis
     return groups
 
 
-def predict_probs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor, std: torch.Tensor,
-                  scales: tuple[float, ...], flip: bool) -> torch.Tensor:
+def predict_probs(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    *,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    scales: tuple[float, ...],
+    flip: bool,
+) -> torch.Tensor:
     """(C, H, W) averaged probabilities for one RGB uint8 image; mean/std are (1, 3, 1, 1) on the device."""
     return infer_batch(model, [rgb], mean=mean, std=std, config=InferenceConfig(scales=scales, flip=flip))[0]
 
@@ -195,9 +225,15 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=_AUTOCAST[precision])
 
 
-def load_model(model_name: str, weights_uri: str | None, *, storage_options: dict | None = None,
-               output_stride: int | None = None, num_classes: int | None = None,
-               expected_sha256: str | None = None):
+def load_model(
+    model_name: str,
+    weights_uri: str | None,
+    *,
+    storage_options: dict | None = None,
+    output_stride: int | None = None,
+    num_classes: int | None = None,
+    expected_sha256: str | None = None,
+):
     """(model in eval mode, sha256, class names); num_classes from the checkpoint when not given.
 
     ``weights_uri=None`` means the model's default weight set (``DEFAULT_WEIGHTS``), resolved in

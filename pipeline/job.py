@@ -29,20 +29,28 @@ def resolve_weights(config: JobConfig) -> tuple[Weights, str]:
     """Load the checkpoint into the model once on the driver, so bad weights fail before any work."""
     from pipeline.inference import load_model
 
-    model, sha256, categories = load_model(config.model, config.weights_uri, storage_options=config.storage_options,
-                                           output_stride=config.inference.output_stride,
-                                           num_classes=config.num_classes)
+    model, sha256, categories = load_model(
+        config.model,
+        config.weights_uri,
+        storage_options=config.storage_options,
+        output_stride=config.inference.output_stride,
+        num_classes=config.num_classes,
+    )
     del model
-    base = default_weights(config.model) if config.weights_uri is None else Weights(
-        model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
+    base = (
+        default_weights(config.model)
+        if config.weights_uri is None
+        else Weights(model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
+    )
     return replace(base, categories=categories, sha256=sha256), sha256
 
 
 def _prepare(config: JobConfig):
     """What the driver checks and reads before any work: weights, the inputs, the run folder."""
     weights, sha256 = resolve_weights(config)
-    inputs = list_inputs(config.input_uri, config.labels_uri, storage_options=config.storage_options,
-                         limit=config.limit)
+    inputs = list_inputs(
+        config.input_uri, config.labels_uri, storage_options=config.storage_options, limit=config.limit
+    )
     output = RunOutput(config.output_uri, config.run_id, config.storage_options)
     earlier = output.prepare(resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes)
     return weights, sha256, inputs, output, earlier
@@ -82,13 +90,19 @@ def _comparison(config: JobConfig, output: RunOutput):
 def _push(config: JobConfig, stats, summary: RunSummary) -> None:
     comparison = summary.comparison
     try:
-        push_summary(config.pushgateway, outcomes=stats.outcomes, histograms=stats.histograms,
-                     run_id=config.run_id, miou=summary.post.miou,
-                     miou_pre_crf=summary.pre.miou if summary.pre else None,
-                     images=summary.images, errors=summary.errors,
-                     against=comparison.against if comparison else None,
-                     miou_delta=comparison.miou_delta if comparison else None,
-                     changed_images=comparison.changed_images if comparison else None)
+        push_summary(
+            config.pushgateway,
+            outcomes=stats.outcomes,
+            histograms=stats.histograms,
+            run_id=config.run_id,
+            miou=summary.post.miou,
+            miou_pre_crf=summary.pre.miou if summary.pre else None,
+            images=summary.images,
+            errors=summary.errors,
+            against=comparison.against if comparison else None,
+            miou_delta=comparison.miou_delta if comparison else None,
+            changed_images=comparison.changed_images if comparison else None,
+        )
     except Exception as exc:  # the run is committed; a monitoring outage must not turn it red
         print(f"[deeplab-pipeline] warning: could not push to {config.pushgateway}: {exc}", file=sys.stderr)
 
@@ -102,8 +116,11 @@ def run(config: JobConfig) -> RunSummary:
     started = time.time()
     weights, sha256, inputs, output, earlier = _start(config)
     todo = inputs.without(earlier.keys)
-    print(f"[deeplab-pipeline] {len(inputs)} inputs under {config.input_uri}; {len(earlier.keys)} already done; "
-          f"{len(todo)} to segment → {output.uri}", flush=True)
+    print(
+        f"[deeplab-pipeline] {len(inputs)} inputs under {config.input_uri}; {len(earlier.keys)} already done; "
+        f"{len(todo)} to segment → {output.uri}",
+        flush=True,
+    )
     resources = Resources.resolve(config, cluster_nodes())
     print(f"[deeplab-pipeline] {describe(resources)}", flush=True)
     run_started = time.time()
@@ -118,10 +135,21 @@ def run(config: JobConfig) -> RunSummary:
         new, processed = run_dag(todo, build, output, weights.num_classes, run_id=config.run_id)
         stats += new
     run_seconds = time.time() - run_started
-    manifest = build_manifest(config, weights, sha256, resources, stats, ray.cluster_resources(), started=started,
-                              run_seconds=run_seconds, processed=processed, finished=time.time())
-    summary = output.commit(stats, weights.categories, manifest, locator=inputs.locator(),
-                            compare=_comparison(config, output))
+    manifest = build_manifest(
+        config,
+        weights,
+        sha256,
+        resources,
+        stats,
+        ray.cluster_resources(),
+        started=started,
+        run_seconds=run_seconds,
+        processed=processed,
+        finished=time.time(),
+    )
+    summary = output.commit(
+        stats, weights.categories, manifest, locator=inputs.locator(), compare=_comparison(config, output)
+    )
     if config.pushgateway:
         _push(config, stats, summary)
     print_summary(summary, weights.categories, output.uri, run_seconds, processed)

@@ -22,27 +22,49 @@ def versions() -> dict[str, str]:
 
 
 def _utc(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
 
 
-def build_manifest(config, weights, sha256: str, resources, stats, cluster: dict[str, float], *,
-                   started: float, run_seconds: float, processed: int, finished: float) -> dict:
+def build_manifest(
+    config,
+    weights,
+    sha256: str,
+    resources,
+    stats,
+    cluster: dict[str, float],
+    *,
+    started: float,
+    run_seconds: float,
+    processed: int,
+    finished: float,
+) -> dict:
     """The manifest of a run that started at ``started`` and segmented ``processed`` inputs."""
     return {
-        "run_id": config.run_id, "config": config.to_public_dict(), "model": config.model,
+        "run_id": config.run_id,
+        "config": config.to_public_dict(),
+        "model": config.model,
         "weights": {"uri": weights.uri.split("#")[0], "sha256": sha256},
-        "categories": list(weights.categories), "versions": versions(),
+        "categories": list(weights.categories),
+        "versions": versions(),
         "nodes": {stage: stats.nodes.get(stage, []) for stage in ("infer", "crf")},
-        "resources": {"use_gpu": resources.use_gpu, "infer_cpus": resources.infer_cpus,
-                      "infer_threads": resources.infer_threads, "infer_actors": list(resources.infer_actors),
-                      "crf_actors": list(resources.crf_actors) if resources.crf_actors else None,
-                      "crf_fused": resources.crf_fused, "crf_backend": resources.crf_backend,
-                      "decode_actors": list(resources.decode_actors),
-                      "object_store_mib": resources.object_store_mib,
-                      "cluster": {k: v for k, v in cluster.items() if not k.startswith("node:")}},
-        "timings": {"segment_s": round(run_seconds, 3), "processed": processed,
-                    "images_per_s": round(processed / run_seconds, 3) if run_seconds > 0 else None,
-                    "total_s": round(finished - started, 3)},
+        "resources": {
+            "use_gpu": resources.use_gpu,
+            "infer_cpus": resources.infer_cpus,
+            "infer_threads": resources.infer_threads,
+            "infer_actors": list(resources.infer_actors),
+            "crf_actors": list(resources.crf_actors) if resources.crf_actors else None,
+            "crf_fused": resources.crf_fused,
+            "crf_backend": resources.crf_backend,
+            "decode_actors": list(resources.decode_actors),
+            "object_store_mib": resources.object_store_mib,
+            "cluster": {k: v for k, v in cluster.items() if not k.startswith("node:")},
+        },
+        "timings": {
+            "segment_s": round(run_seconds, 3),
+            "processed": processed,
+            "images_per_s": round(processed / run_seconds, 3) if run_seconds > 0 else None,
+            "total_s": round(finished - started, 3),
+        },
         "started_at": _utc(started),
         "finished_at": _utc(finished),
     }

@@ -43,8 +43,7 @@ class ImageStats:
         return mean_iou(self.intersect, self.union)
 
 
-def image_stats(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                ignore_index: int = IGNORE_INDEX) -> ImageStats:
+def image_stats(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> ImageStats:
     """Sufficient statistics of one prediction against its label (same HxW shape)."""
     if pred.shape != label.shape:
         raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in size")
@@ -90,12 +89,10 @@ class DatasetSummary:
 
     def scores(self) -> dict[str, float | None]:
         """The dataset-level numbers by name, as manifest.json holds them."""
-        return {"miou": self.miou, "pixel_acc": self.pixel_acc, "mean_acc": self.mean_acc,
-                "fw_iou": self.fw_iou}
+        return {"miou": self.miou, "pixel_acc": self.pixel_acc, "mean_acc": self.mean_acc, "fw_iou": self.fw_iou}
 
     @classmethod
-    def from_sums(cls, intersect: np.ndarray, union: np.ndarray,
-                  label_area: np.ndarray) -> "DatasetSummary":
+    def from_sums(cls, intersect: np.ndarray, union: np.ndarray, label_area: np.ndarray) -> DatasetSummary:
         """The division step: metrics of per-class sums of ``ImageStats``."""
         intersect = np.asarray(intersect, dtype=np.float64)
         union = np.asarray(union, dtype=np.float64)
@@ -106,8 +103,7 @@ class DatasetSummary:
         return cls(
             miou=mean_iou(intersect, union),
             pixel_acc=float(intersect.sum() / total) if total else None,
-            mean_acc=(float((intersect[labelled] / label_area[labelled]).mean())
-                      if labelled.any() else None),
+            mean_acc=(float((intersect[labelled] / label_area[labelled]).mean()) if labelled.any() else None),
             fw_iou=float(np.nansum(label_area / total * np.nan_to_num(iou))) if total else None,
             iou=iou,
         )
@@ -138,8 +134,7 @@ def boundary_band(label: np.ndarray, width: int, ignore_index: int = IGNORE_INDE
     edge[:, 1:] |= label[:, 1:] != label[:, :-1]
     edge[1:, :] |= label[1:, :] != label[:-1, :]
     edge |= label == ignore_index
-    grown = Image.fromarray(edge.astype(np.uint8) * 255).filter(
-        ImageFilter.MaxFilter(2 * width + 1))
+    grown = Image.fromarray(edge.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * width + 1))
     return (np.asarray(grown) > 0) & (label != ignore_index)
 
 
@@ -163,8 +158,9 @@ def uncertainty(probs: torch.Tensor, low_conf_threshold: float = 0.5) -> dict[st
     return uncertainty_summary(float(top.mean()), float(entropy.mean()), low, p.shape[0])
 
 
-def uncertainty_summary(mean_max_prob: float, mean_entropy: float, low_conf_fraction: float,
-                        num_classes: int) -> dict[str, float]:
+def uncertainty_summary(
+    mean_max_prob: float, mean_entropy: float, low_conf_fraction: float, num_classes: int
+) -> dict[str, float]:
     """The UNCERTAINTY_COLUMNS of one image from its means (``uncertainty``; tiled inference sums
     them by band)."""
     return {

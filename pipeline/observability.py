@@ -31,13 +31,20 @@ class StageMetrics:
         if self._enabled:
             from ray.util.metrics import Counter, Histogram
 
-            self._images = Counter("deeplab_pipeline_images_total", "Images through a stage, by outcome",
-                                   tag_keys=("stage", "status"))
-            self._seconds = Histogram("deeplab_pipeline_stage_seconds", "Per-image stage time",
-                                      boundaries=list(STAGE_BUCKETS), tag_keys=("stage",))
-            self._fallbacks = Counter("deeplab_pipeline_fallbacks_total",
-                                      "Images a stage handed to its fallback (e.g. torch CRF out of memory)",
-                                      tag_keys=("stage", "fallback"))
+            self._images = Counter(
+                "deeplab_pipeline_images_total", "Images through a stage, by outcome", tag_keys=("stage", "status")
+            )
+            self._seconds = Histogram(
+                "deeplab_pipeline_stage_seconds",
+                "Per-image stage time",
+                boundaries=list(STAGE_BUCKETS),
+                tag_keys=("stage",),
+            )
+            self._fallbacks = Counter(
+                "deeplab_pipeline_fallbacks_total",
+                "Images a stage handed to its fallback (e.g. torch CRF out of memory)",
+                tag_keys=("stage", "fallback"),
+            )
 
     def ok(self, seconds: float) -> None:
         if self._enabled:
@@ -68,8 +75,9 @@ class _StageHistograms:
     def collect(self):
         from prometheus_client.core import HistogramMetricFamily
 
-        family = HistogramMetricFamily("deeplab_pipeline_stage_seconds", "Per-image stage time in the last run",
-                                       labels=["stage"])
+        family = HistogramMetricFamily(
+            "deeplab_pipeline_stage_seconds", "Per-image stage time in the last run", labels=["stage"]
+        )
         bounds = [*(str(b) for b in STAGE_BUCKETS), "+Inf"]
         for stage, values in sorted(self.histograms.items()):
             counts, total = values[:-1], values[-1]
@@ -79,10 +87,20 @@ class _StageHistograms:
         yield family
 
 
-def push_summary(url: str, *, outcomes: dict[str, int], histograms: dict[str, list[float]], run_id: str,
-                 miou: float | None, miou_pre_crf: float | None, images: int, errors: int,
-                 against: str | None = None, miou_delta: float | None = None,
-                 changed_images: int | None = None) -> None:
+def push_summary(
+    url: str,
+    *,
+    outcomes: dict[str, int],
+    histograms: dict[str, list[float]],
+    run_id: str,
+    miou: float | None,
+    miou_pre_crf: float | None,
+    images: int,
+    errors: int,
+    against: str | None = None,
+    miou_delta: float | None = None,
+    changed_images: int | None = None,
+) -> None:
     """Push the run summary to a Pushgateway (grouped by job, so each night replaces the last).
 
     ``outcomes`` ("stage/status" → inputs) and ``histograms`` come from the summed PartStats;
@@ -92,8 +110,9 @@ def push_summary(url: str, *, outcomes: dict[str, int], histograms: dict[str, li
     from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
 
     registry = CollectorRegistry()
-    counter = Counter("deeplab_pipeline_images", "Inputs by stage and outcome in the last run",
-                      ["stage", "status"], registry=registry)
+    counter = Counter(
+        "deeplab_pipeline_images", "Inputs by stage and outcome in the last run", ["stage", "status"], registry=registry
+    )
     for outcome, n in sorted(outcomes.items()):
         counter.labels(*outcome.split("/", 1)).inc(n)
     registry.register(_StageHistograms(histograms))
@@ -105,12 +124,21 @@ def push_summary(url: str, *, outcomes: dict[str, int], histograms: dict[str, li
     totals = Gauge("deeplab_pipeline_run_inputs", "Inputs of the last run by table", ["table"], registry=registry)
     totals.labels("masks").set(images)
     totals.labels("errors").set(errors)
-    Gauge("deeplab_pipeline_last_success_timestamp_seconds", "When the last run committed",
-          registry=registry).set_to_current_time()
+    Gauge(
+        "deeplab_pipeline_last_success_timestamp_seconds", "When the last run committed", registry=registry
+    ).set_to_current_time()
     if against is not None:
         if miou_delta is not None:
-            Gauge("deeplab_pipeline_miou_delta", "Dataset mIoU change since the previous run",
-                  ["run_id", "against"], registry=registry).labels(run_id, against).set(miou_delta)
-        Gauge("deeplab_pipeline_changed_images", "Images whose mask differs from the previous run's",
-              ["run_id", "against"], registry=registry).labels(run_id, against).set(changed_images or 0)
+            Gauge(
+                "deeplab_pipeline_miou_delta",
+                "Dataset mIoU change since the previous run",
+                ["run_id", "against"],
+                registry=registry,
+            ).labels(run_id, against).set(miou_delta)
+        Gauge(
+            "deeplab_pipeline_changed_images",
+            "Images whose mask differs from the previous run's",
+            ["run_id", "against"],
+            registry=registry,
+        ).labels(run_id, against).set(changed_images or 0)
     push_to_gateway(url, job=JOB_NAME, registry=registry, timeout=30)

@@ -23,12 +23,21 @@ from pipeline.compare import COMPARISON_FILES, Comparison
 from pipeline.metrics import DatasetSummary
 from pipeline.partstats import STAT_COLUMNS, PartStats
 from pipeline.report import render_report
-from pipeline.storage import Locator, open_fs, protocols, write_bytes_atomic, write_parquet_atomic
 from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.storage import Locator, open_fs, protocols, write_bytes_atomic, write_parquet_atomic
 
 SUCCESS = "_SUCCESS"
-REPORT_COLUMNS = ["key", "uri", "mask", "mask_pre_crf", "miou", "miou_pre_crf",
-                  "crf_changed_fraction", "mean_max_prob", "low_conf_fraction"]
+REPORT_COLUMNS = [
+    "key",
+    "uri",
+    "mask",
+    "mask_pre_crf",
+    "miou",
+    "miou_pre_crf",
+    "crf_changed_fraction",
+    "mean_max_prob",
+    "low_conf_fraction",
+]
 
 
 class OutputError(ValueError):
@@ -84,8 +93,10 @@ class RunOutput:
             return nothing
         if not resume:
             state = "a committed run" if committed else "an incomplete run"
-            raise OutputError(f"{self.uri} already holds {state}; pass --resume to continue it "
-                              f"(same --run-id) or --overwrite to replace it")
+            raise OutputError(
+                f"{self.uri} already holds {state}; pass --resume to continue it "
+                f"(same --run-id) or --overwrite to replace it"
+            )
         if committed:
             # The run is being changed: readers must not see it complete.
             self.fs.rm(self.path(SUCCESS))
@@ -104,8 +115,12 @@ class RunOutput:
 
     def written_keys(self) -> pa.ChunkedArray:
         """Every key in the part files (the key columns only), to reconcile with the listing."""
-        chunks = [c for kind in ("masks", "errors") for name in self.part_names(kind)
-                  for c in self.read_part(kind, name, ["key"]).column("key").chunks]
+        chunks = [
+            c
+            for kind in ("masks", "errors")
+            for name in self.part_names(kind)
+            for c in self.read_part(kind, name, ["key"]).column("key").chunks
+        ]
         return pa.chunked_array(chunks, pa.string())
 
     def write_part(self, kind: str, name: str, table: pa.Table) -> None:
@@ -116,12 +131,12 @@ class RunOutput:
         self.fs.invalidate_cache(folder)  # workers wrote there since this process last listed it
         if not self.fs.exists(folder):
             return []
-        names = (posixpath.basename(p) for p in self.fs.ls(folder, detail=False)
-                 if p.endswith(".parquet"))
+        names = (posixpath.basename(p) for p in self.fs.ls(folder, detail=False) if p.endswith(".parquet"))
         return sorted(n for n in names if not n.startswith((".", "_")))
 
-    def read_part(self, kind: str, name: str, columns: list[str] | None = None,
-                  keys: list[str] | None = None) -> pa.Table:
+    def read_part(
+        self, kind: str, name: str, columns: list[str] | None = None, keys: list[str] | None = None
+    ) -> pa.Table:
         """One part file (an empty table if it does not exist), only ``keys`` when given: the key
         filter is pushed into the Parquet scan."""
         schema = MASKS_SCHEMA if kind == "masks" else ERRORS_SCHEMA
@@ -130,8 +145,7 @@ class RunOutput:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns,
-                                 filters=[("key", "in", keys)] if keys else None)
+            return pq.read_table(f, columns=columns, filters=[("key", "in", keys)] if keys else None)
 
     def rows_for(self, candidates: dict[str, list[list]]) -> dict[str, dict]:
         """The report's rows, by key: only the parts that hold them, only those keys."""
@@ -139,8 +153,11 @@ class RunOutput:
         for entries in candidates.values():
             for _, key, part in entries:
                 by_part.setdefault(part, set()).add(key)
-        return {r["key"]: r for part, keys in sorted(by_part.items())
-                for r in self.read_part("masks", part, REPORT_COLUMNS, sorted(keys)).to_pylist()}
+        return {
+            r["key"]: r
+            for part, keys in sorted(by_part.items())
+            for r in self.read_part("masks", part, REPORT_COLUMNS, sorted(keys)).to_pylist()
+        }
 
     def first_errors(self, limit: int) -> pa.Table:
         tables, n = [], 0
@@ -155,23 +172,36 @@ class RunOutput:
         write_parquet_atomic(self.full_uri(name), table, self.storage_options)
 
     def write_json(self, name: str, data: dict) -> None:
-        write_bytes_atomic(self.full_uri(name), json.dumps(data, indent=2, default=str).encode(),
-                           self.storage_options)
+        write_bytes_atomic(self.full_uri(name), json.dumps(data, indent=2, default=str).encode(), self.storage_options)
 
     def remove(self, name: str) -> None:
         if self.fs.exists(self.path(name)):
             self.fs.rm(self.path(name), recursive=True)
 
-    def commit(self, stats: PartStats, categories: tuple[str, ...], manifest: dict, *,
-               locator: Locator, compare: Callable[[], Comparison] | None = None) -> RunSummary:
+    def commit(
+        self,
+        stats: PartStats,
+        categories: tuple[str, ...],
+        manifest: dict,
+        *,
+        locator: Locator,
+        compare: Callable[[], Comparison] | None = None,
+    ) -> RunSummary:
         """Write classes.parquet, manifest.json, the comparison (``compare`` runs it) and
         report.html from the summed part stats, then _SUCCESS."""
         post, pre = stats.summaries()
         classes = classes_table(categories, stats)
         self.write_table("classes.parquet", classes)
-        summary = RunSummary(images=stats.images, errors=stats.errors, labelled=stats.labelled,
-                             post=post, pre=pre, label_errors=stats.label_errors,
-                             tiled=stats.tiled, crf_reduced=stats.crf_reduced)
+        summary = RunSummary(
+            images=stats.images,
+            errors=stats.errors,
+            labelled=stats.labelled,
+            post=post,
+            pre=pre,
+            label_errors=stats.label_errors,
+            tiled=stats.tiled,
+            crf_reduced=stats.crf_reduced,
+        )
         counts = _counts(summary)
         manifest = {**manifest, "counts": counts, "metrics": _metrics(post, pre)}
         self.write_json("manifest.json", manifest)
@@ -182,22 +212,34 @@ class RunOutput:
             # Reads classes.parquet (written above); the report shows it, _SUCCESS covers it.
             comparison = compare()
             summary = replace(summary, comparison=comparison)
-        page = render_report(manifest=manifest, classes=classes, candidates=stats.candidates,
-                             rows=self.rows_for(stats.candidates), errors=self.first_errors(50),
-                             error_count=stats.errors, locator=locator,
-                             storage_options=self.storage_options, comparison=comparison)
+        page = render_report(
+            manifest=manifest,
+            classes=classes,
+            candidates=stats.candidates,
+            rows=self.rows_for(stats.candidates),
+            errors=self.first_errors(50),
+            error_count=stats.errors,
+            locator=locator,
+            storage_options=self.storage_options,
+            comparison=comparison,
+        )
         write_bytes_atomic(self.full_uri("report.html"), page.encode(), self.storage_options)
         success = {**counts, "committed_at": manifest.get("finished_at")}
-        write_bytes_atomic(self.full_uri(SUCCESS), json.dumps(success).encode(),
-                           self.storage_options)
+        write_bytes_atomic(self.full_uri(SUCCESS), json.dumps(success).encode(), self.storage_options)
         return summary
 
 
 def _counts(summary: RunSummary) -> dict[str, int]:
     """manifest.json's and _SUCCESS's counts."""
-    return {"images": summary.images, "errors": summary.errors, "labelled": summary.labelled,
-            "label_errors": summary.label_errors, "tiled": summary.tiled,
-            "crf_reduced": summary.crf_reduced, "inputs": summary.images + summary.errors}
+    return {
+        "images": summary.images,
+        "errors": summary.errors,
+        "labelled": summary.labelled,
+        "label_errors": summary.label_errors,
+        "tiled": summary.tiled,
+        "crf_reduced": summary.crf_reduced,
+        "inputs": summary.images + summary.errors,
+    }
 
 
 def _metrics(post: DatasetSummary, pre: DatasetSummary | None) -> dict[str, float | None]:
@@ -216,11 +258,18 @@ def classes_table(categories: tuple[str, ...], stats: PartStats) -> pa.Table:
             return [None] * n
         return [None if np.isnan(v) else float(v) for v in summary.iou]
 
-    return pa.table({"class_id": list(range(n)), "class_name": list(categories),
-                     "intersect": stats.total("intersect").tolist(),
-                     "union": stats.total("union").tolist(),
-                     "label_area": stats.total("label_area").tolist(), "iou": iou(post),
-                     "iou_pre_crf": iou(pre)}, schema=CLASSES_SCHEMA)
+    return pa.table(
+        {
+            "class_id": list(range(n)),
+            "class_name": list(categories),
+            "intersect": stats.total("intersect").tolist(),
+            "union": stats.total("union").tolist(),
+            "label_area": stats.total("label_area").tolist(),
+            "iou": iou(post),
+            "iou_pre_crf": iou(pre),
+        },
+        schema=CLASSES_SCHEMA,
+    )
 
 
 def committed_runs(output_uri: str, storage_options: dict | None = None) -> list[str]:

@@ -30,9 +30,21 @@ SECTIONS = {
 TOP_K = 4
 TIMED_STAGES = {"infer": "infer_ms", "crf": "crf_ms"}
 # What reading an earlier part for its statistics needs: no mask, no image.
-STAT_COLUMNS = ["key", "has_label", "label_error", "infer_tile", "crf_scale", "intersect", "union",
-                "label_area", "intersect_pre_crf", "union_pre_crf", "infer_ms", "crf_ms",
-                *dict.fromkeys(c for c, _ in SECTIONS.values())]
+STAT_COLUMNS = [
+    "key",
+    "has_label",
+    "label_error",
+    "infer_tile",
+    "crf_scale",
+    "intersect",
+    "union",
+    "label_area",
+    "intersect_pre_crf",
+    "union_pre_crf",
+    "infer_ms",
+    "crf_ms",
+    *dict.fromkeys(c for c, _ in SECTIONS.values()),
+]
 _SUMS = ("intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
 
 
@@ -57,12 +69,13 @@ class PartStats:
     candidates: dict[str, list[list]] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, num_classes: int) -> "PartStats":
+    def empty(cls, num_classes: int) -> PartStats:
         return cls(num_classes, sums={name: [0] * num_classes for name in _SUMS})
 
     @classmethod
-    def of(cls, part: str, masks: pa.Table, errors: pa.Table, num_classes: int,
-           nodes: dict[str, list[str]] | None = None) -> "PartStats":
+    def of(
+        cls, part: str, masks: pa.Table, errors: pa.Table, num_classes: int, nodes: dict[str, list[str]] | None = None
+    ) -> PartStats:
         """Summary of one part's masks and errors rows (only STAT_COLUMNS of masks are read)."""
         labelled = masks.filter(pc.fill_null(masks.column("has_label"), False))
         with_pre = labelled.filter(pc.is_valid(labelled.column("crf_ms")))
@@ -70,39 +83,44 @@ class PartStats:
         for entry in pc.value_counts(errors.column("stage")).to_pylist():
             outcomes[f"{entry['values']}/error"] = entry["counts"]
         return cls(
-            num_classes, images=masks.num_rows, errors=errors.num_rows, labelled=labelled.num_rows,
+            num_classes,
+            images=masks.num_rows,
+            errors=errors.num_rows,
+            labelled=labelled.num_rows,
             labelled_pre=with_pre.num_rows,
             label_errors=pc.count(masks.column("label_error")).as_py() or 0,
             tiled=pc.count(masks.column("infer_tile")).as_py() or 0,
             crf_reduced=pc.sum(pc.less(masks.column("crf_scale"), 1.0)).as_py() or 0,
             sums={name: _column_sum(labelled.column(name), num_classes) for name in _SUMS},
             outcomes=outcomes,
-            histograms={stage: _histogram(masks.column(col))
-                        for stage, col in TIMED_STAGES.items()},
+            histograms={stage: _histogram(masks.column(col)) for stage, col in TIMED_STAGES.items()},
             nodes={stage: sorted(ids) for stage, ids in (nodes or {}).items()},
-            candidates={name: _top(masks, column, descending, part)
-                        for name, (column, descending) in SECTIONS.items()},
+            candidates={name: _top(masks, column, descending, part) for name, (column, descending) in SECTIONS.items()},
         )
 
-    def __add__(self, other: "PartStats") -> "PartStats":
+    def __add__(self, other: PartStats) -> PartStats:
         def added(a: dict, b: dict) -> dict:
-            return {k: (np.add(a[k], b[k]).tolist() if k in a and k in b else a.get(k, b.get(k)))
-                    for k in a | b}
+            return {k: (np.add(a[k], b[k]).tolist() if k in a and k in b else a.get(k, b.get(k))) for k in a | b}
 
         return PartStats(
-            self.num_classes, self.images + other.images, self.errors + other.errors,
-            self.labelled + other.labelled, self.labelled_pre + other.labelled_pre,
+            self.num_classes,
+            self.images + other.images,
+            self.errors + other.errors,
+            self.labelled + other.labelled,
+            self.labelled_pre + other.labelled_pre,
             self.label_errors + other.label_errors,
-            tiled=self.tiled + other.tiled, crf_reduced=self.crf_reduced + other.crf_reduced,
+            tiled=self.tiled + other.tiled,
+            crf_reduced=self.crf_reduced + other.crf_reduced,
             sums=added(self.sums, other.sums),
-            outcomes={k: self.outcomes.get(k, 0) + other.outcomes.get(k, 0)
-                      for k in self.outcomes | other.outcomes},
+            outcomes={k: self.outcomes.get(k, 0) + other.outcomes.get(k, 0) for k in self.outcomes | other.outcomes},
             histograms=added(self.histograms, other.histograms),
-            nodes={k: sorted(set(self.nodes.get(k, [])) | set(other.nodes.get(k, [])))
-                   for k in self.nodes | other.nodes},
-            candidates={name: _merge_top(self.candidates.get(name, [])
-                                         + other.candidates.get(name, []), SECTIONS[name][1])
-                        for name in SECTIONS},
+            nodes={
+                k: sorted(set(self.nodes.get(k, [])) | set(other.nodes.get(k, []))) for k in self.nodes | other.nodes
+            },
+            candidates={
+                name: _merge_top(self.candidates.get(name, []) + other.candidates.get(name, []), SECTIONS[name][1])
+                for name in SECTIONS
+            },
         )
 
     def total(self, name: str) -> np.ndarray:
@@ -114,15 +132,14 @@ class PartStats:
         post = DatasetSummary.from_sums(self.total("intersect"), self.total("union"), label_area)
         if not self.labelled_pre:
             return post, None
-        pre = DatasetSummary.from_sums(self.total("intersect_pre_crf"),
-                                       self.total("union_pre_crf"), label_area)
+        pre = DatasetSummary.from_sums(self.total("intersect_pre_crf"), self.total("union_pre_crf"), label_area)
         return post, pre
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "PartStats":
+    def from_json(cls, text: str) -> PartStats:
         return cls(**json.loads(text))
 
 
@@ -139,15 +156,13 @@ def _histogram(ms: pa.ChunkedArray) -> list[float]:
     """Prometheus buckets (value <= bound, then +Inf) of per-image seconds, and their sum last."""
     timed = ms.filter(pc.greater(pc.fill_null(ms, 0.0), 0.0))
     seconds = pc.divide(timed, 1000.0).to_numpy(zero_copy_only=False)
-    counts = np.bincount(np.searchsorted(STAGE_BUCKETS, seconds, side="left"),
-                         minlength=len(STAGE_BUCKETS) + 1)
+    counts = np.bincount(np.searchsorted(STAGE_BUCKETS, seconds, side="left"), minlength=len(STAGE_BUCKETS) + 1)
     return [*counts.astype(float).tolist(), float(seconds.sum())]
 
 
 def _top(masks: pa.Table, column: str, descending: bool, part: str) -> list[list]:
     valid = masks.filter(pc.is_valid(masks.column(column))).select([column, "key"])
-    ordered = valid.sort_by([(column, "descending" if descending else "ascending"),
-                             ("key", "ascending")])
+    ordered = valid.sort_by([(column, "descending" if descending else "ascending"), ("key", "ascending")])
     return [[r[column], r["key"], part] for r in ordered.slice(0, TOP_K).to_pylist()]
 
 

@@ -41,4 +41,3 @@ def quantise_probs(probs: torch.Tensor, encoding: str) -> torch.Tensor:
         # Divide by a tensor: CUDA turns division by a Python scalar into a (differently rounded) multiply.
         return levels / torch.tensor(255.0, device=probs.device)
     return probs.half().float() if encoding == "float16" else probs.float()
-

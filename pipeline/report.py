@@ -56,35 +56,35 @@ def _thumb(uri: str, storage_options: dict) -> np.ndarray:
 
 
 def _table_rows(rows: list[tuple[str, object]]) -> str:
-    return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in rows)
+    return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
 
 
 def _bar_chart(names: list[str], iou: list[float | None], iou_pre: list[float | None]) -> str:
     """Horizontal bars: grey = before CRF, blue = after CRF, one pair per class."""
     row, width, left = 26, 360, 110
     height = row * len(names) + 30
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" '
-             f'height="{height}" font-family="sans-serif" font-size="12">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" '
+        f'height="{height}" font-family="sans-serif" font-size="12">'
+    ]
     for i, (name, post, pre) in enumerate(zip(names, iou, iou_pre)):
         y = 10 + i * row
-        parts.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">'
-                     f'{html.escape(name)}</text>')
+        parts.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{html.escape(name)}</text>')
         for j, (value, colour) in enumerate(((pre, "#b0b0b0"), (post, "#2f6db5"))):
             if value is not None:
-                parts.append(f'<rect x="{left}" y="{y + j * 10}" width="{value * width:.1f}" '
-                             f'height="9" fill="{colour}"/>')
+                parts.append(
+                    f'<rect x="{left}" y="{y + j * 10}" width="{value * width:.1f}" height="9" fill="{colour}"/>'
+                )
         delta = "" if post is None or pre is None else f" ({post - pre:+.3f})"
-        parts.append(f'<text x="{left + width + 6}" y="{y + 14}">'
-                     f'{format_score(post, ".3f")}{delta}</text>')
-    parts.append(f'<text x="{left}" y="{height - 4}" fill="#555">'
-                 f'grey: before CRF, blue: after CRF</text></svg>')
+        parts.append(f'<text x="{left + width + 6}" y="{y + 14}">{format_score(post, ".3f")}{delta}</text>')
+    parts.append(f'<text x="{left}" y="{height - 4}" fill="#555">grey: before CRF, blue: after CRF</text></svg>')
     return "".join(parts)
 
 
 def _panels(title: str, panels: list[tuple[str, np.ndarray]]) -> str:
-    cells = "".join(f'<figure><img src="{_data_uri(p)}" alt="{t}"><figcaption>{t}</figcaption>'
-                    f'</figure>' for t, p in panels)
+    cells = "".join(
+        f'<figure><img src="{_data_uri(p)}" alt="{t}"><figcaption>{t}</figcaption></figure>' for t, p in panels
+    )
     return f'<div class="fig"><h4>{html.escape(title)}</h4><div class="row">{cells}</div></div>'
 
 
@@ -92,8 +92,7 @@ def _figure(row: dict, label_uri: str | None, storage_options: dict, note: str =
     try:
         image = _thumb(row["uri"], storage_options)
     except Exception as exc:  # the input may have changed since the run; the report still renders
-        return (f'<div class="fig"><p>{html.escape(row["key"])}: cannot read image '
-                f'({html.escape(str(exc))})</p></div>')
+        return f'<div class="fig"><p>{html.escape(row["key"])}: cannot read image ({html.escape(str(exc))})</p></div>'
     size = image.shape[:2]
     panels = [("image", image)]
     pre = None if row["mask_pre_crf"] is None else _resized(png_to_mask(row["mask_pre_crf"]), size)
@@ -145,44 +144,60 @@ def _change_figure(example, storage_options: dict) -> str:
 
 
 def _comparison_html(c: Comparison, storage_options: dict) -> str:
-    rows = [("compared with run", c.against),
-            ("images in both / changed / added / removed",
-             f"{c.count('both')} / {c.changed_images} / {c.count('added')} / {c.count('removed')}"),
-            ("mIoU previous → this run", f"{format_score(c.miou_old)} → "
-             f"{format_score(c.miou_new)} ({format_score(c.miou_delta, '+.4f')})")]
-    rows += [("new error type", f"{e.stage}/{e.error_type} ×{e.count}, "
-              f"e.g. {e.example_key}: {e.example_message}") for e in c.new_errors]
-    deltas = sorted((r for r in c.classes.to_pylist() if r["iou_delta"] is not None),
-                    key=lambda r: r["iou_delta"])
-    class_rows = "".join(f"<tr><td>{html.escape(r['class_name'])}</td><td>{r['iou_old']:.4f}</td>"
-                         f"<td>{r['iou_new']:.4f}</td><td>{r['iou_delta']:+.4f}</td></tr>"
-                         for r in deltas)
-    classes = (f"<table><tr><th>class</th><th>IoU previous</th><th>IoU now</th><th>delta</th>"
-               f"</tr>{class_rows}</table>" if deltas else "")
-    figures = ("".join(_change_figure(e, storage_options) for e in c.examples[:PER_SECTION])
-               or "<p>no mask changed</p>")
-    return (f"<h2>Biggest changes since run {html.escape(c.against)}</h2>"
-            f"<table>{_table_rows(rows)}</table>{classes}{figures}")
+    rows = [
+        ("compared with run", c.against),
+        (
+            "images in both / changed / added / removed",
+            f"{c.count('both')} / {c.changed_images} / {c.count('added')} / {c.count('removed')}",
+        ),
+        (
+            "mIoU previous → this run",
+            f"{format_score(c.miou_old)} → {format_score(c.miou_new)} ({format_score(c.miou_delta, '+.4f')})",
+        ),
+    ]
+    rows += [
+        ("new error type", f"{e.stage}/{e.error_type} ×{e.count}, e.g. {e.example_key}: {e.example_message}")
+        for e in c.new_errors
+    ]
+    deltas = sorted((r for r in c.classes.to_pylist() if r["iou_delta"] is not None), key=lambda r: r["iou_delta"])
+    class_rows = "".join(
+        f"<tr><td>{html.escape(r['class_name'])}</td><td>{r['iou_old']:.4f}</td>"
+        f"<td>{r['iou_new']:.4f}</td><td>{r['iou_delta']:+.4f}</td></tr>"
+        for r in deltas
+    )
+    classes = (
+        f"<table><tr><th>class</th><th>IoU previous</th><th>IoU now</th><th>delta</th></tr>{class_rows}</table>"
+        if deltas
+        else ""
+    )
+    figures = "".join(_change_figure(e, storage_options) for e in c.examples[:PER_SECTION]) or "<p>no mask changed</p>"
+    return (
+        f"<h2>Biggest changes since run {html.escape(c.against)}</h2>"
+        f"<table>{_table_rows(rows)}</table>{classes}{figures}"
+    )
 
 
 def _summary_html(manifest: dict) -> str:
     """The run's numbers: counts, mIoU and pixel accuracy before and after CRF, throughput."""
     metrics, counts, timings = manifest["metrics"], manifest["counts"], manifest["timings"]
-    pixel_acc = (f"{format_score(metrics['pixel_acc'])} / "
-                 f"{format_score(metrics['pixel_acc_pre_crf'])}")
-    return _table_rows([
-        ("run", manifest["run_id"]), ("model", manifest["model"]),
-        ("weights sha256", manifest["weights"]["sha256"]),
-        ("images / errors / labelled",
-         f"{counts['images']} / {counts['errors']} / {counts['labelled']}"),
-        ("labels not scored (masks.label_error)", counts.get("label_errors", 0)),
-        ("tiled inference / reduced-resolution CRF (memory budget)",
-         f"{counts.get('tiled', 0)} / {counts.get('crf_reduced', 0)}"),
-        ("mIoU after CRF", format_score(metrics["miou"])),
-        ("mIoU before CRF", format_score(metrics["miou_pre_crf"])),
-        ("pixel accuracy (after / before)", pixel_acc),
-        ("throughput", f"{timings['images_per_s']} images/s over {timings['segment_s']} s"),
-    ])
+    pixel_acc = f"{format_score(metrics['pixel_acc'])} / {format_score(metrics['pixel_acc_pre_crf'])}"
+    return _table_rows(
+        [
+            ("run", manifest["run_id"]),
+            ("model", manifest["model"]),
+            ("weights sha256", manifest["weights"]["sha256"]),
+            ("images / errors / labelled", f"{counts['images']} / {counts['errors']} / {counts['labelled']}"),
+            ("labels not scored (masks.label_error)", counts.get("label_errors", 0)),
+            (
+                "tiled inference / reduced-resolution CRF (memory budget)",
+                f"{counts.get('tiled', 0)} / {counts.get('crf_reduced', 0)}",
+            ),
+            ("mIoU after CRF", format_score(metrics["miou"])),
+            ("mIoU before CRF", format_score(metrics["miou_pre_crf"])),
+            ("pixel accuracy (after / before)", pixel_acc),
+            ("throughput", f"{timings['images_per_s']} images/s over {timings['segment_s']} s"),
+        ]
+    )
 
 
 def _errors_html(errors: pa.Table, error_count: int) -> str:
@@ -191,35 +206,44 @@ def _errors_html(errors: pa.Table, error_count: int) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r['key'])}</td><td>{html.escape(r['stage'])}</td>"
         f"<td>{html.escape(r['error_type'])}</td><td>{html.escape(r['message'])}</td></tr>"
-        for r in errors.slice(0, 50).to_pylist())
-    return (f"<h2>Errors ({error_count})</h2><table><tr><th>key</th><th>stage</th><th>type</th>"
-            f"<th>message</th></tr>{rows}</table>")
+        for r in errors.slice(0, 50).to_pylist()
+    )
+    return (
+        f"<h2>Errors ({error_count})</h2><table><tr><th>key</th><th>stage</th><th>type</th>"
+        f"<th>message</th></tr>{rows}</table>"
+    )
 
 
-def _image_sections(manifest: dict, candidates: dict[str, list[list]], rows: dict[str, dict],
-                    locator: Locator, storage_options: dict) -> list[str]:
+def _image_sections(
+    manifest: dict, candidates: dict[str, list[list]], rows: dict[str, dict], locator: Locator, storage_options: dict
+) -> list[str]:
     """The overlay sections: worst, best, most changed by the CRF, least confident images."""
     low_conf = manifest["config"]["inference"]["low_conf_threshold"]
 
     def note(row: dict, confidence: bool) -> str:
         if not confidence:
             return ""
-        return (f", mean max prob {row['mean_max_prob']:.3f}, "
-                f"{100 * row['low_conf_fraction']:.1f}% of pixels below {low_conf:g}")
+        return (
+            f", mean max prob {row['mean_max_prob']:.3f}, "
+            f"{100 * row['low_conf_fraction']:.1f}% of pixels below {low_conf:g}"
+        )
 
     def section(title: str, name: str, confidence: bool = False) -> str:
         keys = [key for _, key, _ in candidates.get(name, [])][:PER_SECTION]
         if not keys:
             return ""
         return f"<h2>{title}</h2>" + "".join(
-            _figure(rows[k], locator.label_uri(k) or None, storage_options,
-                    note(rows[k], confidence)) for k in keys if k in rows)
+            _figure(rows[k], locator.label_uri(k) or None, storage_options, note(rows[k], confidence))
+            for k in keys
+            if k in rows
+        )
 
-    return [section("Worst images (lowest mIoU)", "worst"),
-            section("Best images (highest mIoU)", "best"),
-            section("Images the CRF changed most", "crf_changed"),
-            section("Least confident images (lowest mean max probability)", "least_confident",
-                    confidence=True)]
+    return [
+        section("Worst images (lowest mIoU)", "worst"),
+        section("Best images (highest mIoU)", "best"),
+        section("Images the CRF changed most", "crf_changed"),
+        section("Least confident images (lowest mean max probability)", "least_confident", confidence=True),
+    ]
 
 
 _STYLE = (
@@ -232,17 +256,28 @@ _STYLE = (
 )
 
 
-def render_report(*, manifest: dict, classes: pa.Table, candidates: dict[str, list[list]],
-                  rows: dict[str, dict], errors: pa.Table, error_count: int, locator: Locator,
-                  storage_options: dict, comparison: Comparison | None = None) -> str:
+def render_report(
+    *,
+    manifest: dict,
+    classes: pa.Table,
+    candidates: dict[str, list[list]],
+    rows: dict[str, dict],
+    errors: pa.Table,
+    error_count: int,
+    locator: Locator,
+    storage_options: dict,
+    comparison: Comparison | None = None,
+) -> str:
     """HTML for a committed run: ``candidates`` are the summed PartStats' sections
     ([value, key, part] per image), ``rows`` their masks rows by key, ``errors`` the first rows."""
-    worst, best, changed, least_confident = _image_sections(manifest, candidates, rows, locator,
-                                                            storage_options)
-    chart = _bar_chart(classes.column("class_name").to_pylist(), classes.column("iou").to_pylist(),
-                       classes.column("iou_pre_crf").to_pylist())
+    worst, best, changed, least_confident = _image_sections(manifest, candidates, rows, locator, storage_options)
+    chart = _bar_chart(
+        classes.column("class_name").to_pylist(),
+        classes.column("iou").to_pylist(),
+        classes.column("iou_pre_crf").to_pylist(),
+    )
     compared = _comparison_html(comparison, storage_options) if comparison is not None else ""
-    run_id = html.escape(manifest['run_id'])
+    run_id = html.escape(manifest["run_id"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>deeplab-pipeline run {run_id}</title>
 <style>

@@ -26,14 +26,16 @@ def split_results(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     ok = pc.fill_null(pc.equal(table.column("error_stage"), ""), True)
     masks = table.filter(ok).select(MASKS_SCHEMA.names).cast(MASKS_SCHEMA)
     failed = table.filter(pa.compute.invert(ok))
-    errors = pa.table({
-        "key": failed.column("key"),
-        "uri": failed.column("uri"),
-        "stage": failed.column("error_stage"),
-        "error_type": failed.column("error_type"),
-        "message": failed.column("error_message"),
-        "run_id": failed.column("run_id"),
-    }).cast(ERRORS_SCHEMA)
+    errors = pa.table(
+        {
+            "key": failed.column("key"),
+            "uri": failed.column("uri"),
+            "stage": failed.column("error_stage"),
+            "error_type": failed.column("error_type"),
+            "message": failed.column("error_message"),
+            "run_id": failed.column("run_id"),
+        }
+    ).cast(ERRORS_SCHEMA)
     return masks, errors
 
 
@@ -49,8 +51,9 @@ _PASSED = [c for c in RESULT_COLUMNS if c.passed]
 _ON_ERROR = [c for c in _PASSED if c.kept_on_error]
 
 
-def result_table(batch: dict[str, np.ndarray], *, num_classes: int, model: str, weights_sha256: str,
-                 run_id: str) -> pa.Table:
+def result_table(
+    batch: dict[str, np.ndarray], *, num_classes: int, model: str, weights_sha256: str, run_id: str
+) -> pa.Table:
     """Per-image PNG masks and metric statistics for a batch that went through inference (+CRF).
 
     The stream's masks columns (pipeline/schema.py) are copied; those of a stage that did not run
@@ -75,17 +78,24 @@ def _computed(batch: dict[str, np.ndarray], i: int, num_classes: int) -> dict:
     pre = np.frombuffer(batch["mask_pre"][i], dtype=np.uint8).reshape(h, w)
     refined = "mask_crf" in batch
     post = np.frombuffer(batch["mask_crf"][i], dtype=np.uint8).reshape(h, w) if refined else pre
-    row = {"mask": mask_to_png(post), "mask_pre_crf": mask_to_png(pre) if refined else None,
-           "class_pixels": np.bincount(post.ravel(), minlength=num_classes)[:num_classes].tolist(),
-           "crf_changed_fraction": float((pre != post).mean()) if refined else None}
+    row = {
+        "mask": mask_to_png(post),
+        "mask_pre_crf": mask_to_png(pre) if refined else None,
+        "class_pixels": np.bincount(post.ravel(), minlength=num_classes)[:num_classes].tolist(),
+        "crf_changed_fraction": float((pre != post).mean()) if refined else None,
+    }
     if batch["has_label"][i]:
         label = np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)
         post_stats, pre_stats = image_stats(post, label, num_classes), image_stats(pre, label, num_classes)
         row.update(
-            intersect=post_stats.intersect.tolist(), union=post_stats.union.tolist(),
+            intersect=post_stats.intersect.tolist(),
+            union=post_stats.union.tolist(),
             label_area=post_stats.label_area.tolist(),
-            intersect_pre_crf=pre_stats.intersect.tolist(), union_pre_crf=pre_stats.union.tolist(),
-            pixel_acc=post_stats.pixel_acc, miou=post_stats.miou,
-            pixel_acc_pre_crf=pre_stats.pixel_acc, miou_pre_crf=pre_stats.miou,
+            intersect_pre_crf=pre_stats.intersect.tolist(),
+            union_pre_crf=pre_stats.union.tolist(),
+            pixel_acc=post_stats.pixel_acc,
+            miou=post_stats.miou,
+            pixel_acc_pre_crf=pre_stats.pixel_acc,
+            miou_pre_crf=pre_stats.miou,
         )
     return row

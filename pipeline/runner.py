@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from pipeline.outputs import RunOutput
 from pipeline.partstats import PartStats
-from pipeline.storage import Inputs
 from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.storage import Inputs
 from pipeline.writer import part_name
 
 PROGRESS_SECONDS = 10.0
@@ -41,11 +41,16 @@ def run_dag(todo: Inputs, build, output: RunOutput, num_classes: int, *, run_id:
     if not len(missing):
         return stats, stats.images + stats.errors
     if len(missing) > max(SYSTEMIC_KEYS, SYSTEMIC_SHARE * len(todo)):
-        raise SystemicFailure(f"{len(missing)} of {len(todo)} inputs reached no part file: their batches failed on "
-                              f"every retry (see Ray Data's errors above). That is not one bad input; fix the cause, "
-                              f"then run again with --resume --run-id {run_id}")
-    print(f"[deeplab-pipeline] {len(missing)} inputs were in batches whose worker died on every retry; "
-          f"running them one per batch to find the input that kills it", flush=True)
+        raise SystemicFailure(
+            f"{len(missing)} of {len(todo)} inputs reached no part file: their batches failed on "
+            f"every retry (see Ray Data's errors above). That is not one bad input; fix the cause, "
+            f"then run again with --resume --run-id {run_id}"
+        )
+    print(
+        f"[deeplab-pipeline] {len(missing)} inputs were in batches whose worker died on every retry; "
+        f"running them one per batch to find the input that kills it",
+        flush=True,
+    )
     stats += consume(build(missing, batch_size=1, retries=1, max_blocks=len(missing)), num_classes, None)
     culprits = missing.without(output.written_keys())
     errors = []
@@ -84,14 +89,22 @@ def _probe(alone: Inputs, build, num_classes: int) -> tuple[str | None, BaseExce
 def _worker_died(key: str, uri: str, run_id: str, stage: str, exc: BaseException | None) -> dict:
     text = str(exc) if exc is not None else ""
     cause = next((line.strip() for line in text.splitlines() if line.strip()), "")[:300]
-    message = (f"the {stage} worker died on every retry while processing this input, also alone (a native "
-               f"crash or the worker's memory limit: an image too large for its node, a file that crashes a "
-               f"decoder, a bug in a native library); the run went on without it. {cause}").strip()
-    return {"key": key, "uri": uri, "stage": stage, "error_type": "WorkerDied", "message": message[:1000],
-            "run_id": run_id}
+    message = (
+        f"the {stage} worker died on every retry while processing this input, also alone (a native "
+        f"crash or the worker's memory limit: an image too large for its node, a file that crashes a "
+        f"decoder, a bug in a native library); the run went on without it. {cause}"
+    ).strip()
+    return {
+        "key": key,
+        "uri": uri,
+        "stage": stage,
+        "error_type": "WorkerDied",
+        "message": message[:1000],
+        "run_id": run_id,
+    }
 
 
-def consume(ds, num_classes: int, progress: "Progress | None") -> PartStats:
+def consume(ds, num_classes: int, progress: Progress | None) -> PartStats:
     """Iterate the write stage's rows: one PartStats per part file written."""
     stats = PartStats.empty(num_classes)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -115,8 +128,10 @@ class Progress:
         self.last = now
         rate = done / max(now - self.started, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"[deeplab-pipeline] {done}/{self.total} images written ({rate:.2f} images/s, "
-              f"ETA {_duration(eta)})", flush=True)
+        print(
+            f"[deeplab-pipeline] {done}/{self.total} images written ({rate:.2f} images/s, ETA {_duration(eta)})",
+            flush=True,
+        )
 
 
 def _duration(seconds: float) -> str:

@@ -126,21 +126,25 @@ def _schema(columns: tuple[Col, ...]) -> pa.Schema:
 MASKS_SCHEMA = _schema(MASKS_COLUMNS)
 RESULT_SCHEMA = _schema(RESULT_COLUMNS)
 
-ERRORS_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("uri", pa.string()),
-    ("stage", pa.string()),  # read|decode|infer|crf (a bad label is masks.label_error, not an error)
-    ("error_type", pa.string()),
-    ("message", pa.string()),
-    ("run_id", pa.string()),
-])
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("uri", pa.string()),
+        ("stage", pa.string()),  # read|decode|infer|crf (a bad label is masks.label_error, not an error)
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
 
-CLASSES_SCHEMA = pa.schema([
-    ("class_id", pa.int32()),
-    ("class_name", pa.string()),
-    ("intersect", pa.int64()),
-    ("union", pa.int64()),
-    ("label_area", pa.int64()),
-    ("iou", pa.float64()),
-    ("iou_pre_crf", pa.float64()),
-])
+CLASSES_SCHEMA = pa.schema(
+    [
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("intersect", pa.int64()),
+        ("union", pa.int64()),
+        ("label_area", pa.int64()),
+        ("iou", pa.float64()),
+        ("iou_pre_crf", pa.float64()),
+    ]
+)

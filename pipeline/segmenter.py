@@ -25,7 +25,6 @@ from pipeline.results import mark_error, result_table
 from pipeline.schema import add_columns, to_stream
 from pipeline.testing import limit_memory_if_asked
 
-
 _BAND_ROWS = 64
 
 
@@ -50,13 +49,13 @@ class _Bands:
         if self.encoding:
             if self.encoded is None:
                 self.encoded = np.empty((band.shape[0], *self.mask.shape), dtype=np.dtype(self.encoding))
-            self.encoded[:, row:end] = np.frombuffer(encode_probs(band, self.encoding),
-                                                     dtype=self.encoded.dtype).reshape(band.shape)
+            self.encoded[:, row:end] = np.frombuffer(
+                encode_probs(band, self.encoding), dtype=self.encoded.dtype
+            ).reshape(band.shape)
 
     def summary(self, num_classes: int) -> dict[str, float]:
         pixels = self.mask.size
-        return uncertainty_summary(self.top_sum / pixels, self.entropy_sum / pixels, self.low / pixels,
-                                   num_classes)
+        return uncertainty_summary(self.top_sum / pixels, self.entropy_sum / pixels, self.low / pixels, num_classes)
 
 
 def _coverage(length: int, starts: list[int], tile: int) -> torch.Tensor:
@@ -67,8 +66,9 @@ def _coverage(length: int, starts: list[int], tile: int) -> torch.Tensor:
     return count
 
 
-def _window(model: torch.nn.Module, window: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor,
-            config: InferenceConfig) -> torch.Tensor:
+def _window(
+    model: torch.nn.Module, window: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor, config: InferenceConfig
+) -> torch.Tensor:
     """(C, h, w) probabilities on the host of one (h, w, 3) uint8 window."""
     device = mean.device
     x = window.to(device).permute(2, 0, 1)[None].float().div_(255.0)
@@ -79,9 +79,15 @@ def _window(model: torch.nn.Module, window: torch.Tensor, *, mean: torch.Tensor,
         return multiscale_probs(model, x, config.scales, config.flip, config.average)[0].float().cpu()
 
 
-def tiled_outputs(model: torch.nn.Module, rgb: np.ndarray, *, mean: torch.Tensor, std: torch.Tensor,
-                  config: InferenceConfig,
-                  encoding: str | None) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
+def tiled_outputs(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    *,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    config: InferenceConfig,
+    encoding: str | None,
+) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
     """What ``Segmenter`` keeps of sliding-window inference on one RGB uint8 image — the pre-CRF
     class map, the uncertainty summaries and (``encoding``) the encoded probabilities — computed
     band by band: the same windows and averages as ``sliding_window_probs``, but neither the
@@ -124,31 +130,65 @@ class Segmenter:
     device), and emits the result rows: the probabilities never cross the object store.
     """
 
-    def __init__(self, *, model: str, weights_uri: str | None, storage_options: dict, inference: InferenceConfig,
-                 weights_sha256: str, num_classes: int, use_gpu: bool, threads: int, crf_follows: bool,
-                 run_id: str, mean: tuple[float, ...], std: tuple[float, ...], crf: CRFParams | None = None,
-                 crf_backend: str = "pydensecrf", actor_memory_mib: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        model: str,
+        weights_uri: str | None,
+        storage_options: dict,
+        inference: InferenceConfig,
+        weights_sha256: str,
+        num_classes: int,
+        use_gpu: bool,
+        threads: int,
+        crf_follows: bool,
+        run_id: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        crf: CRFParams | None = None,
+        crf_backend: str = "pydensecrf",
+        actor_memory_mib: int = 0,
+    ) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.threads = max(1, threads)
         self.model, self.sha256, categories = load_model(
-            model, weights_uri, storage_options=storage_options, output_stride=inference.output_stride,
-            num_classes=num_classes, expected_sha256=weights_sha256)
+            model,
+            weights_uri,
+            storage_options=storage_options,
+            output_stride=inference.output_stride,
+            num_classes=num_classes,
+            expected_sha256=weights_sha256,
+        )
         self.model.to(self.device)
         self.num_classes = len(categories)
         self.inference = inference
         self.crf_follows = crf_follows
         # The last compute stage emits the result rows; before a CRF pool, the stream goes on.
-        self.emit = to_stream if crf_follows else partial(result_table, num_classes=self.num_classes, model=model,
-                                                          weights_sha256=self.sha256, run_id=run_id)
+        self.emit = (
+            to_stream
+            if crf_follows
+            else partial(
+                result_table, num_classes=self.num_classes, model=model, weights_sha256=self.sha256, run_id=run_id
+            )
+        )
         self.mean, self.std = normalisation(mean, std, self.device)
         limit_memory_if_asked()
         self.budget = image_budget(actor_memory_mib)  # measured now that the model is loaded
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.metrics = stage_metrics("infer")
         # Refine in this actor, right after inference (no CRF pool follows).
-        self.crf = None if crf is None else FusedCRF(crf, backend=crf_backend, encoding=inference.probs_encoding,
-                                                     num_classes=self.num_classes, node_id=self.node_id,
-                                                     device=self.device)
+        self.crf = (
+            None
+            if crf is None
+            else FusedCRF(
+                crf,
+                backend=crf_backend,
+                encoding=inference.probs_encoding,
+                num_classes=self.num_classes,
+                node_id=self.node_id,
+                device=self.device,
+            )
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]):
         if self.device.type == "cpu":
@@ -161,8 +201,10 @@ class Segmenter:
         out = add_columns({k: list(v) for k, v in batch.items()}, "infer", n)
         out["infer_node"] = [self.node_id] * n
         todo = [i for i in range(n) if not out["error_stage"][i]]
-        images = [np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]),
-                                                                          int(batch["width"][i]), 3) for i in todo]
+        images = [
+            np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]), int(batch["width"][i]), 3)
+            for i in todo
+        ]
         results, seconds = self._infer(out, todo, images)
         if self.crf is not None:
             add_columns(out, "crf", n)
@@ -211,11 +253,13 @@ class Segmenter:
         self._whole(out, todo, images, whole, encoding, results, seconds)
         return results, seconds
 
-    def _tiled(self, out: dict[str, list], i: int, image: np.ndarray, config: InferenceConfig,
-               encoding: str | None) -> tuple | None:
+    def _tiled(
+        self, out: dict[str, list], i: int, image: np.ndarray, config: InferenceConfig, encoding: str | None
+    ) -> tuple | None:
         try:
-            mask, summary, encoded = tiled_outputs(self.model, image, mean=self.mean, std=self.std,
-                                                   config=config, encoding=encoding)
+            mask, summary, encoded = tiled_outputs(
+                self.model, image, mean=self.mean, std=self.std, config=config, encoding=encoding
+            )
         except Exception as exc:
             mark_error(out, i, "infer", exc, f"inference failed: {exc}")
             return None
@@ -224,22 +268,32 @@ class Segmenter:
             encoded = encoded.tobytes()  # the CRF pool's batch column holds bytes; the fused CRF reads the array
         return mask.tobytes(), summary, b"" if encoded is None else encoded, None
 
-    def _whole(self, out: dict[str, list], todo: list[int], images: list[np.ndarray], whole: list[int],
-               encoding: str | None, results: list, seconds: list[float]) -> None:
+    def _whole(
+        self,
+        out: dict[str, list],
+        todo: list[int],
+        images: list[np.ndarray],
+        whole: list[int],
+        encoding: str | None,
+        results: list,
+        seconds: list[float],
+    ) -> None:
         """Whole-image inference of ``images[j]`` for j in ``whole``, into ``results``/``seconds``."""
         inf = self.inference
         times: list[float] = []
         try:
-            probs = infer_batch(self.model, [images[j] for j in whole], mean=self.mean, std=self.std,
-                                config=inf, seconds=times)
+            probs = infer_batch(
+                self.model, [images[j] for j in whole], mean=self.mean, std=self.std, config=inf, seconds=times
+            )
         except Exception:
             # Find the image that fails (e.g. out of memory on a huge one) without losing the others.
             probs, times = [], []
             for j in whole:
                 one: list[float] = []
                 try:
-                    probs.append(infer_batch(self.model, [images[j]], mean=self.mean, std=self.std,
-                                             config=inf, seconds=one)[0])
+                    probs.append(
+                        infer_batch(self.model, [images[j]], mean=self.mean, std=self.std, config=inf, seconds=one)[0]
+                    )
                 except Exception as exc:
                     mark_error(out, todo[j], "infer", exc, f"inference failed: {exc}")
                     probs.append(None)
@@ -248,7 +302,10 @@ class Segmenter:
         for k, j in enumerate(whole):
             p, probs[k] = probs[k], None  # the full-size probabilities go as soon as they are encoded
             if p is not None:
-                results[j] = (class_map(p).cpu().numpy().tobytes(), uncertainty(p, inf.low_conf_threshold),
-                              encode_probs(p, encoding) if encoding and not on_device else b"",
-                              p if on_device else None)
+                results[j] = (
+                    class_map(p).cpu().numpy().tobytes(),
+                    uncertainty(p, inf.low_conf_threshold),
+                    encode_probs(p, encoding) if encoding and not on_device else b"",
+                    p if on_device else None,
+                )
                 seconds[j] = times[k]

@@ -17,8 +17,8 @@ from pipeline.crf import CRFRefiner
 from pipeline.decode import Decoder
 from pipeline.segmenter import Segmenter
 from pipeline.storage import Inputs
-from pipeline.writer import PartWriter
 from pipeline.weights import Weights
+from pipeline.writer import PartWriter
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Resources:
     crf_backend: str | None = None  # "pydensecrf" or "torch" (on the inference device when fused); None: CRF off
 
     @classmethod
-    def resolve(cls, config: JobConfig, cluster: dict[str, float] | list[dict[str, float]]) -> "Resources":
+    def resolve(cls, config: JobConfig, cluster: dict[str, float] | list[dict[str, float]]) -> Resources:
         """``cluster``: each alive node's resources (``ray.nodes()``), or one dict for the whole cluster."""
         nodes = [cluster] if isinstance(cluster, dict) else list(cluster)
         compute = config.compute
@@ -50,16 +50,21 @@ class Resources:
         fused = backend is not None and (not use_gpu or backend == "torch")
         actors, cpus, threads = _inference_actors(compute, use_gpu, gpus, total_cpus)
         # CPUs each node keeps after the inference actors it may host (GPU nodes host one per GPU).
-        left = [n.get("CPU", 0.0) - (_eligible(n, compute.infer_resources) and use_gpu) * n.get("GPU", 0.0) * cpus
-                for n in nodes]
+        left = [
+            n.get("CPU", 0.0) - (_eligible(n, compute.infer_resources) and use_gpu) * n.get("GPU", 0.0) * cpus
+            for n in nodes
+        ]
         if not use_gpu:
             left = [max(0.0, total_cpus - actors[1] * cpus)]
         crf_actors = None
         if config.crf is not None and not fused:
             # By default the pool may grow into every CPU that inference leaves on the nodes that
             # may run it; Ray Data's autoscaler adds actors while CRF is the bottleneck.
-            room = sum(math.floor(cpu / compute.crf_cpus + 1e-9) for cpu, n in zip(left, nodes)
-                       if _eligible(n, compute.crf_resources))
+            room = sum(
+                math.floor(cpu / compute.crf_cpus + 1e-9)
+                for cpu, n in zip(left, nodes)
+                if _eligible(n, compute.crf_resources)
+            )
             crf_actors = compute.crf_actors or (1, max(1, room))
         crf_max = crf_actors[1] if crf_actors else 0
         # Blocks in flight: a GPU actor eats its input an order of magnitude faster than a CPU one.
@@ -124,9 +129,19 @@ def _fault_tolerance(retries: int) -> dict:
 WRITE_ACTORS = 4  # writers encode Parquet and PUT; a few keep up with any pool (they hold no CPU)
 
 
-def build_dataset(inputs: Inputs, config: JobConfig, weights: Weights, weights_sha256: str,
-                  resources: Resources, run_uri: str, *, retries: int = TASK_RETRIES,
-                  max_blocks: int = 200, tolerate: bool = True, upto: str = "write") -> ray.data.Dataset:
+def build_dataset(
+    inputs: Inputs,
+    config: JobConfig,
+    weights: Weights,
+    weights_sha256: str,
+    resources: Resources,
+    run_uri: str,
+    *,
+    retries: int = TASK_RETRIES,
+    max_blocks: int = 200,
+    tolerate: bool = True,
+    upto: str = "write",
+) -> ray.data.Dataset:
     """The whole DAG from listed keys to one WRITE_SCHEMA row per part file written under ``run_uri``.
 
     A batch whose worker died ``retries`` + 1 times is dropped, not fatal: the caller reconciles
@@ -175,12 +190,20 @@ class _Stage:
         compute = self.config.compute
         # Tiled inference bounds network memory, so the pixel guard only applies to whole-image runs.
         max_pixels = None if self.config.inference.tile else self.config.inference.max_pixels
-        return dict(fn_constructor_kwargs={"locator": inputs.locator(), "storage_options": self.config.storage_options,
-                                           "num_classes": self.weights.num_classes, "max_pixels": max_pixels},
-                    batch_size=compute.batch_size, num_cpus=compute.decode_cpus,
-                    compute=ray.data.ActorPoolStrategy(min_size=self.resources.decode_actors[0],
-                                                       max_size=min(self.resources.decode_actors[1], self.blocks)),
-                    **self.fault_tolerance)
+        return dict(
+            fn_constructor_kwargs={
+                "locator": inputs.locator(),
+                "storage_options": self.config.storage_options,
+                "num_classes": self.weights.num_classes,
+                "max_pixels": max_pixels,
+            },
+            batch_size=compute.batch_size,
+            num_cpus=compute.decode_cpus,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=self.resources.decode_actors[0], max_size=min(self.resources.decode_actors[1], self.blocks)
+            ),
+            **self.fault_tolerance,
+        )
 
     def infer(self, weights_sha256: str) -> dict:
         config, weights, resources = self.config, self.weights, self.resources
@@ -189,33 +212,59 @@ class _Stage:
         infer_min, infer_max = (min(n, self.blocks) for n in resources.infer_actors)
         return dict(
             fn_constructor_kwargs={
-                "model": config.model, "weights_uri": config.weights_uri, "storage_options": config.storage_options,
-                "inference": config.inference, "weights_sha256": weights_sha256, "num_classes": weights.num_classes,
-                "use_gpu": resources.use_gpu, "threads": resources.infer_threads,
-                "crf_follows": resources.crf_actors is not None, "run_id": config.run_id,
-                "mean": weights.mean, "std": weights.std, "crf": config.crf if resources.crf_fused else None,
+                "model": config.model,
+                "weights_uri": config.weights_uri,
+                "storage_options": config.storage_options,
+                "inference": config.inference,
+                "weights_sha256": weights_sha256,
+                "num_classes": weights.num_classes,
+                "use_gpu": resources.use_gpu,
+                "threads": resources.infer_threads,
+                "crf_follows": resources.crf_actors is not None,
+                "run_id": config.run_id,
+                "mean": weights.mean,
+                "std": weights.std,
+                "crf": config.crf if resources.crf_fused else None,
                 "crf_backend": resources.crf_backend or "pydensecrf",
                 "actor_memory_mib": config.compute.actor_memory_mib,
             },
             batch_size=config.compute.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),
-            num_gpus=1 if resources.use_gpu else 0, num_cpus=resources.infer_cpus,
-            resources=config.compute.infer_resources or None, **self.fault_tolerance)
+            num_gpus=1 if resources.use_gpu else 0,
+            num_cpus=resources.infer_cpus,
+            resources=config.compute.infer_resources or None,
+            **self.fault_tolerance,
+        )
 
     def crf(self, weights_sha256: str, images: int) -> dict:
         config, pool = self.config, self.resources.crf_actors
         return dict(
-            fn_constructor_kwargs={"params": config.crf, "num_classes": self.weights.num_classes,
-                                   "model": config.model, "weights_sha256": weights_sha256,
-                                   "run_id": config.run_id, "probs_encoding": config.inference.probs_encoding,
-                                   "actor_memory_mib": config.compute.actor_memory_mib},
+            fn_constructor_kwargs={
+                "params": config.crf,
+                "num_classes": self.weights.num_classes,
+                "model": config.model,
+                "weights_sha256": weights_sha256,
+                "run_id": config.run_id,
+                "probs_encoding": config.inference.probs_encoding,
+                "actor_memory_mib": config.compute.actor_memory_mib,
+            },
             batch_size=1,  # one image per call keeps CRF actors evenly loaded
             compute=ray.data.ActorPoolStrategy(min_size=min(pool[0], images), max_size=min(pool[1], images)),
-            num_cpus=config.compute.crf_cpus, resources=config.compute.crf_resources or None,
-            **self.fault_tolerance)
+            num_cpus=config.compute.crf_cpus,
+            resources=config.compute.crf_resources or None,
+            **self.fault_tolerance,
+        )
 
     def write(self, run_uri: str) -> dict:
-        return dict(fn_constructor_kwargs={"run_uri": run_uri, "storage_options": self.config.storage_options,
-                                           "num_classes": self.weights.num_classes},
-                    batch_size=self.config.rows_per_file, batch_format="pyarrow", num_cpus=0,
-                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=WRITE_ACTORS), **self.fault_tolerance)
+        return dict(
+            fn_constructor_kwargs={
+                "run_uri": run_uri,
+                "storage_options": self.config.storage_options,
+                "num_classes": self.weights.num_classes,
+            },
+            batch_size=self.config.rows_per_file,
+            batch_format="pyarrow",
+            num_cpus=0,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=WRITE_ACTORS),
+            **self.fault_tolerance,
+        )

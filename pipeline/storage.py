@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from fsspec.core import split_protocol, url_to_fs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -71,7 +70,7 @@ def iter_image_keys(fs, root: str) -> Iterator[str]:
     for path in paths:
         if path.lower().endswith(IMAGE_EXTENSIONS):
             # Sliced, not normalised: a key like "a/../b.jpg" is a literal object name on S3.
-            yield path[len(root) + 1:] if root else path
+            yield path[len(root) + 1 :] if root else path
 
 
 def _iter_s3_objects(fs, root: str) -> Iterator[str]:
@@ -99,10 +98,10 @@ class Inputs:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def locator(self) -> "Locator":
+    def locator(self) -> Locator:
         return Locator(self.input_uri, self.labels_uri, self.storage_options)
 
-    def without(self, done: pa.Array | pa.ChunkedArray) -> "Inputs":
+    def without(self, done: pa.Array | pa.ChunkedArray) -> Inputs:
         """The keys not in ``done`` (an Arrow anti-join, for --resume)."""
         if len(done) == 0:
             return self
@@ -132,8 +131,9 @@ class Locator:
 LIST_CHUNK = 10_000  # keys per Arrow chunk while listing: Python holds at most this many at once
 
 
-def list_inputs(input_uri: str, labels_uri: str | None, *, storage_options: dict | None = None,
-                limit: int | None = None) -> Inputs:
+def list_inputs(
+    input_uri: str, labels_uri: str | None, *, storage_options: dict | None = None, limit: int | None = None
+) -> Inputs:
     """List the images to segment (keys streamed into Arrow chunks, lexical order, ``limit`` stops early)."""
     storage_options = storage_options or {}
     try:

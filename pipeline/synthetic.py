@@ -97,8 +97,7 @@ def _shape_alpha(rng: np.random.Generator, cls: int, h: int, w: int, spec: Scene
         corners = [(-a, -bw), (a, -bw), (a, bw), (-a, bw)]
         poly([_rot(x, y, theta, cx, cy) for x, y in corners])
     elif cls == 3:  # triangle
-        poly([_rot(r * math.cos(t), r * math.sin(t), theta, cx, cy)
-              for t in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)])
+        poly([_rot(r * math.cos(t), r * math.sin(t), theta, cx, cy) for t in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)])
     elif cls == 4:  # ring
         inner = r * rng.uniform(0.45, 0.65)
         draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=255)
@@ -125,9 +124,11 @@ def _object_texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.nd
     if rng.random() < 0.5:  # fine dots/stripes so texture is a weak, not a decisive, cue
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         period = rng.uniform(3.0, 9.0)
-        tex += rng.uniform(5, 20) * np.sin(xx * 2 * math.pi / period)[..., None] * np.sin(
-            yy * 2 * math.pi / period
-        )[..., None]
+        tex += (
+            rng.uniform(5, 20)
+            * np.sin(xx * 2 * math.pi / period)[..., None]
+            * np.sin(yy * 2 * math.pi / period)[..., None]
+        )
     return tex
 
 

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.partstats import PartStats
-from pipeline.storage import write_parquet_atomic
 from pipeline.results import split_results
+from pipeline.storage import write_parquet_atomic
 from pipeline.testing import pause_if_asked
 
 WRITE_SCHEMA = pa.schema([("part", pa.string()), ("stats", pa.string())])
@@ -32,8 +32,7 @@ def part_name(keys: pa.Array | pa.ChunkedArray) -> str:
 
 
 def _nodes(batch: pa.Table) -> dict[str, list[str]]:
-    return {stage: [v for v in pc.unique(batch.column(f"{stage}_node")).to_pylist() if v]
-            for stage in ("infer", "crf")}
+    return {stage: [v for v in pc.unique(batch.column(f"{stage}_node")).to_pylist() if v] for stage in ("infer", "crf")}
 
 
 class PartWriter:

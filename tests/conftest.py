@@ -16,8 +16,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BUCKET = REPO / "pipeline" / "assets" / "demo_bucket"
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-          "AWS_DEFAULT_REGION": "us-east-1"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def free_port() -> int:
@@ -42,8 +45,9 @@ def s3_server():
     """A real S3 API server (moto_server) on a free loopback port; yields its endpoint URL."""
     port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
@@ -67,8 +71,12 @@ def s3_env(s3_server, monkeypatch):
 
     for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}.items():
         monkeypatch.setenv(k, v)
-    fs = s3fs.S3FileSystem(key=S3_ENV["AWS_ACCESS_KEY_ID"], secret=S3_ENV["AWS_SECRET_ACCESS_KEY"],
-                           endpoint_url=s3_server, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        key=S3_ENV["AWS_ACCESS_KEY_ID"],
+        secret=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=s3_server,
+        skip_instance_cache=True,
+    )
     return fs
 
 
@@ -108,5 +116,6 @@ def run_rows(fs, run_dir: str, kind: str) -> list[dict]:
     """All rows of a run's ``masks`` or ``errors`` part files, read through filesystem ``fs``."""
     import pyarrow.parquet as pq
 
-    return [r for p in sorted(fs.glob(f"{run_dir}/{kind}/*.parquet"))
-            for r in pq.read_table(fs.open(p, "rb")).to_pylist()]
+    return [
+        r for p in sorted(fs.glob(f"{run_dir}/{kind}/*.parquet")) for r in pq.read_table(fs.open(p, "rb")).to_pylist()
+    ]

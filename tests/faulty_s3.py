@@ -67,7 +67,7 @@ class FaultyS3:
         with self._lock:
             return sum(1 for m, p, _ in self.requests if m == method and re.search(path, p))
 
-    def __enter__(self) -> "FaultyS3":
+    def __enter__(self) -> FaultyS3:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -111,7 +111,9 @@ class FaultyS3:
             def _answer(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
                 self.send_response(status)
                 # A HEAD answer has no body but announces the object's length: keep upstream's.
-                length = dict((k.lower(), v) for k, v in headers).get("content-length") if self.command == "HEAD" else None
+                length = (
+                    dict((k.lower(), v) for k, v in headers).get("content-length") if self.command == "HEAD" else None
+                )
                 for name, value in headers:
                     if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
                         self.send_header(name, value)
@@ -121,8 +123,10 @@ class FaultyS3:
                     self.wfile.write(body)
 
             def _error(self, status: int, code: str, message: str) -> None:
-                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                        f"<Message>{message}</Message></Error>").encode()
+                body = (
+                    f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                    f"<Message>{message}</Message></Error>"
+                ).encode()
                 self._answer(status, body, [("Content-Type", "application/xml")])
 
             def _reset(self) -> None:

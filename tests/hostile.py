@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.palette import mask_to_png
-from pipeline.synthetic import make_scene, SceneSpec
+from pipeline.synthetic import SceneSpec, make_scene
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -38,8 +38,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def decompression_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny valid-looking PNG whose header declares width x height RGB pixels."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def write_hostile_bucket(root: Path) -> dict[str, tuple[str, str | None]]:

@@ -10,12 +10,34 @@ from tests.conftest import REPO
 
 
 def test_help_lists_every_option():
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0
-    for flag in ("--output", "--labels", "--model", "--weights", "--scales", "--flip", "--crf", "--no-crf",
-                 "--crf-bilateral-srgb", "--output-stride", "--infer-actors", "--crf-actors", "--batch-size",
-                 "--run-id", "--resume", "--overwrite", "--limit", "--storage-options", "--crf-backend"):
+    for flag in (
+        "--output",
+        "--labels",
+        "--model",
+        "--weights",
+        "--scales",
+        "--flip",
+        "--crf",
+        "--no-crf",
+        "--crf-bilateral-srgb",
+        "--output-stride",
+        "--infer-actors",
+        "--crf-actors",
+        "--batch-size",
+        "--run-id",
+        "--resume",
+        "--overwrite",
+        "--limit",
+        "--storage-options",
+        "--crf-backend",
+    ):
         assert flag in proc.stdout, flag
 
 
@@ -39,16 +61,19 @@ def test_crf_backend_is_validated_in_the_config_too():
         ComputeConfig(crf_backend="densecrf")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["s3://b/in"], "--output is required"),
-    (["x", "--output", "o", "--scales", "0.5,a"], "comma-separated"),
-    (["x", "--output", "o", "--infer-actors", "3-1"], "infer_actors must be MIN-MAX"),
-    (["x", "--output", "o", "--storage-options", "[1]"], "JSON object"),
-    (["x", "--output", "o", "--crf-iterations", "0"], "iterations must be >= 1"),
-    (["x", "--output", "o", "--model", "nope"], "invalid choice"),
-    (["x", "--output", "o", "--crf-backend", "cuda"], "--crf-backend: invalid choice"),
-    (["x", "--output", "o", "--resume"], "--resume needs the --run-id"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["s3://b/in"], "--output is required"),
+        (["x", "--output", "o", "--scales", "0.5,a"], "comma-separated"),
+        (["x", "--output", "o", "--infer-actors", "3-1"], "infer_actors must be MIN-MAX"),
+        (["x", "--output", "o", "--storage-options", "[1]"], "JSON object"),
+        (["x", "--output", "o", "--crf-iterations", "0"], "iterations must be >= 1"),
+        (["x", "--output", "o", "--model", "nope"], "invalid choice"),
+        (["x", "--output", "o", "--crf-backend", "cuda"], "--crf-backend: invalid choice"),
+        (["x", "--output", "o", "--resume"], "--resume needs the --run-id"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -64,7 +89,18 @@ def test_bad_inputs_fail_before_any_work(tmp_path, capsys):
     assert "no images" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main([str(empty), "--output", str(tmp_path / "o"), "--weights", f"{REPO}/pipeline/assets/deeplabv3plus_demo.safetensors#sha256={'1' * 64}"]) == 2
+    assert (
+        main(
+            [
+                str(empty),
+                "--output",
+                str(tmp_path / "o"),
+                "--weights",
+                f"{REPO}/pipeline/assets/deeplabv3plus_demo.safetensors#sha256={'1' * 64}",
+            ]
+        )
+        == 2
+    )
     assert "checksum mismatch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing was written
 
@@ -92,10 +128,34 @@ def test_every_config_field_is_a_flag_with_help(cls):
 
 
 def test_flags_reach_the_config_they_name():
-    argv = ["s3://b/in", "--output", "s3://b/out", "--run-id", "r1", "--crf-min-prob", "0.001",
-            "--crf-iterations", "5", "--decode-cpus", "0.5", "--precision", "bf16", "--scales", "0.5,1",
-            "--no-gpu", "--infer-actors", "1-3", "--ray-address", "ray://head:10001", "--limit", "7",
-            "--crf-backend", "torch", "--storage-options", '{"anon": true}']
+    argv = [
+        "s3://b/in",
+        "--output",
+        "s3://b/out",
+        "--run-id",
+        "r1",
+        "--crf-min-prob",
+        "0.001",
+        "--crf-iterations",
+        "5",
+        "--decode-cpus",
+        "0.5",
+        "--precision",
+        "bf16",
+        "--scales",
+        "0.5,1",
+        "--no-gpu",
+        "--infer-actors",
+        "1-3",
+        "--ray-address",
+        "ray://head:10001",
+        "--limit",
+        "7",
+        "--crf-backend",
+        "torch",
+        "--storage-options",
+        '{"anon": true}',
+    ]
     config = config_from_args(build_parser().parse_args(argv), build_parser())
     assert (config.input_uri, config.output_uri, config.run_id) == ("s3://b/in", "s3://b/out", "r1")
     assert config.crf.min_prob == 0.001 and config.crf.iterations == 5
@@ -111,15 +171,19 @@ def test_unset_flags_give_the_config_defaults():
     from pipeline.models import DEFAULT_MODEL
 
     config = config_from_args(build_parser().parse_args(["in", "--output", "out", "--run-id", "r"]), build_parser())
-    assert config == JobConfig(input_uri="in", output_uri="out", labels_uri=None, model=DEFAULT_MODEL,
-                               weights_uri=None, run_id="r")
+    assert config == JobConfig(
+        input_uri="in", output_uri="out", labels_uri=None, model=DEFAULT_MODEL, weights_uri=None, run_id="r"
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["x", "--output", "o", "--crf-min-prob", "1.5"], "CRF min prob must be < 1"),
-    (["x", "--output", "o", "--decode-cpus", "0"], "--decode-cpus must be > 0"),
-    (["x", "--output", "o", "--resume", "--overwrite", "--run-id", "r"], "--resume and --overwrite exclude"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["x", "--output", "o", "--crf-min-prob", "1.5"], "CRF min prob must be < 1"),
+        (["x", "--output", "o", "--decode-cpus", "0"], "--decode-cpus must be > 0"),
+        (["x", "--output", "o", "--resume", "--overwrite", "--run-id", "r"], "--resume and --overwrite exclude"),
+    ],
+)
 def test_declared_bounds_are_checked_with_the_flag_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

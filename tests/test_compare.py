@@ -9,8 +9,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.compare import (COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA, RunTables,
-                              compare_batch, compare_tables, join_by_key, mask_disagreement)
+from pipeline.compare import (
+    COMPARISON_CLASSES_SCHEMA,
+    COMPARISON_SCHEMA,
+    RunTables,
+    compare_batch,
+    compare_tables,
+    join_by_key,
+    mask_disagreement,
+)
 from pipeline.compare_text import regression_message
 from pipeline.outputs import committed_runs, run_before
 from pipeline.palette import mask_to_png
@@ -21,25 +28,41 @@ NAMES = ("background", "disc", "box")
 
 def masks_table(rows: dict[str, np.ndarray], miou: dict[str, float] | None = None) -> pa.Table:
     keys = sorted(rows)
-    return pa.table({
-        "key": keys,
-        "uri": [f"file:///in/{k}" for k in keys],
-        "mask": [mask_to_png(rows[k]) for k in keys],
-        "miou": [(miou or {}).get(k) for k in keys],
-        "mean_max_prob": [0.5 + i / 10 for i in range(len(keys))],
-        "class_pixels": [np.bincount(rows[k].ravel(), minlength=len(NAMES)).tolist() for k in keys],
-    })
+    return pa.table(
+        {
+            "key": keys,
+            "uri": [f"file:///in/{k}" for k in keys],
+            "mask": [mask_to_png(rows[k]) for k in keys],
+            "miou": [(miou or {}).get(k) for k in keys],
+            "mean_max_prob": [0.5 + i / 10 for i in range(len(keys))],
+            "class_pixels": [np.bincount(rows[k].ravel(), minlength=len(NAMES)).tolist() for k in keys],
+        }
+    )
 
 
 def classes_table(iou: list[float | None]) -> pa.Table:
-    return pa.table({"class_id": range(len(NAMES)), "class_name": NAMES, "intersect": [0] * len(NAMES),
-                     "union": [0] * len(NAMES), "label_area": [0] * len(NAMES), "iou": iou,
-                     "iou_pre_crf": iou}, schema=CLASSES_SCHEMA)
+    return pa.table(
+        {
+            "class_id": range(len(NAMES)),
+            "class_name": NAMES,
+            "intersect": [0] * len(NAMES),
+            "union": [0] * len(NAMES),
+            "label_area": [0] * len(NAMES),
+            "iou": iou,
+            "iou_pre_crf": iou,
+        },
+        schema=CLASSES_SCHEMA,
+    )
 
 
 def errors_table(rows: list[tuple[str, str, str]]) -> pa.Table:
-    return pa.Table.from_pylist([{"key": k, "uri": k, "stage": s, "error_type": t, "message": f"{t} in {k}",
-                                  "run_id": "x"} for k, s, t in rows], schema=ERRORS_SCHEMA)
+    return pa.Table.from_pylist(
+        [
+            {"key": k, "uri": k, "stage": s, "error_type": t, "message": f"{t} in {k}", "run_id": "x"}
+            for k, s, t in rows
+        ],
+        schema=ERRORS_SCHEMA,
+    )
 
 
 @pytest.fixture()
@@ -50,15 +73,29 @@ def two_runs():
     changed_new = changed_old.copy()
     changed_new[0, :7] = (changed_new[0, :7] + 1) % 3  # exactly 7 of 100 pixels
     resized = np.zeros((10, 10), np.uint8)
-    old = RunTables("night-1", masks_table({"a.jpg": same, "same.jpg": same, "changed.jpg": changed_old,
-                                            "resized.jpg": resized}, {"same.jpg": 0.7}),
-                    errors_table([("bad.jpg", "decode", "UnidentifiedImageError")]),
-                    classes_table([0.9, 0.8, None]))
-    new = RunTables("night-2", masks_table({"same.jpg": same, "changed.jpg": changed_new, "d.jpg": same,
-                                            "resized.jpg": np.zeros((12, 10), np.uint8)}, {"same.jpg": 0.6}),
-                    errors_table([("bad.jpg", "decode", "UnidentifiedImageError"), ("x.jpg", "label", "InvalidInput"),
-                                  ("y.jpg", "label", "InvalidInput")]),
-                    classes_table([0.85, 0.5, None]))
+    old = RunTables(
+        "night-1",
+        masks_table(
+            {"a.jpg": same, "same.jpg": same, "changed.jpg": changed_old, "resized.jpg": resized}, {"same.jpg": 0.7}
+        ),
+        errors_table([("bad.jpg", "decode", "UnidentifiedImageError")]),
+        classes_table([0.9, 0.8, None]),
+    )
+    new = RunTables(
+        "night-2",
+        masks_table(
+            {"same.jpg": same, "changed.jpg": changed_new, "d.jpg": same, "resized.jpg": np.zeros((12, 10), np.uint8)},
+            {"same.jpg": 0.6},
+        ),
+        errors_table(
+            [
+                ("bad.jpg", "decode", "UnidentifiedImageError"),
+                ("x.jpg", "label", "InvalidInput"),
+                ("y.jpg", "label", "InvalidInput"),
+            ]
+        ),
+        classes_table([0.85, 0.5, None]),
+    )
     return old, new, {"same": same, "changed_old": changed_old, "changed_new": changed_new}
 
 
@@ -72,7 +109,12 @@ def test_images_classes_and_errors(two_runs):
     assert images.schema.equals(COMPARISON_SCHEMA) and c.classes.schema.equals(COMPARISON_CLASSES_SCHEMA)
     rows = {r["key"]: r for r in images.to_pylist()}
     assert {k: r["status"] for k, r in rows.items()} == {
-        "a.jpg": "removed", "d.jpg": "added", "same.jpg": "both", "changed.jpg": "both", "resized.jpg": "both"}
+        "a.jpg": "removed",
+        "d.jpg": "added",
+        "same.jpg": "both",
+        "changed.jpg": "both",
+        "resized.jpg": "both",
+    }
     assert rows["same.jpg"]["disagreement"] == 0.0
     assert rows["changed.jpg"]["disagreement"] == pytest.approx(0.07)
     assert rows["resized.jpg"]["disagreement"] == 1.0  # a resized input matches nowhere
@@ -81,7 +123,9 @@ def test_images_classes_and_errors(two_runs):
     assert (c.count("both"), c.count("added"), c.count("removed"), c.changed_images) == (3, 1, 1, 2)
     assert [e.key for e in c.examples] == ["resized.jpg", "changed.jpg"]
     changed = c.examples[1]
-    assert changed.mask_old == mask_to_png(masks["changed_old"]) and changed.mask_new == mask_to_png(masks["changed_new"])
+    assert changed.mask_old == mask_to_png(masks["changed_old"]) and changed.mask_new == mask_to_png(
+        masks["changed_new"]
+    )
     assert changed.uri == "file:///in/changed.jpg" and changed.disagreement == pytest.approx(0.07)
 
     assert c.miou_old == pytest.approx(0.85) and c.miou_new == pytest.approx(0.675)
@@ -98,14 +142,18 @@ def test_images_classes_and_errors(two_runs):
     np.testing.assert_allclose([r["pixel_share_new"] for r in classes], share_new)
 
     assert [(e.stage, e.error_type, e.count, e.example_key) for e in c.new_errors] == [
-        ("label", "InvalidInput", 2, "x.jpg")]
+        ("label", "InvalidInput", 2, "x.jpg")
+    ]
 
 
 def test_regressions(two_runs):
     old, new, _ = two_runs
     c = compare_runs(old, new)
-    assert c.regressions(0.02) == ["mIoU 0.8500 -> 0.6750 (-0.1750)", "IoU of disc 0.8000 -> 0.5000 (-0.3000)",
-                                   "IoU of background 0.9000 -> 0.8500 (-0.0500)"]
+    assert c.regressions(0.02) == [
+        "mIoU 0.8500 -> 0.6750 (-0.1750)",
+        "IoU of disc 0.8000 -> 0.5000 (-0.3000)",
+        "IoU of background 0.9000 -> 0.8500 (-0.0500)",
+    ]
     assert c.regressions(0.1) == c.regressions(0.02)[:2]  # background's -0.05 is within 0.1
     assert c.regressions(0.31) == [] and regression_message(c, 0.31) is None
     line = regression_message(c, 0.02)
@@ -143,7 +191,9 @@ def test_any_split_into_parts_sums_to_the_whole(two_runs):
     old, new, _ = two_runs
     joined = join_by_key(old.masks, new.masks)
     whole_rows, whole = compare_batch(joined, run_id="n", against="o", examples=4)
-    first, second = (compare_batch(t, run_id="n", against="o", examples=4) for t in (joined.slice(0, 2), joined.slice(2)))
+    first, second = (
+        compare_batch(t, run_id="n", against="o", examples=4) for t in (joined.slice(0, 2), joined.slice(2))
+    )
     summed = first[1] + second[1]
     assert summed.statuses == whole.statuses and summed.changed == whole.changed
     assert summed.disagreement_sum == pytest.approx(whole.disagreement_sum)
@@ -165,11 +215,13 @@ def test_committed_runs_in_commit_order_and_run_before(tmp_path):
     assert committed_runs(str(tmp_path / "missing")) == []
 
 
-
-@pytest.mark.parametrize("argv, message", [
-    (["--fail-on-regression", "0.02"], "--fail-on-regression needs --compare-previous"),
-    (["--compare-previous", "--fail-on-regression", "-1"], "--fail-on-regression must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--fail-on-regression", "0.02"], "--fail-on-regression needs --compare-previous"),
+        (["--compare-previous", "--fail-on-regression", "-1"], "--fail-on-regression must be >= 0"),
+    ],
+)
 def test_job_regression_flags_are_checked_before_any_work(argv, message, tmp_path, capsys):
     from pipeline.cli import main
 

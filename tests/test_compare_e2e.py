@@ -26,10 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.cli import main
 from pipeline.compare import COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA
 from pipeline.images import decode_image
 from pipeline.inference import load_model, predict_probs
-from pipeline.cli import main
 from pipeline.weights import DEMO_WEIGHTS
 from tests.conftest import REPO, free_port, make_bucket, sql_block
 
@@ -65,8 +65,9 @@ def run_job(argv: list[str]) -> SimpleNamespace:
 
 
 def compare_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "jobs" / "compare_runs.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "compare_runs.py"), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +79,49 @@ def nights(ray_local, tmp_path_factory):
     Image.fromarray(np.full((64, 96, 3), 128, np.uint8)).save(bucket / "images" / "blank.png")
     out = root / "out"
     port = free_port()
-    gateway = subprocess.Popen([shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway",
-                                f"--web.listen-address=127.0.0.1:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    common = [str(bucket / "images"), "--labels", str(bucket / "labels"), "--output", str(out),
-              "--compare-previous", "--pushgateway", f"http://127.0.0.1:{port}"]
+    gateway = subprocess.Popen(
+        [
+            shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    common = [
+        str(bucket / "images"),
+        "--labels",
+        str(bucket / "labels"),
+        "--output",
+        str(out),
+        "--compare-previous",
+        "--pushgateway",
+        f"http://127.0.0.1:{port}",
+    ]
     try:
         night1 = run_job(common + ["--run-id", "night-1"])
         night2 = run_job(common + ["--run-id", "night-2", "--crf-bilateral-srgb", "30", "--fail-on-regression", "0.5"])
         pushed = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         # A new kind of bad input: an empty image (corrupt.jpg, truncated, fails every night).
         (bucket / "images" / "extra.jpg").write_bytes(b"")
-        night3 = run_job(common + ["--run-id", "night-3", "--crf-bilateral-srgb", "30", "--fail-on-regression", "0.02",
-                                   "--weights", degraded_checkpoint(root / "degraded.safetensors")])
+        night3 = run_job(
+            common
+            + [
+                "--run-id",
+                "night-3",
+                "--crf-bilateral-srgb",
+                "30",
+                "--fail-on-regression",
+                "0.02",
+                "--weights",
+                degraded_checkpoint(root / "degraded.safetensors"),
+            ]
+        )
     finally:
         gateway.terminate()
         gateway.wait(timeout=10)
-    return SimpleNamespace(bucket=bucket, out=out, pushed=pushed,
-                           jobs={"night-1": night1, "night-2": night2, "night-3": night3})
+    return SimpleNamespace(
+        bucket=bucket, out=out, pushed=pushed, jobs={"night-1": night1, "night-2": night2, "night-3": night3}
+    )
 
 
 def masks_of(nights, run_id: str) -> dict[str, dict]:
@@ -147,7 +173,8 @@ def test_comparison_finds_exactly_the_changed_masks(nights):
     expected = {key: float((ids(old[key]["mask"]) != ids(new[key]["mask"])).mean()) for key in new}
     rows = {r["key"]: r for r in images.to_pylist()}
     assert {k: (r["status"], r["disagreement"]) for k, r in rows.items()} == {
-        k: ("both", d) for k, d in expected.items()}
+        k: ("both", d) for k, d in expected.items()
+    }
     changed = {k for k, d in expected.items() if d > 0}
     assert changed and "blank.png" not in changed, "a 10x colour bandwidth changes the CRF masks of real scenes"
     assert {k for k, r in rows.items() if r["disagreement"] > 0} == changed
@@ -167,7 +194,7 @@ def test_comparison_finds_exactly_the_changed_masks(nights):
 
     # The night's Pushgateway summary carries the comparison.
     def gauge(name: str) -> float:
-        line = next(l for l in nights.pushed.splitlines() if l.startswith(name + "{"))
+        line = next(ln for ln in nights.pushed.splitlines() if ln.startswith(name + "{"))
         assert 'against="night-1"' in line and 'run_id="night-2"' in line
         return float(line.split()[-1])
 
@@ -189,15 +216,17 @@ def test_comparison_finds_exactly_the_changed_masks(nights):
 def test_degraded_model_trips_the_regression_gate(nights):
     job = nights.jobs["night-3"]
     assert job.rc == 3, job.stderr[-3000:]
-    reasons = [l for l in job.stderr.splitlines() if l.startswith("segment_bucket.py:")]
-    assert len(reasons) == 1 and reasons[0].startswith("segment_bucket.py: regression against run night-2 "
-                                                       "(threshold 0.02): mIoU")
+    reasons = [ln for ln in job.stderr.splitlines() if ln.startswith("segment_bucket.py:")]
+    assert len(reasons) == 1 and reasons[0].startswith(
+        "segment_bucket.py: regression against run night-2 (threshold 0.02): mIoU"
+    )
     run_dir = nights.out / "run=night-3"
     assert (run_dir / "_SUCCESS").exists()  # committed first: the exit code is the alarm, the outputs stay
     summary = json.loads((run_dir / "comparison.json").read_text())
     assert summary["miou_delta"] < -0.02
     assert [(e["stage"], e["error_type"], e["example_key"]) for e in summary["new_errors"]] == [
-        ("decode", "ValueError", "extra.jpg")]
+        ("decode", "ValueError", "extra.jpg")
+    ]
     assert summary["images"] == {"both": 5, "added": 0, "removed": 0}
     written = pq.read_table(run_dir / "comparison").sort_by("key")
 
@@ -223,7 +252,8 @@ def test_docs_queries(nights):
     con = duckdb.connect()
     queue, classes, changes, deltas, trend = [
         con.execute(q.replace("outputs/", f"{nights.out}/").replace("<id>", "night-2")).fetchall()
-        for q in docs_queries()]
+        for q in docs_queries()
+    ]
     masks = masks_of(nights, "night-2")
 
     assert [r[0] for r in queue] == sorted(UNLABELLED, key=lambda k: masks[k]["mean_max_prob"])
@@ -242,8 +272,9 @@ def test_docs_queries(nights):
     assert [r[2] for r in classes] == sorted(r[2] for r in classes)
 
     comparison = pq.read_table(nights.out / "run=night-2" / "comparison").to_pylist()
-    assert sorted((r[0], r[1]) for r in changes) == sorted((r["key"], r["disagreement"]) for r in comparison
-                                                           if r["disagreement"])
+    assert sorted((r[0], r[1]) for r in changes) == sorted(
+        (r["key"], r["disagreement"]) for r in comparison if r["disagreement"]
+    )
     assert len(deltas) == len(names)
     assert [(r[0], r[1]) for r in trend] == [("night-1", 5), ("night-2", 5), ("night-3", 5)]
     assert all(1 / len(names) <= r[2] <= 1 for r in trend)
@@ -260,8 +291,13 @@ def test_compare_runs_on_s3(nights, s3_env, s3_server):
     fs.put(str(nights.out) + "/", "cmp/out/", recursive=True)
     fs.rm([p for p in fs.find("cmp/out/run=night-3") if "/comparison" in p])
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server}
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "compare_runs.py"), "s3://cmp/out"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "compare_runs.py"), "s3://cmp/out"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "run night-3 against run night-2" in proc.stdout
     assert "s3://cmp/out/run=night-3/comparison/" in proc.stdout

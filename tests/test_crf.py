@@ -74,19 +74,31 @@ def test_actor_records_crf_ms_and_turns_failures_into_error_rows():
     image, truth = two_colour_image(20, 30)
     probs = (np.stack([1.0 - truth, truth]) * 0.8 + 0.1).astype(np.float16)
     batch = {
-        "key": np.array(["ok.jpg", "broken.jpg"]), "uri": np.array(["u1", "u2"]),
-        "height": np.array([20, 20]), "width": np.array([30, 30]), "exif_orientation": np.array([0, 0]),
-        "mean_max_prob": np.array([0.9, 0.9]), "mean_entropy": np.array([0.3, 0.3]),
-        "mean_entropy_norm": np.array([0.4, 0.4]), "low_conf_fraction": np.array([0.0, 0.0]),
+        "key": np.array(["ok.jpg", "broken.jpg"]),
+        "uri": np.array(["u1", "u2"]),
+        "height": np.array([20, 20]),
+        "width": np.array([30, 30]),
+        "exif_orientation": np.array([0, 0]),
+        "mean_max_prob": np.array([0.9, 0.9]),
+        "mean_entropy": np.array([0.3, 0.3]),
+        "mean_entropy_norm": np.array([0.4, 0.4]),
+        "low_conf_fraction": np.array([0.0, 0.0]),
         "image": np.array([image.tobytes(), image.tobytes()], dtype=object),
-        "label": np.array([truth.tobytes(), b""], dtype=object), "has_label": np.array([True, False]), "label_error": np.array(["", ""]),
+        "label": np.array([truth.tobytes(), b""], dtype=object),
+        "has_label": np.array([True, False]),
+        "label_error": np.array(["", ""]),
         "mask_pre": np.array([truth.tobytes(), truth.tobytes()], dtype=object),
         "probs": np.array([probs.tobytes(), probs.tobytes()[:100]], dtype=object),  # truncated probs → failure
-        "infer_ms": np.array([5.0, 5.0]), "infer_node": np.array(["n1", "n1"]), "infer_tile": np.array([0, 0]),
-        "error_stage": np.array(["", ""]), "error_type": np.array(["", ""]), "error_message": np.array(["", ""]),
+        "infer_ms": np.array([5.0, 5.0]),
+        "infer_node": np.array(["n1", "n1"]),
+        "infer_tile": np.array([0, 0]),
+        "error_stage": np.array(["", ""]),
+        "error_type": np.array(["", ""]),
+        "error_message": np.array(["", ""]),
     }
-    table = CRFRefiner(params=CRFParams(), num_classes=2, model="m", weights_sha256="0" * 64, run_id="r",
-                       probs_encoding="float16")(batch)
+    table = CRFRefiner(
+        params=CRFParams(), num_classes=2, model="m", weights_sha256="0" * 64, run_id="r", probs_encoding="float16"
+    )(batch)
     rows = {r["key"]: r for r in table.to_pylist()}
     assert rows["ok.jpg"]["crf_ms"] > 0 and rows["ok.jpg"]["error_stage"] is None
     assert rows["ok.jpg"]["miou"] == pytest.approx(1.0)

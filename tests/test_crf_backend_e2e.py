@@ -36,15 +36,29 @@ def test_cpu_run_with_the_torch_backend_matches_the_pydensecrf_run(ray_local, lo
     for backend in ("pydensecrf", "torch"):
         out = tmp_path / backend
         parser = build_parser()
-        args = parser.parse_args([str(local_bucket / "images"), "--labels", str(local_bucket / "labels"),
-                                  "--output", str(out), "--run-id", "r", "--crf-backend", backend])
+        args = parser.parse_args(
+            [
+                str(local_bucket / "images"),
+                "--labels",
+                str(local_bucket / "labels"),
+                "--output",
+                str(out),
+                "--run-id",
+                "r",
+                "--crf-backend",
+                backend,
+            ]
+        )
         run(config_from_args(args, parser))
         tables[backend] = _masks(out / "run=r")
         errors[backend] = pq.read_table(out / "run=r" / "errors").select(["key", "stage", "error_type"]).to_pylist()
         manifests[backend] = json.loads((out / "run=r" / "manifest.json").read_text())
     assert tables["torch"].schema.equals(tables["pydensecrf"].schema)
-    assert errors["torch"] == errors["pydensecrf"] == [{"key": "corrupt.jpg", "stage": "decode",
-                                                        "error_type": errors["torch"][0]["error_type"]}]
+    assert (
+        errors["torch"]
+        == errors["pydensecrf"]
+        == [{"key": "corrupt.jpg", "stage": "decode", "error_type": errors["torch"][0]["error_type"]}]
+    )
     resources = {b: manifests[b]["resources"] for b in manifests}
     assert resources["torch"]["crf_backend"] == "torch" and resources["pydensecrf"]["crf_backend"] == "pydensecrf"
     assert resources["torch"]["crf_fused"] and resources["torch"]["crf_actors"] is None
@@ -54,8 +68,11 @@ def test_cpu_run_with_the_torch_backend_matches_the_pydensecrf_run(ray_local, lo
     for key, pyd in rows["pydensecrf"].items():
         torch_row = rows["torch"][key]
         assert torch_row["mask_pre_crf"] == pyd["mask_pre_crf"]  # the same inference in both runs
-        assert all(row[c] is not None for row in (torch_row, pyd) for c in ("crf_ms", "crf_changed_fraction",
-                                                                           "miou", "intersect", "union"))
+        assert all(
+            row[c] is not None
+            for row in (torch_row, pyd)
+            for c in ("crf_ms", "crf_changed_fraction", "miou", "intersect", "union")
+        )
         assert torch_row["crf_ms"] > 0 and torch_row["has_label"]
         mask, reference = _pixels(torch_row["mask"]), _pixels(pyd["mask"])
         same, total = same + int((mask == reference).sum()), total + mask.size
@@ -73,9 +90,25 @@ def test_an_image_the_torch_crf_cannot_allocate_for_is_refined_by_pydensecrf(tmp
     Image.fromarray(noise).save(bucket / "images" / "noise.png")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", MEMORY_LIMIT: "1000"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), str(bucket / "images"),
-                           "--labels", str(bucket / "labels"), "--output", str(tmp_path / "out"), "--run-id", "f",
-                           "--crf-backend", "torch"], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "segment_bucket.py"),
+            str(bucket / "images"),
+            "--labels",
+            str(bucket / "labels"),
+            "--output",
+            str(tmp_path / "out"),
+            "--run-id",
+            "f",
+            "--crf-backend",
+            "torch",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "out" / "run=f"
     assert (run_dir / "_SUCCESS").exists()
@@ -90,16 +123,17 @@ def test_an_image_the_torch_crf_cannot_allocate_for_is_refined_by_pydensecrf(tmp
     assert noise_row["crf_ms"] > 0 and noise_row["mask_pre_crf"] and noise_row["crf_changed_fraction"] is not None
 
     # What the pydensecrf CPU backend gives for this image's probabilities (as the CRF pool receives them).
+    from pipeline.checkpoints import normalisation
     from pipeline.config import CRFParams, InferenceConfig
     from pipeline.crf import dense_crf
     from pipeline.inference import infer_batch, load_model
     from pipeline.probs import decode_probs, encode_probs
-    from pipeline.checkpoints import normalisation
     from pipeline.weights import DEMO_WEIGHTS
 
     model, _, categories = load_model(DEMO_WEIGHTS.model, None)
     mean, std = normalisation(DEMO_WEIGHTS.mean, DEMO_WEIGHTS.std, "cpu")
     probs = infer_batch(model, [noise], mean=mean, std=std, config=InferenceConfig())[0]
-    reference = dense_crf(noise, decode_probs(encode_probs(probs, "uint8"), "uint8", (len(categories), 600, 800)),
-                          CRFParams())
+    reference = dense_crf(
+        noise, decode_probs(encode_probs(probs, "uint8"), "uint8", (len(categories), 600, 800)), CRFParams()
+    )
     assert (_pixels(noise_row["mask"]) == reference).mean() >= 0.999

@@ -53,8 +53,17 @@ def _rows(n: int = 3, classes: int = 6):
 
 
 def _columns(n: int) -> dict[str, list]:
-    return add_columns({"key": [f"k{i}" for i in range(n)], "error_stage": [""] * n, "error_type": [""] * n,
-                        "error_message": [""] * n, "probs": [b""] * n}, "crf", n)
+    return add_columns(
+        {
+            "key": [f"k{i}" for i in range(n)],
+            "error_stage": [""] * n,
+            "error_type": [""] * n,
+            "error_message": [""] * n,
+            "probs": [b""] * n,
+        },
+        "crf",
+        n,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -62,8 +71,14 @@ def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_s
     rows = _rows()
     outs = {}
     for backend in ("pydensecrf", "torch"):
-        crf = FusedCRF(CRFParams(), backend=backend, encoding="uint8", num_classes=6, node_id="node",
-                       device=torch.device(device if backend == "torch" else "cpu"))
+        crf = FusedCRF(
+            CRFParams(),
+            backend=backend,
+            encoding="uint8",
+            num_classes=6,
+            node_id="node",
+            device=torch.device(device if backend == "torch" else "cpu"),
+        )
         outs[backend] = _columns(len(rows))
         crf(outs[backend], [(i, image, p.to(crf.device), None) for i, image, p in rows])
     for out in outs.values():
@@ -85,13 +100,30 @@ def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
     from pipeline.weights import DEMO_WEIGHTS as W
 
     uris = sorted(str(p) for p in (DEMO_BUCKET / "images").glob("*.jpg"))[:4]
-    batch = decode_batch({"key": np.array(uris), "uri": np.array(uris), "label_uri": np.array([""] * len(uris))},
-                         storage_options={}, num_classes=len(W.categories), max_pixels=None)
+    batch = decode_batch(
+        {"key": np.array(uris), "uri": np.array(uris), "label_uri": np.array([""] * len(uris))},
+        storage_options={},
+        num_classes=len(W.categories),
+        max_pixels=None,
+    )
     tables = {}
     for backend, gpu in (("torch", True), ("pydensecrf", False)):
-        seg = Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
-                        weights_sha256=W.sha256, num_classes=len(W.categories), use_gpu=gpu, threads=1,
-                        crf_follows=False, run_id="t", mean=W.mean, std=W.std, crf=CRFParams(), crf_backend=backend)
+        seg = Segmenter(
+            model=W.model,
+            weights_uri=None,
+            storage_options={},
+            inference=InferenceConfig(),
+            weights_sha256=W.sha256,
+            num_classes=len(W.categories),
+            use_gpu=gpu,
+            threads=1,
+            crf_follows=False,
+            run_id="t",
+            mean=W.mean,
+            std=W.std,
+            crf=CRFParams(),
+            crf_backend=backend,
+        )
         assert seg.device.type == ("cuda" if gpu else "cpu")
         tables[backend] = seg(dict(batch)).to_pylist()
     for gpu_row, cpu_row in zip(tables["torch"], tables["pydensecrf"]):
@@ -112,16 +144,40 @@ def test_fused_and_pooled_layouts_write_the_same_rows():
     from pipeline.weights import DEMO_WEIGHTS as W
 
     images = sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:4]
-    batch = decode_batch({"key": np.array([p.name for p in images]), "uri": np.array([str(p) for p in images]),
-                          "label_uri": np.array([str(DEMO_BUCKET / "labels" / f"{p.stem}.png") for p in images])},
-                         storage_options={}, num_classes=len(W.categories), max_pixels=None)
-    common = dict(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
-                  weights_sha256=W.sha256, num_classes=len(W.categories), use_gpu=False, threads=1, run_id="t",
-                  mean=W.mean, std=W.std, actor_memory_mib=2048)
+    batch = decode_batch(
+        {
+            "key": np.array([p.name for p in images]),
+            "uri": np.array([str(p) for p in images]),
+            "label_uri": np.array([str(DEMO_BUCKET / "labels" / f"{p.stem}.png") for p in images]),
+        },
+        storage_options={},
+        num_classes=len(W.categories),
+        max_pixels=None,
+    )
+    common = dict(
+        model=W.model,
+        weights_uri=None,
+        storage_options={},
+        inference=InferenceConfig(),
+        weights_sha256=W.sha256,
+        num_classes=len(W.categories),
+        use_gpu=False,
+        threads=1,
+        run_id="t",
+        mean=W.mean,
+        std=W.std,
+        actor_memory_mib=2048,
+    )
     fused = Segmenter(**common, crf_follows=False, crf=CRFParams(), crf_backend="pydensecrf")(batch)
     probs = Segmenter(**common, crf_follows=True)(batch)
-    pooled = CRFRefiner(params=CRFParams(), num_classes=len(W.categories), model=W.model, weights_sha256=W.sha256,
-                        run_id="t", actor_memory_mib=2048)(probs)
+    pooled = CRFRefiner(
+        params=CRFParams(),
+        num_classes=len(W.categories),
+        model=W.model,
+        weights_sha256=W.sha256,
+        run_id="t",
+        actor_memory_mib=2048,
+    )(probs)
     assert isinstance(fused, pa.Table) and fused.column("has_label").to_pylist() == [True] * 4
     timing = {"infer_ms", "crf_ms", "infer_node", "crf_node"}
     columns = [c for c in fused.column_names if c not in timing]

@@ -24,8 +24,12 @@ MIN_AGREEMENT = 0.999
 BOTH = CRFParams()
 GAUSSIAN_ONLY = CRFParams(bilateral_compat=0.0)
 BILATERAL_ONLY = CRFParams(gaussian_compat=0.0)
-KERNELS = {"both": BOTH, "gaussian only": GAUSSIAN_ONLY, "bilateral only": BILATERAL_ONLY,
-           "tiny weights": CRFParams(gaussian_compat=1e-3, bilateral_compat=1e-3)}
+KERNELS = {
+    "both": BOTH,
+    "gaussian only": GAUSSIAN_ONLY,
+    "bilateral only": BILATERAL_ONLY,
+    "tiny weights": CRFParams(gaussian_compat=1e-3, bilateral_compat=1e-3),
+}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -83,8 +87,8 @@ def demo_model_case():
     """Demo DeepLabv3+ probabilities (6 classes) for a demo bucket image at half size."""
     for module in ("ray", "timm", "safetensors"):
         pytest.importorskip(module)
-    from pipeline.inference import load_model, predict_probs
     from pipeline.checkpoints import normalisation
+    from pipeline.inference import load_model, predict_probs
 
     model, _, categories = load_model("deeplabv3plus_demo", None)
     rgb = Image.open(sorted((DEMO_BUCKET / "images").glob("*.jpg"))[0]).convert("RGB")
@@ -145,8 +149,9 @@ def test_same_result_twice_and_with_two_threads_bitwise_on_cpu(voc_photo):
 
 
 def test_batch_equals_single_images_and_keeps_order():
-    cases = [scene_case(seed, h, w, c) for seed, (h, w, c) in enumerate([(40, 50, 6), (33, 47, 6), (40, 50, 3),
-                                                                         (20, 20, 6)])]
+    cases = [
+        scene_case(seed, h, w, c) for seed, (h, w, c) in enumerate([(40, 50, 6), (33, 47, 6), (40, 50, 3), (20, 20, 6)])
+    ]
     single = [dense_crf_torch(image, probs) for image, probs in cases]
     for merge in (None, True, False):
         batch = dense_crf_torch_batch([c[0] for c in cases], [c[1] for c in cases], BOTH, merge=merge)
@@ -187,10 +192,17 @@ def test_inputs_numpy_views_float64_and_tensors():
     assert torch.equal(dense_crf_torch(torch.from_numpy(image), torch.from_numpy(probs)), expected)
 
 
-@pytest.mark.parametrize("image_shape, probs_shape, match", [
-    ((10, 10), (2, 10, 10), "image must be"), ((10, 10, 4), (2, 10, 10), "image must be"),
-    ((10, 10, 3), (2, 10, 11), "probs must be"), ((10, 10, 3), (10, 10), "probs must be"),
-    ((10, 10, 3), (0, 10, 10), "classes"), ((10, 10, 3), (257, 10, 10), "classes")])
+@pytest.mark.parametrize(
+    "image_shape, probs_shape, match",
+    [
+        ((10, 10), (2, 10, 10), "image must be"),
+        ((10, 10, 4), (2, 10, 10), "image must be"),
+        ((10, 10, 3), (2, 10, 11), "probs must be"),
+        ((10, 10, 3), (10, 10), "probs must be"),
+        ((10, 10, 3), (0, 10, 10), "classes"),
+        ((10, 10, 3), (257, 10, 10), "classes"),
+    ],
+)
 def test_shape_validation(image_shape, probs_shape, match):
     with pytest.raises(ValueError, match=match):
         dense_crf_torch(np.zeros(image_shape, np.uint8), np.ones(probs_shape, np.float32))
@@ -208,8 +220,9 @@ def test_batch_length_mismatch():
 def test_cuda_agrees_with_cpu(params):
     for image, probs in (scene_case(21, 120, 160, 21), scene_case(22, 17, 23, 2)):
         labels, q = dense_crf_torch(image, probs, params, return_probs=True)
-        gpu_labels, gpu_q = dense_crf_torch(torch.from_numpy(image).cuda(), torch.from_numpy(probs).cuda(), params,
-                                            return_probs=True)
+        gpu_labels, gpu_q = dense_crf_torch(
+            torch.from_numpy(image).cuda(), torch.from_numpy(probs).cuda(), params, return_probs=True
+        )
         assert gpu_labels.device.type == "cuda" and gpu_q.device.type == "cuda"
         assert (gpu_labels.cpu() == labels).float().mean().item() >= MIN_AGREEMENT
         assert (gpu_q.cpu() - q).abs().max().item() <= MAX_DQ
@@ -217,11 +230,16 @@ def test_cuda_agrees_with_cpu(params):
 
 @cuda
 def test_cuda_batch_merged_agrees_with_cpu_and_keeps_order():
-    cases = [scene_case(30, 120, 160, 21), scene_case(31, 60, 70, 21), scene_case(32, 120, 160, 6),
-             scene_case(33, 120, 160, 21)]
+    cases = [
+        scene_case(30, 120, 160, 21),
+        scene_case(31, 60, 70, 21),
+        scene_case(32, 120, 160, 6),
+        scene_case(33, 120, 160, 21),
+    ]
     cpu = [dense_crf_torch(image, probs) for image, probs in cases]
-    gpu = dense_crf_torch_batch([torch.from_numpy(im).cuda() for im, _ in cases],
-                                [torch.from_numpy(p).cuda() for _, p in cases], BOTH)
+    gpu = dense_crf_torch_batch(
+        [torch.from_numpy(im).cuda() for im, _ in cases], [torch.from_numpy(p).cuda() for _, p in cases], BOTH
+    )
     for expected, got in zip(cpu, gpu):
         assert got.device.type == "cuda" and got.shape == expected.shape
         assert (got.cpu() == expected).float().mean().item() >= MIN_AGREEMENT

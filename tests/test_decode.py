@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 from pipeline.decode import fetch_all
-
 from tests.conftest import REPO
 
 

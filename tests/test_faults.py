@@ -70,8 +70,19 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
     GPU plan's CPU CRF pool. A killed writer's part is rewritten under the same name."""
     bucket = make_bucket(tmp_path / "bucket", n=8)
     out = tmp_path / "out"
-    args = [str(bucket / "images"), "--labels", str(bucket / "labels"), "--output", str(out),
-            "--run-id", "killed", "--batch-size", "1", "--rows-per-file", "2"]
+    args = [
+        str(bucket / "images"),
+        "--labels",
+        str(bucket / "labels"),
+        "--output",
+        str(out),
+        "--run-id",
+        "killed",
+        "--batch-size",
+        "1",
+        "--rows-per-file",
+        "2",
+    ]
     if udf == "CRFRefiner":
         cmd = [sys.executable, "-c", _FAKE_GPU_JOB, *args, "--crf-backend", "pydensecrf"]
     else:
@@ -79,8 +90,15 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
     # Decoding 64x64 JPEGs or writing 2 rows takes milliseconds: too short to find that actor busy.
     slow = {"Decoder": "decode=0.5", "PartWriter": "write=0.5"}
     slow = {"DEEPLAB_PIPELINE_TEST_PAUSE": slow[udf]} if udf in slow else {}
-    job = subprocess.Popen(cmd, cwd=REPO, env=job_env(PYTHONPATH=str(REPO), **slow), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=job_env(PYTHONPATH=str(REPO), **slow),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     title = f"ray::MapWorker(MapBatches({udf}))"
     try:
         # Ray titles a busy actor "ray::<class>.<method>": wait until this one works on a batch.
@@ -130,9 +148,23 @@ def test_transient_s3_faults_are_retried_and_denied_objects_become_read_errors(s
         proxy.fail("404", r"^/flaky/in/images/vanished\.jpg$", method="GET")
         started = time.time()
         proc = subprocess.run(
-            job_cmd("s3://flaky/in/images", "--labels", "s3://flaky/in/labels", "--output", "s3://flaky/out",
-                    "--run-id", "f", "--no-crf", "--batch-size", "2"),
-            env=job_env(**S3_ENV, AWS_ENDPOINT_URL=proxy.endpoint), capture_output=True, text=True, timeout=900)
+            job_cmd(
+                "s3://flaky/in/images",
+                "--labels",
+                "s3://flaky/in/labels",
+                "--output",
+                "s3://flaky/out",
+                "--run-id",
+                "f",
+                "--no-crf",
+                "--batch-size",
+                "2",
+            ),
+            env=job_env(**S3_ENV, AWS_ENDPOINT_URL=proxy.endpoint),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         elapsed = time.time() - started
         assert proc.returncode == 0, proc.stderr[-4000:]
         for rule in (flaky_503, flaky_reset, part_503, part_reset):
@@ -149,8 +181,10 @@ def test_transient_s3_faults_are_retried_and_denied_objects_become_read_errors(s
     assert sorted(r["key"] for r in masks) == [k for k in keys if k not in ("denied.jpg", "vanished.jpg")]
     by_key = {r["key"]: r for r in errors}
     assert set(by_key) == {"denied.jpg", "vanished.jpg"}
-    for key, error_type, reason in (("denied.jpg", "PermissionError", "Access Denied"),
-                                    ("vanished.jpg", "FileNotFoundError", "does not exist")):
+    for key, error_type, reason in (
+        ("denied.jpg", "PermissionError", "Access Denied"),
+        ("vanished.jpg", "FileNotFoundError", "does not exist"),
+    ):
         error = by_key[key]
         assert error["stage"] == "read" and error["error_type"] == error_type, error
         assert error["message"].startswith(f"cannot read s3://flaky/in/images/{key}: ") and reason in error["message"]

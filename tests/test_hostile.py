@@ -26,10 +26,25 @@ def test_hostile_bucket_on_s3(s3_env, s3_server, tmp_path):
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), "s3://hostile/in/images", "--labels",
-         "s3://hostile/in/labels", "--output", "s3://hostile/out", "--run-id", "h",
-         "--scales", "0.5,1.0", "--flip"],
-        env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            str(REPO / "jobs" / "segment_bucket.py"),
+            "s3://hostile/in/images",
+            "--labels",
+            "s3://hostile/in/labels",
+            "--output",
+            "s3://hostile/out",
+            "--run-id",
+            "h",
+            "--scales",
+            "0.5,1.0",
+            "--flip",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     fs.invalidate_cache()
     assert fs.exists("hostile/out/run=h/_SUCCESS")

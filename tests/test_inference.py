@@ -6,12 +6,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.checkpoints import normalisation
 from pipeline.config import InferenceConfig
 from pipeline.inference import class_map, forward_groups, infer_batch, multiscale_probs, sliding_window_probs
-from pipeline.models import build_model
 from pipeline.metrics import uncertainty
+from pipeline.models import build_model
 from pipeline.probs import decode_probs, encode_probs
-from pipeline.checkpoints import normalisation
 
 SCALES = (0.5, 1.0, 1.75)
 
@@ -28,7 +28,7 @@ def reference(model, x, scales, flip):
     outs = []
     for s in scales:
         xs = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
+        for flipped in (False, True) if flip else (False,):
             inp = xs.flip(-1) if flipped else xs
             logits = model(inp)
             if flipped:
@@ -71,9 +71,15 @@ def test_flip_is_undone_before_averaging():
 def test_logit_averaging_option(model):
     x = torch.randn(1, 3, 40, 52)
     probs = multiscale_probs(model, x, (0.5, 1.0), False, average="logits")
-    logits = [F.interpolate(model(F.interpolate(x, size=(round(40 * s), round(52 * s)), mode="bilinear",
-                                                align_corners=False)), size=(40, 52), mode="bilinear",
-                            align_corners=False) for s in (0.5, 1.0)]
+    logits = [
+        F.interpolate(
+            model(F.interpolate(x, size=(round(40 * s), round(52 * s)), mode="bilinear", align_corners=False)),
+            size=(40, 52),
+            mode="bilinear",
+            align_corners=False,
+        )
+        for s in (0.5, 1.0)
+    ]
     np.testing.assert_allclose(probs.numpy(), torch.stack(logits).mean(0).softmax(1).numpy(), atol=1e-5)
 
 
@@ -84,8 +90,13 @@ class LocalNet(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(1)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                                  nn.ReLU(), nn.Conv2d(8, 5, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 5, 3, padding=1),
+        )
 
     def forward(self, x):
         return self.body(x)
@@ -109,8 +120,11 @@ def test_tiled_equals_whole_image_away_from_tile_borders():
 @torch.no_grad()
 def test_single_window_tiling_is_exact(model):
     x = torch.randn(1, 3, 60, 60)
-    np.testing.assert_allclose(sliding_window_probs(model, x, tile=64, overlap=16, scales=(1.0,), flip=False).numpy(),
-                               multiscale_probs(model, x, (1.0,), False).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        sliding_window_probs(model, x, tile=64, overlap=16, scales=(1.0,), flip=False).numpy(),
+        multiscale_probs(model, x, (1.0,), False).numpy(),
+        atol=1e-6,
+    )
 
 
 def test_bucket_batching_is_exact_and_pad_batching_keeps_sizes(model):
@@ -118,7 +132,9 @@ def test_bucket_batching_is_exact_and_pad_batching_keeps_sizes(model):
     images = [rng.integers(0, 255, (h, w, 3)).astype(np.uint8) for h, w in ((40, 50), (33, 47), (40, 50))]
     mean, std = normalisation()
     bucket = infer_batch(model, images, mean=mean, std=std, config=InferenceConfig(scales=(1.0, 1.5)))
-    single = [infer_batch(model, [im], mean=mean, std=std, config=InferenceConfig(scales=(1.0, 1.5)))[0] for im in images]
+    single = [
+        infer_batch(model, [im], mean=mean, std=std, config=InferenceConfig(scales=(1.0, 1.5)))[0] for im in images
+    ]
     for b, s in zip(bucket, single):
         np.testing.assert_allclose(b.numpy(), s.numpy(), atol=1e-5)
     padded = infer_batch(model, images, mean=mean, std=std, config=InferenceConfig(batching="pad"))

@@ -36,8 +36,9 @@ def reference_iou(pairs, num_classes: int) -> np.ndarray:
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     for pred, label in pairs:
         valid = label != 255
-        confusion += np.bincount(num_classes * label[valid].astype(np.int64) + pred[valid],
-                                 minlength=num_classes**2).reshape(num_classes, num_classes)
+        confusion += np.bincount(
+            num_classes * label[valid].astype(np.int64) + pred[valid], minlength=num_classes**2
+        ).reshape(num_classes, num_classes)
     tp = np.diag(confusion).astype(float)
     union = confusion.sum(0) + confusion.sum(1) - tp
     return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
@@ -81,8 +82,15 @@ def check_run(fs, run_dir: str, input_keys: list[str], label_reader) -> dict:
         manifest = json.load(f)
     assert manifest["metrics"]["miou"] == pytest.approx(np.nanmean(iou), abs=1e-12)
     assert manifest["metrics"]["miou_pre_crf"] == pytest.approx(np.nanmean(iou_pre), abs=1e-12)
-    assert manifest["counts"] == {"images": len(masks), "errors": 1, "labelled": len(masks), "label_errors": 0,
-                                  "tiled": 0, "crf_reduced": 0, "inputs": len(input_keys)}
+    assert manifest["counts"] == {
+        "images": len(masks),
+        "errors": 1,
+        "labelled": len(masks),
+        "label_errors": 0,
+        "tiled": 0,
+        "crf_reduced": 0,
+        "inputs": len(input_keys),
+    }
     assert all(r["crf_scale"] == 1.0 and r["infer_tile"] is None for r in masks)  # demo images fit any budget
     return manifest
 
@@ -91,8 +99,17 @@ def test_local_directory_end_to_end(ray_local, local_bucket, tmp_path):
     import fsspec
 
     out = tmp_path / "out"
-    args = build_parser().parse_args([str(local_bucket / "images"), "--labels", str(local_bucket / "labels"),
-                                      "--output", str(out), "--run-id", "local"])
+    args = build_parser().parse_args(
+        [
+            str(local_bucket / "images"),
+            "--labels",
+            str(local_bucket / "labels"),
+            "--output",
+            str(out),
+            "--run-id",
+            "local",
+        ]
+    )
     run(config_from_args(args, build_parser()))
     keys = sorted(str(p.relative_to(local_bucket / "images")) for p in (local_bucket / "images").rglob("*.jpg"))
     fs = fsspec.filesystem("file")
@@ -109,13 +126,26 @@ def test_s3_end_to_end_via_cli(s3_env, s3_server, tmp_path):
     bucket = make_bucket(tmp_path / "bucket", n=4)
     fs.mkdir("data")
     fs.put(str(bucket) + "/", "data/in/", recursive=True)
-    keys = sorted(p[len("data/in/images/"):] for p in fs.find("data/in/images") if p.endswith(".jpg"))
+    keys = sorted(p[len("data/in/images/") :] for p in fs.find("data/in/images") if p.endswith(".jpg"))
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), "s3://data/in/images", "--labels", "s3://data/in/labels",
-         "--output", "s3://data/out", "--run-id", "s3run"],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "jobs" / "segment_bucket.py"),
+            "s3://data/in/images",
+            "--labels",
+            "s3://data/in/labels",
+            "--output",
+            "s3://data/out",
+            "--run-id",
+            "s3run",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mIoU" in proc.stdout and "s3://data/out/run=s3run" in proc.stdout
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr

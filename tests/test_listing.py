@@ -22,9 +22,14 @@ LIST = r"^/listing/?$"  # ListObjectsV2 is a GET on the bucket
 
 @pytest.fixture()
 def s3_client(s3_env, s3_server):
-    client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-                          config=botocore.config.Config(max_pool_connections=16))
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+        config=botocore.config.Config(max_pool_connections=16),
+    )
     if "listing" not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
         client.create_bucket(Bucket="listing")
     return client
@@ -36,8 +41,16 @@ def put_many(client, keys: list[str]) -> None:
 
 
 def test_listing_order_prefix_and_labels(s3_client, s3_server, monkeypatch):
-    keys = ["small/b.jpg", "small/a/z.PNG", "small/a.jpg", "small/a b/ü.webp", "small/notes.txt",
-            "small/dir/", "small/a//double.jpg", "small-sibling/not-mine.jpg"]
+    keys = [
+        "small/b.jpg",
+        "small/a/z.PNG",
+        "small/a.jpg",
+        "small/a b/ü.webp",
+        "small/notes.txt",
+        "small/dir/",
+        "small/a//double.jpg",
+        "small-sibling/not-mine.jpg",
+    ]
     put_many(s3_client, keys)
     inputs = list_inputs("s3://listing/small", "s3://listing/labels")
     got = inputs.keys.to_pylist()
@@ -48,7 +61,10 @@ def test_listing_order_prefix_and_labels(s3_client, s3_server, monkeypatch):
     assert locator.label_uri(got[3]) == "s3://listing/labels/a/z.png"
     # Resume: an Arrow anti-join drops the keys already done, order kept.
     assert inputs.without(pa.array(["a.jpg", "b.jpg", "gone.jpg"])).keys.to_pylist() == [
-        "a b/ü.webp", "a//double.jpg", "a/z.PNG"]
+        "a b/ü.webp",
+        "a//double.jpg",
+        "a/z.PNG",
+    ]
 
 
 @pytest.mark.slow
@@ -76,9 +92,12 @@ def test_twenty_thousand_keys_paginate_in_order_and_limit_stops_early(s3_client,
         assert proxy.count("GET", LIST) - before == 2  # the check and the first page: no more
 
     from pipeline.storage import open_fs
+
     fs, _ = open_fs("s3://listing/big")
     assert not any(path.startswith("listing/big") for path in fs.dircache)  # no cached second copy
     with capsys.disabled():
-        print(f"\n[listing] put {n} keys in {put_s:.1f}s; listed in {list_s:.2f}s "
-              f"({n / list_s:.0f} keys/s), Python peak {peak / 2**20:.1f} MiB "
-              f"({peak / n:.0f} B/key, the Arrow key column included)")
+        print(
+            f"\n[listing] put {n} keys in {put_s:.1f}s; listed in {list_s:.2f}s "
+            f"({n / list_s:.0f} keys/s), Python peak {peak / 2**20:.1f} MiB "
+            f"({peak / n:.0f} B/key, the Arrow key column included)"
+        )

@@ -92,6 +92,7 @@ def test_python_rendering_matches_real_kustomize():
 
 # --- schemas -----------------------------------------------------------------------------------
 
+
 def _strict(schema):
     """CRD schemas let unknown fields through (the API server prunes them silently); forbid them so a
     misspelt field fails here instead of being dropped in the cluster."""
@@ -100,8 +101,11 @@ def _strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out \
-            and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -143,8 +147,15 @@ def test_core_objects_validate(version):
     # The pods inside the KubeRay objects are core PodTemplateSpecs: hold them to the strict schema too.
     for name, spec in (("rayjob", rayjob()["spec"]), ("raycronjob", raycronjob()["spec"]["jobTemplate"])):
         for group, template in ray_pod_templates(spec).items():
-            validate_k8s({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{name}-{group}"},
-                          "template": template}, version)
+            validate_k8s(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": f"{name}-{group}"},
+                    "template": template,
+                },
+                version,
+            )
 
 
 def test_kuberay_objects_validate_against_crds():
@@ -160,6 +171,7 @@ def test_crd_validation_catches_misspelt_fields():
 
 
 # --- what the objects must say -----------------------------------------------------------------
+
 
 def test_rayjob_contract():
     job = rayjob()
@@ -204,9 +216,14 @@ def test_cronjob_and_rbac():
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"]
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
-                                    "namespace": account["metadata"]["namespace"]}]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": account["metadata"]["namespace"]}
+    ]
     containers = {c["name"]: c for c in pod["initContainers"] + pod["containers"]}
     assert containers["create"]["args"][:3] == ["create", "-f", "/work/rayjob.yaml"]
     assert containers["show"]["args"][:3] == ["get", "-f", "/work/rayjob.yaml"]
@@ -227,11 +244,15 @@ def run_render_script(tmp_path: Path) -> tuple[Path, str]:
     (tmp_path / "template").mkdir()
     (tmp_path / "template" / template_file.name).write_text(template_map["data"][template_file.name])
     out = tmp_path / "rayjob.yaml"
-    env = {"PATH": os.environ["PATH"], "TEMPLATE": str(tmp_path / "template" / template_file.name), "RENDERED": str(out)}
-    before = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    env = {
+        "PATH": os.environ["PATH"],
+        "TEMPLATE": str(tmp_path / "template" / template_file.name),
+        "RENDERED": str(out),
+    }
+    before = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     proc = subprocess.run([*render["command"], *render["args"]], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert before == dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "ran across midnight UTC; rerun"
+    assert before == dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"), "ran across midnight UTC; rerun"
     return out, before
 
 
@@ -256,6 +277,7 @@ def test_raycronjob_runs_the_same_job():
 
 # --- the entrypoint against the CLI --------------------------------------------------------------
 
+
 def configmap_data() -> dict[str, str]:
     (cm,) = load_docs(K8S / "configmap.yaml")
     return cm["data"]
@@ -275,8 +297,13 @@ def submitter_env(spec: dict) -> dict[str, str]:
 def expand(entrypoint: str, env: dict[str, str]) -> list[str]:
     """The argv the driver gets: KubeRay's submitter runs `bash -c "ray job submit ... -- <entrypoint>"`,
     and `ray job submit` re-quotes that argv (shlex.join) for the driver's shell, which restores it."""
-    proc = subprocess.run(["bash", "--noprofile", "--norc", "-c", f"printf '%s\\0' {entrypoint}"],
-                          env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-c", f"printf '%s\\0' {entrypoint}"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return proc.stdout.split("\0")[:-1]
 
 
@@ -295,7 +322,7 @@ def test_entrypoint_is_accepted_by_the_cli(source):
     args = parser.parse_args(argv[2:])
     config = config_from_args(args, parser)
     # The RayCronJob's submitter takes the run id from its clock; the CronJob renders it in.
-    assert config.run_id == (RUN_DATE if source == "rayjob" else dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"))
+    assert config.run_id == (RUN_DATE if source == "rayjob" else dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
     assert (config.input_uri, config.output_uri) == (configmap_data()["INPUT_URI"], configmap_data()["OUTPUT_URI"])
     assert config.compute.use_gpu is True and config.resume is True
 
@@ -310,6 +337,7 @@ def test_entrypoint_is_accepted_by_the_cli(source):
 
 
 # --- secrets -------------------------------------------------------------------------------------
+
 
 def _walk(node):
     if isinstance(node, dict):

@@ -28,6 +28,7 @@ def test_crf_scale_fits_the_budget_and_the_pixel_cap():
     capped = crf_scale(4000, 3000, 6, budget=None, max_pixels=1_000_000)
     assert 4000 * 3000 * capped**2 <= 1_000_000 < 4000 * 3000 * (capped + 0.002) ** 2
     from pipeline.memory import crf_bytes
+
     tight = crf_scale(4000, 3000, 6, budget=200 * 2**20, max_pixels=0)
     assert crf_bytes(round(4000 * tight), round(3000 * tight), 6) <= 200 * 2**20 < crf_bytes(4000, 3000, 6)
 
@@ -57,9 +58,20 @@ def test_reduced_crf_keeps_full_size_and_agrees_with_the_full_crf():
 def _segmenter(**kwargs):
     from pipeline.segmenter import Segmenter
 
-    return Segmenter(model=W.model, weights_uri=None, storage_options={}, weights_sha256=W.sha256,
-                     num_classes=len(W.categories), use_gpu=False, threads=1, crf_follows=False, run_id="t",
-                     mean=W.mean, std=W.std, **kwargs)
+    return Segmenter(
+        model=W.model,
+        weights_uri=None,
+        storage_options={},
+        weights_sha256=W.sha256,
+        num_classes=len(W.categories),
+        use_gpu=False,
+        threads=1,
+        crf_follows=False,
+        run_id="t",
+        mean=W.mean,
+        std=W.std,
+        **kwargs,
+    )
 
 
 def _batch(tmp_path, scenes: dict[str, tuple[int, int]]):
@@ -72,8 +84,12 @@ def _batch(tmp_path, scenes: dict[str, tuple[int, int]]):
         (tmp_path / f"{key}.png").write_bytes(mask_to_png(label))
         uris.append(str(tmp_path / f"{key}.jpg"))
         label_uris.append(str(tmp_path / f"{key}.png"))
-    return decode_batch({"key": np.array(list(scenes)), "uri": np.array(uris), "label_uri": np.array(label_uris)},
-                        storage_options={}, num_classes=len(W.categories), max_pixels=None)
+    return decode_batch(
+        {"key": np.array(list(scenes)), "uri": np.array(uris), "label_uri": np.array(label_uris)},
+        storage_options={},
+        num_classes=len(W.categories),
+        max_pixels=None,
+    )
 
 
 def test_an_image_over_a_tiny_budget_is_tiled_and_refined_reduced_at_full_size(tmp_path):
@@ -115,9 +131,25 @@ def test_job_with_a_tiny_budget_tiles_and_reduces_only_the_big_image(tmp_path):
         (labels / f"{key}.png").write_bytes(mask_to_png(label))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), str(images), "--labels",
-                           str(labels), "--output", str(tmp_path / "out"), "--run-id", "m",
-                           "--actor-memory-mib", "256"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "segment_bucket.py"),
+            str(images),
+            "--labels",
+            str(labels),
+            "--output",
+            str(tmp_path / "out"),
+            "--run-id",
+            "m",
+            "--actor-memory-mib",
+            "256",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     masks = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "run=m" / "masks").to_pylist()}
     assert set(masks) == {"big.jpg", "small.jpg"}
@@ -131,11 +163,11 @@ def test_job_with_a_tiny_budget_tiles_and_reduces_only_the_big_image(tmp_path):
 def test_banded_tiled_outputs_equal_sliding_window_inference():
     import torch
 
+    from pipeline.checkpoints import normalisation
     from pipeline.inference import class_map, load_model, sliding_window_probs
-    from pipeline.segmenter import tiled_outputs
     from pipeline.metrics import uncertainty
     from pipeline.probs import encode_probs
-    from pipeline.checkpoints import normalisation
+    from pipeline.segmenter import tiled_outputs
 
     model, _, _ = load_model(W.model, None)
     mean, std = normalisation(W.mean, W.std, torch.device("cpu"))

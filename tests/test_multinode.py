@@ -25,8 +25,10 @@ def cluster(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # Free ports: other Ray instances may run on this machine at the same time.
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": False, "dashboard_agent_listen_port": free_port()})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "include_dashboard": False, "dashboard_agent_listen_port": free_port()},
+    )
     try:
         # Head and GPU node have spare CPUs and Ray Data spreads actors over nodes, so without
         # --crf-resources some of the 3 CRF actors land elsewhere (checked: the assertion then fails).
@@ -44,13 +46,34 @@ def test_actors_run_on_their_node_types(cluster, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), str(DEMO_BUCKET / "images"),
-         "--labels", str(DEMO_BUCKET / "labels"), "--output", str(out), "--run-id", "multinode", "--limit", "4",
-         "--infer-actors", "1-1",
-         "--infer-resources", '{"gpu_node": 1}', "--crf-resources", '{"crf_node": 1}',
-         "--crf-backend", "pydensecrf",  # the GPU plan with a CPU CRF pool (auto would fuse torch into the GPU actor)
-         "--ray-address", cluster.address],
-        env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            str(REPO / "jobs" / "segment_bucket.py"),
+            str(DEMO_BUCKET / "images"),
+            "--labels",
+            str(DEMO_BUCKET / "labels"),
+            "--output",
+            str(out),
+            "--run-id",
+            "multinode",
+            "--limit",
+            "4",
+            "--infer-actors",
+            "1-1",
+            "--infer-resources",
+            '{"gpu_node": 1}',
+            "--crf-resources",
+            '{"crf_node": 1}',
+            "--crf-backend",
+            "pydensecrf",  # the GPU plan with a CPU CRF pool (auto would fuse torch into the GPU actor)
+            "--ray-address",
+            cluster.address,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     run_dir = out / "run=multinode"

@@ -27,8 +27,10 @@ pytestmark = pytest.mark.slow
 
 
 def run_queries(con, base: str, run_id: str) -> list[list[tuple]]:
-    return [con.execute(q.replace("outputs/", f"{base}/").replace("<id>", run_id)).fetchall()
-            for q in sql_block(REPO / "README.md")]
+    return [
+        con.execute(q.replace("outputs/", f"{base}/").replace("<id>", run_id)).fetchall()
+        for q in sql_block(REPO / "README.md")
+    ]
 
 
 def job_cmd(*args: str) -> list[str]:
@@ -42,15 +44,29 @@ def test_resume_after_sigkill_on_s3_and_queries(s3_env, s3_server, tmp_path):
     fs.put(str(bucket) + "/", "resume/in/", recursive=True)
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    common = ["s3://resume/in/images", "--labels", "s3://resume/in/labels", "--output", "s3://resume/out",
-              "--batch-size", "1", "--infer-actors", "1-1"]
+    common = [
+        "s3://resume/in/images",
+        "--labels",
+        "s3://resume/in/labels",
+        "--output",
+        "s3://resume/out",
+        "--batch-size",
+        "1",
+        "--infer-actors",
+        "1-1",
+    ]
 
     clean = subprocess.run(job_cmd(*common, "--run-id", "clean"), env=env, capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     # Kill the whole driver process group (driver + its local Ray) once some rows are committed.
-    proc = subprocess.Popen(job_cmd(*common, "--run-id", "killed", "--rows-per-file", "1"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        job_cmd(*common, "--run-id", "killed", "--rows-per-file", "1"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
@@ -71,13 +87,16 @@ def test_resume_after_sigkill_on_s3_and_queries(s3_env, s3_server, tmp_path):
     again = subprocess.run(job_cmd(*common, "--run-id", "killed"), env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "incomplete run" in again.stderr and "--resume" in again.stderr
 
-    resumed = subprocess.run(job_cmd(*common, "--run-id", "killed", "--resume"), env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        job_cmd(*common, "--run-id", "killed", "--resume"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     done = int(re.search(r"(\d+) already done", resumed.stdout).group(1))
     assert 2 <= done < 9
 
-    committed = subprocess.run(job_cmd(*common, "--run-id", "killed"), env=env, capture_output=True, text=True, timeout=120)
+    committed = subprocess.run(
+        job_cmd(*common, "--run-id", "killed"), env=env, capture_output=True, text=True, timeout=120
+    )
     assert committed.returncode == 2 and "committed run" in committed.stderr
 
     fs.invalidate_cache()
@@ -86,9 +105,12 @@ def test_resume_after_sigkill_on_s3_and_queries(s3_env, s3_server, tmp_path):
         paths = fs.glob(f"resume/out/run={run_id}/{name}")
         return [pq.read_table(fs.open(p, "rb")) for p in sorted(paths)]
 
-    keys = [k for t in table("killed", "masks/*.parquet") + table("killed", "errors/*.parquet")
-            for k in t.column("key").to_pylist()]
-    expected = sorted(p[len("resume/in/images/"):] for p in fs.find("resume/in/images") if p.endswith(".jpg"))
+    keys = [
+        k
+        for t in table("killed", "masks/*.parquet") + table("killed", "errors/*.parquet")
+        for k in t.column("key").to_pylist()
+    ]
+    expected = sorted(p[len("resume/in/images/") :] for p in fs.find("resume/in/images") if p.endswith(".jpg"))
     assert sorted(keys) == expected  # exactly once, nothing lost, nothing duplicated
     clean_classes, resumed_classes = table("clean", "classes.parquet")[0], table("killed", "classes.parquet")[0]
     assert resumed_classes.equals(clean_classes)
@@ -106,8 +128,9 @@ def test_local_run_report_pushgateway_and_ray_metrics(tmp_path):
     """In a fresh local Ray with a metrics export port: run, then read every observer's view."""
     gateway_bin = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
     gw_port, metrics_port = free_port(), free_port()
-    gateway = subprocess.Popen([gateway_bin, f"--web.listen-address=127.0.0.1:{gw_port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gateway = subprocess.Popen(
+        [gateway_bin, f"--web.listen-address=127.0.0.1:{gw_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     bucket = make_bucket(tmp_path / "bucket", n=4)
     out = tmp_path / "out"
     code = f"""
@@ -116,7 +139,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 import ray
 ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port={metrics_port})
 from pipeline.cli import main
-rc = main([{str(bucket / 'images')!r}, "--labels", {str(bucket / 'labels')!r}, "--output", {str(out)!r},
+rc = main([{str(bucket / "images")!r}, "--labels", {str(bucket / "labels")!r}, "--output", {str(out)!r},
            "--run-id", "night-1", "--pushgateway", "http://127.0.0.1:{gw_port}"])
 text = ""
 for _ in range(60):  # Ray's agent exports application metrics every few seconds
@@ -124,12 +147,18 @@ for _ in range(60):  # Ray's agent exports application metrics every few seconds
     if "ray_deeplab_pipeline_images_total" in text and "ray_deeplab_pipeline_stage_seconds" in text:
         break
     time.sleep(1)
-open({str(tmp_path / 'ray_metrics.txt')!r}, "w").write(text)
+open({str(tmp_path / "ray_metrics.txt")!r}, "w").write(text)
 sys.exit(rc)
 """
     try:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         pushed = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
     finally:
@@ -140,13 +169,15 @@ sys.exit(rc)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     # The README's queries on the local output (the S3 test runs them through fsspec).
     results = run_queries(duckdb.connect(), str(out), "night-1")
-    assert len(results[0]) == 4 and len(results[1]) == len(manifest["categories"]) and results[2][0][:2] == ("night-1", 4)
+    assert (
+        len(results[0]) == 4 and len(results[1]) == len(manifest["categories"]) and results[2][0][:2] == ("night-1", 4)
+    )
     miou = manifest["metrics"]["miou"]
-    line = next(l for l in pushed.splitlines() if l.startswith("deeplab_pipeline_miou{") and 'crf="true"' in l)
+    line = next(ln for ln in pushed.splitlines() if ln.startswith("deeplab_pipeline_miou{") and 'crf="true"' in ln)
     assert 'run_id="night-1"' in line and float(line.split()[-1]) == pytest.approx(miou)
     assert re.search(r'deeplab_pipeline_images_total\{.*stage="segment".*status="ok".*\} 4', pushed)
     assert re.search(r'deeplab_pipeline_images_total\{.*stage="decode".*status="error".*\} 1', pushed)
-    assert 'deeplab_pipeline_stage_seconds_count{' in pushed and 'stage="crf"' in pushed
+    assert "deeplab_pipeline_stage_seconds_count{" in pushed and 'stage="crf"' in pushed
 
     ray_metrics = (tmp_path / "ray_metrics.txt").read_text()
     assert re.search(r'ray_deeplab_pipeline_images_total\{[^}]*stage="crf"[^}]*status="ok"', ray_metrics)
@@ -161,10 +192,25 @@ sys.exit(rc)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is needed to check the report (installed by .ci/system-packages.sh)"
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1100,1800", f"--screenshot={shot}",
-                    f"file://{run_dir / 'report.html'}"], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--window-size=1100,1800",
+            f"--screenshot={shot}",
+            f"file://{run_dir / 'report.html'}",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("RGB"))

@@ -25,9 +25,24 @@ pytestmark = pytest.mark.slow
 def run_job(bucket: Path, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "RAY_AUTH_MODE": "disabled", **env}
     environ.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), str(bucket / "images"),
-                           "--labels", str(bucket / "labels"), "--output", str(out), "--run-id", "p", *args],
-                          env=environ, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "segment_bucket.py"),
+            str(bucket / "images"),
+            "--labels",
+            str(bucket / "labels"),
+            "--output",
+            str(out),
+            "--run-id",
+            "p",
+            *args,
+        ],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def outcome(out: Path) -> tuple[dict, dict, dict]:

@@ -66,16 +66,35 @@ def ray_head():
     # A short temp dir: Ray's unix sockets live under it and must stay under 108 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayhead", dir="/tmp"))
     dashboard = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
-           # the cluster's `python` is the one with the project's dependencies, as in the job image
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        # the cluster's `python` is the one with the project's dependencies, as in the job image
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
-    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": free_port(),
-             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
-             "--metrics-export-port": free_port(), "--ray-client-server-port": free_port()}
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           *(f"{flag}={port}" for flag, port in ports.items())]
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard,
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--ray-client-server-port": free_port(),
+    }
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
     log = open(temp_dir / "ray_start.log", "w")
     # cwd=REPO plays the container's WORKDIR: a job without --working-dir runs there.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -123,8 +142,17 @@ def demo_keys(n: int) -> list[str]:
 
 
 def job_args(out: Path, run_id: str, limit: int) -> list[str]:
-    return [str(DEMO_BUCKET / "images"), "--labels", str(DEMO_BUCKET / "labels"), "--output", str(out),
-            "--run-id", run_id, "--limit", str(limit)]
+    return [
+        str(DEMO_BUCKET / "images"),
+        "--labels",
+        str(DEMO_BUCKET / "labels"),
+        "--output",
+        str(out),
+        "--run-id",
+        run_id,
+        "--limit",
+        str(limit),
+    ]
 
 
 def test_submit_with_working_dir(ray_head, tmp_path):
@@ -134,8 +162,9 @@ def test_submit_with_working_dir(ray_head, tmp_path):
     assert "deeplab-pipeline run summary" in logs and f"{out}/run=submit" in logs
     check_outputs(out / "run=submit", demo_keys(4))
 
-    packages = [p for p in ray_head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
-                if p.is_dir()]
+    packages = [
+        p for p in ray_head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()
+    ]
     assert len(packages) == 1, packages
     shipped = {p.relative_to(packages[0]).parts[0] for p in packages[0].rglob("*")}
     assert {"jobs", "pipeline"} <= shipped

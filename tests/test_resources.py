@@ -9,14 +9,20 @@ import pytest
 
 from pipeline.config import ComputeConfig, CRFParams, JobConfig
 from pipeline.stages import Resources
-
 from tests.conftest import DEMO_BUCKET, REPO
 
 
 def resolve(cluster: dict, *, crf: bool = True, **compute) -> Resources:
-    config = JobConfig(input_uri="in", output_uri="out", labels_uri=None, model="deeplabv3plus_demo",
-                       weights_uri=None, run_id="r", crf=CRFParams() if crf else None,
-                       compute=ComputeConfig(**compute))
+    config = JobConfig(
+        input_uri="in",
+        output_uri="out",
+        labels_uri=None,
+        model="deeplabv3plus_demo",
+        weights_uri=None,
+        run_id="r",
+        crf=CRFParams() if crf else None,
+        compute=ComputeConfig(**compute),
+    )
     return Resources.resolve(config, cluster)
 
 
@@ -36,7 +42,9 @@ def test_cpu_explicit_sizes_win():
     # 3 actors x 4 CPUs leave 4 CPUs: up to 16 decode actors of 0.25, capped at one per CPU of the cluster.
     assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(False, 4.0, 4, (3, 3), 192, (1, 16))
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(1, 3)).infer_threads == 5  # 15.75 / 3 CPUs each
-    assert resolve({"CPU": 16.0}, crf=False, infer_actors=(2, 4), infer_cpus=2.0) == Resources(False, 2.0, 2, (2, 4), 256, (1, 16))
+    assert resolve({"CPU": 16.0}, crf=False, infer_actors=(2, 4), infer_cpus=2.0) == Resources(
+        False, 2.0, 2, (2, 4), 256, (1, 16)
+    )
 
 
 def test_gpu_default_is_one_actor_per_gpu_and_pools_that_grow_with_the_cluster():
@@ -63,28 +71,37 @@ def test_gpu_with_the_torch_backend_refines_in_the_gpu_actors_and_starts_no_crf_
     assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4, (1, 32), None, True, "torch")
     assert resolve({"CPU": 4.0}, use_gpu=True, crf_backend=backend).crf_backend == "torch"
     nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0, "crf_node": 64.0}]
-    pooled = [resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend, crf_actors=(2, 6)),
-              resolve(nodes, crf_backend=backend, crf_resources={"crf_node": 1})]
+    pooled = [
+        resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend, crf_actors=(2, 6)),
+        resolve(nodes, crf_backend=backend, crf_resources={"crf_node": 1}),
+    ]
     if backend == "torch":  # asked for by name: it runs on the GPU, and --crf-actors starts no pool
         assert all(r.crf_fused and r.crf_actors is None for r in pooled)
     else:  # auto, with a CPU pool asked for (--crf-actors / --crf-resources): that pool, pydensecrf
         assert [(r.crf_backend, r.crf_fused, r.crf_actors) for r in pooled] == [
-            ("pydensecrf", False, (2, 6)), ("pydensecrf", False, (1, 56))]  # 64 CPUs - 8 GPU actors
+            ("pydensecrf", False, (2, 6)),
+            ("pydensecrf", False, (1, 56)),
+        ]  # 64 CPUs - 8 GPU actors
 
 
 def test_cpu_backend_choice_and_crf_off():
     # Without GPUs auto is pydensecrf (the faster one on a core, docs/benchmarks.md); torch if asked,
     # fused either way. With the CRF off there is no backend at all.
-    assert resolve({"CPU": 2.0}, crf_backend="torch") == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, True,
-                                                                   "torch")
+    assert resolve({"CPU": 2.0}, crf_backend="torch") == Resources(
+        False, 0.875, 1, (2, 2), 128, (1, 1), None, True, "torch"
+    )
     assert resolve({"CPU": 2.0}, crf_backend="pydensecrf").crf_backend == "pydensecrf"
     assert resolve({"CPU": 32.0, "GPU": 4.0}, crf=False, crf_backend="torch").crf_backend is None
     assert resolve({"CPU": 32.0, "GPU": 4.0}, crf=False).crf_actors is None
 
 
 def test_crf_pool_grows_only_on_the_nodes_that_may_run_it():
-    nodes = [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0, "gpu_node": 1.0}, {"CPU": 16.0, "crf_node": 16.0},
-             {"CPU": 16.0, "crf_node": 16.0}]
+    nodes = [
+        {"CPU": 2.0},
+        {"CPU": 8.0, "GPU": 1.0, "gpu_node": 1.0},
+        {"CPU": 16.0, "crf_node": 16.0},
+        {"CPU": 16.0, "crf_node": 16.0},
+    ]
     pool = {"crf_backend": "pydensecrf"}
     r = resolve(nodes, infer_resources={"gpu_node": 1}, crf_resources={"crf_node": 1}, **pool)
     assert r.infer_actors == (1, 1) and r.crf_actors == (1, 32)
@@ -122,8 +139,14 @@ def test_segmenter_runs_its_threads_when_called_from_another_thread():
     left oneDNN's convolutions on one core."""
     image = str(sorted((DEMO_BUCKET / "images").iterdir())[0])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", f"IMAGE = {image!r}\n" + _THREADS_PROBE], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", f"IMAGE = {image!r}\n" + _THREADS_PROBE],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [2]
 
@@ -133,9 +156,15 @@ def test_object_store_budget_reaches_the_last_stage(ray_local):
     from pipeline.stages import build_dataset
     from pipeline.storage import list_inputs
 
-    config = JobConfig(input_uri=str(DEMO_BUCKET / "images"), output_uri="out", labels_uri=None,
-                       model="deeplabv3plus_demo", weights_uri=None, run_id="r",
-                       compute=ComputeConfig(object_store_mib=300))
+    config = JobConfig(
+        input_uri=str(DEMO_BUCKET / "images"),
+        output_uri="out",
+        labels_uri=None,
+        model="deeplabv3plus_demo",
+        weights_uri=None,
+        run_id="r",
+        compute=ComputeConfig(object_store_mib=300),
+    )
     weights, sha = resolve_weights(config)
     resources = Resources.resolve(config, {"CPU": 2.0})
     ds = build_dataset(list_inputs(config.input_uri, None), config, weights, sha, resources, "/tmp/unused")

@@ -17,8 +17,8 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import JobConfig
 from pipeline.cli import main
+from pipeline.config import JobConfig
 from tests.conftest import DEMO_BUCKET, REPO, S3_ENV, free_port
 from tests.faulty_s3 import FaultyS3
 from tests.test_ray_submit import RAY, _stop_session
@@ -57,8 +57,14 @@ def test_odd_local_names_write_only_under_the_run_folder(tmp_path):
     before = files_under(tmp_path)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(job_cmd(str(images), "--output", str(tmp_path / "out"), "--run-id", "p", "--no-crf"),
-                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        job_cmd(str(images), "--output", str(tmp_path / "out"), "--run-id", "p", "--no-crf"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     new = files_under(tmp_path) - before
     assert new and all(path.startswith("out/run=p/") for path in new), sorted(new)
@@ -68,9 +74,13 @@ def test_odd_local_names_write_only_under_the_run_folder(tmp_path):
 
 @pytest.mark.slow
 def test_traversal_keys_on_s3_read_their_own_object_and_write_only_under_the_run(s3_env, s3_server, tmp_path):
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                          aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
     client.create_bucket(Bucket="traversal")
     # Literal object names: S3 does not resolve "..", and a double slash makes a key start with "/".
     keys = ["../../evil.jpg", "a/../../b.jpg", "/abs.jpg", "ok.jpg"]
@@ -82,13 +92,22 @@ def test_traversal_keys_on_s3_read_their_own_object_and_write_only_under_the_run
     before = {o["Key"] for o in client.list_objects_v2(Bucket="traversal")["Contents"]}
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(job_cmd("s3://traversal/in/images", "--output", "s3://traversal/out", "--run-id", "t",
-                                  "--no-crf"), env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        job_cmd("s3://traversal/in/images", "--output", "s3://traversal/out", "--run-id", "t", "--no-crf"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = {o["Key"] for o in client.list_objects_v2(Bucket="traversal")["Contents"]}
     assert (after - before) and all(k.startswith("out/run=t/") for k in after - before), sorted(after - before)
-    masks = [r for k in sorted(after - before) if k.startswith("out/run=t/masks/")
-             for r in pq.read_table(s3_env.open(f"traversal/{k}", "rb")).to_pylist()]
+    masks = [
+        r
+        for k in sorted(after - before)
+        if k.startswith("out/run=t/masks/")
+        for r in pq.read_table(s3_env.open(f"traversal/{k}", "rb")).to_pylist()
+    ]
     assert sorted(r["key"] for r in masks) == sorted(keys)  # each decoded from its own object, no errors
     assert {r["uri"] for r in masks} == {f"s3://traversal/in/images/{k}" for k in keys}
 
@@ -105,8 +124,15 @@ def test_credentials_on_the_command_line_are_refused_without_echoing_them(tmp_pa
     # job table (`ray list jobs`, the dashboard): a secret there has leaked whatever the job does.
     secret = "optSECRETvw52jd"
     with pytest.raises(SystemExit) as exit_:
-        main([str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-              "--storage-options", json.dumps({"key": "id", "secret": secret, "endpoint_url": "http://x"})])
+        main(
+            [
+                str(tmp_path / "in"),
+                "--output",
+                str(tmp_path / "out"),
+                "--storage-options",
+                json.dumps({"key": "id", "secret": secret, "endpoint_url": "http://x"}),
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--storage-options" in err and "credentials" in err
     assert secret not in err
@@ -117,32 +143,66 @@ def test_credentials_on_the_command_line_are_refused_without_echoing_them(tmp_pa
 def secure_cluster(s3_server):
     """A Ray head whose processes hold the S3 credentials in their environment (as a Kubernetes
     Secret puts them on every pod), in front of it an S3 endpoint that denies one object."""
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                          aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=ENV_SECRET)
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=ENV_SECRET,
+    )
     client.create_bucket(Bucket="secure")
     for name in ("a.jpg", "b.jpg", "denied.jpg"):
         client.put_object(Bucket="secure", Key=f"in/{name}", Body=SCENE)
     with FaultyS3(s3_server) as proxy:
         proxy.fail("403", r"^/secure/in/denied\.jpg$", method="GET")
         temp_dir = Path(tempfile.mkdtemp(prefix="raysec", dir="/tmp"))  # short: Ray's sockets live here
-        env = {**os.environ, **S3_ENV, "AWS_SECRET_ACCESS_KEY": ENV_SECRET, "AWS_ENDPOINT_URL": proxy.endpoint,
-               "RAY_AUTH_MODE": "disabled",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env = {
+            **os.environ,
+            **S3_ENV,
+            "AWS_SECRET_ACCESS_KEY": ENV_SECRET,
+            "AWS_ENDPOINT_URL": proxy.endpoint,
+            "RAY_AUTH_MODE": "disabled",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
         env.pop("RAY_ADDRESS", None)
         port = free_port()
-        ports = {"--port": port, "--dashboard-agent-listen-port": free_port(),
-                 "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
-                 "--metrics-export-port": free_port(), "--ray-client-server-port": free_port()}
+        ports = {
+            "--port": port,
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--ray-client-server-port": free_port(),
+        }
         log = open(temp_dir / "ray_start.log", "w")
-        head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                                 "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-                                 *(f"{flag}={value}" for flag, value in ports.items())],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(
+            [
+                RAY,
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+                *(f"{flag}={value}" for flag, value in ports.items()),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
             deadline = time.time() + 120
-            while subprocess.run([RAY, "status", f"--address={env['RAY_ADDRESS']}"], env=env,
-                                 capture_output=True).returncode != 0:
+            while (
+                subprocess.run(
+                    [RAY, "status", f"--address={env['RAY_ADDRESS']}"], env=env, capture_output=True
+                ).returncode
+                != 0
+            ):
                 assert head.poll() is None and time.time() < deadline, (temp_dir / "ray_start.log").read_text()
                 time.sleep(1)
             yield env, temp_dir, client
@@ -167,11 +227,25 @@ def output_texts(client, prefix: str) -> dict[str, str]:
 def leaks_in_ray(env: dict, temp_dir: Path) -> list[str]:
     """Where Ray kept a secret: any file of the head's session (logs included), or the GCS job
     table (each driver's recorded entrypoint, as `ray list jobs` and the dashboard show it)."""
-    found = [f"{path}: {secret}" for path in temp_dir.rglob("*") if path.is_file() and not path.is_symlink()
-             for secret in SECRETS if secret.encode() in path.read_bytes()]
-    jobs = subprocess.run([sys.executable, "-c", "import json, ray; ray.init(log_to_driver=False); "
-                           "print(json.dumps(ray._private.state.state.job_table(), default=str))"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    found = [
+        f"{path}: {secret}"
+        for path in temp_dir.rglob("*")
+        if path.is_file() and not path.is_symlink()
+        for secret in SECRETS
+        if secret.encode() in path.read_bytes()
+    ]
+    jobs = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, ray; ray.init(log_to_driver=False); "
+            "print(json.dumps(ray._private.state.state.job_table(), default=str))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert jobs.returncode == 0, jobs.stderr[-2000:]
     found += [f"job table: {secret}" for secret in SECRETS if secret in jobs.stdout]
     return found
@@ -183,8 +257,13 @@ def test_credentials_never_reach_outputs_logs_or_ray_metadata(secure_cluster):
     common = ["s3://secure/in", "--no-crf", "--batch-size", "2"]
 
     # 1. Credentials from the environment (the supported way), with one object the job may not read.
-    cli = subprocess.run(job_cmd(*common, "--output", "s3://secure/out", "--run-id", "env"), env=env,
-                         capture_output=True, text=True, timeout=600)
+    cli = subprocess.run(
+        job_cmd(*common, "--output", "s3://secure/out", "--run-id", "env"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     (errors_part,) = client.list_objects_v2(Bucket="secure", Prefix="out/run=env/errors/")["Contents"]
     errors = pq.read_table(io.BytesIO(client.get_object(Bucket="secure", Key=errors_part["Key"])["Body"].read()))
@@ -194,13 +273,17 @@ def test_credentials_never_reach_outputs_logs_or_ray_metadata(secure_cluster):
     # arguments and must still stay out of logs and outputs. This driver takes them from its
     # environment, not its command line (Ray records that: see the test above).
     api_env = {**env, "API_SECRET": API_SECRET}
-    script = ("import os; from pipeline.cli import build_parser, config_from_args; from pipeline.job import run; from dataclasses import replace; "
-              "p = build_parser(); c = config_from_args(p.parse_args(['s3://secure/in', '--output', 's3://secure/out', "
-              "'--run-id', 'api', '--no-crf']), p); "
-              "run(replace(c, storage_options={'key': 'testing-key-id', 'secret': os.environ['API_SECRET'], "
-              "'endpoint_url': os.environ['AWS_ENDPOINT_URL']}))")
-    api = subprocess.run([sys.executable, "-c", script], env=api_env, cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+    script = (
+        "import os; from pipeline.cli import build_parser, config_from_args; "
+        "from pipeline.job import run; from dataclasses import replace; "
+        "p = build_parser(); c = config_from_args(p.parse_args(['s3://secure/in', '--output', 's3://secure/out', "
+        "'--run-id', 'api', '--no-crf']), p); "
+        "run(replace(c, storage_options={'key': 'testing-key-id', 'secret': os.environ['API_SECRET'], "
+        "'endpoint_url': os.environ['AWS_ENDPOINT_URL']}))"
+    )
+    api = subprocess.run(
+        [sys.executable, "-c", script], env=api_env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert api.returncode == 0, api.stderr[-3000:]
     manifest = json.loads(client.get_object(Bucket="secure", Key="out/run=api/manifest.json")["Body"].read())
     assert manifest["config"]["storage_options"]["secret"] == "***"

@@ -7,7 +7,6 @@ import pytest
 
 from pipeline.palette import IGNORE_INDEX
 from pipeline.synthetic import SceneSpec, make_scene
-
 from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("train_demo", REPO / "jobs" / "train_demo.py")
@@ -53,7 +52,7 @@ def test_upscaled_scenes_show_objects_larger():
 
     def boundary_fraction(labels):
         # Doubling the scene halves the density of class boundaries in a crop of the same size.
-        edges = (labels[:, 1:, :] != labels[:, :-1, :])
+        edges = labels[:, 1:, :] != labels[:, :-1, :]
         return edges.mean()
 
     assert boundary_fraction(doubled) < 0.7 * boundary_fraction(plain)

@@ -15,9 +15,26 @@ def test_tune_crf_prints_table_and_flags_to_pass_back(tmp_path):
     out = tmp_path / "tune.json"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "tune_crf.py"), "--limit", "3", "--sxy", "30,80",
-                           "--srgb", "3,13", "--compat", "4", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "tune_crf.py"),
+            "--limit",
+            "3",
+            "--sxy",
+            "30,80",
+            "--srgb",
+            "3,13",
+            "--compat",
+            "4",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no CRF" in proc.stdout and "pass back: --crf-bilateral-sxy" in proc.stdout
     result = json.loads(out.read_text())
@@ -26,8 +43,14 @@ def test_tune_crf_prints_table_and_flags_to_pass_back(tmp_path):
     assert mious == sorted(mious, reverse=True) and len(set(mious)) > 1  # srgb/sxy really change results
     best = result["results"][0]
     flags = proc.stdout.split("pass back: ")[1].split()
-    assert flags == ["--crf-bilateral-sxy", f"{best['bilateral_sxy']:g}", "--crf-bilateral-srgb",
-                     f"{best['bilateral_srgb']:g}", "--crf-bilateral-compat", f"{best['bilateral_compat']:g}"]
+    assert flags == [
+        "--crf-bilateral-sxy",
+        f"{best['bilateral_sxy']:g}",
+        "--crf-bilateral-srgb",
+        f"{best['bilateral_srgb']:g}",
+        "--crf-bilateral-compat",
+        f"{best['bilateral_compat']:g}",
+    ]
     from pipeline.cli import build_parser
 
     args = build_parser().parse_args(flags)  # the flags are accepted by the job as printed
@@ -42,8 +65,7 @@ def test_tune_crf_normalises_with_the_weights_of_the_model_it_runs(monkeypatch):
     spec = importlib.util.spec_from_file_location("tune_crf", REPO / "jobs" / "tune_crf.py")
     tune_crf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune_crf)
-    other = Weights(model="other", uri="x", sha256=None, categories=("a",), mean=(0.1, 0.2, 0.3),
-                    std=(0.4, 0.5, 0.6))
+    other = Weights(model="other", uri="x", sha256=None, categories=("a",), mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
     known = {"other": other, DEMO_WEIGHTS.model: DEMO_WEIGHTS}
     monkeypatch.setattr(tune_crf, "default_weights", known.get)
     assert tune_crf.weights_used("other", None).mean == (0.1, 0.2, 0.3)

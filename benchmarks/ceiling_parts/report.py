@@ -8,11 +8,12 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import LOCK
+
 from ceiling_parts import DATE, SKIP
 from ceiling_parts.runs import JobRun, LoopRun
 from ceiling_parts.sampler import fmt_cores
 from ceiling_parts.startup import Startup
-from common import LOCK
 
 
 @dataclass
@@ -34,43 +35,63 @@ def num(value: float | None, digits: int = 1) -> str:
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor() or "?")
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor() or "?",
+    )
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import ray
     import torch
 
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, no GPU used; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, Ray {ray.__version__}; host shared with other agents: every timed run "
-            f"held an exclusive lock on {LOCK}, and 'other' below is CPU used outside the measured processes")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, no GPU used; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, Ray {ray.__version__}; host shared with other agents: every timed run "
+        f"held an exclusive lock on {LOCK}, and 'other' below is CPU used outside the measured processes"
+    )
 
 
 def main_table(works: list[Workload]) -> list[str]:
-    out = ["| work | multi-process loop e2e / steady (images/s) | job e2e / steady (images/s) | job/loop e2e | "
-           "job/loop steady | old job e2e / steady (images/s) | old/loop e2e | old/loop steady |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "| work | multi-process loop e2e / steady (images/s) | job e2e / steady (images/s) | job/loop e2e | "
+        "job/loop steady | old job e2e / steady (images/s) | old/loop e2e | old/loop steady |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for w in works:
         new, new16, old, old1 = (w.jobs.get(k) for k in ("new", "new16", "old", "old1"))
         steady = new16.steady if new16 else None
         old_steady = old1.steady if old1 else None
-        out.append(f"| {w.name} | {w.loop.rate:.2f} / {w.loop.steady:.2f} | {new.rate:.2f} / {num(steady, 2)} | "
-                   f"{ratio(new.rate, w.loop.rate)} | {ratio(steady, w.loop.steady)} | "
-                   + (f"{old.rate:.2f} / {num(old_steady, 2)} | {ratio(old.rate, w.loop.rate)} | "
-                      f"{ratio(old_steady, w.loop.steady)} |" if old else "skipped | | |"))
+        out.append(
+            f"| {w.name} | {w.loop.rate:.2f} / {w.loop.steady:.2f} | {new.rate:.2f} / {num(steady, 2)} | "
+            f"{ratio(new.rate, w.loop.rate)} | {ratio(steady, w.loop.steady)} | "
+            + (
+                f"{old.rate:.2f} / {num(old_steady, 2)} | {ratio(old.rate, w.loop.rate)} | "
+                f"{ratio(old_steady, w.loop.steady)} |"
+                if old
+                else "skipped | | |"
+            )
+        )
     return out
 
 
 def detail_table(works: list[Workload]) -> list[str]:
-    out = ["| work | run | flags | e2e s | images/s e2e | steady | first result s | fixed overhead s | "
-           "last result → exit s | cores busy in steady state | masks identical to the loop's |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "| work | run | flags | e2e s | images/s e2e | steady | first result s | fixed overhead s | "
+        "last result → exit s | cores busy in steady state | masks identical to the loop's |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for w in works:
         loop = w.loop
         done = sorted(t for wk in loop.workers for t in wk["done"])
         ten = done[math.ceil(SKIP * len(done)) - 1]
-        out.append(f"| {w.name} | loop, {len(loop.workers)} processes | | {loop.seconds:.1f} | {loop.rate:.2f} | "
-                   f"{loop.steady:.2f} | {loop.first:.1f} | {loop.seconds - loop.images / loop.steady:.1f} | | "
-                   f"{fmt_cores(loop.sampler.cores(ten, loop.end))} | |")
+        out.append(
+            f"| {w.name} | loop, {len(loop.workers)} processes | | {loop.seconds:.1f} | {loop.rate:.2f} | "
+            f"{loop.steady:.2f} | {loop.first:.1f} | {loop.seconds - loop.images / loop.steady:.1f} | | "
+            f"{fmt_cores(loop.sampler.cores(ten, loop.end))} | |"
+        )
         flags = {"new16": "--rows-per-file 16", "new": "defaults", "old1": "--commit-interval 0.01", "old": "defaults"}
         for key, job in w.jobs.items():
             steady_from = None
@@ -84,18 +105,26 @@ def detail_table(works: list[Workload]) -> list[str]:
                         break
             cores = fmt_cores(job.sampler.cores(steady_from, job.last)) if steady_from else "n/a"
             same = w.masks.get(key)
-            masks = f"{same[0]}/{same[1]} ({100 * same[0] / same[1]:.1f} %; pixels {100 * same[2]:.4f} %)" \
-                if same and same[1] else "n/a"
-            out.append(f"| {w.name} | {job.name} | {flags[key]} | {job.seconds:.1f} | {job.rate:.2f} | "
-                       f"{num(job.steady, 2)} | {num(job.first)} | {num(job.overhead)} | "
-                       f"{num(job.end - job.last if job.last else None)} | {cores} | {masks} |")
+            masks = (
+                f"{same[0]}/{same[1]} ({100 * same[0] / same[1]:.1f} %; pixels {100 * same[2]:.4f} %)"
+                if same and same[1]
+                else "n/a"
+            )
+            out.append(
+                f"| {w.name} | {job.name} | {flags[key]} | {job.seconds:.1f} | {job.rate:.2f} | "
+                f"{num(job.steady, 2)} | {num(job.first)} | {num(job.overhead)} | "
+                f"{num(job.end - job.last if job.last else None)} | {cores} | {masks} |"
+            )
     return out
 
 
 def startup_table(startups: list[Startup], works: list[Workload]) -> list[str]:
-    out = ["| step (new code, fresh interpreter, --rows-per-file 16) | " + " | ".join(
-        f"{'CRF on' if s.crf else 'CRF off'}: step s / at s" for s in startups) + " |",
-           "| --- |" + " --- |" * len(startups)]
+    out = [
+        "| step (new code, fresh interpreter, --rows-per-file 16) | "
+        + " | ".join(f"{'CRF on' if s.crf else 'CRF off'}: step s / at s" for s in startups)
+        + " |",
+        "| --- |" + " --- |" * len(startups),
+    ]
     names = [name for name, _ in startups[0].marks]
     for i, name in enumerate(names):
         cells = []
@@ -120,8 +149,10 @@ def startup_table(startups: list[Startup], works: list[Workload]) -> list[str]:
 
 def cli_timeline(works: list[Workload]) -> list[str]:
     """When the CLI run (new code, --rows-per-file 16) got where, in seconds since the command."""
-    out = ["| CLI, new code, --rows-per-file 16 (s since the command) | " + " | ".join(w.name for w in works) + " |",
-           "| --- |" + " --- |" * len(works)]
+    out = [
+        "| CLI, new code, --rows-per-file 16 (s since the command) | " + " | ".join(w.name for w in works) + " |",
+        "| --- |" + " --- |" * len(works),
+    ]
     rows: dict[str, list[str]] = {}
     for w in works:
         job = w.jobs["new16"]
@@ -144,10 +175,12 @@ def cli_timeline(works: list[Workload]) -> list[str]:
         }
         on = job.line_time("inference on")
         if on is not None and ready and job.first:
-            cuts = [("command → 'inference on'", 0.0, on), ("'inference on' → inference actors ready", on,
-                                                            ready - job.start),
-                    ("actors ready → first part file", ready - job.start, job.first),
-                    ("last part file → exit", job.last - job.start, job.seconds)]
+            cuts = [
+                ("command → 'inference on'", 0.0, on),
+                ("'inference on' → inference actors ready", on, ready - job.start),
+                ("actors ready → first part file", ready - job.start, job.first),
+                ("last part file → exit", job.last - job.start, job.seconds),
+            ]
             for name, a, b in cuts:
                 marks[f"cores busy: {name}"] = fmt_cores(job.sampler.cores(job.start + a, job.start + b))
         for name, value in marks.items():
@@ -161,39 +194,67 @@ def goals(works: list[Workload], startups: list[Startup]) -> list[str]:
         new, new16 = w.jobs["new"], w.jobs["new16"]
         steady = ratio(new16.steady, w.loop.steady)
         e2e = ratio(new.rate, w.loop.rate)
-        out.append(f"- {w.name}: job steady state {steady} of the loop's (goal >= 0.9: "
-                   f"{'met' if steady != 'n/a' and float(steady) >= 0.9 else 'NOT met'}); end to end {e2e} "
-                   f"(goal >= 0.8: {'met' if float(e2e) >= 0.8 else 'NOT met'})")
+        out.append(
+            f"- {w.name}: job steady state {steady} of the loop's (goal >= 0.9: "
+            f"{'met' if steady != 'n/a' and float(steady) >= 0.9 else 'NOT met'}); end to end {e2e} "
+            f"(goal >= 0.8: {'met' if float(e2e) >= 0.8 else 'NOT met'})"
+        )
         first = new16.first
-        out.append(f"- {w.name}: first result (first part file, CLI with --rows-per-file 16) {num(first)} s after "
-                   f"the command (goal <= 8 s: {'met' if first is not None and first <= 8 else 'NOT met'}); "
-                   f"fixed overhead {num(new16.overhead)} s (e2e - images / steady; goal <= 5 s: "
-                   f"{'met' if new16.overhead is not None and new16.overhead <= 5 else 'NOT met'}; the loop's own: "
-                   f"{w.loop.seconds - w.loop.images / w.loop.steady:.1f} s)")
+        out.append(
+            f"- {w.name}: first result (first part file, CLI with --rows-per-file 16) {num(first)} s after "
+            f"the command (goal <= 8 s: {'met' if first is not None and first <= 8 else 'NOT met'}); "
+            f"fixed overhead {num(new16.overhead)} s (e2e - images / steady; goal <= 5 s: "
+            f"{'met' if new16.overhead is not None and new16.overhead <= 5 else 'NOT met'}; the loop's own: "
+            f"{w.loop.seconds - w.loop.images / w.loop.steady:.1f} s)"
+        )
     for s in startups:
-        out.append(f"- harness, {'CRF on' if s.crf else 'CRF off'}: first result {s.marks[-1][1] - s.start:.1f} s "
-                   f"after the command")
+        out.append(
+            f"- harness, {'CRF on' if s.crf else 'CRF off'}: first result {s.marks[-1][1] - s.start:.1f} s "
+            f"after the command"
+        )
     return out
 
 
 def report(works: list[Workload], startups: list[Startup], imports: list[tuple[str, float]], command: str) -> str:
-    lines = ["## Ceiling: the job vs one process per core (benchmarks/ceiling.py)", "",
-             f"{DATE}. {machine()}.", "", f"`{command}`; synthetic scenes (pipeline.synthetic.write_bucket, "
-             "160-320 x 200-400 pixels), demo model, scale 1.0, CRF = DeepLab v2 parameters. Loop: one process "
-             "per core, 1 torch thread each, end to end from before the processes start to the last PNG written. "
-             "Job: the CLI timed from Popen to exit; steady state from part-file mtimes (the --rows-per-file 16 "
-             "run; old code: --commit-interval 0.01), images/s after the first 10 % of the images.", ""]
+    lines = [
+        "## Ceiling: the job vs one process per core (benchmarks/ceiling.py)",
+        "",
+        f"{DATE}. {machine()}.",
+        "",
+        f"`{command}`; synthetic scenes (pipeline.synthetic.write_bucket, "
+        "160-320 x 200-400 pixels), demo model, scale 1.0, CRF = DeepLab v2 parameters. Loop: one process "
+        "per core, 1 torch thread each, end to end from before the processes start to the last PNG written. "
+        "Job: the CLI timed from Popen to exit; steady state from part-file mtimes (the --rows-per-file 16 "
+        "run; old code: --commit-interval 0.01), images/s after the first 10 % of the images.",
+        "",
+    ]
     lines += main_table(works) + [""] + detail_table(works)
-    lines += ["", "Fixed overhead = end to end - images / steady state. Cores busy: CPU seconds per second of the "
-              "measured process tree, by process group (Segmenter = the inference actors, with the CRF fused in; "
-              "Ray worker (booting/idle) = a Ray worker process before it became an actor; ray system = gcs, raylet, dashboard and runtime-env agents, Ray Data's own actors), from "
-              "the time 10 % of the images were done to the last result; other = the rest of the host.", ""]
+    lines += [
+        "",
+        "Fixed overhead = end to end - images / steady state. Cores busy: CPU seconds per second of the "
+        "measured process tree, by process group (Segmenter = the inference actors, with the CRF fused in; "
+        "Ray worker (booting/idle) = a Ray worker process before it became an actor; ray system = gcs, raylet, "
+        "dashboard and runtime-env agents, Ray Data's own actors), from "
+        "the time 10 % of the images were done to the last result; other = the rest of the host.",
+        "",
+    ]
     lines += cli_timeline(works) + [""]
     if startups:
-        lines += ["Start-up of the new code, step by step (pipeline.job.run()'s calls in a fresh interpreter; "
-                  "'at' = seconds since the command):", ""] + startup_table(startups, works) + [""]
+        lines += (
+            [
+                "Start-up of the new code, step by step (pipeline.job.run()'s calls in a fresh interpreter; "
+                "'at' = seconds since the command):",
+                "",
+            ]
+            + startup_table(startups, works)
+            + [""]
+        )
     if imports:
-        lines += ["`import pipeline.job` and the heavy packages under it (python -X importtime, cumulative, nested ones counted in their importer too): "
-                  + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in imports), ""]
+        lines += [
+            "`import pipeline.job` and the heavy packages under it (python -X importtime, cumulative, "
+            "nested ones counted in their importer too): "
+            + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in imports),
+            "",
+        ]
     lines += ["Goals:", ""] + goals(works, startups) + [""]
     return "\n".join(lines)

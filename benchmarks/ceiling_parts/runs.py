@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import bench_lock
+
 from ceiling_parts import MODEL, PYTHON, SAMPLE_S
 from ceiling_parts.sampler import TreeSampler, steady_rate
-from common import bench_lock
 
 
 def loop_worker(paths: list[str], out_dir: str, crf: bool, times_path: str) -> None:
@@ -48,8 +49,7 @@ def loop_worker(paths: list[str], out_dir: str, crf: bool, times_path: str) -> N
             mask = class_map(probs).numpy()
         Path(out_dir, Path(path).name + ".png").write_bytes(mask_to_png(mask))
         done.append(time.time())
-    Path(times_path).write_text(json.dumps({"started": started, "imported": imported, "loaded": loaded,
-                                            "done": done}))
+    Path(times_path).write_text(json.dumps({"started": started, "imported": imported, "loaded": loaded, "done": done}))
 
 
 class _Rates:
@@ -93,8 +93,10 @@ def run_loop(files: list[Path], procs: int, crf: bool, out_dir: Path) -> LoopRun
     times = [out_dir / f"_times_{i}.json" for i in range(procs)]
     with bench_lock(), TreeSampler(os.getpid()) as sampler:
         start = time.time()
-        workers = [context.Process(target=loop_worker, args=(share, str(out_dir), crf, str(t)))
-                   for share, t in zip(shares, times)]
+        workers = [
+            context.Process(target=loop_worker, args=(share, str(out_dir), crf, str(t)))
+            for share, t in zip(shares, times)
+        ]
         for w in workers:
             w.start()
         for w in workers:
@@ -154,25 +156,37 @@ def job_env(code_root: Path) -> dict[str, str]:
     return env
 
 
-def run_job(name: str, code_root: Path, images_uri: Path, out: Path, run_id: str, images: int, crf: bool,
-            extra: list[str]) -> JobRun:
-    cmd = [PYTHON, "jobs/segment_bucket.py", str(images_uri), "--output", str(out), "--run-id", run_id,
-           *([] if crf else ["--no-crf"]), *extra]
+def run_job(
+    name: str, code_root: Path, images_uri: Path, out: Path, run_id: str, images: int, crf: bool, extra: list[str]
+) -> JobRun:
+    cmd = [
+        PYTHON,
+        "jobs/segment_bucket.py",
+        str(images_uri),
+        "--output",
+        str(out),
+        "--run-id",
+        run_id,
+        *([] if crf else ["--no-crf"]),
+        *extra,
+    ]
     lines: list[tuple[float, str]] = []
     shutil.rmtree(out / f"run={run_id}", ignore_errors=True)  # a --keep folder from an earlier try
     with bench_lock():
         start = time.time()
-        proc = subprocess.Popen(cmd, cwd=code_root, env=job_env(code_root), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=code_root, env=job_env(code_root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         with TreeSampler(proc.pid) as sampler:
-            reader = threading.Thread(target=lambda: lines.extend((time.time(), l.rstrip()) for l in proc.stdout),
-                                      daemon=True)
+            reader = threading.Thread(
+                target=lambda: lines.extend((time.time(), ln.rstrip()) for ln in proc.stdout), daemon=True
+            )
             reader.start()
             rc = proc.wait()
             end = time.time()
             reader.join(timeout=5)
     if rc:
-        print("\n".join(l for _, l in lines[-30:]), file=sys.stderr)
+        print("\n".join(ln for _, ln in lines[-30:]), file=sys.stderr)
         raise RuntimeError(f"{name}: {' '.join(cmd)} exited {rc}")
     run_dir = out / f"run={run_id}"
     return JobRun(name, images, start, end, rc, lines, part_events(run_dir), sampler, run_dir)

@@ -76,7 +76,7 @@ class TreeSampler:
             self.samples.append((now, groups, sum(host) - host.idle - getattr(host, "iowait", 0.0)))
             self._stop.wait(SAMPLE_S)
 
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self) -> TreeSampler:
         self._thread.start()
         return self
 
@@ -122,6 +122,15 @@ class TreeSampler:
 
 
 def fmt_cores(cores: dict[str, float]) -> str:
-    order = ["loop worker", "Segmenter", "Decoder", "PartWriter", "CRFRefiner", "driver", "Ray worker (booting/idle)",
-             "ray system", "other"]
+    order = [
+        "loop worker",
+        "Segmenter",
+        "Decoder",
+        "PartWriter",
+        "CRFRefiner",
+        "driver",
+        "Ray worker (booting/idle)",
+        "ray system",
+        "other",
+    ]
     return ", ".join(f"{g} {cores[g]:.2f}" for g in order if g in cores) or "n/a"

@@ -8,10 +8,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import bench_lock
+
 from ceiling_parts import PYTHON, ROOT, SCRIPT
 from ceiling_parts.runs import job_env
 from ceiling_parts.sampler import TreeSampler
-from common import bench_lock
 
 
 def harness(t_module: float, images_uri: str, out: str, crf: bool) -> None:
@@ -22,18 +23,32 @@ def harness(t_module: float, images_uri: str, out: str, crf: bool) -> None:
     marks = [("python started", t_module)]
     import pipeline.cli as cli
     import pipeline.job as job
+
     marks.append(("import pipeline.job", time.time()))
     import ray
 
-    from pipeline.outputs import RunOutput
     from pipeline.cluster import cluster_nodes, init_ray
+    from pipeline.outputs import RunOutput
     from pipeline.stages import Resources, build_dataset
     from pipeline.storage import list_inputs
+
     marks.append(("import ray + pipeline.stages (torch)", time.time()))
     parser = cli.build_parser()
-    config = cli.config_from_args(parser.parse_args(
-        [images_uri, "--output", out, "--run-id", "harness", "--rows-per-file", "16", *([] if crf else ["--no-crf"])]),
-        parser)
+    config = cli.config_from_args(
+        parser.parse_args(
+            [
+                images_uri,
+                "--output",
+                out,
+                "--run-id",
+                "harness",
+                "--rows-per-file",
+                "16",
+                *([] if crf else ["--no-crf"]),
+            ]
+        ),
+        parser,
+    )
     weights, sha256 = job.resolve_weights(config)
     marks.append(("weight check (resolve_weights)", time.time()))
     inputs = list_inputs(config.input_uri, config.labels_uri, storage_options=config.storage_options)
@@ -62,30 +77,47 @@ class Startup:
 
 
 def run_harness(images_uri: Path, out: Path, crf: bool) -> Startup:
-    cmd = [PYTHON, str(SCRIPT), "--startup-harness", str(images_uri), str(out),
-           *([] if crf else ["--harness-no-crf"])]
+    cmd = [PYTHON, str(SCRIPT), "--startup-harness", str(images_uri), str(out), *([] if crf else ["--harness-no-crf"])]
     with bench_lock():
         start = time.time()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(ROOT), stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=job_env(ROOT), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         with TreeSampler(proc.pid) as sampler:
             stdout, _ = proc.communicate()
-    line = next((l for l in stdout.splitlines() if l.startswith("HARNESS ")), None)
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("HARNESS ")), None)
     if proc.returncode or line is None:
         raise RuntimeError(f"start-up harness failed ({proc.returncode}): {stdout[-2000:]}")
-    return Startup(crf, start, [tuple(m) for m in json.loads(line[len("HARNESS "):])], sampler)
+    return Startup(crf, start, [tuple(m) for m in json.loads(line[len("HARNESS ") :])], sampler)
 
 
-HEAVY = ("pipeline.job", "torch", "torchvision", "torch._dynamo", "timm", "ray", "pyarrow", "numpy", "PIL", "fsspec",
-         "safetensors", "pydensecrf")
+HEAVY = (
+    "pipeline.job",
+    "torch",
+    "torchvision",
+    "torch._dynamo",
+    "timm",
+    "ray",
+    "pyarrow",
+    "numpy",
+    "PIL",
+    "fsspec",
+    "safetensors",
+    "pydensecrf",
+)
 
 
 def import_profile() -> list[tuple[str, float]]:
     """Cumulative seconds of ``import pipeline.job`` and of the heavy packages it pulls in (python -X importtime,
     each where it is first imported, so nested ones are included in their importer's figure)."""
     with bench_lock():
-        err = subprocess.run([PYTHON, "-X", "importtime", "-c", "import pipeline.job"], cwd=ROOT, env=job_env(ROOT),
-                             capture_output=True, text=True).stderr
+        err = subprocess.run(
+            [PYTHON, "-X", "importtime", "-c", "import pipeline.job"],
+            cwd=ROOT,
+            env=job_env(ROOT),
+            capture_output=True,
+            text=True,
+        ).stderr
     found = {}
     for line in err.splitlines():
         parts = line.split("|")

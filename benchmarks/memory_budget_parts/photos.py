@@ -28,8 +28,13 @@ def voc_photo(megapixels: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _child(code: str, *args: str) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line last."""
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     if proc.returncode:
         return {"failed": proc.returncode, "stderr": proc.stderr[-600:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

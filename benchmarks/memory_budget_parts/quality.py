@@ -65,13 +65,11 @@ def _synthetic(scenes: int, scales: tuple[float, ...], params) -> None:
             rows[s]["s"].append(time.perf_counter() - start)
             rows[s]["agree"].append(float((reduced == full).mean()))
             rows[s]["miou"].add(reduced, label)
-    print(f"synthetic held-out, {scenes} scenes 960x720, demo model; "
-          f"pre-CRF dataset mIoU {pre.miou:.4f}")
+    print(f"synthetic held-out, {scenes} scenes 960x720, demo model; pre-CRF dataset mIoU {pre.miou:.4f}")
     print("| crf_scale | label agreement with full CRF | dataset mIoU vs label | CRF s |")
     print("|---:|---:|---:|---:|")
     for s, r in rows.items():
-        print(f"| {s} | {np.mean(r['agree']):.4f} | {r['miou'].miou:.4f} | "
-              f"{np.mean(r['s']):.1f} |", flush=True)
+        print(f"| {s} | {np.mean(r['agree']):.4f} | {r['miou'].miou:.4f} | {np.mean(r['s']):.1f} |", flush=True)
 
 
 def _voc(megapixels: float, scales: tuple[float, ...], params) -> None:
@@ -86,22 +84,27 @@ def _voc(megapixels: float, scales: tuple[float, ...], params) -> None:
     classes = len(present)
     encoded = np.round(soft_probs(compact, classes) * 255).astype(np.uint8)
     pre_miou = _miou(encoded.argmax(0).astype(np.uint8), compact, classes)
-    print(f"\nVOC photo at {rgb.shape[1]}x{rgb.shape[0]}, its {classes} classes, probabilities "
-          f"from the blurred, noised label; pre-CRF mIoU {pre_miou:.4f}")
+    print(
+        f"\nVOC photo at {rgb.shape[1]}x{rgb.shape[0]}, its {classes} classes, probabilities "
+        f"from the blurred, noised label; pre-CRF mIoU {pre_miou:.4f}"
+    )
     print("| crf_scale | label agreement with full CRF | mIoU vs label | CRF s |")
     print("|---:|---:|---:|---:|")
     start = time.perf_counter()
     full = dense_crf(rgb, encoded.astype(np.float32) / 255)
-    print(f"| 1.0 | 1.0000 | {_miou(full, compact, classes):.4f} | "
-          f"{time.perf_counter() - start:.1f} |", flush=True)
+    print(f"| 1.0 | 1.0000 | {_miou(full, compact, classes):.4f} | {time.perf_counter() - start:.1f} |", flush=True)
     from pipeline.memory import crf_scale
+
     default = crf_scale(*rgb.shape[:2], classes, None, params.max_pixels)
     for s in sorted({*scales, default}, reverse=True):
         start = time.perf_counter()
         reduced = reduced_crf(rgb, encoded.tobytes(), "uint8", classes, s, params)
         seconds = time.perf_counter() - start
-        print(f"| {s}{' (default)' if s == default else ''} | {(reduced == full).mean():.4f} | "
-              f"{_miou(reduced, compact, classes):.4f} | {seconds:.1f} |", flush=True)
+        print(
+            f"| {s}{' (default)' if s == default else ''} | {(reduced == full).mean():.4f} | "
+            f"{_miou(reduced, compact, classes):.4f} | {seconds:.1f} |",
+            flush=True,
+        )
 
 
 def quality(args) -> None:

@@ -51,8 +51,11 @@ class Sampler:
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.pss.append(pss)
             if self._smi:
-                out = subprocess.run([self._smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True).stdout.split()
+                out = subprocess.run(
+                    [self._smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()
                 if out:
                     self.gpu_util.append(float(out[0]))
             time.sleep(0.5)
@@ -90,10 +93,10 @@ class Result:
 def bare_loop(inputs, scales, flip, threads: int, device: str) -> Result:
     import torch
 
+    from pipeline.checkpoints import normalisation
     from pipeline.images import decode_image
     from pipeline.inference import class_map, infer_batch, load_model
     from pipeline.storage import read_bytes
-    from pipeline.checkpoints import normalisation
 
     torch.set_num_threads(threads)
     model, _, _ = load_model("deeplabv3plus_demo", None)
@@ -122,8 +125,11 @@ def consume(ds, name: str) -> tuple[Result, Sampler]:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             # The job's DAG ends in its write stage (one row per part file, with its PartStats);
             # the hand-written script's in result rows.
-            rows += (sum(_images(s) for s in batch.column("stats").to_pylist()) if "stats" in batch.column_names
-                     else batch.num_rows)
+            rows += (
+                sum(_images(s) for s in batch.column("stats").to_pylist())
+                if "stats" in batch.column_names
+                else batch.num_rows
+            )
             if first is None:
                 first, first_rows = time.perf_counter(), rows
         end = time.perf_counter()
@@ -138,15 +144,25 @@ def _images(stats: str) -> int:
     return part.images + part.errors
 
 
-def pipeline_run(inputs, scales, flip, compute: ComputeConfig, name: str | None = None,
-                 crf: CRFParams | None = None) -> tuple[Result, Sampler, Resources]:
-    from pipeline.job import resolve_weights
+def pipeline_run(
+    inputs, scales, flip, compute: ComputeConfig, name: str | None = None, crf: CRFParams | None = None
+) -> tuple[Result, Sampler, Resources]:
     from pipeline.cluster import cluster_nodes
+    from pipeline.job import resolve_weights
     from pipeline.stages import Resources, build_dataset
 
-    config = JobConfig(input_uri="", output_uri="", labels_uri=None, model="deeplabv3plus_demo", weights_uri=None,
-                       run_id="bench", inference=InferenceConfig(scales=scales, flip=flip), crf=crf, compute=compute,
-                       rows_per_file=compute.batch_size)  # a part per batch: the driver sees every batch land
+    config = JobConfig(
+        input_uri="",
+        output_uri="",
+        labels_uri=None,
+        model="deeplabv3plus_demo",
+        weights_uri=None,
+        run_id="bench",
+        inference=InferenceConfig(scales=scales, flip=flip),
+        crf=crf,
+        compute=compute,
+        rows_per_file=compute.batch_size,
+    )  # a part per batch: the driver sees every batch land
     weights, sha = resolve_weights(config)
     resources = Resources.resolve(config, cluster_nodes())
     lo, hi = resources.infer_actors

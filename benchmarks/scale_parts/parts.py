@@ -27,17 +27,32 @@ def part_runs(runner: Runner, pool: Pool, sizes: list[int], sides: list[str], be
         started = time.perf_counter()
         for run_id, changed in (("night1", False), ("night2", True)):
             write_run(pool, out, run_id, n, uris, folder / f"stats-{run_id}.jsonl", changed=changed)
-        print(f"{n} keys: two runs written in {time.perf_counter() - started:.0f} s "
-              f"({_du(out) / MIB:.0f} MiB on disk)", flush=True)
+        print(
+            f"{n} keys: two runs written in {time.perf_counter() - started:.0f} s ({_du(out) / MIB:.0f} MiB on disk)",
+            flush=True,
+        )
         todo = [s for s in sides if s == "after" or before_max is None or n <= before_max]
-        commit = {"out": str(out), "run_id": "night1", "stats_file": str(folder / "stats-night1.jsonl"),
-                  "input_uri": str(runner.work / "thumbs")}
-        rows.append({"step": "commit + report", "n": n,
-                     **{s: runner.measure(s, f"commit_{s}", f"commit-{n}", commit) for s in todo}})
+        commit = {
+            "out": str(out),
+            "run_id": "night1",
+            "stats_file": str(folder / "stats-night1.jsonl"),
+            "input_uri": str(runner.work / "thumbs"),
+        }
+        rows.append(
+            {
+                "step": "commit + report",
+                "n": n,
+                **{s: runner.measure(s, f"commit_{s}", f"commit-{n}", commit) for s in todo},
+            }
+        )
         compare = {"out": str(out), "old_id": "night1", "new_id": "night2"}
-        rows.append({"step": "compare two runs", "n": n,
-                     **{s: runner.measure(s, f"compare_{s}", f"compare-{n}", compare, tree_pss=s == "after")
-                        for s in todo}})
+        rows.append(
+            {
+                "step": "compare two runs",
+                "n": n,
+                **{s: runner.measure(s, f"compare_{s}", f"compare-{n}", compare, tree_pss=s == "after") for s in todo},
+            }
+        )
         shutil.rmtree(folder)
     return rows
 
@@ -56,8 +71,11 @@ def _free_port() -> int:
 def moto_server(work: Path):
     port = _free_port()
     log = open(work / "logs" / "moto.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -81,9 +99,8 @@ def _put_all(client, bucket: str, items: list[tuple[str, bytes]]) -> None:
 def part_listing(runner: Runner, pool: Pool, sizes: list[int], sides: list[str]) -> list[dict]:
     """list_inputs + resume against S3 (moto): N objects, a run holding the first half of the keys."""
     import boto3
-    from botocore.config import Config
-
     import pyarrow as pa
+    from botocore.config import Config
 
     from pipeline.writer import part_name
 
@@ -107,10 +124,17 @@ def part_listing(runner: Runner, pool: Pool, sizes: list[int], sides: list[str])
                 if errors.num_rows:
                     parts.append((f"out/run=resume/errors/{name}", parquet_bytes(errors)))
             _put_all(client, out_bucket, parts)
-            print(f"{n} objects + {len(parts)} part files uploaded in {time.perf_counter() - started:.0f} s", flush=True)
+            print(
+                f"{n} objects + {len(parts)} part files uploaded in {time.perf_counter() - started:.0f} s", flush=True
+            )
             params = {"input_uri": f"s3://{bucket}/images", "out": f"s3://{out_bucket}/out", "run_id": "resume"}
-            rows.append({"step": "list + resume (S3)", "n": n,
-                         **{s: runner.measure(s, f"resume_{s}", f"resume-{n}", params) for s in sides}})
+            rows.append(
+                {
+                    "step": "list + resume (S3)",
+                    "n": n,
+                    **{s: runner.measure(s, f"resume_{s}", f"resume-{n}", params) for s in sides},
+                }
+            )
         runner.env = {}
     return rows
 
@@ -134,8 +158,13 @@ def part_e2e(runner: Runner, pool: Pool, sizes: list[int], sides: list[str]) -> 
         images, labels = write_images(folder, pool, n)
         row = {"step": "end to end (CLI, --no-crf)", "n": n}
         for side in sides:
-            params = {"tree": str(runner.trees[side]), "images": str(images), "labels": str(labels),
-                      "out": str(folder / f"out-{side}"), "run_id": "e2e"}
+            params = {
+                "tree": str(runner.trees[side]),
+                "images": str(images),
+                "labels": str(labels),
+                "out": str(folder / f"out-{side}"),
+                "run_id": "e2e",
+            }
             row[side] = runner.measure(side, "e2e", f"e2e-{n}", params, tree_pss=True)
         rows.append(row)
         shutil.rmtree(folder)

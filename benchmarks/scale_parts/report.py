@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from common import LOCK
+
 from scale_parts import SECTION, SIDES
 from scale_parts.runner import Result
 
@@ -30,24 +31,55 @@ def _keys_label(n: int) -> str:
 
 
 def table(rows: list[dict], *, unit: str = "keys", e2e: bool = False) -> str:
-    head = ["step", unit, "before RSS MiB", "after RSS MiB", "before CPU s", "after CPU s", "before wall s",
-            "after wall s", "after/before RSS", "after/before wall"]
+    head = [
+        "step",
+        unit,
+        "before RSS MiB",
+        "after RSS MiB",
+        "before CPU s",
+        "after CPU s",
+        "before wall s",
+        "after wall s",
+        "after/before RSS",
+        "after/before wall",
+    ]
     if e2e:
-        head += ["before ms CPU/img", "after ms CPU/img", "before img/s e2e", "after img/s e2e",
-                 "before img/s segmenting", "after img/s segmenting"]
+        head += [
+            "before ms CPU/img",
+            "after ms CPU/img",
+            "before img/s e2e",
+            "after img/s e2e",
+            "before img/s segmenting",
+            "after img/s segmenting",
+        ]
     head += ["after tree PSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         b, a = r.get("before"), r.get("after")
-        cells = [r["step"], _keys_label(r["n"]), _cell(b, "rss_mib", ".0f"), _cell(a, "rss_mib", ".0f"),
-                 _cell(b, "cpu_s", ".1f"), _cell(a, "cpu_s", ".1f"), _cell(b, "wall_s", ".1f"), _cell(a, "wall_s", ".1f"),
-                 _ratio(b, a, "rss_mib"), _ratio(b, a, "wall_s")]
+        cells = [
+            r["step"],
+            _keys_label(r["n"]),
+            _cell(b, "rss_mib", ".0f"),
+            _cell(a, "rss_mib", ".0f"),
+            _cell(b, "cpu_s", ".1f"),
+            _cell(a, "cpu_s", ".1f"),
+            _cell(b, "wall_s", ".1f"),
+            _cell(a, "wall_s", ".1f"),
+            _ratio(b, a, "rss_mib"),
+            _ratio(b, a, "wall_s"),
+        ]
         if e2e:
             per = [None if x is None or not x.ok else 1000 * x.cpu_s / r["n"] for x in (b, a)]
             e2e_ips = [None if x is None or not x.ok else r["n"] / x.wall_s for x in (b, a)]
             ips = [None if x is None or not x.ok else x.extra["images_per_s"] for x in (b, a)]
-            cells += [_num(per[0], ".2f"), _num(per[1], ".2f"), _num(e2e_ips[0], ".1f"), _num(e2e_ips[1], ".1f"),
-                      _num(ips[0], ".1f"), _num(ips[1], ".1f")]
+            cells += [
+                _num(per[0], ".2f"),
+                _num(per[1], ".2f"),
+                _num(e2e_ips[0], ".1f"),
+                _num(e2e_ips[1], ".1f"),
+                _num(ips[0], ".1f"),
+                _num(ips[1], ".1f"),
+            ]
         cells.append(_cell(a, "tree_pss_mib", ".0f") if a is not None and a.tree_pss_mib else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -73,24 +105,29 @@ def _reading_runs(runs: list[dict], sizes: list[int]) -> list[str]:
     a_mid = _get(runs, "commit + report", mid, "after")
     if a_big and a_mid:
         limit = 1.1 * a_mid.rss_mib + 100
-        out.append(f"Commit + report, after: peak driver RSS {a_big.rss_mib:.0f} MiB at "
-                   f"{_keys_label(big)} keys against {a_mid.rss_mib:.0f} MiB at {_keys_label(mid)} "
-                   f"(goal ≤ 1.1x + 100 MB = {limit:.0f} MiB): "
-                   f"{_verdict(a_big.rss_mib <= limit)}; {a_big.wall_s:.1f} s at {_keys_label(big)} "
-                   f"(goal ≤ 60 s): {_verdict(a_big.wall_s <= 60)}.")
+        out.append(
+            f"Commit + report, after: peak driver RSS {a_big.rss_mib:.0f} MiB at "
+            f"{_keys_label(big)} keys against {a_mid.rss_mib:.0f} MiB at {_keys_label(mid)} "
+            f"(goal ≤ 1.1x + 100 MB = {limit:.0f} MiB): "
+            f"{_verdict(a_big.rss_mib <= limit)}; {a_big.wall_s:.1f} s at {_keys_label(big)} "
+            f"(goal ≤ 60 s): {_verdict(a_big.wall_s <= 60)}."
+        )
     b_big = _get(runs, "commit + report", big, "before")
     if b_big and a_big:
-        out.append(f"Before, the same commit took {b_big.rss_mib:.0f} MiB and {b_big.wall_s:.1f} s at "
-                   f"{_keys_label(big)}.")
+        out.append(
+            f"Before, the same commit took {b_big.rss_mib:.0f} MiB and {b_big.wall_s:.1f} s at {_keys_label(big)}."
+        )
     c_big = _get(runs, "compare two runs", big, "after")
     c_small = _get(runs, "compare two runs", small, "after")
     if c_big and c_small:
         flat = c_big.rss_mib <= 1.1 * c_small.rss_mib + 100
-        out.append(f"Comparison, after: driver RSS {c_small.rss_mib:.0f} MiB at {_keys_label(small)} "
-                   f"and {c_big.rss_mib:.0f} MiB at {_keys_label(big)} "
-                   f"(flat, ≤ 1.1x + 100 MB: {_verdict(flat)}); "
-                   f"{c_big.wall_s:.0f} s at {_keys_label(big)} on 2 CPUs, tree PSS up to "
-                   f"{c_big.tree_pss_mib:.0f} MiB.")
+        out.append(
+            f"Comparison, after: driver RSS {c_small.rss_mib:.0f} MiB at {_keys_label(small)} "
+            f"and {c_big.rss_mib:.0f} MiB at {_keys_label(big)} "
+            f"(flat, ≤ 1.1x + 100 MB: {_verdict(flat)}); "
+            f"{c_big.wall_s:.0f} s at {_keys_label(big)} on 2 CPUs, tree PSS up to "
+            f"{c_big.tree_pss_mib:.0f} MiB."
+        )
     for r in runs:
         if r["step"] == "compare two runs" and r.get("before") is not None:
             res = r["before"]
@@ -102,46 +139,51 @@ def _reading_runs(runs: list[dict], sizes: list[int]) -> list[str]:
 def _reading_listing(listing: list[dict]) -> list[str]:
     """How listing + resume grew from the smallest to the largest bucket, per side."""
     out = []
-    s, l = listing[0]["n"], listing[-1]["n"]
+    small, large = listing[0]["n"], listing[-1]["n"]
     for side in SIDES:
-        rs = _get(listing, "list + resume (S3)", s, side)
-        rl = _get(listing, "list + resume (S3)", l, side)
+        rs = _get(listing, "list + resume (S3)", small, side)
+        rl = _get(listing, "list + resume (S3)", large, side)
         if rs and rl:
-            out.append(f"List + resume {side}: {rs.rss_mib:.0f} → {rl.rss_mib:.0f} MiB and "
-                       f"{rs.cpu_s:.1f} → {rl.cpu_s:.1f} CPU-s from {_keys_label(s)} to "
-                       f"{_keys_label(l)} keys.")
+            out.append(
+                f"List + resume {side}: {rs.rss_mib:.0f} → {rl.rss_mib:.0f} MiB and "
+                f"{rs.cpu_s:.1f} → {rl.cpu_s:.1f} CPU-s from {_keys_label(small)} to "
+                f"{_keys_label(large)} keys."
+            )
     return out
 
 
 def _reading_e2e(e2e: list[dict], e2e_sizes: list[int]) -> list[str]:
     """The end-to-end goals: flat driver RSS, driver CPU per image, throughput not lower."""
     out = []
-    s, l = e2e_sizes[0], e2e_sizes[-1]
+    small, large = e2e_sizes[0], e2e_sizes[-1]
     step = "end to end (CLI, --no-crf)"
-    a_s, a_l = _get(e2e, step, s, "after"), _get(e2e, step, l, "after")
-    b_l = _get(e2e, step, l, "before")
+    a_s, a_l = _get(e2e, step, small, "after"), _get(e2e, step, large, "after")
+    b_l = _get(e2e, step, large, "before")
     if a_s and a_l:
-        marginal = 1000 * (a_l.cpu_s - a_s.cpu_s) / (l - s)
-        out.append(f"End to end, after: driver peak RSS {a_s.rss_mib:.0f} MiB at {_keys_label(s)} "
-                   f"images and {a_l.rss_mib:.0f} MiB at {_keys_label(l)} "
-                   f"(goal ≤ 1.1x = {1.1 * a_s.rss_mib:.0f}): "
-                   f"{_verdict(a_l.rss_mib <= 1.1 * a_s.rss_mib)}; driver CPU "
-                   f"{1000 * a_l.cpu_s / l:.2f} ms per image over the whole CLI process at "
-                   f"{_keys_label(l)}, {marginal:.2f} ms per extra image between {_keys_label(s)} "
-                   f"and {_keys_label(l)} (goal ≤ 0.5 ms): {_verdict(marginal <= 0.5)} on the "
-                   f"marginal, {_verdict(1000 * a_l.cpu_s / l <= 0.5)} on the total.")
+        marginal = 1000 * (a_l.cpu_s - a_s.cpu_s) / (large - small)
+        out.append(
+            f"End to end, after: driver peak RSS {a_s.rss_mib:.0f} MiB at {_keys_label(small)} "
+            f"images and {a_l.rss_mib:.0f} MiB at {_keys_label(large)} "
+            f"(goal ≤ 1.1x = {1.1 * a_s.rss_mib:.0f}): "
+            f"{_verdict(a_l.rss_mib <= 1.1 * a_s.rss_mib)}; driver CPU "
+            f"{1000 * a_l.cpu_s / large:.2f} ms per image over the whole CLI process at "
+            f"{_keys_label(large)}, {marginal:.2f} ms per extra image between {_keys_label(small)} "
+            f"and {_keys_label(large)} (goal ≤ 0.5 ms): {_verdict(marginal <= 0.5)} on the "
+            f"marginal, {_verdict(1000 * a_l.cpu_s / large <= 0.5)} on the total."
+        )
     if a_l and b_l:
-        before, after = l / b_l.wall_s, l / a_l.wall_s
-        out.append(f"Throughput at {_keys_label(l)}, end to end (images / the CLI's wall time): "
-                   f"{before:.1f} images/s before, {after:.1f} after (goal: not lower): "
-                   f"{_verdict(after >= before)}; while segmenting (manifest images_per_s, from the "
-                   f"DAG's start to its last part): {b_l.extra['images_per_s']:.1f} before, "
-                   f"{a_l.extra['images_per_s']:.1f} after.")
+        before, after = large / b_l.wall_s, large / a_l.wall_s
+        out.append(
+            f"Throughput at {_keys_label(large)}, end to end (images / the CLI's wall time): "
+            f"{before:.1f} images/s before, {after:.1f} after (goal: not lower): "
+            f"{_verdict(after >= before)}; while segmenting (manifest images_per_s, from the "
+            f"DAG's start to its last part): {b_l.extra['images_per_s']:.1f} before, "
+            f"{a_l.extra['images_per_s']:.1f} after."
+        )
     return out
 
 
-def reading(runs: list[dict], listing: list[dict], e2e: list[dict], sizes: list[int],
-            e2e_sizes: list[int]) -> str:
+def reading(runs: list[dict], listing: list[dict], e2e: list[dict], sizes: list[int], e2e_sizes: list[int]) -> str:
     """One paragraph: every goal, met or not, with its numbers."""
     out = []
     if len(sizes) >= 2:
@@ -154,22 +196,39 @@ def reading(runs: list[dict], listing: list[dict], e2e: list[dict], sizes: list[
 
 
 def render(args, runs, listing, e2e, command: str) -> str:
-    parts = [SECTION, "",
-             f"Measured {args.date} on {args.machine}, one run of `{command}` "
-             f"(before = the previous commit's code, after = this tree; each step a fresh process, "
-             f"under `flock {LOCK}`). RSS is the driver process's peak (VmHWM; Ray's own processes are "
-             f"not in it, their sum is the last column, PSS sampled every second). CPU and wall are the "
-             f"step's own; for the comparison after, `ray.init` is not included; end to end counts the "
-             f"whole CLI process (imports, model load, Ray start).", ""]
+    parts = [
+        SECTION,
+        "",
+        f"Measured {args.date} on {args.machine}, one run of `{command}` "
+        f"(before = the previous commit's code, after = this tree; each step a fresh process, "
+        f"under `flock {LOCK}`). RSS is the driver process's peak (VmHWM; Ray's own processes are "
+        f"not in it, their sum is the last column, PSS sampled every second). CPU and wall are the "
+        f"step's own; for the comparison after, `ray.init` is not included; end to end counts the "
+        f"whole CLI process (imports, model load, Ray start).",
+        "",
+    ]
     if runs:
-        parts += ["Synthetic committed runs, 1000-row part files, 64x64 mask PNGs (CRF columns filled), "
-                  "second run with 5% of masks changed:", "", table(runs), ""]
+        parts += [
+            "Synthetic committed runs, 1000-row part files, 64x64 mask PNGs (CRF columns filled), "
+            "second run with 5% of masks changed:",
+            "",
+            table(runs),
+            "",
+        ]
     if listing:
-        parts += ["Listing + resume against a moto S3 server on loopback; the run holds part files for half "
-                  "the keys:", "", table(listing), ""]
+        parts += [
+            "Listing + resume against a moto S3 server on loopback; the run holds part files for half the keys:",
+            "",
+            table(listing),
+            "",
+        ]
     if e2e:
-        parts += ["End to end, `jobs/segment_bucket.py IMAGES --labels LABELS --output OUT --no-crf`, "
-                  "64x64 JPEGs (ms CPU/img = the CLI process's CPU over the images):", "",
-                  table(e2e, unit="images", e2e=True), ""]
+        parts += [
+            "End to end, `jobs/segment_bucket.py IMAGES --labels LABELS --output OUT --no-crf`, "
+            "64x64 JPEGs (ms CPU/img = the CLI process's CPU over the images):",
+            "",
+            table(e2e, unit="images", e2e=True),
+            "",
+        ]
     parts += [reading(runs, listing, e2e, args.sizes, args.e2e_sizes if not args.skip_e2e else []), ""]
     return "\n".join(parts)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import bench_lock
+
 from scale_parts import MIB, SCRIPT
 
 
@@ -58,8 +59,9 @@ def _kill_tree(pid: int) -> None:
 class Runner:
     """Runs measured steps in fresh subprocesses of ``before`` (old tree) or ``after`` (this tree)."""
 
-    def __init__(self, work: Path, trees: dict[str, Path], *, rss_limit_gb: float, timeout_min: float,
-                 env: dict | None = None) -> None:
+    def __init__(
+        self, work: Path, trees: dict[str, Path], *, rss_limit_gb: float, timeout_min: float, env: dict | None = None
+    ) -> None:
         self.work, self.trees = work, trees
         self.rss_limit, self.timeout = rss_limit_gb * 2**30, timeout_min * 60
         self.env = env or {}
@@ -71,11 +73,24 @@ class Runner:
         tree = self.trees[side]
         result_file = self.work / "logs" / f"{label}-{side}.json"
         result_file.unlink(missing_ok=True)
-        env = {**os.environ, **self.env, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1",
-               "RAY_AUTH_MODE": "disabled"}
+        env = {
+            **os.environ,
+            **self.env,
+            "PYTHONPATH": str(tree),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "RAY_AUTH_MODE": "disabled",
+        }
         env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, str(SCRIPT), "--step", step, "--params", json.dumps(params),
-               "--result", str(result_file)]
+        cmd = [
+            sys.executable,
+            str(SCRIPT),
+            "--step",
+            step,
+            "--params",
+            json.dumps(params),
+            "--result",
+            str(result_file),
+        ]
         log = self.work / "logs" / f"{label}-{side}.log"
         print(f"  {label} {side} ...", end="", flush=True)
         with bench_lock(), open(log, "w") as out:

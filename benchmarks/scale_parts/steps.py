@@ -41,10 +41,15 @@ def _vm_hwm_mib() -> float:
 
 def manifest_for(run_id: str) -> dict:
     """The manifest fields commit and the report read (job.py writes more)."""
-    return {"run_id": run_id, "model": "deeplabv3plus_demo", "weights": {"uri": "demo", "sha256": "0" * 64},
-            "config": {"inference": {"low_conf_threshold": 0.5}}, "categories": list(CATEGORIES),
-            "timings": {"segment_s": 1.0, "processed": 0, "images_per_s": 0.0, "total_s": 1.0},
-            "finished_at": "2026-12-02T00:00:00+00:00"}
+    return {
+        "run_id": run_id,
+        "model": "deeplabv3plus_demo",
+        "weights": {"uri": "demo", "sha256": "0" * 64},
+        "config": {"inference": {"low_conf_threshold": 0.5}},
+        "categories": list(CATEGORIES),
+        "timings": {"segment_s": 1.0, "processed": 0, "images_per_s": 0.0, "total_s": 1.0},
+        "finished_at": "2026-12-02T00:00:00+00:00",
+    }
 
 
 def step_commit_before(clock: Clock, out: str, run_id: str, **_) -> dict:
@@ -64,8 +69,7 @@ def step_commit_after(clock: Clock, out: str, run_id: str, stats_file: str, inpu
         for line in f:
             stats += PartStats.from_json(line)
     summed_s = time.perf_counter() - clock._wall0
-    summary = RunOutput(out, run_id).commit(stats, CATEGORIES, manifest_for(run_id),
-                                            locator=Locator(input_uri, None))
+    summary = RunOutput(out, run_id).commit(stats, CATEGORIES, manifest_for(run_id), locator=Locator(input_uri, None))
     return {"images": summary.images, "errors": summary.errors, "miou": summary.post.miou, "sum_stats_s": summed_s}
 
 
@@ -130,8 +134,12 @@ def step_e2e(clock: Clock, tree: str, images: str, labels: str, out: str, run_id
     if rc:
         raise RuntimeError(f"segment_bucket.py exited {rc}")
     manifest = json.loads((Path(out) / f"run={run_id}" / "manifest.json").read_text())
-    return {"images_per_s": manifest["timings"]["images_per_s"], "segment_s": manifest["timings"]["segment_s"],
-            "images": manifest["counts"]["images"], "errors": manifest["counts"]["errors"]}
+    return {
+        "images_per_s": manifest["timings"]["images_per_s"],
+        "segment_s": manifest["timings"]["segment_s"],
+        "images": manifest["counts"]["images"],
+        "errors": manifest["counts"]["errors"],
+    }
 
 
 STEPS = {name.removeprefix("step_"): fn for name, fn in globals().items() if name.startswith("step_")}
@@ -142,7 +150,15 @@ def child_main(step: str, params: dict, result: str) -> None:
     extra = STEPS[step](clock, **params)
     clock.stop()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    Path(result).write_text(json.dumps({
-        "rss_mib": _vm_hwm_mib(), "cpu_s": clock.cpu, "wall_s": clock.wall,
-        "process_cpu_s": usage.ru_utime + usage.ru_stime, "extra": extra,
-        "pipeline": sys.modules["pipeline"].__file__ if "pipeline" in sys.modules else None}))
+    Path(result).write_text(
+        json.dumps(
+            {
+                "rss_mib": _vm_hwm_mib(),
+                "cpu_s": clock.cpu,
+                "wall_s": clock.wall,
+                "process_cpu_s": usage.ru_utime + usage.ru_stime,
+                "extra": extra,
+                "pipeline": sys.modules["pipeline"].__file__ if "pipeline" in sys.modules else None,
+            }
+        )
+    )

@@ -22,8 +22,21 @@ class Pool:
 
         spec = SceneSpec(height=size, width=size)
         masks, pres, jpegs, labels = [], [], [], []
-        stats = {k: [] for k in ("class_pixels", "intersect", "union", "label_area", "intersect_pre_crf",
-                                 "union_pre_crf", "pixel_acc", "miou", "pixel_acc_pre_crf", "miou_pre_crf")}
+        stats = {
+            k: []
+            for k in (
+                "class_pixels",
+                "intersect",
+                "union",
+                "label_area",
+                "intersect_pre_crf",
+                "union_pre_crf",
+                "pixel_acc",
+                "miou",
+                "pixel_acc_pre_crf",
+                "miou_pre_crf",
+            )
+        }
         rng = np.random.default_rng(0)
         for i in range(POOL):
             image, label = make_scene(7_000_000 + i, spec)
@@ -49,9 +62,15 @@ class Pool:
         self.mask = pa.array(masks, pa.binary())
         self.mask_pre = pa.array(pres, pa.binary())
         self.jpegs, self.labels = jpegs, labels
-        self.stats = {k: np.asarray(v, dtype=np.int64 if k in ("class_pixels", "intersect", "union", "label_area",
-                                                                 "intersect_pre_crf", "union_pre_crf") else float)
-                      for k, v in stats.items()}
+        self.stats = {
+            k: np.asarray(
+                v,
+                dtype=np.int64
+                if k in ("class_pixels", "intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
+                else float,
+            )
+            for k, v in stats.items()
+        }
 
 
 def _keys(start: int, stop: int) -> list[str]:
@@ -69,8 +88,7 @@ def _scenes(start: int, n: int, changed: bool):
     return i, which
 
 
-def _columns(pool: Pool, which, labelled, ok_keys: list[str], uris: list[str], run_id: str,
-             rng) -> dict:
+def _columns(pool: Pool, which, labelled, ok_keys: list[str], uris: list[str], run_id: str, rng) -> dict:
     """MASKS_SCHEMA's columns, each row's masks and statistics those of its pool scene."""
     import numpy as np
     import pyarrow as pa
@@ -81,8 +99,9 @@ def _columns(pool: Pool, which, labelled, ok_keys: list[str], uris: list[str], r
     def lists(name: str, null: np.ndarray | None = None):
         values = pool.stats[name][which]
         offsets = pa.array(np.arange(0, (n + 1) * NUM_CLASSES, NUM_CLASSES, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(values.ravel()), pa.list_(pa.int64()),
-                                        mask=pa.array(null) if null is not None else None)
+        return pa.ListArray.from_arrays(
+            offsets, pa.array(values.ravel()), pa.list_(pa.int64()), mask=pa.array(null) if null is not None else None
+        )
 
     def floats(values: np.ndarray, null: np.ndarray | None = None):
         return pa.array(values, pa.float64(), mask=null)
@@ -95,20 +114,27 @@ def _columns(pool: Pool, which, labelled, ok_keys: list[str], uris: list[str], r
     return {
         "key": pa.array(ok_keys, pa.string()),
         "uri": pa.array([uris[w % len(uris)] for w in which], pa.string()),
-        "height": const(64, pa.int32()), "width": const(64, pa.int32()),
+        "height": const(64, pa.int32()),
+        "width": const(64, pa.int32()),
         "exif_orientation": pa.nulls(n, pa.int32()),
         "mask": pool.mask.take(pa.array(which)),
         "mask_pre_crf": pool.mask_pre.take(pa.array(which)),
-        "class_pixels": lists("class_pixels"), "has_label": pa.array(labelled),
+        "class_pixels": lists("class_pixels"),
+        "has_label": pa.array(labelled),
         "label_error": pa.nulls(n, pa.string()),
-        "intersect": lists("intersect", unlabelled), "union": lists("union", unlabelled),
+        "intersect": lists("intersect", unlabelled),
+        "union": lists("union", unlabelled),
         "label_area": lists("label_area", unlabelled),
         "intersect_pre_crf": lists("intersect_pre_crf", unlabelled),
         "union_pre_crf": lists("union_pre_crf", unlabelled),
-        "pixel_acc": score("pixel_acc"), "miou": score("miou"),
-        "pixel_acc_pre_crf": score("pixel_acc_pre_crf"), "miou_pre_crf": score("miou_pre_crf"),
-        "model": const("deeplabv3plus_demo"), "weights_sha256": const("0" * 64),
-        "infer_ms": floats(rng.uniform(15, 40, n)), "crf_ms": floats(rng.uniform(80, 200, n)),
+        "pixel_acc": score("pixel_acc"),
+        "miou": score("miou"),
+        "pixel_acc_pre_crf": score("pixel_acc_pre_crf"),
+        "miou_pre_crf": score("miou_pre_crf"),
+        "model": const("deeplabv3plus_demo"),
+        "weights_sha256": const("0" * 64),
+        "infer_ms": floats(rng.uniform(15, 40, n)),
+        "crf_ms": floats(rng.uniform(80, 200, n)),
         "crf_changed_fraction": floats(rng.uniform(0, 0.05, n)),
         "mean_max_prob": floats(rng.uniform(0.6, 0.99, n)),
         "mean_entropy": floats(rng.uniform(0.05, 1.0, n)),
@@ -127,16 +153,26 @@ def build_part(pool: Pool, start: int, stop: int, run_id: str, uris: list[str], 
 
     keys = _keys(start, stop)
     n_err = 2 if (start // ROWS_PER_PART) % ERROR_EVERY == 0 and stop - start > 2 else 0
-    ok_keys, err_keys = keys[:len(keys) - n_err], keys[len(keys) - n_err:]
+    ok_keys, err_keys = keys[: len(keys) - n_err], keys[len(keys) - n_err :]
     i, which = _scenes(start, len(ok_keys), changed)
     rng = np.random.default_rng(start + (1 if changed else 0))
     columns = _columns(pool, which, (i % 10) != 9, ok_keys, uris, run_id, rng)
     masks = pa.Table.from_arrays([columns[f.name] for f in MASKS_SCHEMA], schema=MASKS_SCHEMA)
     failures = [("decode", "UnidentifiedImageError"), ("read", "FileNotFoundError")]
-    errors = pa.Table.from_pylist([
-        {"key": k, "uri": uris[0], "stage": stage, "error_type": etype,
-         "message": f"{etype} on {k}", "run_id": run_id}
-        for k, (stage, etype) in zip(err_keys, failures)], schema=ERRORS_SCHEMA)
+    errors = pa.Table.from_pylist(
+        [
+            {
+                "key": k,
+                "uri": uris[0],
+                "stage": stage,
+                "error_type": etype,
+                "message": f"{etype} on {k}",
+                "run_id": run_id,
+            }
+            for k, (stage, etype) in zip(err_keys, failures)
+        ],
+        schema=ERRORS_SCHEMA,
+    )
     return masks, errors
 
 
@@ -147,19 +183,25 @@ def parquet_bytes(table) -> bytes:
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd",
-                   use_dictionary=[c for c in table.column_names if c not in ("mask", "mask_pre_crf")])
+    pq.write_table(
+        table,
+        buffer,
+        compression="zstd",
+        use_dictionary=[c for c in table.column_names if c not in ("mask", "mask_pre_crf")],
+    )
     return buffer.getvalue()
 
 
-def write_run(pool: Pool, out: Path, run_id: str, n_keys: int, uris: list[str], stats_file: Path, *,
-              changed: bool) -> None:
+def write_run(
+    pool: Pool, out: Path, run_id: str, n_keys: int, uris: list[str], stats_file: Path, *, changed: bool
+) -> None:
     """A committed run dir OUT/run=<id>/ (masks/, errors/, classes.parquet, _SUCCESS) and its parts' stats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from pipeline.outputs import classes_table
     from pipeline.partstats import PartStats
     from pipeline.writer import part_name
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     run = out / f"run={run_id}"
     (run / "masks").mkdir(parents=True)
