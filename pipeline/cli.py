@@ -10,7 +10,8 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from pipeline.config import JobConfig, credential_options
+from pipeline.config import JobConfig
+from pipeline.credentials import credential_options
 from pipeline.flags import add_flags, values_from
 from pipeline.job import JOB_ERRORS, SystemicFailure, regression_exit, run
 from pipeline.models import DEFAULT_MODEL

@@ -19,52 +19,21 @@ weights, new CRF parameters or a re-encoded input all show up the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.compare_errors import NewError, error_kinds, new_error_types
+from pipeline.compare_errors import error_kinds, new_error_types
+from pipeline.compare_result import STATUSES, ChangedImage, Comparison, ComparisonStats, most_changed
 from pipeline.metrics import mean_of_classes
 from pipeline.palette import png_to_mask
+from pipeline.schema import COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA
 
 MASK_COLUMNS = ("key", "uri", "mask", "miou", "mean_max_prob", "class_pixels")
 JOINED_COLUMNS = ("key", *(f"{c}_{side}" for side in ("old", "new") for c in MASK_COLUMNS[1:]))
 COMPARISON_FILES = ("comparison", "comparison_classes.parquet", "comparison.json")
-STATUSES = ("both", "added", "removed")
-
-COMPARISON_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        # both | added (mask only in the newer run) | removed (only in the older run)
-        ("status", pa.string()),
-        # share of pixels whose class differs; null unless status = both
-        ("disagreement", pa.float64()),
-        ("miou_new", pa.float64()),  # per-image mIoU, null without a label
-        ("miou_old", pa.float64()),
-        ("mean_max_prob_new", pa.float64()),
-        ("mean_max_prob_old", pa.float64()),
-        ("run_id", pa.string()),  # the newer run
-        ("against_run_id", pa.string()),  # the older run
-    ]
-)
-
-COMPARISON_CLASSES_SCHEMA = pa.schema(
-    [
-        ("class_id", pa.int32()),
-        ("class_name", pa.string()),
-        # dataset IoU from classes.parquet, null where the class has no union
-        ("iou_new", pa.float64()),
-        ("iou_old", pa.float64()),
-        ("iou_delta", pa.float64()),  # iou_new - iou_old
-        # share of predicted pixels, over the keys both runs segmented
-        ("pixel_share_new", pa.float64()),
-        ("pixel_share_old", pa.float64()),
-        ("run_id", pa.string()),
-        ("against_run_id", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -75,100 +44,6 @@ class RunTables:
     masks: pa.Table  # MASK_COLUMNS of masks/
     errors: pa.Table  # errors/ (ERRORS_SCHEMA)
     classes: pa.Table  # classes.parquet (CLASSES_SCHEMA)
-
-
-@dataclass(frozen=True)
-class ChangedImage:
-    """One of the most changed images, with both masks, for the report."""
-
-    key: str
-    uri: str
-    disagreement: float
-    mask_old: bytes
-    mask_new: bytes
-
-
-@dataclass
-class ComparisonStats:
-    """Additive summary of some compared rows (what a comparison worker returns)."""
-
-    statuses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
-    changed: int = 0
-    disagreement_sum: float = 0.0
-    # predicted pixels per class, over the keys in both runs
-    pixels_old: list[int] = field(default_factory=list)
-    pixels_new: list[int] = field(default_factory=list)
-    examples: list[ChangedImage] = field(default_factory=list)  # most changed first
-    limit: int = 0  # how many examples are kept
-
-    def __add__(self, other: ComparisonStats) -> ComparisonStats:
-        limit = max(self.limit, other.limit)
-        return ComparisonStats(
-            {s: self.statuses[s] + other.statuses[s] for s in STATUSES},
-            self.changed + other.changed,
-            self.disagreement_sum + other.disagreement_sum,
-            _add(self.pixels_old, other.pixels_old),
-            _add(self.pixels_new, other.pixels_new),
-            _most_changed(self.examples + other.examples, limit),
-            limit,
-        )
-
-
-def _add(a: list[int], b: list[int]) -> list[int]:
-    n = max(len(a), len(b))
-    return (
-        np.pad(np.asarray(a, np.int64), (0, n - len(a))) + np.pad(np.asarray(b, np.int64), (0, n - len(b)))
-    ).tolist()
-
-
-def _most_changed(examples: list[ChangedImage], k: int) -> list[ChangedImage]:
-    return sorted(examples, key=lambda e: (-e.disagreement, e.key))[:k]
-
-
-@dataclass(frozen=True)
-class Comparison:
-    run_id: str
-    against: str
-    statuses: dict[str, int]
-    changed_images: int  # keys in both runs whose masks differ in at least one pixel
-    mean_disagreement: float | None
-    classes: pa.Table  # COMPARISON_CLASSES_SCHEMA
-    miou_new: float | None
-    miou_old: float | None
-    new_errors: tuple[NewError, ...]
-    examples: tuple[ChangedImage, ...]  # largest disagreement first
-
-    @property
-    def miou_delta(self) -> float | None:
-        if self.miou_new is None or self.miou_old is None:
-            return None
-        return self.miou_new - self.miou_old
-
-    def count(self, status: str) -> int:
-        return self.statuses[status]
-
-    def regressions(self, threshold: float) -> list[str]:
-        """The mIoU and class IoUs that dropped by more than ``threshold``, worst class first."""
-        reasons = []
-        if self.miou_delta is not None and -self.miou_delta > threshold:
-            reasons.append(f"mIoU {self.miou_old:.4f} -> {self.miou_new:.4f} ({self.miou_delta:+.4f})")
-        rows = [r for r in self.classes.to_pylist() if r["iou_delta"] is not None and -r["iou_delta"] > threshold]
-        for r in sorted(rows, key=lambda r: r["iou_delta"]):
-            reasons.append(f"IoU of {r['class_name']} {r['iou_old']:.4f} -> {r['iou_new']:.4f} ({r['iou_delta']:+.4f})")
-        return reasons
-
-    def to_json(self) -> dict:
-        return {
-            "run_id": self.run_id,
-            "against_run_id": self.against,
-            "miou_new": self.miou_new,
-            "miou_old": self.miou_old,
-            "miou_delta": self.miou_delta,
-            "images": dict(self.statuses),
-            "changed_images": self.changed_images,
-            "mean_disagreement": self.mean_disagreement,
-            "new_errors": [e.__dict__ for e in self.new_errors],
-        }
 
 
 def mask_disagreement(old_png: bytes, new_png: bytes) -> float:
@@ -199,25 +74,7 @@ def compare_batch(
         mask_disagreement(o, n)
         for o, n in zip(both.column("mask_old").to_pylist(), both.column("mask_new").to_pylist())
     ]
-    disagreement = pa.array([None] * joined.num_rows, pa.float64())
-    if values:
-        both_index = pc.indices_nonzero(pc.equal(status, "both"))
-        dense = np.full(joined.num_rows, np.nan)
-        dense[both_index.to_numpy()] = values
-        disagreement = pa.array(dense, mask=~np.isfinite(dense))
-    rows = pa.table(
-        {
-            "key": joined.column("key"),
-            "status": status,
-            "disagreement": disagreement,
-            "miou_new": joined.column("miou_new"),
-            "miou_old": joined.column("miou_old"),
-            "mean_max_prob_new": joined.column("mean_max_prob_new"),
-            "mean_max_prob_old": joined.column("mean_max_prob_old"),
-            "run_id": pa.array([run_id] * joined.num_rows, pa.string()),
-            "against_run_id": pa.array([against] * joined.num_rows, pa.string()),
-        }
-    ).cast(COMPARISON_SCHEMA)
+    rows = _comparison_rows(joined, status, values, run_id=run_id, against=against)
     counts = {s: 0 for s in STATUSES} | {e["values"]: e["counts"] for e in pc.value_counts(status).to_pylist()}
     changed = [
         ChangedImage(k, u, d, o, n)
@@ -236,10 +93,26 @@ def compare_batch(
         float(sum(values)),
         _pixel_sum(both.column("class_pixels_old")),
         _pixel_sum(both.column("class_pixels_new")),
-        _most_changed(changed, examples),
+        most_changed(changed, examples),
         examples,
     )
     return rows, stats
+
+
+def _comparison_rows(joined: pa.Table, status: pa.Array, values: list[float], *, run_id: str, against: str) -> pa.Table:
+    """COMPARISON_SCHEMA rows; ``values``: the disagreement of the rows whose status is both, in order."""
+    disagreement = pa.array([None] * joined.num_rows, pa.float64())
+    if values:
+        both_index = pc.indices_nonzero(pc.equal(status, "both"))
+        dense = np.full(joined.num_rows, np.nan)
+        dense[both_index.to_numpy()] = values
+        disagreement = pa.array(dense, mask=~np.isfinite(dense))
+    columns = {"key": joined.column("key"), "status": status, "disagreement": disagreement}
+    for name in ("miou_new", "miou_old", "mean_max_prob_new", "mean_max_prob_old"):
+        columns[name] = joined.column(name)
+    columns["run_id"] = pa.array([run_id] * joined.num_rows, pa.string())
+    columns["against_run_id"] = pa.array([against] * joined.num_rows, pa.string())
+    return pa.table(columns).cast(COMPARISON_SCHEMA)
 
 
 def _pixel_sum(column: pa.ChunkedArray) -> list[int]:

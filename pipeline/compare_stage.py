@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.compare import MASK_COLUMNS, Comparison, ComparisonStats, compare_batch, finish
+from pipeline.compare import MASK_COLUMNS, compare_batch, finish
 from pipeline.compare_errors import ERROR_COLUMNS, error_kinds, merge_error_kinds
+from pipeline.compare_result import Comparison, ComparisonStats
 from pipeline.outputs import RunOutput
 from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 from pipeline.storage import arrow_filesystem, write_parquet_atomic

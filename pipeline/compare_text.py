@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.compare import Comparison
+from pipeline.compare_result import Comparison
 from pipeline.metrics import format_score
 
 

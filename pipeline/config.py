@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
+from pipeline.credentials import redact
 from pipeline.flags import check_fields, json_object, option, parse_range, parse_scales, section
 from pipeline.models import MODEL_BUILDERS
 from pipeline.probs import ENCODINGS
@@ -43,8 +44,8 @@ class CRFParams:
         lo=0,
         metavar="PIXELS",
         note=" (0: no limit)",
-        help="refine larger images at a reduced resolution (masks.crf_scale), which "
-        "bounds CRF seconds per image (docs/benchmarks.md); 0: no limit",
+        help="refine larger images at a reduced resolution (masks.crf_scale), which bounds CRF seconds per image "
+        "(docs/benchmarks.md); 0: no limit",
     )
 
     def __post_init__(self) -> None:
@@ -124,18 +125,17 @@ class ComputeConfig:
         None,
         type=parse_range,
         metavar="MIN-MAX",
-        help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in the cluster, "
-        "or without GPUs one single-threaded actor per core left after the decode actor)",
+        help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in the cluster, or "
+        "without GPUs one single-threaded actor per core left after the decode actor)",
     )
     crf_actors: tuple[int, int] | None = option(
         None,
         type=parse_range,
         metavar="MIN-MAX",
-        help="CPU CRF actor pool size on GPU clusters (asking for it makes --crf-backend auto pydensecrf; "
-        "default: 1 up to every CPU the inference actors leave on the nodes that may run it; without "
-        "GPUs or with --crf-backend torch the CRF runs in the inference actors)",
+        help="CPU CRF actor pool size on GPU clusters (asking for it makes --crf-backend auto pydensecrf; default: 1 "
+        "up to every CPU the inference actors leave on the nodes that may run it; without GPUs or with --crf-backend "
+        "torch the CRF runs in the inference actors)",
     )
-    # Ray Data's per-batch cost is amortised over the batch (docs/benchmarks.md).
     batch_size: int = option(
         16,
         type=int,
@@ -146,22 +146,20 @@ class ComputeConfig:
         None,
         type=float,
         above=0,
-        help="CPUs (= torch threads) per inference actor (default: 1 with GPUs, "
-        "else the cores left after decoding divided between the actors)",
+        help="CPUs (= torch threads) per inference actor (default: 1 with GPUs, else the cores left after decoding "
+        "divided between the actors)",
     )
     crf_cpus: float = option(1.0, type=float, above=0, help="CPUs per CRF actor")
     decode_cpus: float = option(0.25, type=float, above=0, help="CPUs per read + decode actor")
     use_gpu: bool | None = option(None, flag="--gpu", help="run inference on GPUs (default: when the cluster has GPUs)")
-    # Ray Data's own default (half the object store) lets decoding run far ahead of inference for
-    # no gain in images/s (benchmarks/pipeline_vs_loop.py).
+    # Ray Data's default (half the object store) lets decoding run far ahead for nothing (docs/benchmarks.md).
     object_store_mib: int | None = option(
         None,
         type=int,
         lo=1,
         metavar="MIB",
-        help="object-store memory Ray Data may fill with blocks in flight "
-        "(default: 256 per GPU inference actor, 64 per CPU inference "
-        "or CRF actor)",
+        help="object-store memory Ray Data may fill with blocks in flight (default: 256 per GPU inference actor, 64 "
+        "per CPU inference or CRF actor)",
     )
     infer_resources: dict = option(
         factory=dict,
@@ -179,18 +177,16 @@ class ComputeConfig:
         "auto",
         choices=CRF_BACKENDS,
         group="crf",
-        help="pydensecrf (CPU) or torch (pipeline/crf_torch.py: the same labels, on the "
-        "inference device); auto: torch inside the GPU inference actors when "
-        "inference runs on GPUs (no CPU CRF pool), else pydensecrf, the faster one "
-        "on a CPU core",
+        help="pydensecrf (CPU) or torch (pipeline/crf_torch.py: the same labels, on the inference device); auto: torch "
+        "inside the GPU inference actors when inference runs on GPUs (no CPU CRF pool), else pydensecrf, the faster "
+        "one on a CPU core",
     )
     actor_memory_mib: int = option(
         2048,
         type=int,
         metavar="MIB",
-        help="memory each inference and CRF actor may use: an image that would exceed "
-        "it runs tiled (masks.infer_tile) and its CRF at a reduced resolution "
-        "(masks.crf_scale); 0: no budget",
+        help="memory each inference and CRF actor may use: an image that would exceed it runs tiled (masks.infer_tile) "
+        "and its CRF at a reduced resolution (masks.crf_scale); 0: no budget",
     )
 
     def __post_init__(self) -> None:
@@ -239,9 +235,8 @@ class JobConfig:
         flag="--weights",
         group="model",
         metavar="URI",
-        help="checkpoint URI (safetensors or torch), optionally 'URI#sha256=<hex>' "
-        "(default: the model's published weights; the bundled checkpoint "
-        "for deeplabv3plus_demo)",
+        help="checkpoint URI (safetensors or torch), optionally 'URI#sha256=<hex>' (default: the model's published "
+        "weights; the bundled checkpoint for deeplabv3plus_demo)",
     )
     run_id: str = option(help="run partition name (default: UTC timestamp like 2026-11-24T02-00-00Z)")
     inference: InferenceConfig = section(InferenceConfig)
@@ -264,23 +259,22 @@ class JobConfig:
         type=int,
         lo=1,
         metavar="N",
-        help="rows per part file, written by the workers as they finish them; a killed "
-        "run loses at most the part files in flight",
+        help="rows per part file, written by the workers as they finish them; a killed run loses at most the part "
+        "files in flight",
     )
     pushgateway: str | None = option(None, metavar="URL", help="push the run summary to this Prometheus Pushgateway")
     compare_previous: bool = option(
         False,
-        help="compare with the previous committed run under --output: "
-        "comparison*.parquet and comparison.json in this run, a report "
-        "section, a printed table (docs/uncertainty.md)",
+        help="compare with the previous committed run under --output: comparison*.parquet and comparison.json in this "
+        "run, a report section, a printed table (docs/uncertainty.md)",
     )
     fail_on_regression: float | None = option(
         None,
         type=float,
         lo=0,
         metavar="DELTA",
-        help="with --compare-previous: exit 3 after committing when the mIoU "
-        "or any class IoU dropped by more than DELTA (e.g. 0.02)",
+        help="with --compare-previous: exit 3 after committing when the mIoU or any class IoU dropped by more than "
+        "DELTA (e.g. 0.02)",
     )
     ray_address: str | None = option(
         None, group="compute", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"
@@ -304,51 +298,3 @@ class JobConfig:
         data = asdict(self)
         data["storage_options"] = redact(self.storage_options)
         return data
-
-
-_SECRET_WORDS = ("secret", "key", "token", "password", "credential", "session")
-
-
-# fsspec/s3fs/gcsfs/adlfs option names that carry a credential (compared case-insensitively).
-CREDENTIAL_OPTIONS = frozenset(
-    {
-        "key",
-        "secret",
-        "token",
-        "password",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "access_key",
-        "secret_key",
-        "session_token",
-        "client_secret",
-        "account_key",
-        "sas_token",
-        "credentials",
-    }
-)
-
-
-def credential_options(options: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the credential-carrying entries in ``options``, recursively."""
-    found = []
-    for k, v in options.items():
-        if isinstance(v, dict):
-            found += credential_options(v, f"{prefix}{k}.")
-        elif k.lower() in CREDENTIAL_OPTIONS:
-            found.append(prefix + k)
-    return found
-
-
-def redact(options: dict) -> dict:
-    """Copy of ``options`` with credential-looking values replaced, recursively."""
-    out = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(word in k.lower() for word in _SECRET_WORDS):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.compare import COMPARISON_FILES, Comparison
+from pipeline.compare import COMPARISON_FILES
+from pipeline.compare_result import Comparison
 from pipeline.metrics import DatasetSummary
 from pipeline.partstats import STAT_COLUMNS, PartStats
 from pipeline.report import render_report

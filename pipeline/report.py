@@ -23,7 +23,7 @@ from pipeline.palette import IGNORE_INDEX, png_to_mask, voc_palette
 from pipeline.storage import Locator, read_bytes
 
 if TYPE_CHECKING:
-    from pipeline.compare import Comparison
+    from pipeline.compare_result import Comparison
 
 _PALETTE = voc_palette()
 THUMB_WIDTH = 240

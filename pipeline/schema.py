@@ -148,3 +148,36 @@ CLASSES_SCHEMA = pa.schema(
         ("iou_pre_crf", pa.float64()),
     ]
 )
+
+# The night-over-night comparison's tables (pipeline/compare.py).
+COMPARISON_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        # both | added (mask only in the newer run) | removed (only in the older run)
+        ("status", pa.string()),
+        # share of pixels whose class differs; null unless status = both
+        ("disagreement", pa.float64()),
+        ("miou_new", pa.float64()),  # per-image mIoU, null without a label
+        ("miou_old", pa.float64()),
+        ("mean_max_prob_new", pa.float64()),
+        ("mean_max_prob_old", pa.float64()),
+        ("run_id", pa.string()),  # the newer run
+        ("against_run_id", pa.string()),  # the older run
+    ]
+)
+
+COMPARISON_CLASSES_SCHEMA = pa.schema(
+    [
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        # dataset IoU from classes.parquet, null where the class has no union
+        ("iou_new", pa.float64()),
+        ("iou_old", pa.float64()),
+        ("iou_delta", pa.float64()),  # iou_new - iou_old
+        # share of predicted pixels, over the keys both runs segmented
+        ("pixel_share_new", pa.float64()),
+        ("pixel_share_old", pa.float64()),
+        ("run_id", pa.string()),
+        ("against_run_id", pa.string()),
+    ]
+)

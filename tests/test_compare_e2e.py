@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.compare import COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA
 from pipeline.images import decode_image
 from pipeline.inference import load_model, predict_probs
+from pipeline.schema import COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA
 from pipeline.weights import DEMO_WEIGHTS
 from tests.conftest import REPO, free_port, make_bucket, sql_block
 
