@@ -87,6 +87,24 @@ class _StageHistograms:
         yield family
 
 
+def _comparison_gauges(
+    registry, run_id: str, against: str, miou_delta: float | None, changed_images: int | None
+) -> None:
+    from prometheus_client import Gauge
+
+    labels = ["run_id", "against"]
+    if miou_delta is not None:
+        Gauge(
+            "deeplab_pipeline_miou_delta", "Dataset mIoU change since the previous run", labels, registry=registry
+        ).labels(run_id, against).set(miou_delta)
+    Gauge(
+        "deeplab_pipeline_changed_images",
+        "Images whose mask differs from the previous run's",
+        labels,
+        registry=registry,
+    ).labels(run_id, against).set(changed_images or 0)
+
+
 def push_summary(
     url: str,
     *,
@@ -128,17 +146,5 @@ def push_summary(
         "deeplab_pipeline_last_success_timestamp_seconds", "When the last run committed", registry=registry
     ).set_to_current_time()
     if against is not None:
-        if miou_delta is not None:
-            Gauge(
-                "deeplab_pipeline_miou_delta",
-                "Dataset mIoU change since the previous run",
-                ["run_id", "against"],
-                registry=registry,
-            ).labels(run_id, against).set(miou_delta)
-        Gauge(
-            "deeplab_pipeline_changed_images",
-            "Images whose mask differs from the previous run's",
-            ["run_id", "against"],
-            registry=registry,
-        ).labels(run_id, against).set(changed_images or 0)
+        _comparison_gauges(registry, run_id, against, miou_delta, changed_images)
     push_to_gateway(url, job=JOB_NAME, registry=registry, timeout=30)

@@ -15,16 +15,15 @@ import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.compare import COMPARISON_FILES
 from pipeline.compare_result import Comparison
 from pipeline.metrics import DatasetSummary
-from pipeline.partstats import STAT_COLUMNS, PartStats
+from pipeline.partstats import STAT_COLUMNS, PartStats, classes_table
 from pipeline.report import render_report
-from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 from pipeline.storage import Locator, open_fs, protocols, write_bytes_atomic, write_parquet_atomic
 
 SUCCESS = "_SUCCESS"
@@ -247,30 +246,6 @@ def _metrics(post: DatasetSummary, pre: DatasetSummary | None) -> dict[str, floa
     """manifest.json's metrics: after CRF, then before CRF (null when the CRF did not run)."""
     before = pre.scores() if pre else dict.fromkeys(post.scores())
     return {**post.scores(), **{f"{name}_pre_crf": value for name, value in before.items()}}
-
-
-def classes_table(categories: tuple[str, ...], stats: PartStats) -> pa.Table:
-    """classes.parquet: the summed statistics and IoUs per class (null where there is no union)."""
-    n = len(categories)
-    post, pre = stats.summaries()
-
-    def iou(summary: DatasetSummary | None) -> list[float | None]:
-        if summary is None:
-            return [None] * n
-        return [None if np.isnan(v) else float(v) for v in summary.iou]
-
-    return pa.table(
-        {
-            "class_id": list(range(n)),
-            "class_name": list(categories),
-            "intersect": stats.total("intersect").tolist(),
-            "union": stats.total("union").tolist(),
-            "label_area": stats.total("label_area").tolist(),
-            "iou": iou(post),
-            "iou_pre_crf": iou(pre),
-        },
-        schema=CLASSES_SCHEMA,
-    )
 
 
 def committed_runs(output_uri: str, storage_options: dict | None = None) -> list[str]:

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from pipeline.metrics import DatasetSummary
 from pipeline.observability import STAGE_BUCKETS
+from pipeline.schema import CLASSES_SCHEMA
 
 # Report sections: (column, largest first?). Ties go to the smaller key, so any split into parts
 # picks the same images as one sort over all rows.
@@ -168,3 +169,27 @@ def _top(masks: pa.Table, column: str, descending: bool, part: str) -> list[list
 
 def _merge_top(rows: list[list], descending: bool) -> list[list]:
     return sorted(rows, key=lambda r: (-r[0] if descending else r[0], r[1]))[:TOP_K]
+
+
+def classes_table(categories: tuple[str, ...], stats: PartStats) -> pa.Table:
+    """classes.parquet: the summed statistics and IoUs per class (null where there is no union)."""
+    n = len(categories)
+    post, pre = stats.summaries()
+
+    def iou(summary: DatasetSummary | None) -> list[float | None]:
+        if summary is None:
+            return [None] * n
+        return [None if np.isnan(v) else float(v) for v in summary.iou]
+
+    return pa.table(
+        {
+            "class_id": list(range(n)),
+            "class_name": list(categories),
+            "intersect": stats.total("intersect").tolist(),
+            "union": stats.total("union").tolist(),
+            "label_area": stats.total("label_area").tolist(),
+            "iou": iou(post),
+            "iou_pre_crf": iou(pre),
+        },
+        schema=CLASSES_SCHEMA,
+    )

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import CRFParams
-from pipeline.crf_torch import PermutohedralLattice, dense_crf_torch, dense_crf_torch_batch
+from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch
+from pipeline.permutohedral import PermutohedralLattice
 from pipeline.synthetic import SceneSpec, make_scene
 from tests.conftest import DEMO_BUCKET
 

@@ -167,7 +167,7 @@ def test_banded_tiled_outputs_equal_sliding_window_inference():
     from pipeline.inference import class_map, load_model, sliding_window_probs
     from pipeline.metrics import uncertainty
     from pipeline.probs import encode_probs
-    from pipeline.segmenter import tiled_outputs
+    from pipeline.tiling import tiled_outputs
 
     model, _, _ = load_model(W.model, None)
     mean, std = normalisation(W.mean, W.std, torch.device("cpu"))

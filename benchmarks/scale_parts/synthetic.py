@@ -199,8 +199,7 @@ def write_run(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.outputs import classes_table
-    from pipeline.partstats import PartStats
+    from pipeline.partstats import PartStats, classes_table
     from pipeline.writer import part_name
 
     run = out / f"run={run_id}"
