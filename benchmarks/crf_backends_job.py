@@ -109,6 +109,32 @@ def agreement(a: Path, b: Path) -> float:
     return same / total if total else float("nan")
 
 
+def _compare(work: Path, timeout: float, emit) -> list[dict]:
+    """Both backends' job runs, a table row each, then their ratio; returns the runs that finished."""
+    results = []
+    for backend in BACKENDS:
+        r = run_job(work / "bucket", work / "out", backend, timeout)
+        results.append(r)
+        if "failed" in r:
+            emit(f"| {backend} | FAILED: {r['failed']} | | | | | | |")
+            continue
+        steady = f"{r['steady']:.2f}" if r["steady"] else "n/a"
+        emit(
+            f"| {backend} | {plan(r['resources'])} | {r['images']} | {r['e2e_s']:.1f} | {r['e2e_rate']:.2f} | "
+            f"{r['segment_rate']:.2f} | {steady} | {r['miou']:.4f} |"
+        )
+    ok = [r for r in results if "failed" not in r]
+    if len(ok) == 2:
+        fused, pool = ok
+        ratio = f"{fused['steady'] / pool['steady']:.2f}" if fused["steady"] and pool["steady"] else "n/a"
+        emit()
+        emit(
+            f"torch / pydensecrf images/s: end to end {fused['e2e_rate'] / pool['e2e_rate']:.2f}, steady {ratio}; "
+            f"identical mask pixels {agreement(fused['run_dir'], pool['run_dir']):.6f}"
+        )
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=600)
@@ -138,27 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         emit()
         emit("| --crf-backend | plan | images | e2e s | images/s e2e | images/s segment | images/s steady | mIoU |")
         emit("|---|---|---|---|---|---|---|---|")
-        results = []
-        for backend in BACKENDS:
-            r = run_job(work / "bucket", work / "out", backend, args.timeout)
-            results.append(r)
-            if "failed" in r:
-                emit(f"| {backend} | FAILED: {r['failed']} | | | | | | |")
-                continue
-            steady = f"{r['steady']:.2f}" if r["steady"] else "n/a"
-            emit(
-                f"| {backend} | {plan(r['resources'])} | {r['images']} | {r['e2e_s']:.1f} | {r['e2e_rate']:.2f} | "
-                f"{r['segment_rate']:.2f} | {steady} | {r['miou']:.4f} |"
-            )
-        ok = [r for r in results if "failed" not in r]
-        if len(ok) == 2:
-            fused, pool = ok
-            ratio = f"{fused['steady'] / pool['steady']:.2f}" if fused["steady"] and pool["steady"] else "n/a"
-            emit()
-            emit(
-                f"torch / pydensecrf images/s: end to end {fused['e2e_rate'] / pool['e2e_rate']:.2f}, steady {ratio}; "
-                f"identical mask pixels {agreement(fused['run_dir'], pool['run_dir']):.6f}"
-            )
+        ok = _compare(work, args.timeout, emit)
         return 0 if len(ok) == 2 else 1
     finally:
         if args.table_out:

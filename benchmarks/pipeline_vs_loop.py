@@ -118,6 +118,30 @@ def main() -> int:
     return 0
 
 
+def _print_throughput(args, scales, cores: int, gpu: bool, best: Result, loops, script, default, matched) -> None:
+    print(
+        f"\n{args.images} images ({'GPU' if gpu else f'{cores} CPU cores'}), demo model, scales {scales}, "
+        f"flip {args.flip}, CRF off, batch {args.batch_size}; ratios are to the best loop"
+    )
+    print(f"{'':44} {'e2e img/s':>10} {'ratio':>6} {'1st s':>6} {'steady':>8} {'ratio':>6}  GPU util")
+    for r in loops + [script, default, matched]:
+        steady = r.steady if r.steady is not None else r.rate
+        first = f"{r.first_s:6.2f}" if r.first_s is not None else f"{'':6}"
+        print(
+            f"{r.name:44} {r.rate:10.2f} {r.rate / best.rate:6.2f} {first} {steady:8.2f} "
+            f"{steady / best.rate:6.2f}  {r.gpu}"
+        )
+    print(
+        f"\nRay pipeline / hand-written Ray Data script, same actors: end to end {default.rate / script.rate:.2f}, "
+        f"steady state {default.steady / max(script.steady, 1e-9):.2f}"
+    )
+    print(
+        f"Ray pipeline steady state / best loop: {default.steady / best.rate:.2f} (goal >= "
+        f"{0.95 if gpu else 0.85}); start-up (first result) {default.first_s:.1f} s, so end to end reaches "
+        f"{0.95 if gpu else 0.85:.2f} of the loop from {breakeven(default, best.rate, 0.95 if gpu else 0.85)} images"
+    )
+
+
 def throughput(args, scales, cores: int, gpu: bool, compute: ComputeConfig) -> Result:
     """The side-by-side table; returns the best loop."""
     from pipeline.storage import list_inputs
@@ -150,27 +174,7 @@ def throughput(args, scales, cores: int, gpu: bool, compute: ComputeConfig) -> R
                 ComputeConfig(batch_size=args.batch_size, infer_actors=(1, 1), infer_cpus=None if gpu else cpus),
                 "Ray pipeline (loop's compute)",
             )
-    print(
-        f"\n{args.images} images ({'GPU' if gpu else f'{cores} CPU cores'}), demo model, scales {scales}, "
-        f"flip {args.flip}, CRF off, batch {args.batch_size}; ratios are to the best loop"
-    )
-    print(f"{'':44} {'e2e img/s':>10} {'ratio':>6} {'1st s':>6} {'steady':>8} {'ratio':>6}  GPU util")
-    for r in loops + [script, default, matched]:
-        steady = r.steady if r.steady is not None else r.rate
-        first = f"{r.first_s:6.2f}" if r.first_s is not None else f"{'':6}"
-        print(
-            f"{r.name:44} {r.rate:10.2f} {r.rate / best.rate:6.2f} {first} {steady:8.2f} "
-            f"{steady / best.rate:6.2f}  {r.gpu}"
-        )
-    print(
-        f"\nRay pipeline / hand-written Ray Data script, same actors: end to end {default.rate / script.rate:.2f}, "
-        f"steady state {default.steady / max(script.steady, 1e-9):.2f}"
-    )
-    print(
-        f"Ray pipeline steady state / best loop: {default.steady / best.rate:.2f} (goal >= "
-        f"{0.95 if gpu else 0.85}); start-up (first result) {default.first_s:.1f} s, so end to end reaches "
-        f"{0.95 if gpu else 0.85:.2f} of the loop from {breakeven(default, best.rate, 0.95 if gpu else 0.85)} images"
-    )
+    _print_throughput(args, scales, cores, gpu, best, loops, script, default, matched)
     return best
 
 

@@ -34,21 +34,8 @@ def harness(t_module: float, images_uri: str, out: str, crf: bool) -> None:
 
     marks.append(("import ray + pipeline.stages (torch)", time.time()))
     parser = cli.build_parser()
-    config = cli.config_from_args(
-        parser.parse_args(
-            [
-                images_uri,
-                "--output",
-                out,
-                "--run-id",
-                "harness",
-                "--rows-per-file",
-                "16",
-                *([] if crf else ["--no-crf"]),
-            ]
-        ),
-        parser,
-    )
+    argv = [images_uri, "--output", out, "--run-id", "harness", "--rows-per-file", "16", *([] if crf else ["--no-crf"])]
+    config = cli.config_from_args(parser.parse_args(argv), parser)
     weights, sha256 = job.resolve_weights(config)
     marks.append(("weight check (resolve_weights)", time.time()))
     inputs = list_inputs(config.input_uri, config.labels_uri, storage_options=config.storage_options)

@@ -30,56 +30,31 @@ def _keys_label(n: int) -> str:
     return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
+_HEAD = ("step", "before RSS MiB", "after RSS MiB", "before CPU s", "after CPU s", "before wall s", "after wall s",
+         "after/before RSS", "after/before wall")  # fmt: skip
+_E2E_HEAD = ("before ms CPU/img", "after ms CPU/img", "before img/s e2e", "after img/s e2e",
+             "before img/s segmenting", "after img/s segmenting")  # fmt: skip
+
+
+def _e2e_cells(r: dict, b: Result | None, a: Result | None) -> list[str]:
+    per = [None if x is None or not x.ok else 1000 * x.cpu_s / r["n"] for x in (b, a)]
+    e2e_ips = [None if x is None or not x.ok else r["n"] / x.wall_s for x in (b, a)]
+    ips = [None if x is None or not x.ok else x.extra["images_per_s"] for x in (b, a)]
+    return [_num(per[0], ".2f"), _num(per[1], ".2f"), _num(e2e_ips[0], ".1f"), _num(e2e_ips[1], ".1f"),
+            _num(ips[0], ".1f"), _num(ips[1], ".1f")]  # fmt: skip
+
+
 def table(rows: list[dict], *, unit: str = "keys", e2e: bool = False) -> str:
-    head = [
-        "step",
-        unit,
-        "before RSS MiB",
-        "after RSS MiB",
-        "before CPU s",
-        "after CPU s",
-        "before wall s",
-        "after wall s",
-        "after/before RSS",
-        "after/before wall",
-    ]
-    if e2e:
-        head += [
-            "before ms CPU/img",
-            "after ms CPU/img",
-            "before img/s e2e",
-            "after img/s e2e",
-            "before img/s segmenting",
-            "after img/s segmenting",
-        ]
-    head += ["after tree PSS MiB"]
+    head = [_HEAD[0], unit, *_HEAD[1:], *(_E2E_HEAD if e2e else ()), "after tree PSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         b, a = r.get("before"), r.get("after")
-        cells = [
-            r["step"],
-            _keys_label(r["n"]),
-            _cell(b, "rss_mib", ".0f"),
-            _cell(a, "rss_mib", ".0f"),
-            _cell(b, "cpu_s", ".1f"),
-            _cell(a, "cpu_s", ".1f"),
-            _cell(b, "wall_s", ".1f"),
-            _cell(a, "wall_s", ".1f"),
-            _ratio(b, a, "rss_mib"),
-            _ratio(b, a, "wall_s"),
-        ]
+        cells = [r["step"], _keys_label(r["n"])]
+        for key, spec in (("rss_mib", ".0f"), ("cpu_s", ".1f"), ("wall_s", ".1f")):
+            cells += [_cell(b, key, spec), _cell(a, key, spec)]
+        cells += [_ratio(b, a, "rss_mib"), _ratio(b, a, "wall_s")]
         if e2e:
-            per = [None if x is None or not x.ok else 1000 * x.cpu_s / r["n"] for x in (b, a)]
-            e2e_ips = [None if x is None or not x.ok else r["n"] / x.wall_s for x in (b, a)]
-            ips = [None if x is None or not x.ok else x.extra["images_per_s"] for x in (b, a)]
-            cells += [
-                _num(per[0], ".2f"),
-                _num(per[1], ".2f"),
-                _num(e2e_ips[0], ".1f"),
-                _num(e2e_ips[1], ".1f"),
-                _num(ips[0], ".1f"),
-                _num(ips[1], ".1f"),
-            ]
+            cells += _e2e_cells(r, b, a)
         cells.append(_cell(a, "tree_pss_mib", ".0f") if a is not None and a.tree_pss_mib else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -8,6 +8,36 @@ from pathlib import Path
 from scale_parts import CATEGORIES, CHANGED_PERCENT, ERROR_EVERY, NUM_CLASSES, POOL, ROWS_PER_PART
 from scale_parts.steps import manifest_for
 
+_COUNT_STATS = ("class_pixels", "intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
+_SCORE_STATS = ("pixel_acc", "miou", "pixel_acc_pre_crf", "miou_pre_crf")
+
+
+def _scene(i: int, spec, rng, stats: dict[str, list]) -> tuple[bytes, bytes, bytes, bytes]:
+    """Scene ``i``'s mask, pre-CRF mask, JPEG and label PNGs; its statistics appended to ``stats``."""
+    import numpy as np
+
+    from pipeline.metrics import image_stats
+    from pipeline.palette import mask_to_png
+    from pipeline.synthetic import encode_jpeg, make_scene
+
+    image, label = make_scene(7_000_000 + i, spec)
+    clean = np.where(label == 255, 0, label).astype(np.uint8) % NUM_CLASSES
+    pre = clean.copy()
+    flip = rng.random(pre.shape) < 0.03  # the model's errors, about 3% of pixels
+    pre[flip] = rng.integers(0, NUM_CLASSES, int(flip.sum()))
+    post = clean.copy()  # the CRF fixes most of them
+    kept = flip & (rng.random(pre.shape) < 0.3)
+    post[kept] = pre[kept]
+    s_post, s_pre = image_stats(post, label, NUM_CLASSES), image_stats(pre, label, NUM_CLASSES)
+    stats["class_pixels"].append(np.bincount(post.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES])
+    for name, st in (("", s_post), ("_pre_crf", s_pre)):
+        stats["intersect" + name].append(st.intersect)
+        stats["union" + name].append(st.union)
+        stats["pixel_acc" + name].append(st.pixel_acc)
+        stats["miou" + name].append(st.miou)
+    stats["label_area"].append(s_post.label_area)
+    return mask_to_png(post), mask_to_png(pre), encode_jpeg(image), mask_to_png(label)
+
 
 class Pool:
     """POOL distinct 64x64 scenes: mask PNGs (after and before CRF), their per-class statistics and JPEGs."""
@@ -16,61 +46,22 @@ class Pool:
         import numpy as np
         import pyarrow as pa
 
-        from pipeline.metrics import image_stats
-        from pipeline.palette import mask_to_png
-        from pipeline.synthetic import SceneSpec, encode_jpeg, make_scene
+        from pipeline.synthetic import SceneSpec
 
         spec = SceneSpec(height=size, width=size)
         masks, pres, jpegs, labels = [], [], [], []
-        stats = {
-            k: []
-            for k in (
-                "class_pixels",
-                "intersect",
-                "union",
-                "label_area",
-                "intersect_pre_crf",
-                "union_pre_crf",
-                "pixel_acc",
-                "miou",
-                "pixel_acc_pre_crf",
-                "miou_pre_crf",
-            )
-        }
+        stats = {k: [] for k in (*_COUNT_STATS, *_SCORE_STATS)}
         rng = np.random.default_rng(0)
         for i in range(POOL):
-            image, label = make_scene(7_000_000 + i, spec)
-            clean = np.where(label == 255, 0, label).astype(np.uint8) % NUM_CLASSES
-            pre = clean.copy()
-            flip = rng.random(pre.shape) < 0.03  # the model's errors, about 3% of pixels
-            pre[flip] = rng.integers(0, NUM_CLASSES, int(flip.sum()))
-            post = clean.copy()  # the CRF fixes most of them
-            kept = flip & (rng.random(pre.shape) < 0.3)
-            post[kept] = pre[kept]
-            masks.append(mask_to_png(post))
-            pres.append(mask_to_png(pre))
-            jpegs.append(encode_jpeg(image))
-            labels.append(mask_to_png(label))
-            s_post, s_pre = image_stats(post, label, NUM_CLASSES), image_stats(pre, label, NUM_CLASSES)
-            stats["class_pixels"].append(np.bincount(post.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES])
-            for name, s in (("", s_post), ("_pre_crf", s_pre)):
-                stats["intersect" + name].append(s.intersect)
-                stats["union" + name].append(s.union)
-                stats["pixel_acc" + name].append(s.pixel_acc)
-                stats["miou" + name].append(s.miou)
-            stats["label_area"].append(s_post.label_area)
+            mask, pre, jpeg, label = _scene(i, spec, rng, stats)
+            masks.append(mask)
+            pres.append(pre)
+            jpegs.append(jpeg)
+            labels.append(label)
         self.mask = pa.array(masks, pa.binary())
         self.mask_pre = pa.array(pres, pa.binary())
         self.jpegs, self.labels = jpegs, labels
-        self.stats = {
-            k: np.asarray(
-                v,
-                dtype=np.int64
-                if k in ("class_pixels", "intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
-                else float,
-            )
-            for k, v in stats.items()
-        }
+        self.stats = {k: np.asarray(v, dtype=np.int64 if k in _COUNT_STATS else float) for k, v in stats.items()}
 
 
 def _keys(start: int, stop: int) -> list[str]:
@@ -88,30 +79,43 @@ def _scenes(start: int, n: int, changed: bool):
     return i, which
 
 
-def _columns(pool: Pool, which, labelled, ok_keys: list[str], uris: list[str], run_id: str, rng) -> dict:
-    """MASKS_SCHEMA's columns, each row's masks and statistics those of its pool scene."""
+def _label_columns(pool: Pool, which, labelled, rng) -> dict:
+    """The label statistics columns of the rows' pool scenes (null where unlabelled), scores with noise."""
     import numpy as np
     import pyarrow as pa
 
-    n = len(ok_keys)
-    unlabelled = ~labelled
+    n, unlabelled = len(which), ~labelled
 
     def lists(name: str, null: np.ndarray | None = None):
         values = pool.stats[name][which]
         offsets = pa.array(np.arange(0, (n + 1) * NUM_CLASSES, NUM_CLASSES, dtype=np.int32))
-        return pa.ListArray.from_arrays(
-            offsets, pa.array(values.ravel()), pa.list_(pa.int64()), mask=pa.array(null) if null is not None else None
-        )
-
-    def floats(values: np.ndarray, null: np.ndarray | None = None):
-        return pa.array(values, pa.float64(), mask=null)
+        mask = pa.array(null) if null is not None else None
+        return pa.ListArray.from_arrays(offsets, pa.array(values.ravel()), pa.list_(pa.int64()), mask=mask)
 
     def score(name: str):
         noisy = np.clip(pool.stats[name][which] + rng.normal(0, 0.005, n), 0, 1)
-        return floats(noisy, unlabelled)
+        return pa.array(noisy, pa.float64(), mask=unlabelled)
+
+    out = {
+        "class_pixels": lists("class_pixels"),
+        "has_label": pa.array(labelled),
+        "label_error": pa.nulls(n, pa.string()),
+    }
+    out |= {name: lists(name, unlabelled) for name in _COUNT_STATS[1:]}
+    return out | {name: score(name) for name in _SCORE_STATS}
+
+
+def _columns(pool: Pool, which, labelled, ok_keys: list[str], uris: list[str], run_id: str, rng) -> dict:
+    """MASKS_SCHEMA's columns, each row's masks and statistics those of its pool scene."""
+    import pyarrow as pa
+
+    n = len(ok_keys)
+
+    def floats(low: float, high: float):
+        return pa.array(rng.uniform(low, high, n), pa.float64())
 
     const = lambda v, t=pa.string(): pa.array([v] * n, t)  # noqa: E731
-    return {
+    out = {
         "key": pa.array(ok_keys, pa.string()),
         "uri": pa.array([uris[w % len(uris)] for w in which], pa.string()),
         "height": const(64, pa.int32()),
@@ -119,29 +123,14 @@ def _columns(pool: Pool, which, labelled, ok_keys: list[str], uris: list[str], r
         "exif_orientation": pa.nulls(n, pa.int32()),
         "mask": pool.mask.take(pa.array(which)),
         "mask_pre_crf": pool.mask_pre.take(pa.array(which)),
-        "class_pixels": lists("class_pixels"),
-        "has_label": pa.array(labelled),
-        "label_error": pa.nulls(n, pa.string()),
-        "intersect": lists("intersect", unlabelled),
-        "union": lists("union", unlabelled),
-        "label_area": lists("label_area", unlabelled),
-        "intersect_pre_crf": lists("intersect_pre_crf", unlabelled),
-        "union_pre_crf": lists("union_pre_crf", unlabelled),
-        "pixel_acc": score("pixel_acc"),
-        "miou": score("miou"),
-        "pixel_acc_pre_crf": score("pixel_acc_pre_crf"),
-        "miou_pre_crf": score("miou_pre_crf"),
-        "model": const("deeplabv3plus_demo"),
-        "weights_sha256": const("0" * 64),
-        "infer_ms": floats(rng.uniform(15, 40, n)),
-        "crf_ms": floats(rng.uniform(80, 200, n)),
-        "crf_changed_fraction": floats(rng.uniform(0, 0.05, n)),
-        "mean_max_prob": floats(rng.uniform(0.6, 0.99, n)),
-        "mean_entropy": floats(rng.uniform(0.05, 1.0, n)),
-        "mean_entropy_norm": floats(rng.uniform(0.02, 0.6, n)),
-        "low_conf_fraction": floats(rng.uniform(0, 0.3, n)),
-        "run_id": const(run_id),
     }
+    out |= _label_columns(pool, which, labelled, rng)
+    out |= {"model": const("deeplabv3plus_demo"), "weights_sha256": const("0" * 64)}
+    out |= {"infer_ms": floats(15, 40), "crf_ms": floats(80, 200), "crf_scale": const(1.0, pa.float64())}
+    out |= {"infer_tile": pa.nulls(n, pa.int32()), "crf_changed_fraction": floats(0, 0.05)}
+    out |= {"mean_max_prob": floats(0.6, 0.99), "mean_entropy": floats(0.05, 1.0)}
+    out |= {"mean_entropy_norm": floats(0.02, 0.6), "low_conf_fraction": floats(0, 0.3)}
+    return out | {"run_id": const(run_id)}
 
 
 def build_part(pool: Pool, start: int, stop: int, run_id: str, uris: list[str], changed: bool):
