@@ -23,6 +23,7 @@ from pipeline.memory import crf_scale
 from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs, quantise_probs
 from pipeline.results import mark_error
+from pipeline.schema import add_columns
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class FusedCRF:
     ) -> None:
         """``rows``: (row index, (H, W, 3) uint8 image, (C, H, W) probabilities on the device, or None when
         they are ``out["probs"][i]``, encoded, and the row's memory budget in bytes or None) per image."""
+        if "mask_crf" not in out:  # the CRF stage's own columns, added on its first rows of the batch
+            add_columns(out, "crf", len(out["key"]))
         on_torch = []
         for i, image, probs, budget in rows:
             h, w = image.shape[:2]

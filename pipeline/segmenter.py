@@ -111,8 +111,6 @@ class Segmenter:
             for i in todo
         ]
         results, seconds = self._infer(out, todo, images)
-        if self.crf is not None:
-            add_columns(out, "crf", n)
         refine = []  # (row, image, probabilities on the device or None, memory budget) for the fused CRF
         for j, (i, image) in enumerate(zip(todo, images)):
             if results[j] is None:
