@@ -39,21 +39,10 @@ MIN_PARTS = 6  # fewer part files than this make the steady state a guess: repor
 
 
 def run_job(bucket: Path, out: Path, backend: str, timeout: float) -> dict:
-    cmd = [
-        sys.executable,
-        str(REPO / "jobs" / "segment_bucket.py"),
-        str(bucket / "images"),
-        "--labels",
-        str(bucket / "labels"),
-        "--output",
-        str(out),
-        "--run-id",
-        backend,
-        "--crf-backend",
-        backend,
-        "--rows-per-file",
-        str(ROWS_PER_FILE),
-    ]
+    flags = {"--labels": bucket / "labels", "--output": out, "--run-id": backend, "--crf-backend": backend}
+    flags["--rows-per-file"] = ROWS_PER_FILE
+    cmd = [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), str(bucket / "images")]
+    cmd += [str(part) for item in flags.items() for part in item]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     start = time.time()

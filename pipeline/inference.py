@@ -105,15 +105,8 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, config: InferenceConfig) -
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, config.precision):
         if config.tile:
-            return sliding_window_probs(
-                model,
-                x,
-                tile=config.tile,
-                overlap=config.tile_overlap,
-                scales=config.scales,
-                flip=config.flip,
-                average=config.average,
-            )
+            window = {"tile": config.tile, "overlap": config.tile_overlap, "scales": config.scales}
+            return sliding_window_probs(model, x, **window, flip=config.flip, average=config.average)
         return multiscale_probs(model, x, config.scales, config.flip, config.average)
 
 

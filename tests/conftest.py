@@ -16,6 +16,36 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BUCKET = REPO / "pipeline" / "assets" / "demo_bucket"
+SEGMENT_BUCKET = [sys.executable, str(REPO / "jobs" / "segment_bucket.py")]
+
+
+def job_args(bucket: Path, out: Path, run_id: str, *extra: str) -> list[str]:
+    """segment_bucket.py's arguments for BUCKET/images and BUCKET/labels, written to OUT as run RUN_ID."""
+    return [
+        str(bucket / "images"),
+        "--labels",
+        str(bucket / "labels"),
+        "--output",
+        str(out),
+        "--run-id",
+        run_id,
+        *extra,
+    ]
+
+
+def demo_segmenter(**kwargs):
+    """The inference actor's class on the bundled demo weights: one CPU thread, result rows out."""
+    from pipeline.config import InferenceConfig
+    from pipeline.segmenter import Segmenter
+    from pipeline.weights import default_weights
+
+    w = default_weights("deeplabv3plus_demo")
+    defaults = dict(model=w.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
+                    weights_sha256=w.sha256, num_classes=len(w.categories), use_gpu=False, threads=1,
+                    crf_follows=False, run_id="t", mean=w.mean, std=w.std)  # fmt: skip
+    return Segmenter(**(defaults | kwargs))
+
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret-key",

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,7 +17,7 @@ from PIL import Image
 from pipeline.cli import build_parser, config_from_args
 from pipeline.job import run
 from pipeline.testing import MEMORY_LIMIT
-from tests.conftest import REPO, make_bucket
+from tests.conftest import SEGMENT_BUCKET, job_args, make_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -36,19 +35,7 @@ def test_cpu_run_with_the_torch_backend_matches_the_pydensecrf_run(ray_local, lo
     for backend in ("pydensecrf", "torch"):
         out = tmp_path / backend
         parser = build_parser()
-        args = parser.parse_args(
-            [
-                str(local_bucket / "images"),
-                "--labels",
-                str(local_bucket / "labels"),
-                "--output",
-                str(out),
-                "--run-id",
-                "r",
-                "--crf-backend",
-                backend,
-            ]
-        )
+        args = parser.parse_args(job_args(local_bucket, out, "r", "--crf-backend", backend))
         run(config_from_args(args, parser))
         tables[backend] = _masks(out / "run=r")
         errors[backend] = pq.read_table(out / "run=r" / "errors").select(["key", "stage", "error_type"]).to_pylist()
@@ -91,19 +78,7 @@ def test_an_image_the_torch_crf_cannot_allocate_for_is_refined_by_pydensecrf(tmp
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", MEMORY_LIMIT: "1000"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "segment_bucket.py"),
-            str(bucket / "images"),
-            "--labels",
-            str(bucket / "labels"),
-            "--output",
-            str(tmp_path / "out"),
-            "--run-id",
-            "f",
-            "--crf-backend",
-            "torch",
-        ],
+        [*SEGMENT_BUCKET, *job_args(bucket, tmp_path / "out", "f", "--crf-backend", "torch")],
         env=env,
         capture_output=True,
         text=True,

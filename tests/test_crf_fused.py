@@ -13,7 +13,7 @@ from pipeline.crf import dense_crf
 from pipeline.crf_fused import FusedCRF, allocation_failure
 from pipeline.probs import ENCODINGS, decode_probs, encode_probs, quantise_probs
 from pipeline.schema import add_columns
-from tests.conftest import DEMO_BUCKET
+from tests.conftest import DEMO_BUCKET, demo_segmenter
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
@@ -94,9 +94,7 @@ def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_s
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
     """The fused GPU plan's Segmenter (torch CRF on the GPU) against the CPU plan's (pydensecrf): same rows."""
-    from pipeline.config import InferenceConfig
     from pipeline.decode import decode_batch
-    from pipeline.segmenter import Segmenter
     from pipeline.weights import DEMO_WEIGHTS as W
 
     uris = sorted(str(p) for p in (DEMO_BUCKET / "images").glob("*.jpg"))[:4]
@@ -108,22 +106,7 @@ def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
     )
     tables = {}
     for backend, gpu in (("torch", True), ("pydensecrf", False)):
-        seg = Segmenter(
-            model=W.model,
-            weights_uri=None,
-            storage_options={},
-            inference=InferenceConfig(),
-            weights_sha256=W.sha256,
-            num_classes=len(W.categories),
-            use_gpu=gpu,
-            threads=1,
-            crf_follows=False,
-            run_id="t",
-            mean=W.mean,
-            std=W.std,
-            crf=CRFParams(),
-            crf_backend=backend,
-        )
+        seg = demo_segmenter(use_gpu=gpu, crf=CRFParams(), crf_backend=backend)
         assert seg.device.type == ("cuda" if gpu else "cpu")
         tables[backend] = seg(dict(batch)).to_pylist()
     for gpu_row, cpu_row in zip(tables["torch"], tables["pydensecrf"]):
@@ -137,10 +120,8 @@ def test_fused_and_pooled_layouts_write_the_same_rows():
     CRFRefiner) give the same masks and metrics for the same labelled images."""
     import pyarrow as pa
 
-    from pipeline.config import InferenceConfig
     from pipeline.crf import CRFRefiner
     from pipeline.decode import decode_batch
-    from pipeline.segmenter import Segmenter
     from pipeline.weights import DEMO_WEIGHTS as W
 
     images = sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:4]
@@ -154,22 +135,8 @@ def test_fused_and_pooled_layouts_write_the_same_rows():
         num_classes=len(W.categories),
         max_pixels=None,
     )
-    common = dict(
-        model=W.model,
-        weights_uri=None,
-        storage_options={},
-        inference=InferenceConfig(),
-        weights_sha256=W.sha256,
-        num_classes=len(W.categories),
-        use_gpu=False,
-        threads=1,
-        run_id="t",
-        mean=W.mean,
-        std=W.std,
-        actor_memory_mib=2048,
-    )
-    fused = Segmenter(**common, crf_follows=False, crf=CRFParams(), crf_backend="pydensecrf")(batch)
-    probs = Segmenter(**common, crf_follows=True)(batch)
+    fused = demo_segmenter(actor_memory_mib=2048, crf=CRFParams(), crf_backend="pydensecrf")(batch)
+    probs = demo_segmenter(actor_memory_mib=2048, crf_follows=True)(batch)
     pooled = CRFRefiner(
         params=CRFParams(),
         num_classes=len(W.categories),

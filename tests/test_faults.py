@@ -15,7 +15,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, S3_ENV, make_bucket, run_rows
+from tests.conftest import REPO, S3_ENV, job_args, make_bucket, run_rows
 from tests.faulty_s3 import FaultyS3
 
 pytestmark = pytest.mark.slow
@@ -70,19 +70,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
     GPU plan's CPU CRF pool. A killed writer's part is rewritten under the same name."""
     bucket = make_bucket(tmp_path / "bucket", n=8)
     out = tmp_path / "out"
-    args = [
-        str(bucket / "images"),
-        "--labels",
-        str(bucket / "labels"),
-        "--output",
-        str(out),
-        "--run-id",
-        "killed",
-        "--batch-size",
-        "1",
-        "--rows-per-file",
-        "2",
-    ]
+    args = job_args(bucket, out, "killed", "--batch-size", "1", "--rows-per-file", "2")
     if udf == "CRFRefiner":
         cmd = [sys.executable, "-c", _FAKE_GPU_JOB, *args, "--crf-backend", "pydensecrf"]
     else:

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.cli import build_parser, config_from_args
 from pipeline.job import run
 from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
-from tests.conftest import REPO, S3_ENV, make_bucket
+from tests.conftest import REPO, S3_ENV, job_args, make_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -99,17 +99,7 @@ def test_local_directory_end_to_end(ray_local, local_bucket, tmp_path):
     import fsspec
 
     out = tmp_path / "out"
-    args = build_parser().parse_args(
-        [
-            str(local_bucket / "images"),
-            "--labels",
-            str(local_bucket / "labels"),
-            "--output",
-            str(out),
-            "--run-id",
-            "local",
-        ]
-    )
+    args = build_parser().parse_args(job_args(local_bucket, out, "local"))
     run(config_from_args(args, build_parser()))
     keys = sorted(str(p.relative_to(local_bucket / "images")) for p in (local_bucket / "images").rglob("*.jpg"))
     fs = fsspec.filesystem("file")

@@ -19,7 +19,7 @@ from pipeline.memory import BUDGET_TILE, MIN_IMAGE_BYTES, crf_scale
 from pipeline.palette import mask_to_png
 from pipeline.synthetic import SceneSpec, encode_jpeg, make_scene
 from pipeline.weights import DEMO_WEIGHTS as W
-from tests.conftest import REPO
+from tests.conftest import REPO, demo_segmenter
 
 
 def test_crf_scale_fits_the_budget_and_the_pixel_cap():
@@ -56,22 +56,8 @@ def test_reduced_crf_keeps_full_size_and_agrees_with_the_full_crf():
 
 
 def _segmenter(**kwargs):
-    from pipeline.segmenter import Segmenter
 
-    return Segmenter(
-        model=W.model,
-        weights_uri=None,
-        storage_options={},
-        weights_sha256=W.sha256,
-        num_classes=len(W.categories),
-        use_gpu=False,
-        threads=1,
-        crf_follows=False,
-        run_id="t",
-        mean=W.mean,
-        std=W.std,
-        **kwargs,
-    )
+    return demo_segmenter(**kwargs)
 
 
 def _batch(tmp_path, scenes: dict[str, tuple[int, int]]):

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import DEMO_BUCKET, REPO, free_port
+from tests.conftest import DEMO_BUCKET, SEGMENT_BUCKET, free_port, job_args
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +46,8 @@ def test_actors_run_on_their_node_types(cluster, tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [
-            sys.executable,
-            str(REPO / "jobs" / "segment_bucket.py"),
-            str(DEMO_BUCKET / "images"),
-            "--labels",
-            str(DEMO_BUCKET / "labels"),
-            "--output",
-            str(out),
-            "--run-id",
-            "multinode",
+            *SEGMENT_BUCKET,
+            *job_args(DEMO_BUCKET, out, "multinode"),
             "--limit",
             "4",
             "--infer-actors",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.testing import CRASH_KEYS, MEMORY_LIMIT
-from tests.conftest import REPO, make_bucket
+from tests.conftest import SEGMENT_BUCKET, job_args, make_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -26,18 +25,7 @@ def run_job(bucket: Path, out: Path, *args: str, **env: str) -> subprocess.Compl
     environ = {**os.environ, "RAY_AUTH_MODE": "disabled", **env}
     environ.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "segment_bucket.py"),
-            str(bucket / "images"),
-            "--labels",
-            str(bucket / "labels"),
-            "--output",
-            str(out),
-            "--run-id",
-            "p",
-            *args,
-        ],
+        [*SEGMENT_BUCKET, *job_args(bucket, out, "p", *args)],
         env=environ,
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import DEMO_BUCKET, REPO, free_port
+from tests.conftest import DEMO_BUCKET, REPO, free_port, job_args
 
 pytestmark = pytest.mark.slow
 
@@ -116,11 +116,11 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(head: Head, submission_id: str, job_args: list[str], *, working_dir: Path | None, cwd: Path) -> str:
+def submit(head: Head, submission_id: str, args: list[str], *, working_dir: Path | None, cwd: Path) -> str:
     cmd = [RAY, "job", "submit", "--address", head.address, "--submission-id", submission_id]
     if working_dir is not None:
         cmd += ["--working-dir", str(working_dir)]
-    cmd += ["--", "python", "jobs/segment_bucket.py", *job_args]
+    cmd += ["--", "python", "jobs/segment_bucket.py", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=head.env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     with urllib.request.urlopen(f"{head.address}/api/jobs/{submission_id}", timeout=30) as resp:
@@ -141,24 +141,14 @@ def demo_keys(n: int) -> list[str]:
     return sorted(p.name for p in (DEMO_BUCKET / "images").glob("*.jpg"))[:n]
 
 
-def job_args(out: Path, run_id: str, limit: int) -> list[str]:
-    return [
-        str(DEMO_BUCKET / "images"),
-        "--labels",
-        str(DEMO_BUCKET / "labels"),
-        "--output",
-        str(out),
-        "--run-id",
-        run_id,
-        "--limit",
-        str(limit),
-    ]
+def demo_job_args(out: Path, run_id: str, limit: int) -> list[str]:
+    return job_args(DEMO_BUCKET, out, run_id, "--limit", str(limit))
 
 
 def test_submit_with_working_dir(ray_head, tmp_path):
     out = tmp_path / "out"
     # Submitted from elsewhere: only --working-dir brings jobs/ and pipeline/ to the cluster.
-    logs = submit(ray_head, "deeplab-working-dir", job_args(out, "submit", 4), working_dir=REPO, cwd=tmp_path)
+    logs = submit(ray_head, "deeplab-working-dir", demo_job_args(out, "submit", 4), working_dir=REPO, cwd=tmp_path)
     assert "deeplab-pipeline run summary" in logs and f"{out}/run=submit" in logs
     check_outputs(out / "run=submit", demo_keys(4))
 
@@ -175,5 +165,5 @@ def test_submit_with_working_dir(ray_head, tmp_path):
 
 def test_submit_to_installed_environment(ray_head, tmp_path):
     out = tmp_path / "out"
-    submit(ray_head, "deeplab-installed", job_args(out, "installed", 2), working_dir=None, cwd=tmp_path)
+    submit(ray_head, "deeplab-installed", demo_job_args(out, "installed", 2), working_dir=None, cwd=tmp_path)
     check_outputs(out / "run=installed", demo_keys(2))
