@@ -25,11 +25,11 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.checkpoints import normalisation  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, summarise  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.palette import IGNORE_INDEX  # noqa: E402
 from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec  # noqa: E402
-from pipeline.checkpoints import normalisation  # noqa: E402
 from pipeline.weights import DEMO_WEIGHTS, IMAGENET_MEAN  # noqa: E402
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_200)  # the demo bucket uses 2_000_000+
@@ -46,8 +46,13 @@ def make_split(seeds, spec: SceneSpec) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, n: int,
-                 crop: int, scale_range: tuple[float, float] = (1.0, 1.0)):
+def random_crops(
+    scenes: list[tuple[np.ndarray, np.ndarray]],
+    rng: np.random.Generator,
+    n: int,
+    crop: int,
+    scale_range: tuple[float, float] = (1.0, 1.0),
+):
     """``n`` random square crops (and their labels) from scenes of varied size, randomly mirrored.
 
     With a ``scale_range`` other than (1, 1) each scene is first resized by a random factor in it
@@ -68,8 +73,7 @@ def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Gen
         if pad_h or pad_w:
             right = np.broadcast_to(mean_rgb, (image.shape[0], pad_w, 3))
             image = np.concatenate([image, right], axis=1)
-            image = np.concatenate([image, np.broadcast_to(mean_rgb, (pad_h, image.shape[1], 3))],
-                                   axis=0)
+            image = np.concatenate([image, np.broadcast_to(mean_rgb, (pad_h, image.shape[1], 3))], axis=0)
             label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
         top = rng.integers(0, image.shape[0] - crop + 1)
         left = rng.integers(0, image.shape[1] - crop + 1)
@@ -83,8 +87,7 @@ def random_crops(scenes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Gen
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
-             batch: int = 10) -> DatasetSummary:
+def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 10) -> DatasetSummary:
     model.eval()
     n = len(CLASS_NAMES)
 
@@ -97,17 +100,22 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop", type=int, default=160, help="square training crop size in pixels")
-    parser.add_argument("--scale-min", type=float, default=1.0,
-                        help="random-scale augmentation, smallest factor "
-                             "(DeepLab: 0.5; default: off)")
-    parser.add_argument("--scale-max", type=float, default=1.0,
-                        help="random-scale augmentation, largest factor "
-                             "(DeepLab: 2.0; default: off)")
+    parser.add_argument(
+        "--scale-min",
+        type=float,
+        default=1.0,
+        help="random-scale augmentation, smallest factor (DeepLab: 0.5; default: off)",
+    )
+    parser.add_argument(
+        "--scale-max",
+        type=float,
+        default=1.0,
+        help="random-scale augmentation, largest factor (DeepLab: 2.0; default: off)",
+    )
     parser.add_argument("--train-scenes", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -115,13 +123,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=DEMO_WEIGHTS.uri)
     args = parser.parse_args(argv)
     if not 0 < args.scale_min <= args.scale_max:
-        parser.error(f"--scale-min/--scale-max must satisfy 0 < MIN <= MAX, "
-                     f"got {args.scale_min} and {args.scale_max}")
+        parser.error(f"--scale-min/--scale-max must satisfy 0 < MIN <= MAX, got {args.scale_min} and {args.scale_max}")
     return args
 
 
-def train(model: torch.nn.Module, scenes: list, rng: np.random.Generator,
-          args: argparse.Namespace) -> float:
+def train(model: torch.nn.Module, scenes: list, rng: np.random.Generator, args: argparse.Namespace) -> float:
     """Optimise ``model`` on random crops of ``scenes``; returns the seconds it took."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     # Poly decay as in the DeepLab papers, with a short linear warm-up.
@@ -132,8 +138,7 @@ def train(model: torch.nn.Module, scenes: list, rng: np.random.Generator,
     t0 = time.time()
     model.train()
     for step in range(args.steps):
-        x, y = random_crops(scenes, rng, args.batch_size, args.crop,
-                            (args.scale_min, args.scale_max))
+        x, y = random_crops(scenes, rng, args.batch_size, args.crop, (args.scale_min, args.scale_max))
         logits = model(to_tensor(x))
         loss = F.cross_entropy(logits, torch.from_numpy(y).long(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
@@ -143,9 +148,11 @@ def train(model: torch.nn.Module, scenes: list, rng: np.random.Generator,
         if step % 100 == 0 or step == args.steps - 1:
             rate = (step + 1) / (time.time() - t0)
             eta = (args.steps - step - 1) / rate
-            print(f"step {step:5d}/{args.steps} loss {loss.item():.4f} "
-                  f"lr {schedule.get_last_lr()[0]:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min",
-                  flush=True)
+            print(
+                f"step {step:5d}/{args.steps} loss {loss.item():.4f} "
+                f"lr {schedule.get_last_lr()[0]:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min",
+                flush=True,
+            )
     return time.time() - t0
 
 
@@ -154,8 +161,12 @@ def save(model: torch.nn.Module, summary: DatasetSummary, args: argparse.Namespa
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"model": DEMO_WEIGHTS.model, "categories": json.dumps(CLASS_NAMES),
-                "held_out_miou": f"{summary.miou:.4f}", "steps": str(args.steps)}
+    metadata = {
+        "model": DEMO_WEIGHTS.model,
+        "categories": json.dumps(CLASS_NAMES),
+        "held_out_miou": f"{summary.miou:.4f}",
+        "steps": str(args.steps),
+    }
     if (args.scale_min, args.scale_max) != (1.0, 1.0):
         metadata["scale_augmentation"] = f"{args.scale_min}-{args.scale_max}"
     save_file(state, str(out), metadata=metadata)
@@ -172,20 +183,26 @@ def main(argv: list[str] | None = None) -> int:
     # network sees the object scales it meets at inference time; it trains on square crops.
     scenes = [make_scene(s, varied_spec(s)) for s in range(args.train_scenes)]
     val_x, val_y = make_split(HELD_OUT_SEEDS, SceneSpec())
-    print(f"generated {len(scenes)} training and {len(val_x)} held-out scenes "
-          f"in {time.time() - t0:.0f}s", flush=True)
+    print(f"generated {len(scenes)} training and {len(val_x)} held-out scenes in {time.time() - t0:.0f}s", flush=True)
 
     model = build_model(DEMO_WEIGHTS.model, num_classes=len(CLASS_NAMES))
     train_s = train(model, scenes, rng, args)
     summary = evaluate(model, val_x, val_y)
     out = save(model, summary, args)
-    print(json.dumps({
-        "checkpoint": str(out), "bytes": out.stat().st_size,
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-        "train_minutes": round(train_s / 60, 1), "held_out_miou": round(summary.miou, 4),
-        "held_out_pixel_acc": round(summary.pixel_acc, 4),
-        "per_class_iou": {c: round(float(v), 4) for c, v in zip(CLASS_NAMES, summary.iou)},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(out),
+                "bytes": out.stat().st_size,
+                "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+                "train_minutes": round(train_s / 60, 1),
+                "held_out_miou": round(summary.miou, 4),
+                "held_out_pixel_acc": round(summary.pixel_acc, 4),
+                "per_class_iou": {c: round(float(v), 4) for c, v in zip(CLASS_NAMES, summary.iou)},
+            },
+            indent=2,
+        )
+    )
     return 0 if math.isfinite(summary.miou) else 1
 
 

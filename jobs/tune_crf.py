@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import CRFParams  # noqa: E402
-from pipeline.flags import parse_scales  # noqa: E402
 from pipeline.cli import DEMO_BUCKET  # noqa: E402
 from pipeline.cluster import init_ray  # noqa: E402
+from pipeline.config import CRFParams  # noqa: E402
+from pipeline.flags import parse_scales  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402
 from pipeline.metrics import format_score, image_stats, summarise, trimap_accuracy  # noqa: E402
 from pipeline.palette import png_to_mask  # noqa: E402
@@ -35,8 +35,11 @@ from pipeline.weights import DEMO_WEIGHTS, Weights, default_weights  # noqa: E40
 
 # DeepLab v1's search ranges (Sec. 4.1): w1 in [3:6], θα in [30:10:100], θβ in [3:6]; widened on
 # θβ because JPEG noise in real buckets is larger than in PASCAL's originals.
-DEFAULT_GRID = {"bilateral_sxy": (30.0, 50.0, 67.0, 80.0), "bilateral_srgb": (3.0, 5.0, 8.0, 13.0),
-                "bilateral_compat": (3.0, 4.0, 6.0, 10.0)}
+DEFAULT_GRID = {
+    "bilateral_sxy": (30.0, 50.0, 67.0, 80.0),
+    "bilateral_srgb": (3.0, 5.0, 8.0, 13.0),
+    "bilateral_compat": (3.0, 4.0, 6.0, 10.0),
+}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -59,14 +62,16 @@ def evaluate(samples: list, params: CRFParams, num_classes: int, band: int) -> d
         c, t = trimap_accuracy(pred, label, band)
         correct, total = correct + c, total + t
     summary = summarise(stats, num_classes)
-    return {"miou": summary.miou, "pixel_acc": summary.pixel_acc,
-            "trimap_acc": correct / max(total, 1),
-            "ms_per_image": 1000 * (time.perf_counter() - start) / len(samples)}
+    return {
+        "miou": summary.miou,
+        "pixel_acc": summary.pixel_acc,
+        "trimap_acc": correct / max(total, 1),
+        "ms_per_image": 1000 * (time.perf_counter() - start) / len(samples),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?", help="images (default: the bundled demo bucket)")
     parser.add_argument("--labels", help="label PNGs paired by key (default: the demo bucket's)")
     parser.add_argument("--model", default=DEMO_WEIGHTS.model)
@@ -74,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scales", type=parse_scales, default=(1.0,))
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--limit", type=int, default=12, help="labelled images to tune on")
-    for flag, name, symbol in (("--sxy", "bilateral_sxy", "θα"),
-                               ("--srgb", "bilateral_srgb", "θβ"),
-                               ("--compat", "bilateral_compat", "w1")):
-        parser.add_argument(flag, type=_floats, default=DEFAULT_GRID[name],
-                            help=f"bilateral {symbol} values")
-    parser.add_argument("--random", type=int, metavar="N",
-                        help="sample N settings from the grid instead of all")
+    for flag, name, symbol in (
+        ("--sxy", "bilateral_sxy", "θα"),
+        ("--srgb", "bilateral_srgb", "θβ"),
+        ("--compat", "bilateral_compat", "w1"),
+    ):
+        parser.add_argument(flag, type=_floats, default=DEFAULT_GRID[name], help=f"bilateral {symbol} values")
+    parser.add_argument("--random", type=int, metavar="N", help="sample N settings from the grid instead of all")
     parser.add_argument("--iterations", type=int, default=CRFParams().iterations)
     parser.add_argument("--band", type=int, default=4, help="trimap band width in pixels")
     parser.add_argument("--seed", type=int, default=0)
@@ -97,8 +102,7 @@ def weights_used(model: str, weights_uri: str | None) -> Weights:
     return Weights(model=model, uri=weights_uri, sha256=None, categories=())
 
 
-def load_samples(args: argparse.Namespace, input_uri: str, labels_uri: str
-                 ) -> tuple[list, tuple[str, ...]]:
+def load_samples(args: argparse.Namespace, input_uri: str, labels_uri: str) -> tuple[list, tuple[str, ...]]:
     """(image, averaged probabilities, label) for up to ``--limit`` labelled images, and the
     class names: the network runs once per image, normalised as its weights were trained."""
     from pipeline.inference import load_model, predict_probs
@@ -114,8 +118,7 @@ def load_samples(args: argparse.Namespace, input_uri: str, labels_uri: str
         except FileNotFoundError:
             continue
         image = decode_image(read_bytes(locator.image_uri(key))).rgb
-        probs = predict_probs(model, image, mean=mean, std=std, scales=args.scales,
-                              flip=args.flip).numpy()
+        probs = predict_probs(model, image, mean=mean, std=std, scales=args.scales, flip=args.flip).numpy()
         samples.append((image, probs, label))
         if len(samples) >= args.limit:
             break
@@ -124,9 +127,10 @@ def load_samples(args: argparse.Namespace, input_uri: str, labels_uri: str
 
 def settings_to_try(args: argparse.Namespace) -> list[CRFParams]:
     """The grid of appearance-kernel settings, or ``--random`` of them."""
-    settings = [replace(CRFParams(iterations=args.iterations), bilateral_sxy=a, bilateral_srgb=b,
-                        bilateral_compat=c)
-                for a, b, c in itertools.product(args.sxy, args.srgb, args.compat)]
+    settings = [
+        replace(CRFParams(iterations=args.iterations), bilateral_sxy=a, bilateral_srgb=b, bilateral_compat=c)
+        for a, b, c in itertools.product(args.sxy, args.srgb, args.compat)
+    ]
     if args.random and args.random < len(settings):
         pick = np.random.default_rng(args.seed).choice(len(settings), args.random, replace=False)
         settings = [settings[i] for i in sorted(pick)]
@@ -138,14 +142,20 @@ def print_table(baseline: dict, rows: list[tuple[CRFParams, dict]]) -> None:
     print(f"\n{'sxy':>6} {'srgb':>6} {'compat':>6} | {'mIoU':>7} {'trimap':>7} {'ms/img':>7}")
     print(f"{'no CRF':>20} | {baseline['miou']:7.4f} {baseline['trimap_acc']:7.4f}")
     for p, r in rows:
-        print(f"{p.bilateral_sxy:6g} {p.bilateral_srgb:6g} {p.bilateral_compat:6g} | "
-              f"{r['miou']:7.4f} {r['trimap_acc']:7.4f} {r['ms_per_image']:7.1f}")
+        print(
+            f"{p.bilateral_sxy:6g} {p.bilateral_srgb:6g} {p.bilateral_compat:6g} | "
+            f"{r['miou']:7.4f} {r['trimap_acc']:7.4f} {r['ms_per_image']:7.1f}"
+        )
     best, result = rows[0]
-    print(f"\nbest: mIoU {format_score(result['miou'])} (no CRF {format_score(baseline['miou'])}), "
-          f"trimap {result['trimap_acc']:.4f} (no CRF {baseline['trimap_acc']:.4f})")
-    print(f"pass back: --crf-bilateral-sxy {best.bilateral_sxy:g} "
-          f"--crf-bilateral-srgb {best.bilateral_srgb:g} "
-          f"--crf-bilateral-compat {best.bilateral_compat:g}")
+    print(
+        f"\nbest: mIoU {format_score(result['miou'])} (no CRF {format_score(baseline['miou'])}), "
+        f"trimap {result['trimap_acc']:.4f} (no CRF {baseline['trimap_acc']:.4f})"
+    )
+    print(
+        f"pass back: --crf-bilateral-sxy {best.bilateral_sxy:g} "
+        f"--crf-bilateral-srgb {best.bilateral_srgb:g} "
+        f"--crf-bilateral-compat {best.bilateral_compat:g}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = sorted(zip(settings, results), key=lambda r: -(r[1]["miou"] or 0))
     print_table(baseline, rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"baseline": baseline, "results": [
-            {**asdict(p), **r} for p, r in rows]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"baseline": baseline, "results": [{**asdict(p), **r} for p, r in rows]}, indent=2)
+        )
     return 0
 
 

@@ -19,8 +19,9 @@ from pipeline.storage import read_bytes
 from pipeline.weights import IMAGENET_MEAN, IMAGENET_STD, WeightsError, checked_digest, split_checksum
 
 
-def normalisation(mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def normalisation(
+    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, 3, 1, 1) mean and std tensors on ``device``, as ``infer_batch`` takes them."""
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
@@ -32,7 +33,9 @@ class LoadedCheckpoint:
     metadata: dict[str, str]
 
 
-def read_checkpoint(uri: str, *, expected_sha256: str | None = None, storage_options: dict | None = None) -> LoadedCheckpoint:
+def read_checkpoint(
+    uri: str, *, expected_sha256: str | None = None, storage_options: dict | None = None
+) -> LoadedCheckpoint:
     """Read a checkpoint from any fsspec URI, verify its sha256 and return its state dict."""
     path, fragment_digest = split_checksum(uri)
     expected = checked_digest(expected_sha256) if expected_sha256 else fragment_digest
@@ -81,14 +84,15 @@ def _unwrap(state: object, path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
 def num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
     """Output channels of the main classifier: the last non-aux conv weight named *classifier*."""
-    keys = [k for k, v in state.items()
-            if "classifier" in k and "aux" not in k and k.endswith("weight") and v.ndim == 4]
+    keys = [
+        k for k, v in state.items() if "classifier" in k and "aux" not in k and k.endswith("weight") and v.ndim == 4
+    ]
     return int(state[keys[-1]].shape[0]) if keys else None
 
 
@@ -105,7 +109,9 @@ def load_into(model: torch.nn.Module, checkpoint: LoadedCheckpoint, uri: str) ->
         if expected is not None and found is not None and expected != found:
             problems.insert(0, f"wrong class count: the model expects {expected} classes, the checkpoint has {found}")
         if _holds_only_backbone(model, state):
-            problems.append("it holds only backbone weights; pipeline.checkpoints.load_backbone loads them for training")
+            problems.append(
+                "it holds only backbone weights; pipeline.checkpoints.load_backbone loads them for training"
+            )
         raise WeightsError(f"weights {uri} do not fit the model: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
 
@@ -122,8 +128,9 @@ def _holds_only_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor])
 _CLASSIFICATION_HEADS = ("fc.", "head.", "classifier.", "conv_head.", "bn2.")
 
 
-def _backbone_state(state: dict[str, torch.Tensor],
-                    backbone: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _backbone_state(
+    state: dict[str, torch.Tensor], backbone: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(state renamed to ``backbone``'s keys, keys that fit nowhere); classification heads are left out."""
     own = set(backbone.state_dict())
     mapped, unknown = {}, []
@@ -138,8 +145,9 @@ def _backbone_state(state: dict[str, torch.Tensor],
     return mapped, unknown
 
 
-def load_backbone(model: torch.nn.Module, uri: str, *, storage_options: dict | None = None,
-                  expected_sha256: str | None = None) -> str:
+def load_backbone(
+    model: torch.nn.Module, uri: str, *, storage_options: dict | None = None, expected_sha256: str | None = None
+) -> str:
     """Initialise ``model.backbone`` from a torchvision/timm classification checkpoint; returns its sha256.
 
     Everything but the classification head must fit, strictly: a checkpoint of another

@@ -33,8 +33,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
@@ -120,12 +139,15 @@ DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1 = Weights(
 )
 
 # The weight set a model name stands for when no other is given.
-DEFAULT_WEIGHTS: dict[str, Weights] = {w.model: w for w in (
-    DEMO_WEIGHTS,
-    DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1,
-    DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1,
-    DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1,
-)}
+DEFAULT_WEIGHTS: dict[str, Weights] = {
+    w.model: w
+    for w in (
+        DEMO_WEIGHTS,
+        DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1,
+        DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1,
+        DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1,
+    )
+}
 
 
 def default_weights(model: str) -> Weights:

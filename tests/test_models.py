@@ -117,7 +117,8 @@ def test_deeplabv2_sums_four_atrous_classifiers():
     head = model.classifier
     assert len(head) == 4
     assert [(c.dilation[0], c.padding[0], c.kernel_size, c.in_channels, c.out_channels) for c in head] == [
-        (r, r, (3, 3), 2048, 5) for r in (6, 12, 18, 24)]
+        (r, r, (3, 3), 2048, 5) for r in (6, 12, 18, 24)
+    ]
     features = torch.randn(1, 2048, 9, 11)
     with torch.no_grad():
         branches = [conv(features) for conv in head]
@@ -130,14 +131,17 @@ def test_deeplabv1_largefov_structure():
     features = list(model.backbone.values())
     pools = [m for m in features if isinstance(m, nn.MaxPool2d)]
     assert [p.stride for p in pools] == [2, 2, 2, 1, 1] and all(p.kernel_size == 3 for p in pools)
-    conv5 = [m for m in features[features.index(pools[3]):] if isinstance(m, nn.Conv2d)]
+    conv5 = [m for m in features[features.index(pools[3]) :] if isinstance(m, nn.Conv2d)]
     assert len(conv5) == 3 and all(c.dilation == (2, 2) and c.padding == (2, 2) for c in conv5)
     fc6, fc7, fc8 = [m for m in model.classifier if isinstance(m, nn.Conv2d)]
     assert (fc6.kernel_size, fc6.dilation, fc6.out_channels) == ((3, 3), (12, 12), 1024)
     assert (fc7.kernel_size, fc7.out_channels, fc8.out_channels) == ((1, 1), 1024, 5)
     assert sum(isinstance(m, nn.Dropout) for m in model.classifier) == 2
-    assert [m for m in build_model("deeplabv1_vgg16", num_classes=5, output_stride=16).classifier
-            if isinstance(m, nn.Conv2d)][0].dilation == (6, 6)
+    assert [
+        m
+        for m in build_model("deeplabv1_vgg16", num_classes=5, output_stride=16).classifier
+        if isinstance(m, nn.Conv2d)
+    ][0].dilation == (6, 6)
 
 
 @pytest.mark.parametrize("name", ["deeplabv3plus_resnet101", "deeplabv3plus_xception65"])
@@ -153,8 +157,12 @@ def test_deeplabv3plus_decoder_and_separable_convs(name, output_stride, rates):
     assert (reduce.kernel_size, reduce.in_channels, reduce.out_channels) == ((1, 1), low_level.shape[1], 48)
     assert model.decoder.refine[0][0].in_channels == 256 + 48
     assert len(model.aspp.branches) == 5 and [b[0].dilation[0] for b in model.aspp.branches[1:4]] == rates
-    spatial = [m for part in (model.aspp, model.decoder) for m in part.modules()
-               if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    spatial = [
+        m
+        for part in (model.aspp, model.decoder)
+        for m in part.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
     assert len(spatial) == 5 and all(m.groups == m.in_channels for m in spatial)  # 3 ASPP + 2 decoder, all depthwise
 
 
@@ -172,9 +180,16 @@ def test_output_stride_and_full_resolution_logits(name, output_stride):
 
 def test_builders_default_to_the_papers_output_stride():
     strides = {name: build_model(name, num_classes=2).output_stride for name in MODEL_BUILDERS}
-    assert strides == {"deeplabv1_vgg16": 8, "deeplabv2_resnet101": 8, "deeplabv3_resnet50": 8,
-                       "deeplabv3_resnet101": 8, "deeplabv3_mobilenet_v3_large": 16,
-                       "deeplabv3plus_resnet101": 16, "deeplabv3plus_xception65": 16, "deeplabv3plus_demo": 16}
+    assert strides == {
+        "deeplabv1_vgg16": 8,
+        "deeplabv2_resnet101": 8,
+        "deeplabv3_resnet50": 8,
+        "deeplabv3_resnet101": 8,
+        "deeplabv3_mobilenet_v3_large": 16,
+        "deeplabv3plus_resnet101": 16,
+        "deeplabv3plus_xception65": 16,
+        "deeplabv3plus_demo": 16,
+    }
 
 
 def test_bad_arguments_are_refused():
@@ -186,12 +201,19 @@ def test_bad_arguments_are_refused():
         build_model("deeplabv1_vgg16", num_classes=2)(torch.randn(1, 1, 33, 33))
 
 
-_HEAVY = {"deeplabv1_vgg16", "deeplabv2_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
-          "deeplabv3plus_resnet101", "deeplabv3plus_xception65"}
+_HEAVY = {
+    "deeplabv1_vgg16",
+    "deeplabv2_resnet101",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3plus_resnet101",
+    "deeplabv3plus_xception65",
+}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in MODEL_BUILDERS])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in MODEL_BUILDERS]
+)
 def test_every_model_satisfies_the_protocol(name):
     from pipeline.checkpoints import num_classes_in
     from pipeline.models import SegmentationModel

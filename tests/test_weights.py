@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pipeline.checkpoints import load_into, read_checkpoint
 from pipeline.inference import load_model
 from pipeline.models import build_model
-from pipeline.checkpoints import load_into, read_checkpoint
 from pipeline.weights import DEMO_WEIGHTS, WeightsError
 
 
@@ -51,8 +51,11 @@ def test_wrong_keys_and_class_count_are_named(tmp_path, small_state):
         load_model("deeplabv3plus_demo", str(path))
     good = tmp_path / "g.safetensors"
     save_file({k: v.contiguous() for k, v in small_state.items()}, str(good))
-    with pytest.raises(WeightsError, match="wrong class count: the model expects 5 classes, the checkpoint has 3; "
-                                           r"shape mismatch decoder\.classifier\.bias \(3,\) vs model \(5,\)"):
+    with pytest.raises(
+        WeightsError,
+        match="wrong class count: the model expects 5 classes, the checkpoint has 3; "
+        r"shape mismatch decoder\.classifier\.bias \(3,\) vs model \(5,\)",
+    ):
         load_into(build_model("deeplabv3plus_demo", num_classes=5), read_checkpoint(str(good)), str(good))
 
 

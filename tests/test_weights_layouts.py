@@ -11,9 +11,9 @@ from safetensors.torch import save
 from torchvision.models import mobilenet_v3_large, resnet50
 from torchvision.models import segmentation as tv_segmentation
 
+from pipeline.checkpoints import load_backbone, load_into, read_checkpoint
 from pipeline.inference import load_model
 from pipeline.models import MODEL_BUILDERS, build_model
-from pipeline.checkpoints import load_backbone, load_into, read_checkpoint
 from pipeline.weights import (
     DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1,
     DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1,
@@ -46,8 +46,9 @@ def put_memory(name: str, data: bytes) -> str:
 def torchvision_mobilenet():
     """A torchvision DeepLab v3 MobileNetV3 as torchvision ships it: 21 classes, aux head included."""
     torch.manual_seed(0)
-    return tv_segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21,
-                                                        aux_loss=True).eval()
+    return tv_segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    ).eval()
 
 
 @pytest.mark.parametrize("weights, torchvision_enum", PUBLISHED)
@@ -131,8 +132,9 @@ def test_timm_imagenet_backbone_loads_into_the_v3plus_backbone():
     model = build_model("deeplabv3plus_xception65", num_classes=3)
     uri = put_memory("xception65.pth", torch_bytes(classifier.state_dict()))
     load_backbone(model, uri)
-    assert torch.equal(model.backbone.blocks_20.stack.conv3.conv_pw.weight,
-                       classifier.blocks[20].stack.conv3.conv_pw.weight)
+    assert torch.equal(
+        model.backbone.blocks_20.stack.conv3.conv_pw.weight, classifier.blocks[20].stack.conv3.conv_pw.weight
+    )
     # The same file is no whole model: the error says so instead of listing 700 keys.
     with pytest.raises(WeightsError, match="holds only backbone weights; pipeline.checkpoints.load_backbone"):
         load_model("deeplabv3plus_xception65", uri, num_classes=3)

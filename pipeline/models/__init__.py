@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from pipeline.models.protocol import SegmentationModel
+from pipeline.models.protocol import SegmentationModel as SegmentationModel  # the public contract
 
 if TYPE_CHECKING:
     from torch import nn

@@ -25,8 +25,9 @@ class SimpleSegmentationModel(nn.Module):
     reached through ``forward_with_aux``.
     """
 
-    def __init__(self, backbone: nn.Module, classifier: nn.Module, aux_classifier: nn.Module | None = None, *,
-                 output_stride: int) -> None:
+    def __init__(
+        self, backbone: nn.Module, classifier: nn.Module, aux_classifier: nn.Module | None = None, *, output_stride: int
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier

@@ -20,8 +20,9 @@ from pipeline.models._utils import SimpleSegmentationModel, check_output_stride
 class LargeFOVHead(nn.Sequential):
     """fc6 (3x3, rate 12, 1024 ch), fc7 (1x1, 1024 ch), each with ReLU and dropout, then fc8 classifier."""
 
-    def __init__(self, in_channels: int, num_classes: int, dilation: int = 12, channels: int = 1024,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, dilation: int = 12, channels: int = 1024, dropout: float = 0.5
+    ) -> None:
         super().__init__(
             nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation),
             nn.ReLU(inplace=True),
@@ -49,7 +50,7 @@ def vgg16_atrous_features(*, output_stride: int = 8) -> nn.Sequential:
     features[pools[4]] = nn.MaxPool2d(3, stride=1, padding=1)
     if output_stride == 8:
         # pool4 stopped subsampling, so conv5 dilates by 2 to keep the receptive field it was trained with.
-        for conv in features[pools[3]:pools[4]]:
+        for conv in features[pools[3] : pools[4]]:
             if isinstance(conv, nn.Conv2d):
                 conv.dilation, conv.padding = (2, 2), (2, 2)
     return features

@@ -24,9 +24,7 @@ class ASPPSum(nn.ModuleList):
     """ASPP-L: one 3x3 atrous classifier per rate, outputs summed (the paper's fusion)."""
 
     def __init__(self, in_channels: int, num_classes: int, atrous_rates: Sequence[int] = (6, 12, 18, 24)) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate) for rate in atrous_rates
-        )
+        super().__init__(nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate) for rate in atrous_rates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(branch(x) for branch in self)

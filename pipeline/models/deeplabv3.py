@@ -51,8 +51,9 @@ class ASPP(nn.Module):
 
     def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256) -> None:
         super().__init__()
-        modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                 nn.BatchNorm2d(out_channels), nn.ReLU())]
+        modules = [
+            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU())
+        ]
         modules += [ASPPConv(in_channels, out_channels, rate) for rate in atrous_rates]
         modules.append(ASPPPooling(in_channels, out_channels))
         self.convs = nn.ModuleList(modules)
@@ -95,8 +96,9 @@ def _set_dilation(conv: nn.Conv2d, dilation: int) -> None:
     conv.padding = (dilation * (conv.kernel_size[0] // 2),) * 2
 
 
-def resnet_backbone(arch: Callable[..., ResNet], *, output_stride: int,
-                    multi_grid: Sequence[int] | None = None) -> ResNet:
+def resnet_backbone(
+    arch: Callable[..., ResNet], *, output_stride: int, multi_grid: Sequence[int] | None = None
+) -> ResNet:
     """A torchvision ResNet whose last stages trade stride for dilation; optional multi-grid in ``layer4``."""
     check_output_stride(output_stride)
     dilate = [False, True, True] if output_stride == 8 else [False, False, True]
@@ -104,8 +106,9 @@ def resnet_backbone(arch: Callable[..., ResNet], *, output_stride: int,
     if multi_grid is not None:
         blocks = list(backbone.layer4)
         if len(multi_grid) != len(blocks):
-            raise ValueError(f"multi_grid needs one unit rate per layer4 block ({len(blocks)}), "
-                             f"got {tuple(multi_grid)}")
+            raise ValueError(
+                f"multi_grid needs one unit rate per layer4 block ({len(blocks)}), got {tuple(multi_grid)}"
+            )
         # The last block already runs at layer4's rate (torchvision gives the first block the
         # previous stage's rate); multi-grid multiplies that rate per block (paper, Sec. 3.2.1).
         base = blocks[-1].conv2.dilation[0]
@@ -114,8 +117,14 @@ def resnet_backbone(arch: Callable[..., ResNet], *, output_stride: int,
     return backbone
 
 
-def _deeplabv3_resnet(arch: Callable[..., ResNet], *, num_classes: int, aux_loss: bool, output_stride: int,
-                      multi_grid: Sequence[int] | None) -> DeepLabV3:
+def _deeplabv3_resnet(
+    arch: Callable[..., ResNet],
+    *,
+    num_classes: int,
+    aux_loss: bool,
+    output_stride: int,
+    multi_grid: Sequence[int] | None,
+) -> DeepLabV3:
     resnet = resnet_backbone(arch, output_stride=output_stride, multi_grid=multi_grid)
     return_layers = {"layer4": "out"}
     if aux_loss:
@@ -126,21 +135,25 @@ def _deeplabv3_resnet(arch: Callable[..., ResNet], *, num_classes: int, aux_loss
     return DeepLabV3(backbone, classifier, aux_classifier, output_stride=output_stride)
 
 
-def deeplabv3_resnet50(*, num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
-                       multi_grid: Sequence[int] | None = None) -> DeepLabV3:
+def deeplabv3_resnet50(
+    *, num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8, multi_grid: Sequence[int] | None = None
+) -> DeepLabV3:
     """DeepLab v3 on ResNet-50; the defaults are torchvision's ``deeplabv3_resnet50`` exactly.
 
     ``multi_grid=(1, 2, 4)`` is the paper's best setting for the three ``layer4`` blocks.
     """
-    return _deeplabv3_resnet(resnet50, num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride,
-                             multi_grid=multi_grid)
+    return _deeplabv3_resnet(
+        resnet50, num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride, multi_grid=multi_grid
+    )
 
 
-def deeplabv3_resnet101(*, num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
-                        multi_grid: Sequence[int] | None = None) -> DeepLabV3:
+def deeplabv3_resnet101(
+    *, num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8, multi_grid: Sequence[int] | None = None
+) -> DeepLabV3:
     """DeepLab v3 on ResNet-101 (the paper's backbone); the defaults are torchvision's exactly."""
-    return _deeplabv3_resnet(resnet101, num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride,
-                             multi_grid=multi_grid)
+    return _deeplabv3_resnet(
+        resnet101, num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride, multi_grid=multi_grid
+    )
 
 
 def _dilate_from(features: nn.Sequential, start: int) -> None:
@@ -152,8 +165,9 @@ def _dilate_from(features: nn.Sequential, start: int) -> None:
                 _set_dilation(conv, 2 * conv.dilation[0])
 
 
-def deeplabv3_mobilenet_v3_large(*, num_classes: int = 21, aux_loss: bool = False,
-                                 output_stride: int | None = None) -> DeepLabV3:
+def deeplabv3_mobilenet_v3_large(
+    *, num_classes: int = 21, aux_loss: bool = False, output_stride: int | None = None
+) -> DeepLabV3:
     """DeepLab v3 on MobileNetV3-Large.
 
     ``output_stride=None`` is torchvision's configuration: output stride 16 with ASPP rates

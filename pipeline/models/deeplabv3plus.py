@@ -62,7 +62,9 @@ class SeparableASPP(nn.Module):
 class DeepLabV3PlusDecoder(nn.Module):
     """v3+ decoder: low-level 1x1 → 48 ch, concat with upsampled ASPP, two separable 3x3, classifier."""
 
-    def __init__(self, low_level_channels: int, aspp_channels: int, num_classes: int, low_level_reduced: int = 48) -> None:
+    def __init__(
+        self, low_level_channels: int, aspp_channels: int, num_classes: int, low_level_reduced: int = 48
+    ) -> None:
         super().__init__()
         self.reduce = ConvBNReLU(low_level_channels, low_level_reduced, 1)
         self.refine = nn.Sequential(
@@ -79,8 +81,16 @@ class DeepLabV3PlusDecoder(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """Backbone returning (stride-4 features, stride-OS features) → ASPP → decoder → logits at input size."""
 
-    def __init__(self, backbone: nn.Module, low_level_channels: int, high_level_channels: int, *,
-                 num_classes: int, output_stride: int, aspp_channels: int = 256) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        low_level_channels: int,
+        high_level_channels: int,
+        *,
+        num_classes: int,
+        output_stride: int,
+        aspp_channels: int = 256,
+    ) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
@@ -104,7 +114,10 @@ def _timm_backbone(name: str, output_stride: int) -> tuple[nn.Module, int, int]:
     reductions = probe.feature_info.reduction()
     low_index = reductions.index(4)
     backbone = timm.create_model(
-        name, features_only=True, pretrained=False, output_stride=output_stride,
+        name,
+        features_only=True,
+        pretrained=False,
+        output_stride=output_stride,
         out_indices=(low_index, len(reductions) - 1),
     )
     low_channels, high_channels = backbone.feature_info.channels()
