@@ -13,8 +13,9 @@ from pathlib import Path
 from pipeline.config import JobConfig
 from pipeline.credentials import credential_options
 from pipeline.flags import add_flags, values_from
-from pipeline.job import JOB_ERRORS, SystemicFailure, regression_exit, run
+from pipeline.job import JOB_ERRORS, regression_exit, run
 from pipeline.models import DEFAULT_MODEL
+from pipeline.runner import SystemicFailure
 
 DEMO_BUCKET = Path(__file__).resolve().parent / "assets" / "demo_bucket"
 
@@ -52,10 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
-    """The JobConfig the parsed flags describe, with the demo's defaults when no INPUT_URI is given."""
-    values = values_from_or_exit(args, parser)
-    demo = values["input_uri"] is None
-    if not demo and not values["output_uri"]:
+    """The JobConfig the parsed flags describe, with the demo's defaults when no INPUT_URI is given.
+
+    A value outside its field's declared bounds exits 2 with the field's own message."""
+    try:
+        values = values_from(args, JobConfig)  # builds the sections, which check their own fields
+        _check_cli(values, parser)
+        if values["input_uri"] is None:  # the demo
+            values.update(
+                input_uri=str(DEMO_BUCKET / "images"), labels_uri=values["labels_uri"] or str(DEMO_BUCKET / "labels")
+            )
+        values["output_uri"] = values["output_uri"] or "outputs"
+        values["model"] = values["model"] or DEFAULT_MODEL
+        values["run_id"] = values["run_id"] or dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+        return JobConfig(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _check_cli(values: dict, parser: argparse.ArgumentParser) -> None:
+    """What only the command line can get wrong: a missing --output, --resume without --run-id, credentials."""
+    if values["input_uri"] is not None and not values["output_uri"]:
         parser.error("--output is required when INPUT_URI is given")
     if values["resume"] and not values["run_id"]:
         parser.error("--resume needs the --run-id of the run to continue")
@@ -66,24 +84,6 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             "visible to `ps` and Ray records it as the job's entrypoint; set AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY (e.g. from a Kubernetes Secret) or use a credentials file"
         )
-    if demo:
-        values.update(
-            input_uri=str(DEMO_BUCKET / "images"), labels_uri=values["labels_uri"] or str(DEMO_BUCKET / "labels")
-        )
-    values["output_uri"] = values["output_uri"] or "outputs"
-    values["model"] = values["model"] or DEFAULT_MODEL
-    values["run_id"] = values["run_id"] or dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
-    try:
-        return JobConfig(**values)
-    except ValueError as exc:
-        parser.error(str(exc))
-
-
-def values_from_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    try:
-        return values_from(args, JobConfig)  # builds the sections, which check their own fields
-    except ValueError as exc:
-        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,9 @@ from pipeline.console import describe, print_summary
 from pipeline.manifest import build_manifest
 from pipeline.observability import push_summary
 from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs, run_before
-from pipeline.runner import SystemicFailure, run_dag
+from pipeline.runner import run_dag
 from pipeline.storage import InputError, list_inputs
 from pipeline.weights import Weights, WeightsError, default_weights
-
-__all__ = ["JOB_ERRORS", "SystemicFailure", "regression_exit", "resolve_weights", "run"]
 
 # What a user can fix (a bad URI, run folder or checkpoint): exit 2 with the message, no traceback.
 JOB_ERRORS = (InputError, OutputError, WeightsError)
