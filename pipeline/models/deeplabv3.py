@@ -22,12 +22,36 @@ from torchvision.models.segmentation.fcn import FCNHead
 from pipeline.models._utils import SimpleSegmentationModel, check_output_stride
 
 
-class ASPPConv(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, dilation: int) -> None:
+class ConvBNReLU(nn.Sequential):
+    """Conv (no bias: BN follows) + BN + ReLU; ``dilation`` pads so the output keeps the input's size."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> None:
+        padding = dilation * (kernel_size // 2)
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ASPPConv(ConvBNReLU):
+    """torchvision's atrous branch: a 3x3 conv with the branch's rate."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int) -> None:
+        super().__init__(in_channels, out_channels, 3, dilation)
+
+
+class SeparableConvBNReLU(nn.Sequential):
+    """Depthwise 3x3 (dilated) + BN + ReLU, then pointwise 1x1 + BN + ReLU (v3+'s separable branch)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, padding=dilation, dilation=dilation, groups=in_channels, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
         )
 
 
@@ -47,25 +71,35 @@ class ASPPPooling(nn.Sequential):
 
 
 class ASPP(nn.Module):
-    """1x1 conv, one 3x3 atrous conv per rate and image pooling, concatenated and projected by 1x1."""
+    """1x1 conv, one 3x3 atrous conv per rate and image pooling, concatenated and projected by 1x1.
 
-    def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256) -> None:
+    ``separable=True`` is v3+'s variant: depthwise-separable atrous branches. Each variant keeps
+    the names of the checkpoints made with it: torchvision's v3 (``convs.N``, ``project.{0,1}``)
+    and the v3+ demo (``branches.N``, ``project.0.{0,1}``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        atrous_rates: Sequence[int],
+        out_channels: int = 256,
+        *,
+        separable: bool = False,
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
-        modules = [
-            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU())
-        ]
-        modules += [ASPPConv(in_channels, out_channels, rate) for rate in atrous_rates]
-        modules.append(ASPPPooling(in_channels, out_channels))
-        self.convs = nn.ModuleList(modules)
-        self.project = nn.Sequential(
-            nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-        )
+        self.rates = tuple(atrous_rates)
+        ASPPConvModule = SeparableConvBNReLU if separable else ASPPConv  # noqa: N806 (a class, named like one)
+        branches = [ConvBNReLU(in_channels, out_channels, 1)]
+        branches += [ASPPConvModule(in_channels, out_channels, rate) for rate in self.rates]
+        branches.append(ASPPPooling(in_channels, out_channels))
+        self._branches = "branches" if separable else "convs"
+        setattr(self, self._branches, nn.ModuleList(branches))
+        projection = ConvBNReLU(len(branches) * out_channels, out_channels, 1)
+        self.project = nn.Sequential(*([projection] if separable else projection), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+        return self.project(torch.cat([branch(x) for branch in getattr(self, self._branches)], dim=1))
 
 
 class DeepLabHead(nn.Sequential):

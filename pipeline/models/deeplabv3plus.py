@@ -2,61 +2,21 @@
 
 The decoder reduces stride-4 low-level features to 48 channels with a 1x1 conv, concatenates
 them with the 4x-upsampled ASPP output and refines with two 3x3 convs before the classifier.
-ASPP and decoder convs are depthwise-separable (depthwise 3x3 with the atrous rate, BN, ReLU,
-pointwise 1x1, BN, ReLU), as in the paper's "DeepLabv3+ with separable convs" variant.
+ASPP (v3's, with ``separable=True``) and decoder convs are depthwise-separable (depthwise 3x3
+with the atrous rate, BN, ReLU, pointwise 1x1, BN, ReLU), as in the paper's "DeepLabv3+ with
+separable convs" variant.
 Backbones come from timm (``features_only`` with ``output_stride``), which returns the
 stride-4 and the deepest feature maps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.models.deeplabv3 import ASPPPooling
-
-
-class SeparableConvBNReLU(nn.Sequential):
-    """Depthwise 3x3 (dilated) + BN + ReLU, then pointwise 1x1 + BN + ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, in_channels, 3, padding=dilation, dilation=dilation, groups=in_channels, bias=False),
-            nn.BatchNorm2d(in_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-
-class SeparableASPP(nn.Module):
-    """1x1 + three separable 3x3 atrous branches + image pooling, concatenated, projected by 1x1."""
-
-    def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int], dropout: float = 0.1) -> None:
-        super().__init__()
-        self.rates = tuple(rates)
-        branches = [ConvBNReLU(in_channels, out_channels, 1)]
-        branches += [SeparableConvBNReLU(in_channels, out_channels, dilation=r) for r in self.rates]
-        branches.append(ASPPPooling(in_channels, out_channels))
-        self.branches = nn.ModuleList(branches)
-        self.project = nn.Sequential(ConvBNReLU(len(branches) * out_channels, out_channels, 1), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
+from pipeline.models.deeplabv3 import ASPP, ConvBNReLU, SeparableConvBNReLU, aspp_rates
 
 
 class DeepLabV3PlusDecoder(nn.Module):
@@ -92,12 +52,10 @@ class DeepLabV3Plus(nn.Module):
         aspp_channels: int = 256,
     ) -> None:
         super().__init__()
-        if output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        rates = aspp_rates(output_stride)  # also refuses a stride other than 8 or 16
         self.output_stride = output_stride
-        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         self.backbone = backbone
-        self.aspp = SeparableASPP(high_level_channels, aspp_channels, rates)
+        self.aspp = ASPP(high_level_channels, rates, aspp_channels, separable=True, dropout=0.1)
         self.decoder = DeepLabV3PlusDecoder(low_level_channels, aspp_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
