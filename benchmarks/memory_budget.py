@@ -46,7 +46,7 @@ _SEGMENT = """
 import json, pickle, resource, sys, time
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.segmenter import Segmenter
-from pipeline.weights import DEMO_WEIGHTS as W
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 budget, crf_max = int(sys.argv[2]), int(sys.argv[3])
 seg = Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
                 weights_sha256=W.sha256, num_classes=len(W.categories), use_gpu=False, threads=1,
@@ -109,7 +109,7 @@ import numpy as np, torch
 from pipeline.config import InferenceConfig
 from pipeline.inference import infer_batch, load_model
 from pipeline.checkpoints import normalisation
-from pipeline.weights import DEMO_WEIGHTS as W
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 torch.set_num_threads(1)
 h, w, flip = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4] == "flip"
 scales = tuple(float(s) for s in sys.argv[3].split(","))
@@ -179,7 +179,7 @@ import numpy as np
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.decode import decode_batch
 from pipeline.segmenter import Segmenter
-from pipeline.weights import DEMO_WEIGHTS as W
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 images = sorted(__import__("pathlib").Path("pipeline/assets/demo_bucket/images").glob("*.jpg"))
 batches = [decode_batch({"key": np.array([p.name for p in images[i:i + 16]]),
                          "uri": np.array([str(p) for p in images[i:i + 16]]),

@@ -4,7 +4,7 @@
     python jobs/train_demo.py --steps 200 --out /tmp/ckpt.safetensors   # a quick smoke run
 
 Prints the held-out mIoU (synthetic seeds disjoint from training and from the demo bucket) and
-the checkpoint's sha256, which go into ``pipeline.weights.DEMO_WEIGHTS``.
+the checkpoint's sha256, which go into ``DEMO_WEIGHTS`` beside the builder (``pipeline/models/deeplabv3plus.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.checkpoints import normalisation  # noqa: E402
 from pipeline.metrics import DatasetSummary, image_stats, summarise  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS  # noqa: E402
 from pipeline.palette import IGNORE_INDEX  # noqa: E402
 from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec  # noqa: E402
-from pipeline.weights import DEMO_WEIGHTS, IMAGENET_MEAN  # noqa: E402
+from pipeline.weights import IMAGENET_MEAN  # noqa: E402
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_200)  # the demo bucket uses 2_000_000+
 

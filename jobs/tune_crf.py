@@ -29,9 +29,10 @@ from pipeline.config import CRFParams  # noqa: E402
 from pipeline.flags import parse_scales  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402
 from pipeline.metrics import format_score, image_stats, summarise, trimap_accuracy  # noqa: E402
+from pipeline.models import DEFAULT_MODEL  # noqa: E402
 from pipeline.palette import png_to_mask  # noqa: E402
 from pipeline.storage import list_inputs, read_bytes  # noqa: E402
-from pipeline.weights import DEMO_WEIGHTS, Weights, default_weights  # noqa: E402
+from pipeline.weights import Weights, default_weights  # noqa: E402
 
 # DeepLab v1's search ranges (Sec. 4.1): w1 in [3:6], θα in [30:10:100], θβ in [3:6]; widened on
 # θβ because JPEG noise in real buckets is larger than in PASCAL's originals.
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?", help="images (default: the bundled demo bucket)")
     parser.add_argument("--labels", help="label PNGs paired by key (default: the demo bucket's)")
-    parser.add_argument("--model", default=DEMO_WEIGHTS.model)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--weights", help="checkpoint URI (default: the model's published weights)")
     parser.add_argument("--scales", type=parse_scales, default=(1.0,))
     parser.add_argument("--flip", action="store_true")

@@ -229,8 +229,8 @@ def load_model(
 ):
     """(model in eval mode, sha256, class names); num_classes from the checkpoint when not given.
 
-    ``weights_uri=None`` means the model's default weight set (``DEFAULT_WEIGHTS``), resolved in
-    this process: bundled files are found in the local install on every node.
+    ``weights_uri=None`` means the model's default weight set (``pipeline.models.DEFAULT_WEIGHTS``),
+    resolved in this process: bundled files are found in the local install on every node.
     """
     if weights_uri is None:
         default = default_weights(model_name)

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the driver reads these records before it imports torch (pipeline.checkpoints loads)
+from pipeline.models import DEFAULT_WEIGHTS
+
+if TYPE_CHECKING:  # torch only for hints: the CLI imports this module without torch
     import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,7 +58,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "tvmonitor",
 )
 
-_ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"  # files shipped with the package
 
 
 class WeightsError(ValueError):
@@ -97,61 +99,8 @@ class Weights:
         return normalisation(self.mean, self.std, device)
 
 
-# Made by `python jobs/train_demo.py` (3000 steps, seed 0): held-out mIoU on 200 synthetic scenes
-# (seeds 1_000_000+, disjoint from training and from the demo bucket).
-DEMO_WEIGHTS = Weights(
-    model="deeplabv3plus_demo",
-    uri=str(_ASSETS / "deeplabv3plus_demo.safetensors"),
-    sha256="f3f5e9db0021fc9c81b240e0e7e66504d675d74974b02976bbe4a97f937c9cb1",
-    categories=("background", "disc", "box", "triangle", "ring", "bar"),
-    held_out_miou=0.8462,
-)
-
-
-# torchvision's weights trained on COCO with the 20 PASCAL VOC categories (torchvision
-# ``DeepLabV3_*_Weights.COCO_WITH_VOC_LABELS_V1``); mIoU on COCO val2017 with VOC labels.
-DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1 = Weights(
-    model="deeplabv3_resnet50",
-    uri="https://download.pytorch.org/models/deeplabv3_resnet50_coco-cd0a2569.pth",
-    sha256="cd0a2569",
-    categories=VOC_CLASSES,
-    held_out_miou=0.664,
-    resize_size=520,
-    num_params=42_004_074,
-)
-DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1 = Weights(
-    model="deeplabv3_resnet101",
-    uri="https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth",
-    sha256="586e9e4e",
-    categories=VOC_CLASSES,
-    held_out_miou=0.674,
-    resize_size=520,
-    num_params=60_996_202,
-)
-DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1 = Weights(
-    model="deeplabv3_mobilenet_v3_large",
-    uri="https://download.pytorch.org/models/deeplabv3_mobilenet_v3_large-fc3c493d.pth",
-    sha256="fc3c493d",
-    categories=VOC_CLASSES,
-    held_out_miou=0.603,
-    resize_size=520,
-    num_params=11_029_328,
-)
-
-# The weight set a model name stands for when no other is given.
-DEFAULT_WEIGHTS: dict[str, Weights] = {
-    w.model: w
-    for w in (
-        DEMO_WEIGHTS,
-        DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1,
-        DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1,
-        DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1,
-    )
-}
-
-
 def default_weights(model: str) -> Weights:
-    """The weight set a model name stands for when no --weights is given."""
+    """The weight set a model name stands for when no --weights is given (imports its builder's module)."""
     try:
         return DEFAULT_WEIGHTS[model]
     except KeyError:

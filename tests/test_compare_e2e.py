@@ -29,8 +29,8 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.images import decode_image
 from pipeline.inference import load_model, predict_probs
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
 from pipeline.schema import COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA
-from pipeline.weights import DEMO_WEIGHTS
 from tests.conftest import REPO, free_port, make_bucket, sql_block
 
 pytestmark = pytest.mark.slow

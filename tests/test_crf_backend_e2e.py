@@ -102,8 +102,8 @@ def test_an_image_the_torch_crf_cannot_allocate_for_is_refined_by_pydensecrf(tmp
     from pipeline.config import CRFParams, InferenceConfig
     from pipeline.crf import dense_crf
     from pipeline.inference import infer_batch, load_model
+    from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
     from pipeline.probs import decode_probs, encode_probs
-    from pipeline.weights import DEMO_WEIGHTS
 
     model, _, categories = load_model(DEMO_WEIGHTS.model, None)
     mean, std = normalisation(DEMO_WEIGHTS.mean, DEMO_WEIGHTS.std, "cpu")

@@ -95,7 +95,7 @@ def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_s
 def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
     """The fused GPU plan's Segmenter (torch CRF on the GPU) against the CPU plan's (pydensecrf): same rows."""
     from pipeline.decode import decode_batch
-    from pipeline.weights import DEMO_WEIGHTS as W
+    from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 
     uris = sorted(str(p) for p in (DEMO_BUCKET / "images").glob("*.jpg"))[:4]
     batch = decode_batch(
@@ -122,7 +122,7 @@ def test_fused_and_pooled_layouts_write_the_same_rows():
 
     from pipeline.crf import CRFRefiner
     from pipeline.decode import decode_batch
-    from pipeline.weights import DEMO_WEIGHTS as W
+    from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 
     images = sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:4]
     batch = decode_batch(

@@ -16,9 +16,9 @@ from PIL import Image
 from pipeline.config import ComputeConfig, CRFParams, InferenceConfig
 from pipeline.crf import dense_crf, reduced_crf
 from pipeline.memory import BUDGET_TILE, MIN_IMAGE_BYTES, crf_scale
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 from pipeline.palette import mask_to_png
 from pipeline.synthetic import SceneSpec, encode_jpeg, make_scene
-from pipeline.weights import DEMO_WEIGHTS as W
 from tests.conftest import REPO, demo_segmenter
 
 

@@ -216,8 +216,8 @@ _HEAVY = {
 )
 def test_every_model_satisfies_the_protocol(name):
     from pipeline.checkpoints import num_classes_in
-    from pipeline.models import SegmentationModel
-    from pipeline.weights import DEFAULT_WEIGHTS, default_weights
+    from pipeline.models import DEFAULT_WEIGHTS, SegmentationModel
+    from pipeline.weights import default_weights
 
     model = MODEL_BUILDERS[name](num_classes=3, output_stride=16).eval()
     assert isinstance(model, SegmentationModel)

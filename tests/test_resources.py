@@ -115,7 +115,7 @@ import json, re, threading, torch
 from pipeline.config import InferenceConfig
 from pipeline.decode import decode_batch
 from pipeline.segmenter import Segmenter
-from pipeline.weights import DEMO_WEIGHTS as W
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 import numpy as np
 
 seg = Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),

@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 from pipeline.checkpoints import load_into, read_checkpoint
 from pipeline.inference import load_model
 from pipeline.models import build_model
-from pipeline.weights import DEMO_WEIGHTS, WeightsError
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
+from pipeline.weights import WeightsError
 
 
 @pytest.fixture(scope="module")

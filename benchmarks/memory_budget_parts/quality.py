@@ -42,8 +42,8 @@ def _synthetic(scenes: int, scales: tuple[float, ...], params) -> None:
     from pipeline.config import InferenceConfig
     from pipeline.crf import dense_crf, reduced_crf
     from pipeline.inference import infer_batch, load_model
+    from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
     from pipeline.synthetic import SceneSpec, make_scene
-    from pipeline.weights import DEMO_WEIGHTS as W
 
     model, _, _ = load_model(W.model, None)
     mean, std = normalisation(W.mean, W.std, torch.device("cpu"))

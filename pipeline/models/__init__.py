@@ -4,18 +4,25 @@ Every model's ``forward`` takes a normalised float batch (N, 3, H, W) and return
 (N, num_classes, H, W) at the input resolution, and has an ``output_stride`` attribute (input
 size / size of the feature map the head sees). One module per DeepLab generation: v1 (VGG-16
 LargeFOV), v2 (ResNet-101 ASPP-L), v3 (torchvision-compatible), v3+ (encoder-decoder).
+
+Adding a model: its builder (a keyword-only function named after the model) in a module here,
+with its published ``pipeline.weights.Weights`` in that module's ``DEFAULT_WEIGHTS`` dict (model
+name → weight set) if it has any, plus one ``_MODULES`` line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from importlib import import_module
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from pipeline.models.protocol import SegmentationModel as SegmentationModel  # the public contract
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from pipeline.weights import Weights
 
 # The job's --model default; a plain string so the CLI can name it without importing torch.
 DEFAULT_MODEL = "deeplabv3plus_demo"
@@ -34,11 +41,16 @@ _MODULES = {
 }
 
 
+def _module(name: str) -> ModuleType:
+    """The module holding model ``name``'s builder and weights; KeyError for an unknown name."""
+    return import_module(f"{__name__}.{_MODULES[name]}")
+
+
 class _Builders(Mapping):
     """Model name → builder; the builder's module is imported when it is looked up."""
 
     def __getitem__(self, name: str) -> Callable[..., nn.Module]:
-        return getattr(import_module(f"{__name__}.{_MODULES[name]}"), name)
+        return getattr(_module(name), name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(_MODULES)
@@ -48,6 +60,26 @@ class _Builders(Mapping):
 
 
 MODEL_BUILDERS: Mapping[str, Callable[..., nn.Module]] = _Builders()
+
+
+class _DefaultWeights(Mapping):
+    """Model name → the weight set it stands for when none is given, for the models that have one.
+
+    Read from the ``DEFAULT_WEIGHTS`` dict beside the builder (a module without one publishes
+    none); looking a name up imports its module, iterating imports them all.
+    """
+
+    def __getitem__(self, name: str) -> Weights:
+        return getattr(_module(name), "DEFAULT_WEIGHTS", {})[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in _MODULES if name in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+DEFAULT_WEIGHTS: Mapping[str, Weights] = _DefaultWeights()
 
 
 def build_model(name: str, *, num_classes: int, output_stride: int | None = None) -> nn.Module:
