@@ -1,5 +1,8 @@
 """Weights: one description object per published weight set (loading is ``pipeline.checkpoints``).
 
+Each model's records live beside its builder in ``pipeline.models`` (its module's
+``DEFAULT_WEIGHTS``); ``default_weights(model)`` finds them through the registry.
+
 A weights URI may carry its expected checksum as a fragment: ``s3://b/ckpt.pth#sha256=<hex>``,
 the full digest or a prefix of at least 8 hex digits (torch.hub puts such a prefix in its file
 names, e.g. ``deeplabv3_resnet50_coco-cd0a2569.pth``). Both safetensors and ``torch.save`` files
