@@ -109,10 +109,10 @@ def run(config: JobConfig) -> RunSummary:
     """Segment what ``config`` names that the run does not hold yet, then commit and report."""
     import ray
 
-    from pipeline.stages import Resources, build_dataset
-
     started = time.time()
     weights, sha256, inputs, output, earlier = _start(config)
+    from pipeline.stages import Resources, build_dataset  # torch: imported while Ray starts (_prepare)
+
     todo = inputs.without(earlier.keys)
     print(
         f"[deeplab-pipeline] {len(inputs)} inputs under {config.input_uri}; {len(earlier.keys)} already done; "
