@@ -16,8 +16,8 @@ interpreter, timed from Popen to exit. Steady state comes from the part files' m
 counts (not from the progress lines, which come every 10 s): the run with ``--rows-per-file 16``
 publishes a part per batch, and images/s after the first 10 % of images up to the last part is its
 steady state. The default-flags run (1000 rows a part) gives the end-to-end figure. The old code
-(``--old-root``, a worktree of the code before this change) has no --rows-per-file: its driver
-writes the parts, ``--commit-interval 0.01`` makes it write one per batch.
+(``--old-root``, a worktree of an earlier commit) runs with --rows-per-file 16 too, or, before the
+workers wrote the parts, with ``--commit-interval 0.01`` (its driver then writes one per batch).
 
 Start-up (new code): a harness in a fresh interpreter goes through ``pipeline.job.run()`` step by
 step with timestamps up to the first part file (rows-per-file 16), while the process tree is
@@ -67,6 +67,15 @@ def warm_caches(old_root: Path | None) -> None:
         )
 
 
+def steady_flags(root: Path) -> list[str]:
+    """The flags that make ``root``'s job publish a part per batch: workers' --rows-per-file, or the
+    driver-written parts' --commit-interval of the code before the scale-out change."""
+    help_text = subprocess.run(
+        [PYTHON, "jobs/segment_bucket.py", "--help"], cwd=root, env=job_env(root), capture_output=True, text=True
+    ).stdout
+    return ["--rows-per-file", "16"] if "--rows-per-file" in help_text else ["--commit-interval", "0.01"]
+
+
 def measure(work: Workload, bucket: Path, tmp: Path, procs: int, old_root: Path | None) -> None:
     images_uri = bucket / "images"
     files = sorted(images_uri.glob("*.jpg"))
@@ -75,10 +84,11 @@ def measure(work: Workload, bucket: Path, tmp: Path, procs: int, old_root: Path 
     work.loop = run_loop(files, procs, work.crf, tmp / f"loop-{tag}")
     runs = [("new16", "job (new)", ROOT, ["--rows-per-file", "16"]), ("new", "job (new)", ROOT, [])]
     if old_root:
-        runs += [("old1", "job (old)", old_root, ["--commit-interval", "0.01"]), ("old", "job (old)", old_root, [])]
+        runs += [("old1", "job (old)", old_root, steady_flags(old_root)), ("old", "job (old)", old_root, [])]
     for key, name, root, extra in runs:
         print(f"[ceiling] {work.name}: {name} {' '.join(extra) or 'defaults'}", flush=True)
         work.jobs[key] = run_job(name, root, images_uri, tmp / f"out-{tag}", key, work.images, work.crf, extra)
+        work.jobs[key].flags = " ".join(extra) or "defaults"
         work.masks[key] = compare_masks(tmp / f"loop-{tag}", work.jobs[key].run_dir)
         job = work.jobs[key]
         print(

@@ -92,7 +92,6 @@ def detail_table(works: list[Workload]) -> list[str]:
             f"{loop.steady:.2f} | {loop.first:.1f} | {loop.seconds - loop.images / loop.steady:.1f} | | "
             f"{fmt_cores(loop.sampler.cores(ten, loop.end))} | |"
         )
-        flags = {"new16": "--rows-per-file 16", "new": "defaults", "old1": "--commit-interval 0.01", "old": "defaults"}
         for key, job in w.jobs.items():
             steady_from = None
             if job.parts and len(job.parts) > 2:
@@ -111,7 +110,7 @@ def detail_table(works: list[Workload]) -> list[str]:
                 else "n/a"
             )
             out.append(
-                f"| {w.name} | {job.name} | {flags[key]} | {job.seconds:.1f} | {job.rate:.2f} | "
+                f"| {w.name} | {job.name} | {job.flags} | {job.seconds:.1f} | {job.rate:.2f} | "
                 f"{num(job.steady, 2)} | {num(job.first)} | {num(job.overhead)} | "
                 f"{num(job.end - job.last if job.last else None)} | {cores} | {masks} |"
             )
@@ -225,7 +224,7 @@ def report(works: list[Workload], startups: list[Startup], imports: list[tuple[s
         "160-320 x 200-400 pixels), demo model, scale 1.0, CRF = DeepLab v2 parameters. Loop: one process "
         "per core, 1 torch thread each, end to end from before the processes start to the last PNG written. "
         "Job: the CLI timed from Popen to exit; steady state from part-file mtimes (the --rows-per-file 16 "
-        "run; old code: --commit-interval 0.01), images/s after the first 10 % of the images.",
+        "run; the old code is an earlier commit, run alike), images/s after the first 10 % of the images.",
         "",
     ]
     lines += main_table(works) + [""] + detail_table(works)

@@ -118,6 +118,7 @@ class JobRun(_Rates):
     parts: list[tuple[float, int]]  # (mtime, rows) of every part file
     sampler: TreeSampler
     run_dir: Path
+    flags: str = "defaults"  # the flags the run had beyond the workload's
 
     @property
     def steady(self) -> float | None:

@@ -81,7 +81,7 @@ class DeepLabV3Plus(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _timm_backbone(name: str, output_stride: int) -> tuple[nn.Module, int, int]:
+def timm_backbone(name: str, output_stride: int) -> tuple[nn.Module, int, int]:
     """A timm features-only backbone returning the stride-4 and the deepest feature maps."""
     probe = timm.create_model(name, features_only=True, pretrained=False)
     reductions = probe.feature_info.reduction()
@@ -103,7 +103,7 @@ def deeplabv3plus_demo(*, num_classes: int = 6, output_stride: int = 16) -> Deep
     Trained from scratch by ``jobs/train_demo.py`` on the synthetic dataset; small enough to
     train on a 2-core CPU in minutes and to ship with the repository.
     """
-    backbone, low, high = _timm_backbone("mobilenetv2_050", output_stride)
+    backbone, low, high = timm_backbone("mobilenetv2_050", output_stride)
     return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride, aspp_channels=96)
 
 
@@ -113,7 +113,7 @@ def deeplabv3plus_resnet101(*, num_classes: int = 21, output_stride: int = 16) -
     timm's ``resnet101`` has torchvision's module names, so ImageNet ResNet-101 weights from
     either library load into ``backbone`` (see ``pipeline.checkpoints.load_backbone``).
     """
-    backbone, low, high = _timm_backbone("resnet101", output_stride)
+    backbone, low, high = timm_backbone("resnet101", output_stride)
     return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride)
 
 
@@ -123,5 +123,5 @@ def deeplabv3plus_xception65(*, num_classes: int = 21, output_stride: int = 16) 
     timm's stride-4 tap is the second separable conv of entry-flow block 2 (256 channels), the
     tensor the reference TensorFlow implementation feeds to the decoder.
     """
-    backbone, low, high = _timm_backbone("xception65", output_stride)
+    backbone, low, high = timm_backbone("xception65", output_stride)
     return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride)
