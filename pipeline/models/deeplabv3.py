@@ -22,33 +22,29 @@ from torchvision.models.segmentation.fcn import FCNHead
 from pipeline.models._utils import SimpleSegmentationModel, check_output_stride
 from pipeline.weights import VOC_CLASSES, Weights
 
-# torchvision's weights trained on COCO with the 20 PASCAL VOC categories (torchvision
-# ``DeepLabV3_*_Weights.COCO_WITH_VOC_LABELS_V1``); mIoU on COCO val2017 with VOC labels.
-DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1 = Weights(
-    model="deeplabv3_resnet50",
-    uri="https://download.pytorch.org/models/deeplabv3_resnet50_coco-cd0a2569.pth",
-    sha256="cd0a2569",
-    categories=VOC_CLASSES,
-    held_out_miou=0.664,
-    resize_size=520,
-    num_params=42_004_074,
+
+def _coco_with_voc_labels(model: str, file: str, sha256: str, *, held_out_miou: float, num_params: int) -> Weights:
+    """torchvision's ``DeepLabV3_*_Weights.COCO_WITH_VOC_LABELS_V1`` of ``model``: trained on COCO with
+    the 20 PASCAL VOC categories, evaluated at shorter side 520; mIoU on COCO val2017 with VOC labels."""
+    uri = f"https://download.pytorch.org/models/{file}"
+    return Weights(model, uri, sha256, VOC_CLASSES, held_out_miou=held_out_miou, resize_size=520, num_params=num_params)
+
+
+DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1 = _coco_with_voc_labels(
+    "deeplabv3_resnet50", "deeplabv3_resnet50_coco-cd0a2569.pth", "cd0a2569", held_out_miou=0.664, num_params=42_004_074
 )
-DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1 = Weights(
-    model="deeplabv3_resnet101",
-    uri="https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth",
-    sha256="586e9e4e",
-    categories=VOC_CLASSES,
+DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1 = _coco_with_voc_labels(
+    "deeplabv3_resnet101",
+    "deeplabv3_resnet101_coco-586e9e4e.pth",
+    "586e9e4e",
     held_out_miou=0.674,
-    resize_size=520,
     num_params=60_996_202,
 )
-DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1 = Weights(
-    model="deeplabv3_mobilenet_v3_large",
-    uri="https://download.pytorch.org/models/deeplabv3_mobilenet_v3_large-fc3c493d.pth",
-    sha256="fc3c493d",
-    categories=VOC_CLASSES,
+DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1 = _coco_with_voc_labels(
+    "deeplabv3_mobilenet_v3_large",
+    "deeplabv3_mobilenet_v3_large-fc3c493d.pth",
+    "fc3c493d",
     held_out_miou=0.603,
-    resize_size=520,
     num_params=11_029_328,
 )
 
