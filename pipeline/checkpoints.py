@@ -7,7 +7,6 @@ torch loads; see that module's docstring for the key layouts ``load_into`` and `
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -15,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as load_safetensors
 
-from pipeline.storage import read_bytes
-from pipeline.weights import IMAGENET_MEAN, IMAGENET_STD, WeightsError, checked_digest, split_checksum
+from pipeline.weights import IMAGENET_MEAN, IMAGENET_STD, WeightsError, read_verified, split_checksum
 
 
 def normalisation(
@@ -37,18 +35,8 @@ def read_checkpoint(
     uri: str, *, expected_sha256: str | None = None, storage_options: dict | None = None
 ) -> LoadedCheckpoint:
     """Read a checkpoint from any fsspec URI, verify its sha256 and return its state dict."""
-    path, fragment_digest = split_checksum(uri)
-    expected = checked_digest(expected_sha256) if expected_sha256 else fragment_digest
-    try:
-        data = read_bytes(path, storage_options)  # the same S3 retry policy as image reads
-    except FileNotFoundError:
-        raise WeightsError(f"weights not found: {path}") from None
-    except Exception as exc:  # any backend error: permissions, endpoint, DNS
-        raise WeightsError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if expected and not digest.startswith(expected):
-        shown = expected if len(expected) == 64 else f"starting {expected}"
-        raise WeightsError(f"checksum mismatch for {path}: expected sha256 {shown}, file has {digest}")
+    path = split_checksum(uri)[0]
+    data, digest = read_verified(uri, expected_sha256=expected_sha256, storage_options=storage_options)
     metadata: dict[str, str] = {}
     if data[:1] == b"{" or _looks_like_safetensors(data):
         try:

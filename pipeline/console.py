@@ -45,7 +45,8 @@ def describe(resources) -> str:
         crf = f"{resources.crf_backend} in {resources.crf_actors[0]}-{resources.crf_actors[1]} CPU actors"
     else:
         crf = "off"
+    decode = "in the inference actors" if resources.decode_fused else f"in 1-{resources.decode_actors[1]} CPU actors"
     return (
         f"inference on {'GPU' if resources.use_gpu else 'CPU'}: {lo if lo == hi else f'{lo}-{hi}'} actor(s), "
-        f"{resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads; CRF {crf}"
+        f"{resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads; decode {decode}; CRF {crf}"
     )

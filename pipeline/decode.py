@@ -1,7 +1,8 @@
 """Read + decode stage: bytes from any fsspec URI to RGB pixels and validated labels.
 
-Runs in its own small actor pool (``Decoder``), so this module stays free of torch: a decode
-worker that imported torch paid seconds and a GB of RSS before its first image (docs/benchmarks.md).
+On GPU plans it runs in its own small actor pool (``Decoder``), so this module stays free of torch:
+a decode worker that imported torch paid seconds and a GB of RSS before its first image
+(docs/benchmarks.md). Without GPUs each inference actor runs a ``Decoder`` on its own batches.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from pipeline.testing import crash_if_asked, pause_if_asked
 FETCH_THREADS = 16
 
 
-def fetch_all(uris: list[str], storage_options: dict) -> list[bytes | Exception | None]:
+def fetch_all(
+    uris: list[str], storage_options: dict, pool: ThreadPoolExecutor | None = None
+) -> list[bytes | Exception | None]:
     """Every object's bytes (or the exception reading it raised; None for an empty URI), fetched
     concurrently: one GET at a time would leave a fast accelerator waiting on object-store
     latency (tens of ms per GET), and a thread per request is what fsspec's sync API allows
-    without ``fs.cat([...])``, which would glob-expand keys containing ``?``, ``*`` or ``[``."""
+    without ``fs.cat([...])``, which would glob-expand keys containing ``?``, ``*`` or ``[``.
+    ``pool``: an actor's long-lived threads (else a pool for this call)."""
 
     def fetch(uri: str) -> bytes | Exception | None:
         if not uri:
@@ -39,12 +43,19 @@ def fetch_all(uris: list[str], storage_options: dict) -> list[bytes | Exception 
 
     if len(uris) <= 1:
         return [fetch(u) for u in uris]
-    with ThreadPoolExecutor(min(FETCH_THREADS, len(uris))) as pool:
+    if pool is not None:
         return list(pool.map(fetch, uris))
+    with ThreadPoolExecutor(min(FETCH_THREADS, len(uris))) as own:
+        return list(own.map(fetch, uris))
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], *, storage_options: dict, num_classes: int, max_pixels: int | None
+    batch: dict[str, np.ndarray],
+    *,
+    storage_options: dict,
+    num_classes: int,
+    max_pixels: int | None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> dict[str, np.ndarray]:
     """Read and decode images and labels; any failure becomes that row's error."""
     n = len(batch["key"])
@@ -52,7 +63,7 @@ def decode_batch(
     out["uri"] = list(batch["uri"])
     uris, label_uris = [str(u) for u in batch["uri"]], [str(u) for u in batch["label_uri"]]
     start = time.perf_counter()
-    fetched = fetch_all(uris + label_uris, storage_options)
+    fetched = fetch_all(uris + label_uris, storage_options, pool)
     images, labels = fetched[:n], fetched[n:]
     fetch_seconds = (time.perf_counter() - start) / max(1, n)  # each image's share, in its decode time
     for i in range(n):
@@ -118,7 +129,7 @@ def check_label(
 
 
 class Decoder:
-    """Ray Data callable class running ``decode_batch``.
+    """Ray Data callable class running ``decode_batch`` (or, without GPUs, the ``Segmenter``'s first step).
 
     An actor pool rather than tasks: decode tasks wait (backpressured) while inference catches
     up, and Ray ends a worker that idles beyond its soft limit of one worker per CPU, which the
@@ -128,7 +139,14 @@ class Decoder:
 
     def __init__(self, *, locator: Locator, storage_options: dict, num_classes: int, max_pixels: int | None) -> None:
         self.locator = locator
-        self.kwargs = {"storage_options": storage_options, "num_classes": num_classes, "max_pixels": max_pixels}
+        # One set of fetch threads for the actor's life: a pool per batch started 16 threads a call.
+        pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deeplab-fetch")
+        self.kwargs = {
+            "storage_options": storage_options,
+            "num_classes": num_classes,
+            "max_pixels": max_pixels,
+            "pool": pool,
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]  # URIs are derived here: the driver ships keys only

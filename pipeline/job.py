@@ -17,14 +17,19 @@ from pipeline.observability import push_summary
 from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs, run_before
 from pipeline.runner import run_dag
 from pipeline.storage import InputError, list_inputs
-from pipeline.weights import Weights, WeightsError, default_weights
+from pipeline.weights import Weights, WeightsError, default_weights, read_verified
 
 # What a user can fix (a bad URI, run folder or checkpoint): exit 2 with the message, no traceback.
 JOB_ERRORS = (InputError, OutputError, WeightsError)
 
 
 def resolve_weights(config: JobConfig) -> tuple[Weights, str]:
-    """Load the checkpoint into the model once on the driver, so bad weights fail before any work."""
+    """Check the weights on the driver, so bad weights fail before any work: a checkpoint of one's
+    own is loaded into the model once; a published weight set (no --weights) is its record's file
+    when the checksum matches, and its layout is its builder's (tests/test_models.py), so the
+    driver only reads and hashes it and starts Ray without building the model."""
+    if config.weights_uri is None:
+        return _published(config)
     from pipeline.inference import load_model
 
     model, sha256, categories = load_model(
@@ -35,12 +40,19 @@ def resolve_weights(config: JobConfig) -> tuple[Weights, str]:
         num_classes=config.num_classes,
     )
     del model
-    base = (
-        default_weights(config.model)
-        if config.weights_uri is None
-        else Weights(model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
-    )
-    return replace(base, categories=categories, sha256=sha256), sha256
+    base = Weights(model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
+    return base, sha256
+
+
+def _published(config: JobConfig) -> tuple[Weights, str]:
+    record = default_weights(config.model)
+    if config.num_classes not in (None, record.num_classes):
+        raise WeightsError(
+            f"the published weights of {config.model} have {record.num_classes} classes, not "
+            f"{config.num_classes} (--num-classes); pass --weights for a checkpoint with {config.num_classes}"
+        )
+    _, sha256 = read_verified(record.uri, expected_sha256=record.sha256, storage_options=config.storage_options)
+    return replace(record, sha256=sha256), sha256
 
 
 def _prepare(config: JobConfig):
@@ -51,6 +63,8 @@ def _prepare(config: JobConfig):
     )
     output = RunOutput(config.output_uri, config.run_id, config.storage_options)
     earlier = output.prepare(resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes)
+    import pipeline.stages  # noqa: F401  (the DAG's modules and torch, loaded while Ray starts on the other thread)
+
     return weights, sha256, inputs, output, earlier
 
 
@@ -111,7 +125,7 @@ def run(config: JobConfig) -> RunSummary:
 
     started = time.time()
     weights, sha256, inputs, output, earlier = _start(config)
-    from pipeline.stages import Resources, build_dataset  # torch: imported while Ray starts (_prepare)
+    from pipeline.stages import Resources, build_dataset  # already imported by _prepare
 
     todo = inputs.without(earlier.keys)
     print(

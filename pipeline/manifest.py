@@ -56,6 +56,7 @@ def build_manifest(
             "crf_fused": resources.crf_fused,
             "crf_backend": resources.crf_backend,
             "decode_actors": list(resources.decode_actors),
+            "decode_fused": resources.decode_fused,
             "object_store_mib": resources.object_store_mib,
             "cluster": {k: v for k, v in cluster.items() if not k.startswith("node:")},
         },

@@ -15,6 +15,7 @@ import torch
 from pipeline.checkpoints import normalisation
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.crf_fused import FusedCRF
+from pipeline.decode import Decoder
 from pipeline.inference import class_map, infer_batch, load_model
 from pipeline.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, release_freed
 from pipeline.metrics import uncertainty
@@ -32,7 +33,8 @@ class Segmenter:
     Emits per image the pre-CRF argmax mask, confidence summaries and, when a CRF stage follows,
     the averaged probabilities in ``inference.probs_encoding`` (see pipeline/probs.py). With
     ``crf`` it refines each image itself, with ``crf_backend`` (the torch one on the actor's
-    device), and emits the result rows: the probabilities never cross the object store.
+    device), and emits the result rows: the probabilities never cross the object store. With
+    ``decode`` (a ``Decoder``'s arguments) it reads and decodes its batch of keys itself.
     """
 
     def __init__(
@@ -53,7 +55,9 @@ class Segmenter:
         crf: CRFParams | None = None,
         crf_backend: str = "pydensecrf",
         actor_memory_mib: int = 0,
+        decode: dict | None = None,
     ) -> None:
+        self.decoder = None if decode is None else Decoder(**decode)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.threads = max(1, threads)
         self.model, self.sha256, categories = load_model(
@@ -96,6 +100,8 @@ class Segmenter:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        if self.decoder is not None:
+            batch = self.decoder(batch)
         if self.device.type == "cpu":
             # Per call, not once in __init__: Ray Data calls this from another thread than the
             # constructor, and OpenMP's thread count is per thread. oneDNN's convolutions read it

@@ -1,6 +1,7 @@
-"""The Ray Data DAG: keys → read+decode (actor pool) → inference (actor pool, with the CRF fused in
-on CPU-only clusters and with the torch backend on GPUs) → dense CRF (CPU actor pool: pydensecrf on
-GPU clusters) → write (part files published by workers). Every stage passes failed rows through
+"""The Ray Data DAG: keys → read+decode (actor pool) → inference (actor pool) → dense CRF (CPU actor
+pool: pydensecrf on GPU clusters) → write (part files published by workers). On CPU-only clusters
+the inference actor also decodes and refines its own images (one actor per core), and with the
+torch backend on GPUs it refines them on the GPU. Every stage passes failed rows through
 untouched, so each input key leaves the DAG exactly once, as a mask row or an error row, in exactly
 one part file."""
 
@@ -34,6 +35,7 @@ class Resources:
     crf_actors: tuple[int, int] | None = None  # the CPU CRF pool; None: no pool (CRF off or fused)
     crf_fused: bool = False  # the inference actor refines its own images
     crf_backend: str | None = None  # "pydensecrf" or "torch" (on the inference device when fused); None: CRF off
+    decode_fused: bool = False  # the inference actor reads and decodes its own images; no decode pool
 
     @classmethod
     def resolve(cls, config: JobConfig, cluster: dict[str, float] | list[dict[str, float]]) -> Resources:
@@ -48,7 +50,11 @@ class Resources:
         # the object store and no CPU split between two pools (benchmarks/pipeline_vs_loop.py). With
         # GPUs the torch backend runs there too, on the GPU, right after the forward pass.
         fused = backend is not None and (not use_gpu or backend == "torch")
-        actors, cpus, threads = _inference_actors(compute, use_gpu, gpus, total_cpus)
+        # Without GPUs decoding joins them: a decode pool held a process and a CPU share of its own
+        # and sent every decoded image through the object store (benchmarks/ceiling.py). A GPU
+        # actor keeps its own CPU pool of decoders, which overlap reads with its forward passes.
+        decode_fused = not use_gpu
+        actors, cpus, threads = _inference_actors(compute, use_gpu, gpus, total_cpus, decode_fused)
         # CPUs each node keeps after the inference actors it may host (GPU nodes host one per GPU).
         left = [
             n.get("CPU", 0.0) - (_eligible(n, compute.infer_resources) and use_gpu) * n.get("GPU", 0.0) * cpus
@@ -71,8 +77,21 @@ class Resources:
         budget = compute.object_store_mib or (256 if use_gpu else 64) * actors[1] + 64 * min(crf_max, 16)
         # Decode actors may fill the CPUs inference leaves too (one at least); Ray Data adds them
         # only while decoding is what inference waits for.
-        decoders = max(1, min(math.floor(sum(left) / compute.decode_cpus + 1e-9), int(total_cpus)))
-        return cls(use_gpu, cpus, threads, actors, budget, (1, decoders), crf_actors, fused, backend)
+        decoders = (
+            0 if decode_fused else max(1, min(math.floor(sum(left) / compute.decode_cpus + 1e-9), int(total_cpus)))
+        )
+        return cls(
+            use_gpu,
+            cpus,
+            threads,
+            actors,
+            budget,
+            (min(1, decoders), decoders),
+            crf_actors,
+            fused,
+            backend,
+            decode_fused,
+        )
 
 
 def _crf_backend(config: JobConfig, use_gpu: bool) -> str | None:
@@ -89,12 +108,12 @@ def _crf_backend(config: JobConfig, use_gpu: bool) -> str | None:
     return "torch" if use_gpu and not asks_pool else "pydensecrf"
 
 
-def _inference_actors(compute, use_gpu: bool, gpus: float, total_cpus: float):
+def _inference_actors(compute, use_gpu: bool, gpus: float, total_cpus: float, decode_fused: bool):
     """(actor range, CPUs per actor, torch threads per actor) of the inference pool."""
     if use_gpu:
         cpus = compute.infer_cpus or 1.0
         return compute.infer_actors or (max(1, int(gpus)),) * 2, cpus, max(1, int(cpus))
-    spare = total_cpus - compute.decode_cpus
+    spare = total_cpus - (0.0 if decode_fused else compute.decode_cpus)
     if compute.infer_actors is not None:
         actors = compute.infer_actors
         cpus = compute.infer_cpus or max(0.5, spare / actors[1])
@@ -150,10 +169,11 @@ def build_dataset(
     blocks = max(1, min(math.ceil(len(inputs) / config.compute.batch_size), max_blocks))
     stage = _Stage(config, weights, resources, blocks, _fault_tolerance(retries))
     ds = _keys(inputs, blocks, resources, tolerate)
-    ds = ds.map_batches(Decoder, **stage.decode(inputs))
+    if upto == "decode" or not resources.decode_fused:  # the runner probes decoding on its own
+        ds = ds.map_batches(Decoder, **stage.decode(inputs))
     if upto == "decode":
         return ds
-    ds = ds.map_batches(Segmenter, **stage.infer(weights_sha256))
+    ds = ds.map_batches(Segmenter, **stage.infer(weights_sha256, inputs))
     if upto == "infer":
         return ds
     if resources.crf_actors is not None:
@@ -173,6 +193,9 @@ def _keys(inputs: Inputs, blocks: int, resources: Resources, tolerate: bool) -> 
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(object_store_memory=resources.object_store_mib * 2**20)
     ds.context.max_errored_blocks = -1 if tolerate else 0
+    # Ray Data's per-task USS sampling (a thread reading /proc/self/smaps every second) only feeds
+    # its own memory statistics, and costs each inference call CPU (benchmarks/ceiling.py).
+    ds.context.memory_usage_poll_interval_s = None
     return ds
 
 
@@ -186,26 +209,30 @@ class _Stage:
     blocks: int
     fault_tolerance: dict
 
-    def decode(self, inputs: Inputs) -> dict:
-        compute = self.config.compute
+    def decoder(self, inputs: Inputs) -> dict:
+        """The ``Decoder``'s constructor arguments (its own pool's, or the fused inference actor's)."""
         # Tiled inference bounds network memory, so the pixel guard only applies to whole-image runs.
         max_pixels = None if self.config.inference.tile else self.config.inference.max_pixels
+        return {
+            "locator": inputs.locator(),
+            "storage_options": self.config.storage_options,
+            "num_classes": self.weights.num_classes,
+            "max_pixels": max_pixels,
+        }
+
+    def decode(self, inputs: Inputs) -> dict:
+        compute = self.config.compute
         return dict(
-            fn_constructor_kwargs={
-                "locator": inputs.locator(),
-                "storage_options": self.config.storage_options,
-                "num_classes": self.weights.num_classes,
-                "max_pixels": max_pixels,
-            },
+            fn_constructor_kwargs=self.decoder(inputs),
             batch_size=compute.batch_size,
             num_cpus=compute.decode_cpus,
             compute=ray.data.ActorPoolStrategy(
-                min_size=self.resources.decode_actors[0], max_size=min(self.resources.decode_actors[1], self.blocks)
+                min_size=1, max_size=max(1, min(self.resources.decode_actors[1], self.blocks))
             ),
             **self.fault_tolerance,
         )
 
-    def infer(self, weights_sha256: str) -> dict:
+    def infer(self, weights_sha256: str, inputs: Inputs) -> dict:
         config, weights, resources = self.config, self.weights, self.resources
         # A small run has fewer batches than the pool has actors: don't start (and load the model on)
         # actors that would get no batch.
@@ -227,6 +254,7 @@ class _Stage:
                 "crf": config.crf if resources.crf_fused else None,
                 "crf_backend": resources.crf_backend or "pydensecrf",
                 "actor_memory_mib": config.compute.actor_memory_mib,
+                "decode": self.decoder(inputs) if resources.decode_fused else None,
             },
             batch_size=config.compute.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),

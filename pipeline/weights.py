@@ -23,6 +23,7 @@ Key layouts:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -126,6 +127,28 @@ def split_checksum(uri: str) -> tuple[str, str | None]:
         path, digest = uri.rsplit("#sha256=", 1)
         return path, checked_digest(digest)
     return uri, None
+
+
+def read_verified(
+    uri: str, *, expected_sha256: str | None = None, storage_options: dict | None = None
+) -> tuple[bytes, str]:
+    """(the file's bytes, its sha256) from any fsspec URI, checked against ``expected_sha256`` or
+    the URI's ``#sha256=`` fragment."""
+    from pipeline.storage import read_bytes
+
+    path, fragment_digest = split_checksum(uri)
+    expected = checked_digest(expected_sha256) if expected_sha256 else fragment_digest
+    try:
+        data = read_bytes(path, storage_options)  # the same S3 retry policy as image reads
+    except FileNotFoundError:
+        raise WeightsError(f"weights not found: {path}") from None
+    except Exception as exc:  # any backend error: permissions, endpoint, DNS
+        raise WeightsError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expected and not digest.startswith(expected):
+        shown = expected if len(expected) == 64 else f"starting {expected}"
+        raise WeightsError(f"checksum mismatch for {path}: expected sha256 {shown}, file has {digest}")
+    return data, digest
 
 
 def categories_from(metadata: dict[str, str], num_classes: int) -> tuple[str, ...]:

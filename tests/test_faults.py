@@ -53,7 +53,8 @@ def find_workers(job: subprocess.Popen, title: str) -> list[psutil.Process]:
     return found
 
 
-# The job in a Ray that declares a (fake) GPU: the GPU plan with pydensecrf, whose CRF runs in its own CPU pool.
+# The job in a Ray that declares a (fake) GPU: the GPU plan with pydensecrf, whose decode and CRF run
+# in CPU pools of their own.
 _FAKE_GPU_JOB = """
 import os, sys
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -66,12 +67,13 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.parametrize("udf", ["Decoder", "Segmenter", "PartWriter", "CRFRefiner"])
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
-    """Every pool of both plans: the CPU plan (decode, inference with the CRF inside, write) and the
-    GPU plan's CPU CRF pool. A killed writer's part is rewritten under the same name."""
+    """Every pool of both plans: the CPU plan (inference that decodes and refines its own images,
+    write) and the GPU plan's CPU pools (decode, CRF). A killed writer's part is rewritten under the
+    same name."""
     bucket = make_bucket(tmp_path / "bucket", n=8)
     out = tmp_path / "out"
     args = job_args(bucket, out, "killed", "--batch-size", "1", "--rows-per-file", "2")
-    if udf == "CRFRefiner":
+    if udf in ("Decoder", "CRFRefiner"):
         cmd = [sys.executable, "-c", _FAKE_GPU_JOB, *args, "--crf-backend", "pydensecrf"]
     else:
         cmd = job_cmd(*args)

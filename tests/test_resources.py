@@ -26,24 +26,25 @@ def resolve(cluster: dict, *, crf: bool = True, **compute) -> Resources:
     return Resources.resolve(config, cluster)
 
 
-def test_cpu_default_is_one_single_threaded_actor_per_core_with_the_crf_inside():
-    # 2 cores: 2 - 0.25 (decode) = 1.75 CPUs for inference -> 2 actors of 0.875, 1 thread each; with
-    # CRF on, each inference actor refines its own images (no CRF pool, nothing through the store).
-    assert resolve({"CPU": 2.0}, crf=False) == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, False)
-    assert resolve({"CPU": 2.0}) == Resources(False, 0.875, 1, (2, 2), 128, (1, 1), None, True, "pydensecrf")
+def test_cpu_default_is_one_single_threaded_actor_per_core_that_decodes_and_refines_its_own_images():
+    # 2 cores: 2 actors of 1 CPU, 1 thread each, and no decode pool: each inference actor reads and
+    # decodes its own batch and, with CRF on, refines its own images (nothing through the store).
+    assert resolve({"CPU": 2.0}, crf=False) == Resources(False, 1.0, 1, (2, 2), 128, (0, 0), None, False, None, True)
+    assert resolve({"CPU": 2.0}) == Resources(False, 1.0, 1, (2, 2), 128, (0, 0), None, True, "pydensecrf", True)
     r = resolve({"CPU": 16.0})
-    assert r.infer_actors == (16, 16) and r.infer_threads == 1 and r.infer_cpus == pytest.approx(15.75 / 16)
-    assert r.crf_fused and r.crf_actors is None and r.decode_actors == (1, 1)
+    assert r.infer_actors == (16, 16) and r.infer_threads == 1 and r.infer_cpus == 1.0
+    assert r.crf_fused and r.crf_actors is None and r.decode_fused and r.decode_actors == (0, 0)
     # An explicit --crf-actors does not bring a pool back where there is no GPU: the CRF is fused.
     assert resolve({"CPU": 16.0}, crf_actors=(1, 2)).crf_actors is None
 
 
 def test_cpu_explicit_sizes_win():
-    # 3 actors x 4 CPUs leave 4 CPUs: up to 16 decode actors of 0.25, capped at one per CPU of the cluster.
-    assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(False, 4.0, 4, (3, 3), 192, (1, 16))
-    assert resolve({"CPU": 16.0}, crf=False, infer_actors=(1, 3)).infer_threads == 5  # 15.75 / 3 CPUs each
+    # 4 CPUs per actor on 16 CPUs: 4 actors (each decodes its own batch), 4 threads each.
+    fused = dict(decode_actors=(0, 0), crf_actors=None, crf_fused=False, crf_backend=None, decode_fused=True)
+    assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(False, 4.0, 4, (4, 4), 256, **fused)
+    assert resolve({"CPU": 16.0}, crf=False, infer_actors=(1, 3)).infer_threads == 5  # 16 / 3 CPUs each
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(2, 4), infer_cpus=2.0) == Resources(
-        False, 2.0, 2, (2, 4), 256, (1, 16)
+        False, 2.0, 2, (2, 4), 256, **fused
     )
 
 
@@ -88,7 +89,7 @@ def test_cpu_backend_choice_and_crf_off():
     # Without GPUs auto is pydensecrf (the faster one on a core, docs/benchmarks.md); torch if asked,
     # fused either way. With the CRF off there is no backend at all.
     assert resolve({"CPU": 2.0}, crf_backend="torch") == Resources(
-        False, 0.875, 1, (2, 2), 128, (1, 1), None, True, "torch"
+        False, 1.0, 1, (2, 2), 128, (0, 0), None, True, "torch", True
     )
     assert resolve({"CPU": 2.0}, crf_backend="pydensecrf").crf_backend == "pydensecrf"
     assert resolve({"CPU": 32.0, "GPU": 4.0}, crf=False, crf_backend="torch").crf_backend is None
@@ -169,3 +170,20 @@ def test_object_store_budget_reaches_the_last_stage(ray_local):
     resources = Resources.resolve(config, {"CPU": 2.0})
     ds = build_dataset(list_inputs(config.input_uri, None), config, weights, sha, resources, "/tmp/unused")
     assert ds.context.execution_options.resource_limits.object_store_memory == 300 * 2**20
+
+
+def test_a_local_head_starts_its_workers_with_the_worker_environment():
+    # glibc reads MALLOC_ARENA_MAX as a process starts: it must be in the workers' own environment.
+    probe = (
+        "import os, ray\n"
+        "from pipeline.cluster import WORKER_ENV, init_ray\n"
+        "init_ray(None)\n"
+        "seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).remote())\n"
+        "print(seen == WORKER_ENV, seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MALLOC_ARENA_MAX")}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("True"), out.stdout

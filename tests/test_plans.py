@@ -1,0 +1,47 @@
+"""The CPU plan (each inference actor reads, decodes and refines its own images) and the split plan
+(a decode pool before the inference actors) write the same rows for the same inputs, through real
+Ray Data, the demo model and pydensecrf."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import CRFParams, JobConfig
+from pipeline.job import resolve_weights
+from pipeline.runner import consume
+from pipeline.stages import Resources, build_dataset
+from pipeline.storage import list_inputs
+from tests.conftest import DEMO_BUCKET
+
+pytestmark = pytest.mark.slow
+
+TIMINGS = ("infer_ms", "crf_ms")  # wall-clock times differ between any two runs
+
+
+def test_decoding_in_the_inference_actors_writes_what_a_decode_pool_does(ray_local, tmp_path):
+    config = JobConfig(
+        input_uri=str(DEMO_BUCKET / "images"),
+        output_uri=str(tmp_path),
+        labels_uri=str(DEMO_BUCKET / "labels"),
+        model="deeplabv3plus_demo",
+        weights_uri=None,
+        run_id="r",
+        crf=CRFParams(),
+    )
+    weights, sha256 = resolve_weights(config)
+    inputs = list_inputs(config.input_uri, config.labels_uri, limit=6)
+    fused = Resources.resolve(config, {"CPU": 2.0})
+    assert fused.decode_fused and fused.crf_fused and fused.decode_actors == (0, 0)
+    split = replace(fused, decode_fused=False, decode_actors=(1, 1), infer_cpus=0.875)
+    tables = {}
+    for name, plan in (("fused", fused), ("split", split)):
+        stats = consume(
+            build_dataset(inputs, config, weights, sha256, plan, str(tmp_path / name)), weights.num_classes, None
+        )
+        assert (stats.images, stats.errors) == (6, 0)
+        tables[name] = pq.read_table(tmp_path / name / "masks").sort_by("key").drop_columns(list(TIMINGS))
+    assert tables["fused"].column("has_label").to_pylist() == [True] * 6
+    assert tables["fused"].equals(tables["split"])
