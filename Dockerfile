@@ -29,8 +29,6 @@ RUN --mount=type=bind,from=wheels,source=/home/ray/wheels,target=/tmp/wheels \
 # jobs/ (the entry points) is not part of the package; the RayJob runs `python jobs/segment_bucket.py`
 # from this WORKDIR, which is also the working dir KubeRay starts Ray in.
 COPY --chown=1000:100 . /home/ray/app
-# The pods run with a read-only root filesystem and a writable /tmp. MALLOC_ARENA_MAX: the Ray
-# workers' environment (pipeline.cluster.WORKER_ENV).
+# The pods run with a read-only root filesystem and a writable /tmp.
 ENV MPLCONFIGDIR=/tmp/matplotlib \
-    XDG_CACHE_HOME=/tmp/cache \
-    MALLOC_ARENA_MAX=1
+    XDG_CACHE_HOME=/tmp/cache
