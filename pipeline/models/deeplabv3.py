@@ -10,17 +10,19 @@ Neither option changes a parameter, so torchvision weights load into every varia
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models import mobilenet_v3_large, resnet50, resnet101
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.resnet import ResNet
-from torchvision.models.segmentation.fcn import FCNHead
 
 from pipeline.models._utils import SimpleSegmentationModel, check_output_stride
 from pipeline.weights import VOC_CLASSES, Weights
+
+# torchvision (which imports torch._dynamo) is imported by the builders, when a model is built:
+# the driver reads this module's weight records without building one (pipeline/job.py).
+if TYPE_CHECKING:
+    from torchvision.models.resnet import ResNet
 
 
 def _coco_with_voc_labels(model: str, file: str, sha256: str, *, held_out_miou: float, num_params: int) -> Weights:
@@ -196,6 +198,9 @@ def _deeplabv3_resnet(
     output_stride: int,
     multi_grid: Sequence[int] | None,
 ) -> DeepLabV3:
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.fcn import FCNHead
+
     resnet = resnet_backbone(arch, output_stride=output_stride, multi_grid=multi_grid)
     return_layers = {"layer4": "out"}
     if aux_loss:
@@ -213,6 +218,8 @@ def deeplabv3_resnet50(
 
     ``multi_grid=(1, 2, 4)`` is the paper's best setting for the three ``layer4`` blocks.
     """
+    from torchvision.models import resnet50
+
     return _deeplabv3_resnet(
         resnet50, num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride, multi_grid=multi_grid
     )
@@ -222,6 +229,8 @@ def deeplabv3_resnet101(
     *, num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8, multi_grid: Sequence[int] | None = None
 ) -> DeepLabV3:
     """DeepLab v3 on ResNet-101 (the paper's backbone); the defaults are torchvision's exactly."""
+    from torchvision.models import resnet101
+
     return _deeplabv3_resnet(
         resnet101, num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride, multi_grid=multi_grid
     )
@@ -245,6 +254,10 @@ def deeplabv3_mobilenet_v3_large(
     12/24/36 (what its published weights were trained with). ``output_stride=16`` or ``8`` use
     the paper's rates for that stride instead.
     """
+    from torchvision.models import mobilenet_v3_large
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.fcn import FCNHead
+
     rates = (12, 24, 36) if output_stride is None else aspp_rates(output_stride)
     output_stride = output_stride or 16
     features = mobilenet_v3_large(weights=None, dilated=True).features

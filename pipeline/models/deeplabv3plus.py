@@ -11,7 +11,6 @@ stride-4 and the deepest feature maps.
 
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -83,6 +82,8 @@ class DeepLabV3Plus(nn.Module):
 
 def timm_backbone(name: str, output_stride: int) -> tuple[nn.Module, int, int]:
     """A timm features-only backbone returning the stride-4 and the deepest feature maps."""
+    import timm  # here, not at the top: the driver reads DEMO_WEIGHTS without building a model
+
     probe = timm.create_model(name, features_only=True, pretrained=False)
     reductions = probe.feature_info.reduction()
     low_index = reductions.index(4)
