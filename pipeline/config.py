@@ -150,12 +150,7 @@ class ComputeConfig:
         "divided between the actors)",
     )
     crf_cpus: float = option(1.0, type=float, above=0, help="CPUs per CRF actor")
-    decode_cpus: float = option(
-        0.25,
-        type=float,
-        above=0,
-        help="CPUs per read + decode actor (GPU plans; without GPUs the inference actors decode)",
-    )
+    decode_cpus: float = option(0.25, type=float, above=0, help="CPUs per read + decode actor (GPU plans' pool)")
     use_gpu: bool | None = option(None, flag="--gpu", help="run inference on GPUs (default: when the cluster has GPUs)")
     # Ray Data's default (half the object store) lets decoding run far ahead for nothing (docs/benchmarks.md).
     object_store_mib: int | None = option(

@@ -69,26 +69,8 @@ def decode_batch(
     for i in range(n):
         uri, label_uri = uris[i], label_uris[i]
         start = time.perf_counter() - fetch_seconds
-        data = images[i]
-        if isinstance(data, Exception):
-            mark_error(out, i, "read", data, f"cannot read {uri}: {data}")
-            continue
-        try:
-            decoded = decode_image(data, max_pixels=max_pixels)
-        except ImageTooLarge as exc:
-            mark_error(out, i, "decode", exc, f"refused before decoding: {exc}")
-            continue
-        except UnidentifiedImageError as exc:
-            mark_error(
-                out,
-                i,
-                "decode",
-                exc,
-                f"not a readable image: {len(data)} bytes starting {data[:12]!r} are in no known image format",
-            )
-            continue
-        except Exception as exc:
-            mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
+        decoded = _decoded(out, i, uri, images[i], max_pixels)
+        if decoded is None:
             continue
         stage_metrics("decode").ok(time.perf_counter() - start)
         h, w = decoded.rgb.shape[:2]
@@ -103,6 +85,23 @@ def decode_batch(
         elif label is not None:
             out["label"][i], out["has_label"][i] = label.tobytes(), True
     return to_stream(out)
+
+
+def _decoded(out: dict[str, list], i: int, uri: str, data: bytes | Exception | None, max_pixels: int | None):
+    """Row ``i``'s decoded image, or None with the row's read or decode error marked."""
+    if isinstance(data, Exception):
+        mark_error(out, i, "read", data, f"cannot read {uri}: {data}")
+        return None
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except ImageTooLarge as exc:
+        mark_error(out, i, "decode", exc, f"refused before decoding: {exc}")
+    except UnidentifiedImageError as exc:
+        shown = f"{len(data)} bytes starting {data[:12]!r}"
+        mark_error(out, i, "decode", exc, f"not a readable image: {shown} are in no known image format")
+    except Exception as exc:
+        mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
+    return None
 
 
 def check_label(

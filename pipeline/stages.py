@@ -75,23 +75,14 @@ class Resources:
         crf_max = crf_actors[1] if crf_actors else 0
         # Blocks in flight: a GPU actor eats its input an order of magnitude faster than a CPU one.
         budget = compute.object_store_mib or (256 if use_gpu else 64) * actors[1] + 64 * min(crf_max, 16)
-        # Decode actors may fill the CPUs inference leaves too (one at least); Ray Data adds them
-        # only while decoding is what inference waits for.
-        decoders = (
-            0 if decode_fused else max(1, min(math.floor(sum(left) / compute.decode_cpus + 1e-9), int(total_cpus)))
-        )
-        return cls(
-            use_gpu,
-            cpus,
-            threads,
-            actors,
-            budget,
-            (min(1, decoders), decoders),
-            crf_actors,
-            fused,
-            backend,
-            decode_fused,
-        )
+        decoders = (0, 0) if decode_fused else (1, _decoders(compute.decode_cpus, sum(left), total_cpus))
+        return cls(use_gpu, cpus, threads, actors, budget, decoders, crf_actors, fused, backend, decode_fused)
+
+
+def _decoders(decode_cpus: float, left: float, total_cpus: float) -> int:
+    """Most decode actors: they may fill the CPUs inference leaves (one at least), one per CPU at
+    most; Ray Data adds them only while decoding is what inference waits for."""
+    return max(1, min(math.floor(left / decode_cpus + 1e-9), int(total_cpus)))
 
 
 def _crf_backend(config: JobConfig, use_gpu: bool) -> str | None:
