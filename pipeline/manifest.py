@@ -57,6 +57,7 @@ def build_manifest(
             "crf_backend": resources.crf_backend,
             "decode_actors": list(resources.decode_actors),
             "decode_fused": resources.decode_fused,
+            "write_actors": resources.write_actors,
             "object_store_mib": resources.object_store_mib,
             "cluster": {k: v for k, v in cluster.items() if not k.startswith("node:")},
         },

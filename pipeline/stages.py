@@ -36,6 +36,7 @@ class Resources:
     crf_fused: bool = False  # the inference actor refines its own images
     crf_backend: str | None = None  # "pydensecrf" or "torch" (on the inference device when fused); None: CRF off
     decode_fused: bool = False  # the inference actor reads and decodes its own images; no decode pool
+    write_actors: int = 1  # most part writers
 
     @classmethod
     def resolve(cls, config: JobConfig, cluster: dict[str, float] | list[dict[str, float]]) -> Resources:
@@ -76,7 +77,10 @@ class Resources:
         # Blocks in flight: a GPU actor eats its input an order of magnitude faster than a CPU one.
         budget = compute.object_store_mib or (256 if use_gpu else 64) * actors[1] + 64 * min(crf_max, 16)
         decoders = (0, 0) if decode_fused else (1, _decoders(compute.decode_cpus, sum(left), total_cpus))
-        return cls(use_gpu, cpus, threads, actors, budget, decoders, crf_actors, fused, backend, decode_fused)
+        # A writer is a process of its own: Ray Data added a second one mid-run on 2 cores, a
+        # core-second of start-up for no throughput (benchmarks/ceiling.py); one per 8 CPUs.
+        writers = max(1, min(WRITE_ACTORS, int(total_cpus // 8)))
+        return cls(use_gpu, cpus, threads, actors, budget, decoders, crf_actors, fused, backend, decode_fused, writers)
 
 
 def _decoders(decode_cpus: float, left: float, total_cpus: float) -> int:
@@ -136,7 +140,7 @@ def _fault_tolerance(retries: int) -> dict:
     return {"max_restarts": -1, "max_task_retries": retries}
 
 
-WRITE_ACTORS = 4  # writers encode Parquet and PUT; a few keep up with any pool (they hold no CPU)
+WRITE_ACTORS = 4  # most writers on any cluster: they encode Parquet and PUT, and hold no CPU
 
 
 def build_dataset(
@@ -179,7 +183,9 @@ def _keys(inputs: Inputs, blocks: int, resources: Resources, tolerate: bool) -> 
     """The listed keys in ``blocks`` blocks, with the run's object-store budget and error tolerance."""
     keys = pa.table({"key": inputs.keys})
     step = math.ceil(keys.num_rows / blocks)
-    ds = ray.data.from_arrow([keys.slice(i, step) for i in range(0, keys.num_rows, step)])
+    # from_blocks, not from_arrow: the driver knows each block's size, and from_arrow would ask a
+    # remote task per block and wait, on a worker that must start first (benchmarks/ceiling.py).
+    ds = ray.data.from_blocks([keys.slice(i, step) for i in range(0, keys.num_rows, step)])
     # Every later stage's Dataset copies this context, so the budget covers the whole DAG.
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(object_store_memory=resources.object_store_mib * 2**20)
@@ -284,6 +290,6 @@ class _Stage:
             batch_size=self.config.rows_per_file,
             batch_format="pyarrow",
             num_cpus=0,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=WRITE_ACTORS),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.resources.write_actors),
             **self.fault_tolerance,
         )

@@ -34,6 +34,10 @@ def test_cpu_default_is_one_single_threaded_actor_per_core_that_decodes_and_refi
     r = resolve({"CPU": 16.0})
     assert r.infer_actors == (16, 16) and r.infer_threads == 1 and r.infer_cpus == 1.0
     assert r.crf_fused and r.crf_actors is None and r.decode_fused and r.decode_actors == (0, 0)
+    # One part writer per 8 CPUs, 4 at most: on 2 cores a second writer was a process to start
+    # mid-run for no throughput.
+    assert resolve({"CPU": 2.0}).write_actors == 1 and r.write_actors == 2
+    assert resolve({"CPU": 32.0, "GPU": 4.0}).write_actors == resolve({"CPU": 640.0}).write_actors == 4
     # An explicit --crf-actors does not bring a pool back where there is no GPU: the CRF is fused.
     assert resolve({"CPU": 16.0}, crf_actors=(1, 2)).crf_actors is None
 
@@ -41,6 +45,7 @@ def test_cpu_default_is_one_single_threaded_actor_per_core_that_decodes_and_refi
 def test_cpu_explicit_sizes_win():
     # 4 CPUs per actor on 16 CPUs: 4 actors (each decodes its own batch), 4 threads each.
     no_pools = dict(decode_actors=(0, 0), crf_actors=None, crf_fused=False, crf_backend=None, decode_fused=True)
+    no_pools["write_actors"] = 2
     assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(False, 4.0, 4, (4, 4), 256, **no_pools)
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(1, 3)).infer_threads == 5  # 16 / 3 CPUs each
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(2, 4), infer_cpus=2.0) == Resources(
@@ -52,7 +57,7 @@ def test_gpu_default_is_one_actor_per_gpu_and_pools_that_grow_with_the_cluster()
     # One dict = the whole cluster: 4 GPU actors x 1 CPU leave 28 CPUs, which the CRF pool may grow
     # into (from 1 actor) and the decode pool too (capped at one per CPU).
     r = resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend="pydensecrf")
-    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4 + 64 * 16, (1, 32), (1, 28), False, "pydensecrf")
+    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4 + 64 * 16, (1, 32), (1, 28), False, "pydensecrf", False, 4)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, infer_actors=(1, 8)).infer_actors == (1, 8)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend="pydensecrf", crf_actors=(2, 6)).crf_actors == (2, 6)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, object_store_mib=100).object_store_mib == 100
@@ -69,7 +74,7 @@ def test_gpu_with_the_torch_backend_refines_in_the_gpu_actors_and_starts_no_crf_
     # The CRF runs on the GPU right after the forward pass: no CPU CRF pool, no probabilities in the
     # object store (so no object-store budget for them), and an explicit --crf-actors starts no pool.
     r = resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend)
-    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4, (1, 32), None, True, "torch")
+    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4, (1, 32), None, True, "torch", False, 4)
     assert resolve({"CPU": 4.0}, use_gpu=True, crf_backend=backend).crf_backend == "torch"
     nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0, "crf_node": 64.0}]
     pooled = [
