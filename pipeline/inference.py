@@ -59,7 +59,14 @@ def class_map(probs: torch.Tensor) -> torch.Tensor:
     ``max(0).indices`` rather than ``argmax(0)``: same result, but torch's CPU argmax over the
     leading dimension is much slower (docs/benchmarks.md, "Design choices").
     """
-    return probs.max(dim=0).indices.to(torch.uint8)
+    return top_class(probs)[1]
+
+
+def top_class(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W) top-class probability and ``class_map`` of (C, H, W) probabilities, from one ``max``:
+    the uncertainty summaries need the first, the mask the second."""
+    top = probs.max(dim=0)
+    return top.values, top.indices.to(torch.uint8)
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:

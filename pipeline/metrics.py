@@ -144,15 +144,18 @@ def trimap_accuracy(pred: np.ndarray, label: np.ndarray, width: int = 4) -> tupl
     return int((pred[band] == label[band]).sum()), int(band.sum())
 
 
-def uncertainty(probs: torch.Tensor, low_conf_threshold: float = 0.5) -> dict[str, float]:
+def uncertainty(
+    probs: torch.Tensor, low_conf_threshold: float = 0.5, top: torch.Tensor | None = None
+) -> dict[str, float]:
     """Per-image confidence summaries of (C, H, W) probabilities, before CRF.
 
     mean_max_prob: mean over pixels of the top-class probability; mean_entropy: mean pixel entropy
     in nats, and divided by log C (0 = certain, 1 = uniform); low_conf_fraction: share of pixels
-    whose top-class probability is below the threshold.
+    whose top-class probability is below the threshold. ``top``: the top-class probabilities, if
+    the caller has them (``inference.top_class``).
     """
     p = probs.float()
-    top = p.max(dim=0).values
+    top = p.max(dim=0).values if top is None else top.float()
     entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=0)
     low = float((top < low_conf_threshold).float().mean())
     return uncertainty_summary(float(top.mean()), float(entropy.mean()), low, p.shape[0])

@@ -16,7 +16,7 @@ from pipeline.checkpoints import normalisation
 from pipeline.config import CRFParams, InferenceConfig
 from pipeline.crf_fused import FusedCRF
 from pipeline.decode import Decoder
-from pipeline.inference import class_map, infer_batch, load_model
+from pipeline.inference import infer_batch, load_model, top_class
 from pipeline.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, release_freed
 from pipeline.metrics import uncertainty
 from pipeline.observability import stage_metrics
@@ -214,9 +214,10 @@ class Segmenter:
         for k, j in enumerate(whole):
             p, probs[k] = probs[k], None  # the full-size probabilities go as soon as they are encoded
             if p is not None:
+                top, mask = top_class(p)
                 results[j] = (
-                    class_map(p).cpu().numpy().tobytes(),
-                    uncertainty(p, inf.low_conf_threshold),
+                    mask.cpu().numpy().tobytes(),
+                    uncertainty(p, inf.low_conf_threshold, top=top),
                     encode_probs(p, encoding) if encoding and not on_device else b"",
                     p if on_device else None,
                 )
