@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +22,33 @@ class Workload:
     name: str
     crf: bool
     images: int
-    loop: LoopRun | None = None
+    loop: LoopRun | None = None  # the median run of each kind (by end-to-end seconds), for the details
     jobs: dict[str, JobRun] = field(default_factory=dict)  # new16, new, old1, old
     masks: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    rounds: list[dict] = field(default_factory=list)  # each round's loop and job runs, by key
+
+    def pick_median(self) -> None:
+        self.loop = _median_run([r["loop"] for r in self.rounds])
+        self.jobs = {key: _median_run([r[key] for r in self.rounds]) for key in self.rounds[0] if key != "loop"}
+
+    def median(self, value) -> float | None:
+        """The median over rounds of ``value(round)`` (None where a round has no value)."""
+        values = sorted(v for v in (value(r) for r in self.rounds) if v is not None)
+        return statistics.median(values) if values else None
+
+    def ratio(self, key: str, rate: str) -> float | None:
+        """Median over rounds of the job run ``key``'s ``rate`` ("rate" or "steady") / the loop's, in
+        the same round."""
+
+        def one(r):
+            job, loop = getattr(r[key], rate), getattr(r["loop"], rate)
+            return job / loop if job and loop else None
+
+        return self.median(one) if all(key in r for r in self.rounds) else None
+
+
+def _median_run(runs: list):
+    return sorted(runs, key=lambda run: run.seconds)[(len(runs) - 1) // 2]
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -55,25 +80,44 @@ def machine() -> str:
 
 
 def main_table(works: list[Workload]) -> list[str]:
+    """Medians over the rounds: rates, and ratios taken within each round."""
     out = [
         "| work | multi-process loop e2e / steady (images/s) | job e2e / steady (images/s) | job/loop e2e | "
         "job/loop steady | old job e2e / steady (images/s) | old/loop e2e | old/loop steady |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for w in works:
-        new, new16, old, old1 = (w.jobs.get(k) for k in ("new", "new16", "old", "old1"))
-        steady = new16.steady if new16 else None
-        old_steady = old1.steady if old1 else None
+        med = lambda key, rate: w.median(lambda r: getattr(r[key], rate) if key in r else None)  # noqa: E731
+        old = "old" in w.jobs
         out.append(
-            f"| {w.name} | {w.loop.rate:.2f} / {w.loop.steady:.2f} | {new.rate:.2f} / {num(steady, 2)} | "
-            f"{ratio(new.rate, w.loop.rate)} | {ratio(steady, w.loop.steady)} | "
+            f"| {w.name} | {num(med('loop', 'rate'), 2)} / {num(med('loop', 'steady'), 2)} | "
+            f"{num(med('new', 'rate'), 2)} / {num(med('new16', 'steady'), 2)} | "
+            f"{num(w.ratio('new', 'rate'), 2)} | {num(w.ratio('new16', 'steady'), 2)} | "
             + (
-                f"{old.rate:.2f} / {num(old_steady, 2)} | {ratio(old.rate, w.loop.rate)} | "
-                f"{ratio(old_steady, w.loop.steady)} |"
+                f"{num(med('old', 'rate'), 2)} / {num(med('old1', 'steady'), 2)} | "
+                f"{num(w.ratio('old', 'rate'), 2)} | {num(w.ratio('old1', 'steady'), 2)} |"
                 if old
                 else "skipped | | |"
             )
         )
+    return out
+
+
+def rounds_table(works: list[Workload]) -> list[str]:
+    """Each round's images/s (e2e / steady) of every run: the spread the medians come from."""
+    keys = [("loop", "loop"), ("new", "job (new), e2e"), ("new16", "job (new), steady"), ("old", "job (old), e2e")]
+    keys.append(("old1", "job (old), steady"))
+    out = ["| work | round | " + " | ".join(name for _, name in keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
+    for w in works:
+        for i, r in enumerate(w.rounds, 1):
+            cells = [
+                f"{r['loop'].rate:.2f} / {r['loop'].steady:.2f}",
+                *(
+                    num(getattr(r[key], "rate" if key in ("new", "old") else "steady"), 2) if key in r else "n/a"
+                    for key, _ in keys[1:]
+                ),
+            ]
+            out.append(f"| {w.name} | {i} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -190,21 +234,21 @@ def cli_timeline(works: list[Workload]) -> list[str]:
 def goals(works: list[Workload], startups: list[Startup]) -> list[str]:
     out = []
     for w in works:
-        new, new16 = w.jobs["new"], w.jobs["new16"]
-        steady = ratio(new16.steady, w.loop.steady)
-        e2e = ratio(new.rate, w.loop.rate)
+        steady, e2e = w.ratio("new16", "steady"), w.ratio("new", "rate")
         out.append(
-            f"- {w.name}: job steady state {steady} of the loop's (goal >= 0.9: "
-            f"{'met' if steady != 'n/a' and float(steady) >= 0.9 else 'NOT met'}); end to end {e2e} "
-            f"(goal >= 0.8: {'met' if float(e2e) >= 0.8 else 'NOT met'})"
+            f"- {w.name}: job steady state {num(steady, 2)} of the loop's (median of {len(w.rounds)} rounds; goal "
+            f">= 0.9: {'met' if steady and steady >= 0.9 else 'NOT met'}); end to end {num(e2e, 2)} "
+            f"(goal >= 0.8: {'met' if e2e and e2e >= 0.8 else 'NOT met'})"
         )
-        first = new16.first
+        first = w.median(lambda r: r["new16"].first)
+        overhead = w.median(lambda r: r["new16"].overhead)
+        loop_overhead = w.median(lambda r: r["loop"].seconds - r["loop"].images / r["loop"].steady)
         out.append(
             f"- {w.name}: first result (first part file, CLI with --rows-per-file 16) {num(first)} s after "
             f"the command (goal <= 8 s: {'met' if first is not None and first <= 8 else 'NOT met'}); "
-            f"fixed overhead {num(new16.overhead)} s (e2e - images / steady; goal <= 5 s: "
-            f"{'met' if new16.overhead is not None and new16.overhead <= 5 else 'NOT met'}; the loop's own: "
-            f"{w.loop.seconds - w.loop.images / w.loop.steady:.1f} s)"
+            f"fixed overhead {num(overhead)} s (e2e - images / steady; goal <= 5 s: "
+            f"{'met' if overhead is not None and overhead <= 5 else 'NOT met'}; the loop's own: "
+            f"{num(loop_overhead)} s)"
         )
     for s in startups:
         out.append(
@@ -224,10 +268,13 @@ def report(works: list[Workload], startups: list[Startup], imports: list[tuple[s
         "160-320 x 200-400 pixels), demo model, scale 1.0, CRF = DeepLab v2 parameters. Loop: one process "
         "per core, 1 torch thread each, end to end from before the processes start to the last PNG written. "
         "Job: the CLI timed from Popen to exit; steady state from part-file mtimes (the --rows-per-file 16 "
-        "run; the old code is an earlier commit, run alike), images/s after the first 10 % of the images.",
+        "run; the old code is an earlier commit, run alike), images/s after the first 10 % of the images. "
+        "Every run is repeated in interleaved rounds (loop, new, old, then again): the first table gives "
+        "medians, each ratio the median of the ratios within a round; masks: the round with the fewest identical.",
         "",
     ]
-    lines += main_table(works) + [""] + detail_table(works)
+    lines += main_table(works) + [""] + rounds_table(works) + [""]
+    lines += ["The median run of each kind (by end-to-end seconds):", ""] + detail_table(works)
     lines += [
         "",
         "Fixed overhead = end to end - images / steady state. Cores busy: CPU seconds per second of the "
