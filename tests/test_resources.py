@@ -44,8 +44,9 @@ def test_cpu_default_is_one_single_threaded_actor_per_core_that_decodes_and_refi
 
 def test_cpu_explicit_sizes_win():
     # 4 CPUs per actor on 16 CPUs: 4 actors (each decodes its own batch), 4 threads each.
-    no_pools = dict(decode_actors=(0, 0), crf_actors=None, crf_fused=False, crf_backend=None, decode_fused=True)
-    no_pools["write_actors"] = 2
+    no_pools = dict(
+        decode_actors=(0, 0), crf_actors=None, crf_fused=False, crf_backend=None, decode_fused=True, write_actors=2
+    )
     assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(False, 4.0, 4, (4, 4), 256, **no_pools)
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(1, 3)).infer_threads == 5  # 16 / 3 CPUs each
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(2, 4), infer_cpus=2.0) == Resources(
