@@ -19,6 +19,12 @@ steady state. The default-flags run (1000 rows a part) gives the end-to-end figu
 (``--old-root``, a worktree of an earlier commit) runs with --rows-per-file 16 too, or, before the
 workers wrote the parts, with ``--commit-interval 0.01`` (its driver then writes one per batch).
 
+Ray's floor (``ceiling_parts/floor.py``, each round): the job's CPU plan (keys in blocks of 16 →
+one 1-CPU actor per loop process → one 0-CPU writer actor) with stages that return their batch
+untouched, in a fresh interpreter through the job's own ``init_ray``: on the Ray head it starts,
+and on a head started before (``ray start --head --block``, as a KubeRay cluster runs), with the
+job CLI on that running head too. What Ray costs with no work at all, beside what the job costs.
+
 Start-up (new code): a harness in a fresh interpreter goes through ``pipeline.job.run()`` step by
 step with timestamps up to the first part file (rows-per-file 16), while the process tree is
 sampled every 0.25 s: Ray worker titles (``ray::MapWorker(MapBatches(Segmenter)).__init__``) tell
@@ -54,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ceiling_parts import DOCS, PYTHON  # noqa: E402  (benchmarks/ceiling_parts/)
+from ceiling_parts.floor import floor_harness, measure_floor  # noqa: E402
 from ceiling_parts.report import Workload, num, report  # noqa: E402
 from ceiling_parts.runs import compare_masks, job_env, run_job, run_loop  # noqa: E402
 from ceiling_parts.startup import harness, import_profile, run_harness  # noqa: E402
@@ -80,7 +87,9 @@ def steady_flags(root: Path) -> list[str]:
     return ["--rows-per-file", "16"] if "--rows-per-file" in help_text else ["--commit-interval", "0.01"]
 
 
-def measure(work: Workload, bucket: Path, tmp: Path, procs: int, old_root: Path | None, rounds: int) -> None:
+def measure(
+    work: Workload, bucket: Path, tmp: Path, procs: int, old_root: Path | None, rounds: int, floor: bool
+) -> None:
     """``rounds`` rounds of the loop and every job run, interleaved: this host's speed drifts by
     more than the differences measured, so each ratio is taken within a round."""
     images_uri = bucket / "images"
@@ -106,6 +115,9 @@ def measure(work: Workload, bucket: Path, tmp: Path, procs: int, old_root: Path 
                 flush=True,
             )
         print(f"[ceiling]   loop {loop.seconds:.1f} s, {loop.rate:.2f} images/s, steady {loop.steady:.2f}", flush=True)
+        if floor:
+            print(f"[ceiling] {work.name}, round {r + 1}/{rounds}: Ray's floor; the job on a running head", flush=True)
+            measure_floor(work, images_uri, tmp, procs, work.rounds[-1])
     work.pick_median()
 
 
@@ -119,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--old-root", type=Path, default=Path("/work/wt-old"), help="worktree of the old code")
     add("--skip-old", action="store_true", help="don't run the old code")
     add("--skip-startup", action="store_true", help="no start-up harness")
+    add("--skip-floor", action="store_true", help="no floor runs (no-op DAG) and no job on a running Ray head")
     add("--no-docs", action="store_true", help="print only; don't append to docs/benchmarks.md")
     add("--keep", type=Path, help="write buckets and outputs here and keep them")
     add("--startup-harness", nargs=2, metavar=("IMAGES", "OUT"), help=argparse.SUPPRESS)
     add("--harness-no-crf", action="store_true", help=argparse.SUPPRESS)
+    add("--floor-harness", nargs=2, type=int, metavar=("IMAGES", "PROCS"), help=argparse.SUPPRESS)
     return parser
 
 
@@ -143,7 +157,7 @@ def run_all(args, tmp: Path, old_root: Path | None, command: str) -> tuple[list[
         bucket = tmp / f"bucket-{'on' if w.crf else 'off'}"
         if not (bucket / "images").exists():
             write_bucket(bucket, range(3_000_000, 3_000_000 + w.images))
-        measure(w, bucket, tmp, args.procs, old_root, args.rounds)
+        measure(w, bucket, tmp, args.procs, old_root, args.rounds, not args.skip_floor)
     startups, imports = [], []
     if not args.skip_startup:
         for w in works:
@@ -159,6 +173,9 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.startup_harness:
         harness(T_MODULE, *args.startup_harness, crf=not args.harness_no_crf)
+        return 0
+    if args.floor_harness:
+        floor_harness(T_MODULE, *args.floor_harness)
         return 0
     old_root = None if args.skip_old else args.old_root
     command = "python benchmarks/ceiling.py " + " ".join(sys.argv[1:])

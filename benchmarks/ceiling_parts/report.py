@@ -12,9 +12,10 @@ from pathlib import Path
 from common import LOCK
 
 from ceiling_parts import DATE, SKIP
+from ceiling_parts.floor import floor_goal, floor_table
 from ceiling_parts.runs import JobRun, LoopRun
 from ceiling_parts.sampler import fmt_cores
-from ceiling_parts.startup import Startup
+from ceiling_parts.startup import Startup, startup_table
 
 
 @dataclass
@@ -29,7 +30,8 @@ class Workload:
 
     def pick_median(self) -> None:
         self.loop = _median_run([r["loop"] for r in self.rounds])
-        self.jobs = {key: _median_run([r[key] for r in self.rounds]) for key in self.rounds[0] if key != "loop"}
+        jobs = [key for key in self.rounds[0] if key not in ("loop", "floor", "floor_running")]
+        self.jobs = {key: _median_run([r[key] for r in self.rounds]) for key in jobs}
 
     def median(self, value) -> float | None:
         """The median over rounds of ``value(round)`` (None where a round has no value)."""
@@ -161,35 +163,6 @@ def detail_table(works: list[Workload]) -> list[str]:
     return out
 
 
-def startup_table(startups: list[Startup], works: list[Workload]) -> list[str]:
-    out = [
-        "| step (new code, fresh interpreter, --rows-per-file 16) | "
-        + " | ".join(f"{'CRF on' if s.crf else 'CRF off'}: step s / at s" for s in startups)
-        + " |",
-        "| --- |" + " --- |" * len(startups),
-    ]
-    names = [name for name, _ in startups[0].marks]
-    for i, name in enumerate(names):
-        cells = []
-        for s in startups:
-            t, before = s.marks[i][1], (s.marks[i - 1][1] if i else s.start)
-            cells.append(f"{t - before:.2f} / {t - s.start:.2f}")
-        out.append(f"| {name} | " + " | ".join(cells) + " |")
-    rows = {"inference actors: first in __init__ (sampled)": 0, "inference actors: all ready (sampled)": 1}
-    for label, which in rows.items():
-        cells = []
-        for s in startups:
-            t = s.sampler.actors()[which]
-            cells.append(f"at {t - s.start:.2f}" if t else "n/a")
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
-    cells = []
-    for s in startups:
-        first = s.marks[-1][1]
-        cells.append(fmt_cores(s.sampler.cores(s.start, first)))
-    out.append("| cores busy from the command to the first result | " + " | ".join(cells) + " |")
-    return out
-
-
 def cli_timeline(works: list[Workload]) -> list[str]:
     """When the CLI run (new code, --rows-per-file 16) got where, in seconds since the command."""
     out = [
@@ -250,6 +223,8 @@ def goals(works: list[Workload], startups: list[Startup]) -> list[str]:
             f"{'met' if overhead is not None and overhead <= 5 else 'NOT met'}; the loop's own: "
             f"{num(loop_overhead)} s)"
         )
+        if floor_goal(w):
+            out.append(floor_goal(w))
     for s in startups:
         out.append(
             f"- harness, {'CRF on' if s.crf else 'CRF off'}: first result {s.marks[-1][1] - s.start:.1f} s "
@@ -284,6 +259,10 @@ def report(works: list[Workload], startups: list[Startup], imports: list[tuple[s
         "the time 10 % of the images were done to the last result; other = the rest of the host.",
         "",
     ]
+    floor = floor_table(works)
+    if len(floor) > 2:
+        lines += ["Ray's own floor: the same CPU plan with stages that do nothing (medians over the rounds):", ""]
+        lines += floor + [""]
     lines += cli_timeline(works) + [""]
     if startups:
         lines += (
@@ -292,7 +271,7 @@ def report(works: list[Workload], startups: list[Startup], imports: list[tuple[s
                 "'at' = seconds since the command):",
                 "",
             ]
-            + startup_table(startups, works)
+            + startup_table(startups)
             + [""]
         )
     if imports:

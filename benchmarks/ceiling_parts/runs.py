@@ -158,8 +158,17 @@ def job_env(code_root: Path) -> dict[str, str]:
 
 
 def run_job(
-    name: str, code_root: Path, images_uri: Path, out: Path, run_id: str, images: int, crf: bool, extra: list[str]
+    name: str,
+    code_root: Path,
+    images_uri: Path,
+    out: Path,
+    run_id: str,
+    images: int,
+    crf: bool,
+    extra: list[str],
+    address: str | None = None,
 ) -> JobRun:
+    """The CLI in a fresh interpreter, on a Ray head it starts, or with ``address`` on a running one."""
     cmd = [
         PYTHON,
         "jobs/segment_bucket.py",
@@ -173,10 +182,11 @@ def run_job(
     ]
     lines: list[tuple[float, str]] = []
     shutil.rmtree(out / f"run={run_id}", ignore_errors=True)  # a --keep folder from an earlier try
+    env = job_env(code_root) | ({"RAY_ADDRESS": address} if address else {})
     with bench_lock():
         start = time.time()
         proc = subprocess.Popen(
-            cmd, cwd=code_root, env=job_env(code_root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd, cwd=code_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         with TreeSampler(proc.pid) as sampler:
             reader = threading.Thread(

@@ -12,7 +12,7 @@ from common import bench_lock
 
 from ceiling_parts import PYTHON, ROOT, SCRIPT
 from ceiling_parts.runs import job_env
-from ceiling_parts.sampler import TreeSampler
+from ceiling_parts.sampler import TreeSampler, fmt_cores
 
 
 def harness(t_module: float, images_uri: str, out: str, crf: bool) -> None:
@@ -111,3 +111,33 @@ def import_profile() -> list[tuple[str, float]]:
         if len(parts) == 3 and parts[1].strip().isdigit() and parts[2].strip() in HEAVY:
             found[parts[2].strip()] = int(parts[1]) / 1e6
     return sorted(found.items(), key=lambda kv: -kv[1])
+
+
+def startup_table(startups: list[Startup]) -> list[str]:
+    """Each harness step: its seconds and when it ended, since the command; actors; cores busy."""
+    out = [
+        "| step (new code, fresh interpreter, --rows-per-file 16) | "
+        + " | ".join(f"{'CRF on' if s.crf else 'CRF off'}: step s / at s" for s in startups)
+        + " |",
+        "| --- |" + " --- |" * len(startups),
+    ]
+    names = [name for name, _ in startups[0].marks]
+    for i, name in enumerate(names):
+        cells = []
+        for s in startups:
+            t, before = s.marks[i][1], (s.marks[i - 1][1] if i else s.start)
+            cells.append(f"{t - before:.2f} / {t - s.start:.2f}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = {"inference actors: first in __init__ (sampled)": 0, "inference actors: all ready (sampled)": 1}
+    for label, which in rows.items():
+        cells = []
+        for s in startups:
+            t = s.sampler.actors()[which]
+            cells.append(f"at {t - s.start:.2f}" if t else "n/a")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = []
+    for s in startups:
+        first = s.marks[-1][1]
+        cells.append(fmt_cores(s.sampler.cores(s.start, first)))
+    out.append("| cores busy from the command to the first result | " + " | ".join(cells) + " |")
+    return out
