@@ -16,8 +16,9 @@ from common import bench_lock
 
 from ceiling_parts import PYTHON, ROOT, SCRIPT
 from ceiling_parts.runs import job_env, run_job
+from pipeline.config import ComputeConfig
 
-BATCH = 16  # the job's default --batch-size
+BATCH = ComputeConfig().batch_size  # the job's default --batch-size
 
 
 def floor_harness(t_module: float, images: int, procs: int) -> None:
@@ -67,11 +68,10 @@ class FloorRun:
 
 
 def run_floor(images: int, procs: int, address: str | None) -> FloorRun:
-    env = job_env(ROOT) | ({"RAY_ADDRESS": address} if address else {})
     cmd = [PYTHON, str(SCRIPT), "--floor-harness", str(images), str(procs)]
     with bench_lock():
         start = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=job_env(ROOT, address), capture_output=True, text=True)
         end = time.time()
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FLOOR ")), None)
     if proc.returncode or line is None:

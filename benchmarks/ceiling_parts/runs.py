@@ -151,10 +151,12 @@ def part_events(run_dir: Path) -> list[tuple[float, int]]:
     return events
 
 
-def job_env(code_root: Path) -> dict[str, str]:
+def job_env(code_root: Path, address: str | None = None) -> dict[str, str]:
+    """The environment of a job or harness run: a fresh local Ray, as the CLI starts without an
+    address, or with ``address`` the running head there."""
     env = dict(os.environ, PYTHONPATH=str(code_root))  # Ray workers import this code, not the installed one
-    env.pop("RAY_ADDRESS", None)  # always a fresh local Ray, as the CLI starts without an address
-    return env
+    env.pop("RAY_ADDRESS", None)
+    return env | ({"RAY_ADDRESS": address} if address else {})
 
 
 def run_job(
@@ -182,11 +184,15 @@ def run_job(
     ]
     lines: list[tuple[float, str]] = []
     shutil.rmtree(out / f"run={run_id}", ignore_errors=True)  # a --keep folder from an earlier try
-    env = job_env(code_root) | ({"RAY_ADDRESS": address} if address else {})
     with bench_lock():
         start = time.time()
         proc = subprocess.Popen(
-            cmd, cwd=code_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd,
+            cwd=code_root,
+            env=job_env(code_root, address),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         with TreeSampler(proc.pid) as sampler:
             reader = threading.Thread(
