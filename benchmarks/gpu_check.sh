@@ -104,6 +104,11 @@ job_images() {
 JOB_ARGS=(--images "$(job_images)" --timeout 140 --table-out "$LOG_DIR/crf_backends_job.md")
 [[ $ALLOW_CPU == 1 ]] && JOB_ARGS+=(--allow-cpu)
 STEP_TIMEOUT_S=300 run_step crf-backends-job "$PYTHON" benchmarks/crf_backends_job.py "${JOB_ARGS[@]}"
+# The job (CRF off) against a bare GPU loop (DataLoader decode workers, infer_batch on the GPU, PNGs written):
+# steady state (goal >= 0.95x), end to end, GPU utilisation. The CPU dry run: 48 images, one round, on the CPU.
+CEILING_ARGS=(--table-out "$LOG_DIR/gpu_ceiling.md")
+if [[ $(job_images) == 8 ]]; then CEILING_ARGS+=(--images 48 --rounds 1 --allow-cpu); fi
+STEP_TIMEOUT_S=200 run_step gpu-ceiling "$PYTHON" benchmarks/gpu_ceiling.py "${CEILING_ARGS[@]}"
 # ---------------------------------------------------------------- summary --------------------------------------------
 
 {
