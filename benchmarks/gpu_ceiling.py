@@ -40,11 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ceiling_parts import MODEL, PYTHON  # noqa: E402  (benchmarks/ceiling_parts/)
+from ceiling_parts.report import num  # noqa: E402
 from ceiling_parts.runs import compare_masks, run_job  # noqa: E402
-from ceiling_parts.sampler import SKIP, steady_rate  # noqa: E402
+from ceiling_parts.sampler import steady_rate, steady_window  # noqa: E402
 from common import bench_lock  # noqa: E402
 
-BATCH = 16  # images per DataLoader batch, as the job's default Ray batch
+from pipeline.config import ComputeConfig  # noqa: E402
+
+BATCH = ComputeConfig().batch_size  # images per DataLoader batch: the job's default Ray batch
 GOAL = 0.95  # the job's steady state against the bare GPU loop's
 
 
@@ -122,19 +125,11 @@ class GpuSampler:
             self.proc.terminate()
             self.proc.wait()
 
-    def mean(self, start: float, end: float) -> float | None:
-        window = [u for t, u in self.samples if start <= t <= end]
-        return sum(window) / len(window) if window else None
-
-
-def window(events: list[tuple[float, int]], total: int) -> tuple[float, float]:
-    """The steady window: from the event at which SKIP of the images were done to the last event."""
-    events, done = sorted(events), 0
-    for t, n in events:
-        done += n
-        if done >= SKIP * total:
-            return t, events[-1][0]
-    return events[0][0], events[-1][0]
+    def mean(self, events: list[tuple[float, int]], total: int) -> float | None:
+        """Mean utilisation over the steady window of ``events`` (``steady_window``); None without one."""
+        window = steady_window(events, total)
+        used = [u for t, u in self.samples if window and window[0] <= t <= window[2]]
+        return sum(used) / len(used) if used else None
 
 
 def run_loop(images: Path, out: Path, images_total: int) -> dict:
@@ -146,34 +141,34 @@ def run_loop(images: Path, out: Path, images_total: int) -> dict:
         start = time.time()
         subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     events = [(t, 1) for t in json.loads(times.read_text())]
-    steady_from, end = window(events, images_total)
     return {
-        "e2e": end - start,
+        "e2e": events[-1][0] - start,
         "first": events[0][0] - start,
         "steady": steady_rate(events, images_total),
-        "gpu": gpu.mean(steady_from, end),
+        "gpu": gpu.mean(events, images_total),
     }
 
 
 def run_cli(images: Path, out: Path, run_id: str, images_total: int) -> dict:
     with GpuSampler() as gpu:
         job = run_job("job", ROOT, images, out, run_id, images_total, False, ["--rows-per-file", str(BATCH)])
-    steady_from, end = window(job.parts, images_total)
     return {
         "e2e": job.seconds,
         "first": job.first,
         "steady": job.steady,
-        "gpu": gpu.mean(steady_from, end),
+        "gpu": gpu.mean(job.parts, images_total),
         "run_dir": job.run_dir,
     }
 
 
-def num(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def median(values: list[float | None]) -> float | None:
+    """The median of the values that exist; None if none does."""
+    known = [v for v in values if v]
+    return statistics.median(known) if known else None
 
 
 def report(rounds: list[dict], images: int, device: str, command: str) -> str:
@@ -185,9 +180,8 @@ def report(rounds: list[dict], images: int, device: str, command: str) -> str:
                 f"| {i} | {side} | {s['e2e']:.1f} | {images / s['e2e']:.1f} | {num(s['steady'], 1)} "
                 f"| {s['first']:.1f} | {num(s['gpu'], 0)} |"
             )
-    steady = [ratio(r["job"]["steady"], r["loop"]["steady"]) for r in rounds]
-    e2e = [ratio(r["loop"]["e2e"], r["job"]["e2e"]) for r in rounds]
-    median_steady = statistics.median([s for s in steady if s]) if any(steady) else None
+    median_steady = median([ratio(r["job"]["steady"], r["loop"]["steady"]) for r in rounds])
+    median_e2e = median([ratio(r["loop"]["e2e"], r["job"]["e2e"]) for r in rounds])
     met = "met" if median_steady and median_steady >= GOAL else "NOT met"
     masks = rounds[-1]["masks"]
     return "\n".join(
@@ -198,8 +192,8 @@ def report(rounds: list[dict], images: int, device: str, command: str) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             "",
-            f"- job / bare loop, steady state: {num(median_steady)} (median of {len(rounds)} rounds; goal >= {GOAL}: "
-            f"{met}); end to end: {num(statistics.median([e for e in e2e if e]) if any(e2e) else None)}",
+            f"- job / bare loop, steady state: {num(median_steady, 2)} (median of {len(rounds)} rounds; "
+            f"goal >= {GOAL}: {met}); end to end: {num(median_e2e, 2)}",
             f"- masks identical to the loop's (last round): {masks[0]}/{masks[1]} (pixels {100 * masks[2]:.4f} %)",
         ]
     )

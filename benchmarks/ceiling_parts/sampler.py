@@ -8,8 +8,9 @@ import time
 from ceiling_parts import SAMPLE_S, SKIP
 
 
-def steady_rate(events: list[tuple[float, int]], total: int, skip: float = SKIP) -> float | None:
-    """Images/s from the event at which ``skip`` of ``total`` images were done to the last event.
+def steady_window(events: list[tuple[float, int]], total: int, skip: float = SKIP) -> tuple[float, int, float] | None:
+    """(time, images done by then, last event's time) from the event at which ``skip`` of ``total``
+    images were done; None when only the last event gets there.
 
     ``events``: (time, images finished at that time), e.g. one per written image or part file.
     """
@@ -18,9 +19,17 @@ def steady_rate(events: list[tuple[float, int]], total: int, skip: float = SKIP)
     for i, (t, n) in enumerate(events):
         done += n
         if done >= skip * total and i < len(events) - 1:
-            seconds = events[-1][0] - t
-            return (total - done) / seconds if seconds > 0 else None
+            return t, done, events[-1][0]
     return None
+
+
+def steady_rate(events: list[tuple[float, int]], total: int, skip: float = SKIP) -> float | None:
+    """Images/s over ``steady_window``: the images done after it starts, over its seconds."""
+    window = steady_window(events, total, skip)
+    if window is None or window[2] <= window[0]:
+        return None
+    start, done, end = window
+    return (total - done) / (end - start)
 
 
 def _group(title: str, root: bool) -> str:
