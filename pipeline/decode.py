@@ -8,45 +8,54 @@ a decode worker that imported torch paid seconds and a GB of RSS before its firs
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from pipeline.images import ImageTooLarge, decode_image
+from pipeline.images import IMAGE_FORMATS, MAX_IMAGE_BYTES, MAX_LABEL_BYTES, Refused, decode_image
 from pipeline.observability import stage_metrics
-from pipeline.palette import IGNORE_INDEX, png_to_mask
+from pipeline.palette import IGNORE_INDEX, LabelMismatch, label_to_mask
 from pipeline.results import mark_error
 from pipeline.schema import add_columns, to_stream
-from pipeline.storage import Locator, read_bytes
+from pipeline.storage import Locator, ObjectTooLarge, read_bytes
 from pipeline.testing import crash_if_asked, pause_if_asked
 
 FETCH_THREADS = 16
+Reader = Callable[[], "bytes | None"]
 
 
 def fetch_all(
-    uris: list[str], storage_options: dict, pool: ThreadPoolExecutor | None = None
+    uris: list[str], storage_options: dict, pool: ThreadPoolExecutor | None = None, *, limit: int | None = None
 ) -> list[bytes | Exception | None]:
     """Every object's bytes (or the exception reading it raised; None for an empty URI), fetched
-    concurrently: one GET at a time would leave a fast accelerator waiting on object-store
-    latency (tens of ms per GET), and a thread per request is what fsspec's sync API allows
-    without ``fs.cat([...])``, which would glob-expand keys containing ``?``, ``*`` or ``[``.
-    ``pool``: an actor's long-lived threads (else a pool for this call)."""
+    concurrently (``fetch_each``); with ``limit``, at most that many bytes each."""
+    return fetch_each([partial(read_bytes, u, storage_options, limit=limit) if u else None for u in uris], pool)
 
-    def fetch(uri: str) -> bytes | Exception | None:
-        if not uri:
+
+def fetch_each(readers: list[Reader | None], pool: ThreadPoolExecutor | None = None) -> list[bytes | Exception | None]:
+    """Each reader's bytes (or the exception it raised; None for no reader), concurrently: one GET
+    at a time would leave a fast accelerator waiting on object-store latency (tens of ms per GET),
+    and a thread per request is what fsspec's sync API allows without ``fs.cat([...])``, which
+    would glob-expand keys containing ``?``, ``*`` or ``[``. ``pool``: an actor's long-lived
+    threads (else a pool for this call)."""
+
+    def fetch(reader: Reader | None) -> bytes | Exception | None:
+        if reader is None:
             return None
         try:
-            return read_bytes(uri, storage_options)
+            return reader()
         except Exception as exc:  # reported per row by the caller
             return exc
 
-    if len(uris) <= 1:
-        return [fetch(u) for u in uris]
+    if len(readers) <= 1:
+        return [fetch(r) for r in readers]
     if pool is not None:
-        return list(pool.map(fetch, uris))
-    with ThreadPoolExecutor(min(FETCH_THREADS, len(uris))) as own:
-        return list(own.map(fetch, uris))
+        return list(pool.map(fetch, readers))
+    with ThreadPoolExecutor(min(FETCH_THREADS, len(readers))) as own:
+        return list(own.map(fetch, readers))
 
 
 def decode_batch(
@@ -56,20 +65,30 @@ def decode_batch(
     num_classes: int,
     max_pixels: int | None,
     pool: ThreadPoolExecutor | None = None,
+    locator: Locator | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read and decode images and labels; any failure becomes that row's error."""
+    """Read and decode images and labels; any failure becomes that row's error. With ``locator``
+    each object is read at the key's exact path (``Locator.read_*``), else from the batch's URIs."""
     n = len(batch["key"])
-    out = add_columns({"key": list(batch["key"])}, "decode", n)
+    keys = [str(k) for k in batch["key"]]
+    out = add_columns({"key": keys}, "decode", n)
     out["uri"] = list(batch["uri"])
     uris, label_uris = [str(u) for u in batch["uri"]], [str(u) for u in batch["label_uri"]]
     start = time.perf_counter()
-    fetched = fetch_all(uris + label_uris, storage_options, pool)
+    if locator is not None:
+        readers: list[Reader | None] = [partial(locator.read_image, k, MAX_IMAGE_BYTES) for k in keys]
+        readers += [partial(locator.read_label, k, MAX_LABEL_BYTES) if u else None for k, u in zip(keys, label_uris)]
+        fetched = fetch_each(readers, pool)
+    else:
+        fetched = fetch_all(uris, storage_options, pool, limit=MAX_IMAGE_BYTES)
+        fetched += fetch_all(label_uris, storage_options, pool, limit=MAX_LABEL_BYTES)
     images, labels = fetched[:n], fetched[n:]
     fetch_seconds = (time.perf_counter() - start) / max(1, n)  # each image's share, in its decode time
     for i in range(n):
         uri, label_uri = uris[i], label_uris[i]
         start = time.perf_counter() - fetch_seconds
         decoded = _decoded(out, i, uri, images[i], max_pixels)
+        images[i] = None  # the encoded bytes go as soon as the pixels exist
         if decoded is None:
             continue
         stage_metrics("decode").ok(time.perf_counter() - start)
@@ -79,6 +98,7 @@ def decode_batch(
         if not label_uri:
             continue
         label, problem = check_label(labels[i], label_uri, (h, w), num_classes)
+        labels[i] = None
         if problem:  # a QA artefact: the image is still segmented, its label is not scored
             out["label_error"][i] = problem[:1000]
             stage_metrics("label").error()
@@ -89,16 +109,30 @@ def decode_batch(
 
 def _decoded(out: dict[str, list], i: int, uri: str, data: bytes | Exception | None, max_pixels: int | None):
     """Row ``i``'s decoded image, or None with the row's read or decode error marked."""
+    if isinstance(data, ObjectTooLarge):
+        mark_error(out, i, "decode", data, str(data))
+        return None
     if isinstance(data, Exception):
         mark_error(out, i, "read", data, f"cannot read {uri}: {data}")
         return None
+    if data is None:  # no reader: nothing to decode
+        mark_error(out, i, "read", None, f"cannot read {uri}: no object")
+        return None
     try:
         return decode_image(data, max_pixels=max_pixels)
-    except ImageTooLarge as exc:
+    except Refused as exc:
         mark_error(out, i, "decode", exc, f"refused before decoding: {exc}")
     except UnidentifiedImageError as exc:
         shown = f"{len(data)} bytes starting {data[:12]!r}"
-        mark_error(out, i, "decode", exc, f"not a readable image: {shown} are in no known image format")
+        mark_error(
+            out,
+            i,
+            "decode",
+            exc,
+            f"not a readable image: {shown} are in none of the accepted formats ({', '.join(IMAGE_FORMATS)})",
+        )
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, during decoding
+        mark_error(out, i, "decode", exc, f"refused while decoding: over Pillow's bomb limit: {exc}")
     except Exception as exc:
         mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
     return None
@@ -107,18 +141,24 @@ def _decoded(out: dict[str, list], i: int, uri: str, data: bytes | Exception | N
 def check_label(
     data: bytes | Exception | None, uri: str, shape: tuple[int, int], num_classes: int
 ) -> tuple[np.ndarray | None, str]:
-    """(label, "") for a usable label, (None, "") for none, (None, why) for one that cannot be scored."""
+    """(label, "") for a usable label, (None, "") for none, (None, why) for one that cannot be scored.
+    The label is decoded only after its header matched the image's size (``palette.label_to_mask``)."""
     if data is None or isinstance(data, FileNotFoundError):
         return None, ""  # images without a label are still segmented
+    if isinstance(data, ObjectTooLarge):
+        return None, f"label {data}"
     if isinstance(data, Exception):
         return None, f"cannot read label {uri}: {type(data).__name__}: {data}"
     try:
-        label = png_to_mask(data)
+        label = label_to_mask(data, shape)
+    except LabelMismatch as exc:
+        return None, str(exc)
+    except (Refused, Image.DecompressionBombError) as exc:
+        return None, f"label refused before decoding: {exc}"
+    except UnidentifiedImageError:
+        return None, f"cannot decode label {uri}: {len(data)} bytes starting {data[:12]!r} are not a PNG"
     except Exception as exc:
         return None, f"cannot decode label {uri}: {exc}"
-    h, w = shape
-    if label.shape != (h, w):
-        return None, f"label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}"
     bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
     if bad.size:
         return None, (
@@ -157,4 +197,4 @@ class Decoder:
             "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
             "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object),
         }
-        return decode_batch(batch, **self.kwargs)
+        return decode_batch(batch, locator=self.locator, **self.kwargs)

@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from pipeline.images import LABEL_FORMATS, open_bounded
+
 IGNORE_INDEX = 255
 
 
@@ -51,6 +53,23 @@ def png_to_mask(data: bytes) -> np.ndarray:
     an RGB colour-coded label to ids needs a palette lookup the caller must do on purpose.
     """
     with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"label PNG must be mode P or L (class ids), got mode {image.mode}")
+        return np.array(image, dtype=np.uint8)
+
+
+class LabelMismatch(ValueError):
+    """The label's header declares another size than its image's."""
+
+
+def label_to_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """An untrusted label PNG of exactly ``shape`` (h, w) as class ids. Its format (PNG only), size,
+    frame count and mode are checked from the header before any pixel is decoded, so a label can
+    never cost more than its image (``images.Refused`` / ``LabelMismatch`` / ``ValueError``)."""
+    h, w = shape
+    with open_bounded(data, formats=LABEL_FORMATS, max_pixels=None, what="label") as image:
+        if image.size != (w, h):
+            raise LabelMismatch(f"label size {image.width}x{image.height} differs from image size {w}x{h}")
         if image.mode not in ("P", "L"):
             raise ValueError(f"label PNG must be mode P or L (class ids), got mode {image.mode}")
         return np.array(image, dtype=np.uint8)

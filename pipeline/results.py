@@ -18,7 +18,13 @@ def mark_error(out: dict[str, list], i: int, stage: str, exc: BaseException | No
     stage_metrics(stage).error()
     out["error_stage"][i] = stage
     out["error_type"][i] = type(exc).__name__ if exc is not None else "InvalidInput"
-    out["error_message"][i] = message[:1000]
+    out["error_message"][i] = storable(message)[:1000]
+
+
+def storable(text: str) -> str:
+    """``text`` as a valid UTF-8 string (a file name's undecodable bytes escaped): an Arrow string
+    column refuses lone surrogates, which would fail the whole batch's table."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def split_results(table: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -69,7 +75,26 @@ def result_table(
         if not failed:
             row.update(_computed(batch, i, num_classes))
         rows.append(row)
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    try:
+        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        # One row's value that cannot be stored is that row's error, never its batch's.
+        return pa.concat_tables([_one_row(row) for row in rows])
+
+
+def _one_row(row: dict) -> pa.Table:
+    try:
+        return pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+        failed = {c.name: row.get(c.name) for c in _ON_ERROR}
+        failed = {k: storable(v) if isinstance(v, str) else v for k, v in failed.items()}
+        failed.update(
+            {name: row.get(name) for name in ("model", "weights_sha256", "run_id")},
+            error_stage="write",
+            error_type=type(exc).__name__,
+            error_message=storable(f"a value of this row cannot be stored: {exc}")[:1000],
+        )
+        return pa.Table.from_pylist([failed], schema=RESULT_SCHEMA)
 
 
 def _computed(batch: dict[str, np.ndarray], i: int, num_classes: int) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -63,14 +64,63 @@ def iter_image_keys(fs, root: str) -> Iterator[str]:
     str order), so nothing needs sorting, nothing is held beyond one page of 1000 keys, and a
     caller that stops early (--limit) stops the listing. ``fs.find`` would build the whole list
     and also keep every key's info dict in s3fs's listings cache for the life of the process.
-    Other filesystems (local, GCS, ...) go through ``fs.find``.
+    Local folders hold only their regular files (``_iter_local``). Other filesystems (GCS, ...)
+    go through ``fs.find``.
     """
     root = root.rstrip("/")
-    paths = _iter_s3_objects(fs, root) if "s3" in protocols(fs) else iter(sorted(fs.find(root)))
+    if "s3" in protocols(fs):
+        paths = _iter_s3_objects(fs, root)
+    elif "file" in protocols(fs):
+        yield from (key for key in _iter_local(root) if key.lower().endswith(IMAGE_EXTENSIONS))
+        return
+    else:
+        paths = iter(sorted(fs.find(root)))
     for path in paths:
         if path.lower().endswith(IMAGE_EXTENSIONS):
             # Sliced, not normalised: a key like "a/../b.jpg" is a literal object name on S3.
             yield path[len(root) + 1 :] if root else path
+
+
+ESCAPED_MARK = "\\x"  # how an undecodable byte shows in an escaped key (backslashreplace)
+
+
+def escaped_name(name: str) -> str:
+    """A file name as the OS gave it (undecodable bytes as surrogates) → a valid string with those
+    bytes written as ``\\xNN``: such a name becomes an error row under this key, never a listing failure."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def undecodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _iter_local(root: str) -> Iterator[str]:
+    """Keys of the regular files under ``root`` (sorted): FIFOs, devices, sockets, directories and
+    symlinks that leave ``root`` or name no regular file are not inputs (a FIFO would hang a read,
+    /dev/zero never ends). Undecodable names come escaped (``escaped_name``)."""
+    real_root = os.path.realpath(root)
+    keys = []
+    for folder, _, files in os.walk(root):  # symlinked folders are not walked into
+        for name in files:
+            path = os.path.join(folder, name)
+            if not regular_under(path, real_root):
+                continue
+            key = os.path.relpath(path, root).replace(os.sep, "/")
+            keys.append(escaped_name(key) if undecodable(key) else key)
+    return iter(sorted(keys))
+
+
+def regular_under(path: str, real_root: str) -> bool:
+    """Whether ``path`` is (or links to) a regular file inside ``real_root``."""
+    try:
+        real = os.path.realpath(path)
+        return real.startswith(real_root.rstrip("/") + "/") and stat.S_ISREG(os.stat(real).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _iter_s3_objects(fs, root: str) -> Iterator[str]:
@@ -111,7 +161,11 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Locator:
-    """Key → image URI and paired label URI (``<labels>/<key without extension>.png``)."""
+    """Key → image URI and paired label URI (``<labels>/<key without extension>.png``).
+
+    ``*_uri`` are for display; reads go through ``read_image`` / ``read_label``, which address the
+    listed object's exact path on the listed filesystem: a key is never re-parsed as a URI, so
+    ``::`` or ``?versionId=`` in a key are part of its name."""
 
     input_uri: str
     labels_uri: str | None
@@ -125,7 +179,102 @@ class Locator:
         if not self.labels_uri:
             return ""
         fs, root = open_fs(self.labels_uri, self.storage_options)
-        return _join(fs, root.rstrip("/"), posixpath.splitext(key)[0] + ".png")
+        return _join(fs, root.rstrip("/"), label_key(key))
+
+    def read_image(self, key: str, limit: int) -> bytes:
+        fs, root = open_fs(self.input_uri, self.storage_options)
+        path = _under(root, key)
+        if ESCAPED_MARK in key and "file" in protocols(fs) and not os.path.lexists(path):
+            # Only a local listing escapes names (object store keys are UTF-8 by definition).
+            raise UndecodableName(f"the file name is not valid UTF-8 (shown with its bytes escaped: {key}); rename it")
+        return read_object(fs, path, limit, root=root)
+
+    def read_label(self, key: str, limit: int) -> bytes | None:
+        """The label's bytes, or None without a labels folder."""
+        if not self.labels_uri:
+            return None
+        fs, root = open_fs(self.labels_uri, self.storage_options)
+        return read_object(fs, _under(root, label_key(key)), limit, root=root)
+
+
+class UndecodableName(ValueError):
+    """A listed file whose name is not valid UTF-8 (its key is the escaped name)."""
+
+
+def label_key(key: str) -> str:
+    return posixpath.splitext(key)[0] + ".png"
+
+
+def _under(root: str, key: str) -> str:
+    root = root.rstrip("/")
+    return f"{root}/{key}" if root else key
+
+
+class ObjectTooLarge(ValueError):
+    """The object is larger than the limit its reader set (nothing beyond limit+1 bytes was read)."""
+
+
+def read_object(fs, path: str, limit: int, *, root: str = "") -> bytes:
+    """At most ``limit`` bytes of the object at exactly ``path`` on ``fs`` (no URI parsing);
+    ``ObjectTooLarge`` when it is larger, after reading at most ``limit`` + 1 bytes (none where
+    the size is known first: a local file's stat, S3's Content-Range)."""
+    kinds = protocols(fs)
+    if "s3" in kinds:
+        data = _read_s3(fs, path, limit)
+    elif "file" in kinds:
+        data = _read_local(path, limit, root)
+    else:
+        data = fs.cat_file(path, start=0, end=limit + 1)
+    if len(data) > limit:
+        raise ObjectTooLarge(_too_large(len(data), limit, exact=False))
+    return data
+
+
+def _too_large(size: int, limit: int, *, exact: bool) -> str:
+    shown = f"{size / 2**20:.1f} MiB" if exact else "more than that"
+    return f"refused before decoding: the object is over the {limit / 2**20:.0f} MiB object size limit ({shown})"
+
+
+def _read_local(path: str, limit: int, root: str) -> bytes:
+    """A regular file inside ``root`` only: never a FIFO (it would block), a device, or a link out."""
+    real = os.path.realpath(path)
+    if root and not real.startswith(os.path.realpath(root).rstrip("/") + "/"):
+        raise PermissionError(f"{path} resolves outside the input folder")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(real, flags)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PermissionError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise ObjectTooLarge(_too_large(info.st_size, limit, exact=True))
+        return f.read(limit + 1)
+
+
+def _read_s3(fs, path: str, limit: int) -> bytes:
+    """One ranged GET of exactly bucket/key (s3fs's own path parsing would take ``?versionId=``
+    in a key as a version); the total size in Content-Range refuses before the body is read."""
+    from fsspec.asyn import sync
+
+    bucket, _, key = path.partition("/")
+
+    async def get() -> bytes:
+        try:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
+        except Exception as exc:
+            if "InvalidRange" in str(exc) or "416" in str(exc):  # an empty object has no byte 0
+                return b""
+            raise
+        body = resp["Body"]
+        try:
+            total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+            if total.isdigit() and int(total) > limit:
+                raise ObjectTooLarge(_too_large(int(total), limit, exact=True))
+            return await body.read()
+        finally:
+            body.close()
+
+    return sync(fs.loop, get)
 
 
 LIST_CHUNK = 10_000  # keys per Arrow chunk while listing: Python holds at most this many at once
@@ -159,10 +308,11 @@ def list_inputs(
     return Inputs(input_uri, labels_uri, pa.chunked_array(chunks, pa.string()), storage_options)
 
 
-def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    """The whole object in one GET (no HEAD first); FileNotFoundError/PermissionError on 404/403."""
+def read_bytes(uri: str, storage_options: dict | None = None, *, limit: int | None = None) -> bytes:
+    """The whole object in one GET (no HEAD first); FileNotFoundError/PermissionError on 404/403.
+    With ``limit``: at most that many bytes (``read_object``), ``ObjectTooLarge`` beyond."""
     fs, path = open_fs(uri, storage_options)
-    return fs.cat_file(path)
+    return fs.cat_file(path) if limit is None else read_object(fs, path, limit)
 
 
 def exists(uri: str, storage_options: dict | None = None) -> bool:

@@ -46,6 +46,63 @@ def decompression_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes
     )
 
 
+def _tiff_header_bomb(width: int, height: int) -> bytes:
+    """A little-endian TIFF whose only IFD declares width x height 8-bit gray pixels over 16 bytes."""
+    entries = [
+        (256, 4, width),  # ImageWidth, LONG
+        (257, 4, height),  # ImageLength
+        (258, 3, 8),  # BitsPerSample, SHORT
+        (259, 3, 1),  # Compression: none
+        (262, 3, 1),  # Photometric: min-is-black
+        (273, 4, 0),  # StripOffsets (patched below)
+        (277, 3, 1),  # SamplesPerPixel
+        (278, 4, height),  # RowsPerStrip
+        (279, 4, 16),  # StripByteCounts
+    ]
+    ifd_size = 2 + 12 * len(entries) + 4
+    data_at = 8 + ifd_size
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = data_at if tag == 273 else value
+        ifd += struct.pack("<HHI", tag, kind, 1) + (
+            struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + b"\x00" * 16
+
+
+def _jpeg_declaring(good_jpeg: bytes, width: int, height: int) -> bytes:
+    """A real JPEG whose SOF0 frame header is patched to declare width x height."""
+    at = good_jpeg.index(b"\xff\xc0") + 5  # marker, length (2), precision (1), then height, width
+    return good_jpeg[:at] + struct.pack(">HH", height, width) + good_jpeg[at + 4 :]
+
+
+def _bmp_declaring(width: int, height: int) -> bytes:
+    """A 24-bit BMP header declaring width x height, with 16 bytes of pixels."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 16, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + 16, 0, 0, 54) + info + b"\x00" * 16
+
+
+def ico_holding_png(png: bytes) -> bytes:
+    """An ICO whose one entry is a PNG (Pillow's ICO plugin decodes it inside Image.open)."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+
+
+def _frames(rgb: np.ndarray, count: int, fmt: str, **kwargs) -> bytes:
+    """``count`` distinct frames of ``rgb`` as one animated/multi-page file of ``fmt``."""
+    frames = [Image.fromarray(np.roll(rgb, 7 * i, axis=1)) for i in range(count)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], **kwargs)
+    return buffer.getvalue()
+
+
+def _exif_orientation_long(good_jpeg: bytes, value: int, kind: int = 4) -> bytes:
+    """The JPEG with an APP1 EXIF block whose Orientation tag has type ``kind`` (4 = LONG)."""
+    entry = struct.pack("<HHI", 0x0112, kind, 1) + struct.pack("<I", value)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + entry + struct.pack("<I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    return good_jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + good_jpeg[2:]
+
+
 def write_hostile_bucket(root: Path) -> dict[str, tuple[str, str | None]]:
     images, labels = root / "images", root / "labels"
     images.mkdir(parents=True)
@@ -92,4 +149,71 @@ def write_hostile_bucket(root: Path) -> dict[str, tuple[str, str | None]]:
     put("label-not-png.jpg", good_jpeg, ("mask", "cannot decode label"), b"not a png at all")
     put("dir with space/ünïcødé file.jpg", good_jpeg, ("mask", None))
     put("odd#hash?query.jpg", good_jpeg, ("mask", None))
+    # Round 2. Decoding is allow-listed (JPEG/PNG/BMP/WebP/TIFF) and bounded before any pixel.
+    put("ico-holding-png-bomb.jpg", ico_holding_png(decompression_bomb_png(60_000, 60_000)), ("decode", "accepted"))
+    gif = io.BytesIO()
+    photo.save(gif, format="GIF")
+    put("gif-named.png", gif.getvalue(), ("decode", "accepted formats"))
+    put("tiff-header-bomb.tif", _tiff_header_bomb(100_000, 100_000), ("decode", "limit"))
+    put("tiff-60mp.tiff", _tiff_header_bomb(10_000, 6_000), ("decode", "MP limit"))
+    put("jpeg-sof-bomb.jpg", _jpeg_declaring(good_jpeg, 60_000, 60_000), ("decode", "limit"))
+    put("jpeg-sof-60mp.jpg", _jpeg_declaring(good_jpeg, 10_000, 6_000), ("decode", "MP limit"))
+    put("bmp-header-bomb.bmp", _bmp_declaring(50_000, 50_000), ("decode", "limit"))
+    put("apng-40-frames.png", _frames(rgb, 40, "PNG"), ("decode", "frame limit"))
+    put("tiff-40-pages.tif", _frames(rgb, 40, "TIFF"), ("decode", "frame limit"))
+    put("webp-40-frames.webp", _frames(rgb, 40, "WEBP", lossless=True), ("decode", "frame limit"))
+    put("apng-2-frames.png", _frames(rgb, 2, "PNG"), ("mask", None))
+    # Labels: PNG only, decoded only once their header matches the image (size, frames, mode).
+    put("label-png-bomb.jpg", good_jpeg, ("mask", "limit"), decompression_bomb_png())
+    put("label-png-400mp.jpg", good_jpeg, ("mask", "differs from image size"), decompression_bomb_png(20_000, 20_000))
+    put("label-apng-frames.jpg", good_jpeg, ("mask", "frame limit"), _frames(label, 40, "PNG"))
+    put("label-ico.jpg", good_jpeg, ("mask", "cannot decode label"), ico_holding_png(mask_to_png(label)))
+    put("label-tiff.jpg", good_jpeg, ("mask", "cannot decode label"), _frames(label, 1, "TIFF"))
+    # Metadata that cannot be stored is null, never its batch's failure (int32 column, LONG tag).
+    put("exif-orientation-long-70000.jpg", _exif_orientation_long(good_jpeg, 70_000), ("mask", None))
+    put("exif-orientation-long-2pow32.jpg", _exif_orientation_long(good_jpeg, 2**32 - 1), ("mask", None))
+    put("exif-orientation-9.jpg", _exif_orientation_long(good_jpeg, 9, kind=3), ("mask", None))
+    # A key names exactly one object: fsspec's URL syntax inside a key is part of the name.
+    html = b"<!doctype html><title>not the neighbour</title>"
+    put("shadow.jpg", good_jpeg, ("mask", None))
+    put("shadow.jpg?versionId=null.jpg", html, ("decode", "not a readable image"))
+    put("chain::shadow.jpg", html, ("decode", "not a readable image"))
+    put("simplecache::s3/shadow.jpg", html, ("decode", "not a readable image"))
     return expected
+
+
+# A local folder: what a POSIX listing may meet (the object store has none of these).
+NOT_LISTED = ("fifo.jpg", "zero-link.jpg", "outside-link.jpg", "dir.jpg/", "dangling-link.jpg")
+
+
+def write_local_hostile_folder(root: Path, *, outside: Path) -> dict[str, tuple[str, str | None]]:
+    """``root``/images (no labels) with FIFOs, device and out-of-root links, a non-UTF-8 name and a
+    sparse object over the size limit; returns {key: expected} for the keys that must be listed
+    (``NOT_LISTED`` must not be)."""
+    import os
+
+    from pipeline.images import MAX_IMAGE_BYTES
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rgb, _ = make_scene(2_000_101, SceneSpec(height=64, width=80))
+    good = _jpeg_bytes(Image.fromarray(rgb))
+    (images / "ok.jpg").write_bytes(good)
+    os.mkfifo(images / "fifo.jpg")
+    (images / "zero-link.jpg").symlink_to("/dev/zero")
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "secret.jpg").write_bytes(good)
+    (images / "outside-link.jpg").symlink_to(outside / "secret.jpg")
+    (images / "dangling-link.jpg").symlink_to(images / "nowhere.jpg")
+    (images / "dir.jpg").mkdir()
+    (images / "inside-link.jpg").symlink_to(images / "ok.jpg")
+    with open(images / "sparse-over-limit.jpg", "wb") as f:  # no disk blocks: a hole of limit + 1 bytes
+        f.truncate(MAX_IMAGE_BYTES + 1)
+    with open(os.path.join(os.fsencode(images), b"latin1-\xe9t\xe9.jpg"), "wb") as f:
+        f.write(good)
+    return {
+        "ok.jpg": ("mask", None),
+        "inside-link.jpg": ("mask", None),
+        "sparse-over-limit.jpg": ("decode", "object size limit"),
+        "latin1-\\xe9t\\xe9.jpg": ("read", "not valid UTF-8"),
+    }
