@@ -24,7 +24,16 @@ def mark_error(out: dict[str, list], i: int, stage: str, exc: BaseException | No
 def storable(text: str) -> str:
     """``text`` as a valid UTF-8 string (a file name's undecodable bytes escaped): an Arrow string
     column refuses lone surrogates, which would fail the whole batch's table."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # a file name's bytes as the OS gave them, then escaped (as storage.escaped_name does)
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def split_results(table: pa.Table) -> tuple[pa.Table, pa.Table]:

@@ -262,7 +262,7 @@ def _read_s3(fs, path: str, limit: int) -> bytes:
         try:
             resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
         except Exception as exc:
-            if "InvalidRange" in str(exc) or "416" in str(exc):  # an empty object has no byte 0
+            if "InvalidRange" in repr(exc.__cause__) or "range is not satisfiable" in str(exc):  # 0 bytes
                 return b""
             raise
         body = resp["Body"]

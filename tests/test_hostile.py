@@ -8,21 +8,116 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
+from pipeline.decode import decode_batch
+from pipeline.images import MAX_IMAGE_BYTES
+from pipeline.results import result_table, split_results
+from pipeline.storage import ObjectTooLarge, list_inputs, open_fs, read_object
 from tests.conftest import REPO, S3_ENV, run_rows
-from tests.hostile import write_hostile_bucket
-
-pytestmark = pytest.mark.slow
+from tests.hostile import NOT_LISTED, write_hostile_bucket, write_local_hostile_folder
 
 
+def decoded_rows(images: str, labels: str | None) -> dict[str, tuple[str, str]]:
+    """{key: (stage or "mask", error message or label_error)} after the real read + decode step."""
+    inputs = list_inputs(images, labels)
+    keys, locator = inputs.keys.to_pylist(), inputs.locator()
+    batch = {
+        "key": np.array(keys, dtype=object),
+        "uri": np.array([locator.image_uri(k) for k in keys], dtype=object),
+        "label_uri": np.array([locator.label_uri(k) for k in keys], dtype=object),
+    }
+    out = decode_batch(batch, storage_options={}, num_classes=21, max_pixels=50_000_000, locator=locator)
+    return {
+        k: (out["error_stage"][i] or "mask", out["error_message"][i] or out["label_error"][i])
+        for i, k in enumerate(keys)
+    }
+
+
+def test_every_hostile_input_is_its_own_row_before_any_pixel_is_decoded(tmp_path):
+    expected = write_hostile_bucket(tmp_path)
+    got = decoded_rows(str(tmp_path / "images"), str(tmp_path / "labels"))
+    assert sorted(got) == sorted(expected)
+    for key, (outcome, part) in expected.items():
+        stage, message = got[key]
+        assert stage == outcome, (key, got[key])
+        assert (part or "").lower() in message.lower() and (part is not None or not message), (key, got[key])
+
+
+def test_local_listing_holds_regular_files_under_the_root_and_escapes_odd_names(tmp_path):
+    expected = write_local_hostile_folder(tmp_path / "in", outside=tmp_path / "outside")
+    got = decoded_rows(str(tmp_path / "in" / "images"), None)  # a FIFO would hang here, /dev/zero never end
+    assert sorted(got) == sorted(expected), NOT_LISTED
+    for key, (outcome, part) in expected.items():
+        assert got[key][0] == outcome and (part or "") in got[key][1], (key, got[key])
+
+
+def put_objects(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
+    """Upload with boto3: s3fs would read ``?versionId=`` in a key as a version and store another key."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    if bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=bucket)
+    for key, data in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def test_reads_are_exact_and_bounded_on_s3(s3_env, s3_server):
+    objects = {"a.jpg": b"A", "a.jpg?versionId=null.jpg": b"B", "x::a.jpg": b"C", "empty.jpg": b""}
+    put_objects(s3_server, "exact", {f"in/{k}": v for k, v in objects.items()} | {"in/big.jpg": b"x" * 5000})
+    s3, _ = open_fs("s3://exact/in")
+    assert read_object(s3, "exact/in/a.jpg?versionId=null.jpg", 10) == b"B"
+    assert read_object(s3, "exact/in/x::a.jpg", 10) == b"C"
+    assert read_object(s3, "exact/in/empty.jpg", 10) == b""
+    assert read_object(s3, "exact/in/big.jpg", 5000) == b"x" * 5000
+    with pytest.raises(ObjectTooLarge, match="object size limit"):
+        read_object(s3, "exact/in/big.jpg", 4999)
+    with pytest.raises(FileNotFoundError):
+        read_object(s3, "exact/in/missing.jpg", 10)
+
+
+def test_a_sparse_local_object_over_the_limit_is_refused_unread(tmp_path):
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as f:
+        f.truncate(10 * MAX_IMAGE_BYTES)
+    local, root = open_fs(str(tmp_path))
+    with pytest.raises(ObjectTooLarge, match="object size limit"):
+        read_object(local, str(path), MAX_IMAGE_BYTES, root=root)
+
+
+def test_a_value_that_cannot_be_stored_is_its_rows_error_not_its_batchs():
+    n = 3
+    batch = {
+        "key": np.array(["a", "b\udcff", "c"], dtype=object),
+        "uri": np.array(["u"] * n, dtype=object),
+        "height": np.array([2, 2, 2]),
+        "width": np.array([2, 2, 2]),
+        "has_label": np.zeros(n, bool),
+        "label_error": np.array([""] * n, dtype=object),
+        "error_stage": np.array([""] * n, dtype=object),
+        "error_type": np.array([""] * n, dtype=object),
+        "error_message": np.array([""] * n, dtype=object),
+        "mask_pre": np.array([bytes(4)] * n, dtype=object),
+    }
+    batch["exif_orientation"] = np.array([1, 2**40, 0], dtype=np.int64)  # an int32 column
+    table = result_table(batch, num_classes=2, model="m", weights_sha256="s", run_id="r")
+    masks, errors = split_results(table)
+    assert masks.column("key").to_pylist() == ["a", "c"]
+    assert errors.column("key").to_pylist() == ["b\\xff"] and errors.column("stage").to_pylist() == ["write"]
+    assert isinstance(table, pa.Table)
+
+
+@pytest.mark.slow
 def test_hostile_bucket_on_s3(s3_env, s3_server, tmp_path):
     fs = s3_env
     expected = write_hostile_bucket(tmp_path / "hostile")
-    fs.mkdir("hostile")
-    for path in sorted((tmp_path / "hostile").rglob("*")):
-        if path.is_file():
-            fs.pipe(f"hostile/in/{path.relative_to(tmp_path / 'hostile').as_posix()}", path.read_bytes())
+    files = [p for p in sorted((tmp_path / "hostile").rglob("*")) if p.is_file()]
+    put_objects(
+        s3_server, "hostile", {f"in/{p.relative_to(tmp_path / 'hostile').as_posix()}": p.read_bytes() for p in files}
+    )
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
@@ -68,9 +163,36 @@ def test_hostile_bucket_on_s3(s3_env, s3_server, tmp_path):
             else:
                 assert row["label_error"] is None, (key, row["label_error"])
     manifest = json.loads(fs.cat("hostile/out/run=h/manifest.json"))
-    assert manifest["counts"]["label_errors"] == 3 and manifest["counts"]["labelled"] == 1
-    assert "labels not scored: 3" in proc.stdout
+    label_errors = sum(1 for outcome, part in expected.values() if outcome == "mask" and part)
+    assert manifest["counts"]["label_errors"] == label_errors and manifest["counts"]["labelled"] == 1
+    assert f"labels not scored: {label_errors}" in proc.stdout
     rotated = by_key["exif-rotated.jpg"]
     assert (rotated["height"], rotated["width"], rotated["exif_orientation"]) == (128, 96, 6)
     assert (by_key["tiny-1x1.png"]["height"], by_key["tiny-1x1.png"]["width"]) == (1, 1)
     assert by_key["ok.jpg"]["has_label"] and by_key["ok.jpg"]["miou"] is not None
+
+
+@pytest.mark.slow
+def test_hostile_local_folder_commits_with_one_row_per_listed_file(tmp_path):
+    expected = write_local_hostile_folder(tmp_path / "in", outside=tmp_path / "outside")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    args = [str(tmp_path / "in" / "images"), "--output", str(tmp_path / "out"), "--run-id", "l", "--scales", "1.0"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    run = str(tmp_path / "out" / "run=l")
+    assert fs.exists(f"{run}/_SUCCESS")
+    masks, errors = run_rows(fs, run, "masks"), run_rows(fs, run, "errors")
+    assert sorted([r["key"] for r in masks] + [r["key"] for r in errors]) == sorted(expected)
+    for r in errors:
+        stage, part = expected[r["key"]]
+        assert stage == r["stage"] and part in r["message"], r
