@@ -3,13 +3,21 @@
 The driver receives one small ``PartStats`` per part file the workers wrote, prints progress and
 adds them up. A batch whose worker died on every retry (a native crash, an OOM kill) is dropped
 by Ray Data instead of failing the night; its keys are in no part file. ``run_dag`` finds them
-with an Arrow anti-join against the part files' key columns and isolates the culprit: the keys
-run again one per batch (the innocent ones are segmented), and each key that still kills its
-worker runs alone once more, to learn the stage, and becomes that key's ``WorkerDied`` error row.
+with an Arrow anti-join against the part files' key columns and isolates the culprits by
+bisection: the missing keys run again in batches of ``ISOLATION_BATCH``, then the keys of the
+batches that failed again in batches half as large, down to one per batch (the innocent ones are
+segmented on the way, and each pass reruns only the failed batches' keys). Each key that still
+kills its worker alone runs once more, to learn the stage, and becomes its ``WorkerDied`` row.
+
+A systemic failure counts culprits, not lost keys: the batches of a pass are disjoint, so each
+batch that fails again holds at least one distinct culprit. More failed batches in one pass than
+``SYSTEMIC_KEYS`` (and ``SYSTEMIC_SHARE`` of the run) is not a few poison inputs but a failing
+cluster or store; Ray Data stops that pass at the first batch over the limit.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 
@@ -23,9 +31,10 @@ from pipeline.writer import part_name
 
 PROGRESS_SECONDS = 10.0
 ALONE_AT_MOST = 20  # keys run alone to learn their stage; more than that share one message
-# More missing keys than this (and than SYSTEMIC_SHARE of the run) is not a poison input but a
-# failing cluster or store: the run stops, and --resume continues it once that is fixed.
+# More distinct culprits than this (and than SYSTEMIC_SHARE of the run) is not a few poison inputs
+# but a failing cluster or store: the run stops, and --resume continues it once that is fixed.
 SYSTEMIC_KEYS, SYSTEMIC_SHARE = 200, 0.05
+ISOLATION_BATCH = 8  # the first bisection pass's batch size (then 4, 2, 1)
 STAGES = ("decode", "infer", "crf", "write")  # stages.build_dataset's ``upto``, in DAG order
 
 
@@ -40,19 +49,14 @@ def run_dag(todo: Inputs, build, output: RunOutput, num_classes: int, *, run_id:
     missing = todo.without(output.written_keys())
     if not len(missing):
         return stats, stats.images + stats.errors
-    if len(missing) > max(SYSTEMIC_KEYS, SYSTEMIC_SHARE * len(todo)):
-        raise SystemicFailure(
-            f"{len(missing)} of {len(todo)} inputs reached no part file: their batches failed on "
-            f"every retry (see Ray Data's errors above). That is not one bad input; fix the cause, "
-            f"then run again with --resume --run-id {run_id}"
-        )
+    limit = int(max(SYSTEMIC_KEYS, SYSTEMIC_SHARE * len(todo)))
     print(
         f"[deeplab-pipeline] {len(missing)} inputs were in batches whose worker died on every retry; "
-        f"running them one per batch to find the input that kills it",
+        f"isolating the inputs that kill it by bisection",
         flush=True,
     )
-    stats += consume(build(missing, batch_size=1, retries=1, max_blocks=len(missing)), num_classes, None)
-    culprits = missing.without(output.written_keys())
+    culprits, isolated = _bisect(missing, build, output, num_classes, limit, run_id)
+    stats += isolated
     errors = []
     for key in culprits.keys.to_pylist()[:ALONE_AT_MOST]:
         alone = replace(culprits, keys=pa.chunked_array([[key]], pa.string()))
@@ -68,6 +72,41 @@ def run_dag(todo: Inputs, build, output: RunOutput, num_classes: int, *, run_id:
         output.write_part("errors", name, table)
         stats += PartStats.of(name, MASKS_SCHEMA.empty_table(), table, num_classes)
     return stats, stats.images + stats.errors
+
+
+def _bisect(
+    missing: Inputs, build, output: RunOutput, num_classes: int, limit: int, run_id: str
+) -> tuple[Inputs, PartStats]:
+    """The keys that kill their worker alone, found by running the failed batches' keys again in
+    halving batch sizes; SystemicFailure as soon as a pass proves more than ``limit`` culprits."""
+    stats, pending, size = PartStats.empty(num_classes), missing, ISOLATION_BATCH
+    while len(pending):
+        size = min(size, 2 ** max(0, math.ceil(math.log2(len(pending))) - 1))  # at least two batches
+        if size == 1:
+            print(f"[deeplab-pipeline] {len(pending)} inputs left: running them one per batch", flush=True)
+        blocks = math.ceil(len(pending) / size)
+        try:  # more failed batches than the limit stop the pass: each holds a distinct culprit
+            ds = build(pending, batch_size=size, retries=1, max_blocks=blocks, tolerate=limit)
+            stats += consume(ds, num_classes, None)
+        except Exception as exc:
+            what = f"more than {limit} batches of {size} failed again while isolating culprits"
+            raise _systemic(what, run_id) from exc
+        pending = pending.without(output.written_keys())
+        at_least = math.ceil(len(pending) / size)
+        if at_least > limit:
+            raise _systemic(f"at least {at_least} distinct inputs killed their workers", run_id)
+        if size == 1:
+            return pending, stats
+        size //= 2
+    return pending, stats
+
+
+def _systemic(what: str, run_id: str) -> SystemicFailure:
+    return SystemicFailure(
+        f"{what}: over the limit of {SYSTEMIC_KEYS} (or {SYSTEMIC_SHARE:.0%} of the run) for poison inputs. "
+        f"That is not a few bad inputs (see Ray Data's errors above); fix the cause, then run again with "
+        f"--resume --run-id {run_id}"
+    )
 
 
 def _probe(alone: Inputs, build, num_classes: int) -> tuple[str | None, BaseException | None, PartStats]:

@@ -153,12 +153,13 @@ def build_dataset(
     *,
     retries: int = TASK_RETRIES,
     max_blocks: int = 200,
-    tolerate: bool = True,
+    tolerate: bool | int = True,
     upto: str = "write",
 ) -> ray.data.Dataset:
     """The whole DAG from listed keys to one WRITE_SCHEMA row per part file written under ``run_uri``.
 
-    A batch whose worker died ``retries`` + 1 times is dropped, not fatal: the caller reconciles
+    A batch whose worker died ``retries`` + 1 times is dropped, not fatal (``tolerate``: True, or
+    at most that many such batches, False for none): the caller reconciles
     the keys that reached no part file (pipeline/runner.py). ``upto`` ends the DAG after that stage
     (decode, infer, crf), which is how the runner learns where an input kills its worker."""
     blocks = max(1, min(math.ceil(len(inputs) / config.compute.batch_size), max_blocks))
@@ -179,7 +180,7 @@ def build_dataset(
     return ds.map_batches(PartWriter, **stage.write(run_uri))
 
 
-def _keys(inputs: Inputs, blocks: int, resources: Resources, tolerate: bool) -> ray.data.Dataset:
+def _keys(inputs: Inputs, blocks: int, resources: Resources, tolerate: bool | int) -> ray.data.Dataset:
     """The listed keys in ``blocks`` blocks, with the run's object-store budget and error tolerance."""
     keys = pa.table({"key": inputs.keys})
     step = math.ceil(keys.num_rows / blocks)
@@ -189,7 +190,7 @@ def _keys(inputs: Inputs, blocks: int, resources: Resources, tolerate: bool) -> 
     # Every later stage's Dataset copies this context, so the budget covers the whole DAG.
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(object_store_memory=resources.object_store_mib * 2**20)
-    ds.context.max_errored_blocks = -1 if tolerate else 0
+    ds.context.max_errored_blocks = -1 if tolerate is True else int(tolerate)
     # Ray Data's per-task USS sampling (a thread reading /proc/self/smaps every second) only feeds
     # its own memory statistics, and costs each inference call CPU (benchmarks/ceiling.py).
     ds.context.memory_usage_poll_interval_s = None

@@ -196,3 +196,40 @@ def test_hostile_local_folder_commits_with_one_row_per_listed_file(tmp_path):
     for r in errors:
         stage, part = expected[r["key"]]
         assert stage == r["stage"] and part in r["message"], r
+
+
+@pytest.mark.slow
+def test_thirty_poison_inputs_in_a_thousand_commit_with_thirty_error_rows(tmp_path):
+    """Systemic failure counts culprits: 30 inputs that crash their worker, spread so that each
+    first-pass batch holds one, are isolated by bisection, not counted as the keys of their batches."""
+    from PIL import Image
+
+    from pipeline.testing import CRASH_KEYS
+
+    images = tmp_path / "in" / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(29)
+    keys = [f"{i:04d}.jpg" for i in range(1000)]
+    for key in keys:
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(images / key, quality=80)
+    poison = keys[5::33][:30]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", CRASH_KEYS: ",".join(poison)}
+    env.pop("RAY_ADDRESS", None)
+    args = [str(images), "--output", str(tmp_path / "out"), "--run-id", "p", "--scales", "1.0", "--no-crf"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "out" / "run=p"
+    assert (run / "_SUCCESS").exists()
+    masks = pq.read_table(run / "masks", columns=["key"]).column("key").to_pylist()
+    errors = pq.read_table(run / "errors").to_pylist()
+    assert sorted(masks + [r["key"] for r in errors]) == keys  # every key exactly once
+    assert sorted(r["key"] for r in errors) == sorted(poison)
+    assert {r["error_type"] for r in errors} == {"WorkerDied"}
