@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.compare_stage import compare_outputs  # noqa: E402
 from pipeline.compare_text import format_comparison, regression_message  # noqa: E402
+from pipeline.credentials import public_text, public_uri, refused_options  # noqa: E402
 from pipeline.flags import json_object  # noqa: E402
 from pipeline.outputs import RunOutput, committed_runs, run_before  # noqa: E402
 
@@ -58,17 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.fail_on_regression is not None and args.fail_on_regression < 0:
         return _error(f"--fail-on-regression must be >= 0, got {args.fail_on_regression}")
+    refused = refused_options(args.storage_options)
+    if refused:  # the same allow-list as segment_bucket.py (docs/security.md); names only, never values
+        return _error(
+            f"--storage-options may only hold options known to carry no credentials; refused: {', '.join(refused)}. "
+            "Take credentials from a mounted credentials file, IRSA / workload identity or the AWS_* environment"
+        )
+    shown = public_uri(args.output)  # never userinfo or a presigned query string in what is printed
     try:
         runs = committed_runs(args.output, args.storage_options)
     except Exception as exc:  # credentials, endpoint, missing bucket: one line, no traceback
-        return _error(f"cannot list {args.output}: {type(exc).__name__}: {exc}")
+        return _error(f"cannot list {shown}: {public_text(f'{type(exc).__name__}: {exc}', [args.output])}")
     new = args.run or (runs[-1] if runs else None)
     old = args.against or (run_before(runs, new) if new else None)
     for name, run_id in (("--run", new), ("--against", old)):
         if run_id is None:
-            return _error(f"need two committed runs under {args.output}, found {len(runs)}")
+            return _error(f"need two committed runs under {shown}, found {len(runs)}")
         if run_id not in runs:
-            return _error(f"{name} {run_id}: no committed run=<id>/ (with _SUCCESS) under {args.output}")
+            return _error(f"{name} {run_id}: no committed run=<id>/ (with _SUCCESS) under {shown}")
     if old == new:
         return _error(f"--run and --against are the same run ({new})")
 
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison = compare_outputs(older, newer, write=args.write)
     print(format_comparison(comparison))
     if args.write:
-        print(f"written          : {newer.uri}/comparison/, comparison_classes.parquet, comparison.json")
+        print(f"written          : {public_uri(newer.uri)}/comparison/, comparison_classes.parquet, comparison.json")
     if args.fail_on_regression is not None:
         reason = regression_message(comparison, args.fail_on_regression)
         if reason:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipeline.config import JobConfig
-from pipeline.credentials import credential_options
+from pipeline.credentials import public_text, refused_options
 from pipeline.flags import add_flags, values_from
 from pipeline.job import JOB_ERRORS, regression_exit, run
 from pipeline.models import DEFAULT_MODEL
@@ -80,13 +80,18 @@ def _check_cli(values: dict, parser: argparse.ArgumentParser) -> None:
         parser.error("--output is required when INPUT_URI is given")
     if values["resume"] and not values["run_id"]:
         parser.error("--resume needs the --run-id of the run to continue")
-    if credential_options(values["storage_options"]):
+    refused = refused_options(values["storage_options"])
+    if refused:  # an allow-list: names nobody reviewed may carry credentials too (docs/security.md)
         parser.error(
-            f"--storage-options must not carry credentials "
-            f"({', '.join(credential_options(values['storage_options']))}): the command line is "
-            "visible to `ps` and Ray records it as the job's entrypoint; set AWS_ACCESS_KEY_ID/"
-            "AWS_SECRET_ACCESS_KEY (e.g. from a Kubernetes Secret) or use a credentials file"
+            f"--storage-options may only hold options known to carry no credentials; refused: "
+            f"{', '.join(refused)}. The command line is visible to `ps` and Ray records it as the "
+            "job's entrypoint; take credentials from a mounted credentials file, IRSA / workload "
+            "identity, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from a Kubernetes Secret"
         )
+
+
+def _uris(config: JobConfig) -> list[str | None]:
+    return [config.input_uri, config.output_uri, config.labels_uri, config.weights_uri, config.pushgateway]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(config)
     except JOB_ERRORS as exc:
-        print(f"segment_bucket.py: error: {exc}", file=sys.stderr)
+        print(f"segment_bucket.py: error: {public_text(str(exc), _uris(config))}", file=sys.stderr)
         return 2
     except SystemicFailure as exc:
         print(f"segment_bucket.py: error: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-from pipeline.credentials import redact
+from pipeline.credentials import public_uri, redact
 from pipeline.flags import check_fields, json_object, option, parse_range, parse_scales, section
 from pipeline.models import MODEL_BUILDERS
 from pipeline.probs import ENCODINGS
@@ -297,4 +297,6 @@ class JobConfig:
         """The config as JSON-able data with anything that looks like a credential redacted."""
         data = asdict(self)
         data["storage_options"] = redact(self.storage_options)
+        for name in ("input_uri", "output_uri", "labels_uri", "weights_uri", "pushgateway", "ray_address"):
+            data[name] = public_uri(data[name])  # no userinfo, no presigned query string
         return data

@@ -12,6 +12,7 @@ from pipeline.cluster import cluster_nodes, init_ray
 from pipeline.compare_text import format_comparison, regression_message
 from pipeline.config import JobConfig
 from pipeline.console import describe, print_summary
+from pipeline.credentials import public_text, public_uri
 from pipeline.manifest import build_manifest
 from pipeline.observability import push_summary
 from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs, run_before
@@ -91,7 +92,8 @@ def _comparison(config: JobConfig, output: RunOutput):
         return None
     previous_id = run_before(committed_runs(config.output_uri, config.storage_options), config.run_id)
     if previous_id is None:
-        print(f"[deeplab-pipeline] no earlier committed run under {config.output_uri} to compare with", flush=True)
+        shown = public_uri(config.output_uri)
+        print(f"[deeplab-pipeline] no earlier committed run under {shown} to compare with", flush=True)
         return None
     from pipeline.compare_stage import compare_outputs
 
@@ -116,7 +118,8 @@ def _push(config: JobConfig, stats, summary: RunSummary) -> None:
             changed_images=comparison.changed_images if comparison else None,
         )
     except Exception as exc:  # the run is committed; a monitoring outage must not turn it red
-        print(f"[deeplab-pipeline] warning: could not push to {config.pushgateway}: {exc}", file=sys.stderr)
+        shown = f"{public_uri(config.pushgateway)}: {public_text(str(exc), [config.pushgateway])}"
+        print(f"[deeplab-pipeline] warning: could not push to {shown}", file=sys.stderr)
 
 
 def run(config: JobConfig) -> RunSummary:
@@ -129,8 +132,8 @@ def run(config: JobConfig) -> RunSummary:
 
     todo = inputs.without(earlier.keys)
     print(
-        f"[deeplab-pipeline] {len(inputs)} inputs under {config.input_uri}; {len(earlier.keys)} already done; "
-        f"{len(todo)} to segment → {output.uri}",
+        f"[deeplab-pipeline] {len(inputs)} inputs under {public_uri(config.input_uri)}; {len(earlier.keys)} already "
+        f"done; {len(todo)} to segment → {public_uri(output.uri)}",
         flush=True,
     )
     resources = Resources.resolve(config, cluster_nodes())
@@ -164,7 +167,7 @@ def run(config: JobConfig) -> RunSummary:
     )
     if config.pushgateway:
         _push(config, stats, summary)
-    print_summary(summary, weights.categories, output.uri, run_seconds, processed)
+    print_summary(summary, weights.categories, public_uri(output.uri), run_seconds, processed)
     if summary.comparison is not None:
         print(format_comparison(summary.comparison))
     return summary

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from importlib import metadata
 
+from pipeline.credentials import public_uri
+
 PACKAGES = ("ray", "torch", "torchvision", "timm", "pyarrow", "fsspec", "s3fs", "pydensecrf2", "numpy")
 
 
@@ -43,7 +45,7 @@ def build_manifest(
         "run_id": config.run_id,
         "config": config.to_public_dict(),
         "model": config.model,
-        "weights": {"uri": weights.uri.split("#")[0], "sha256": sha256},
+        "weights": {"uri": public_uri(weights.uri.split("#")[0]), "sha256": sha256},
         "categories": list(weights.categories),
         "versions": versions(),
         "nodes": {stage: stats.nodes.get(stage, []) for stage in ("infer", "crf")},

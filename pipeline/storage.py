@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol, url_to_fs
 
+from pipeline.credentials import public_text, public_uri
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Transient S3 failures (5xx, throttling, connection resets) are retried by botocore, in one
@@ -52,9 +54,11 @@ def open_fs(uri: str, storage_options: dict | None = None):
 
 
 def _join(fs, root: str, key: str) -> str:
+    """The URI shown for ``key`` (never read: ``Locator.read_*`` read exact paths): the root without
+    userinfo or query string, then the key as it is."""
     # Concatenated, not posixpath.join: the S3 object "in//x.jpg" has the key "/x.jpg", and join
-    # would drop the root for it (reading s3:///x.jpg, or another bucket's object for "/b/x.jpg").
-    return fs.unstrip_protocol(f"{root}/{key}" if root else key)
+    # would drop the root for it (showing s3:///x.jpg, or another bucket's object for "/b/x.jpg").
+    return f"{public_uri(fs.unstrip_protocol(root))}/{key}" if root else fs.unstrip_protocol(key)
 
 
 def iter_image_keys(fs, root: str) -> Iterator[str]:
@@ -288,7 +292,7 @@ def list_inputs(
     try:
         fs, root = open_fs(input_uri, storage_options)
         if not fs.exists(root):
-            raise InputError(f"input {input_uri} does not exist (check the path/bucket and credentials)")
+            raise InputError(f"input {public_uri(input_uri)} does not exist (check the path/bucket and credentials)")
         chunks, pending, count = [], [], 0
         for key in iter_image_keys(fs, root):
             pending.append(key)
@@ -302,9 +306,10 @@ def list_inputs(
     except InputError:
         raise
     except Exception as exc:  # credentials, DNS, endpoint: say it in one line
-        raise InputError(f"cannot list {input_uri}: {type(exc).__name__}: {exc}") from None
+        shown = public_text(f"{type(exc).__name__}: {exc}", [input_uri])
+        raise InputError(f"cannot list {public_uri(input_uri)}: {shown}") from None
     if not count:
-        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {input_uri}")
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {public_uri(input_uri)}")
     return Inputs(input_uri, labels_uri, pa.chunked_array(chunks, pa.string()), storage_options)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.credentials import public_text, public_uri
 from pipeline.models import DEFAULT_WEIGHTS
 
 if TYPE_CHECKING:  # torch only for hints: the CLI imports this module without torch
@@ -141,13 +142,14 @@ def read_verified(
     try:
         data = read_bytes(path, storage_options)  # the same S3 retry policy as image reads
     except FileNotFoundError:
-        raise WeightsError(f"weights not found: {path}") from None
+        raise WeightsError(f"weights not found: {public_uri(path)}") from None
     except Exception as exc:  # any backend error: permissions, endpoint, DNS
-        raise WeightsError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+        shown = public_text(f"{type(exc).__name__}: {exc}", [path])
+        raise WeightsError(f"cannot read weights {public_uri(path)}: {shown}") from None
     digest = hashlib.sha256(data).hexdigest()
     if expected and not digest.startswith(expected):
         shown = expected if len(expected) == 64 else f"starting {expected}"
-        raise WeightsError(f"checksum mismatch for {path}: expected sha256 {shown}, file has {digest}")
+        raise WeightsError(f"checksum mismatch for {public_uri(path)}: expected sha256 {shown}, file has {digest}")
     return data, digest
 
 
