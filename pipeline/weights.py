@@ -4,8 +4,10 @@ Each model's records live beside its builder in ``pipeline.models`` (its module'
 ``DEFAULT_WEIGHTS``); ``default_weights(model)`` finds them through the registry.
 
 A weights URI may carry its expected checksum as a fragment: ``s3://b/ckpt.pth#sha256=<hex>``,
-the full digest or a prefix of at least 8 hex digits (torch.hub puts such a prefix in its file
-names, e.g. ``deeplabv3_resnet50_coco-cd0a2569.pth``). Both safetensors and ``torch.save`` files
+the full 64-hex digest: a prefix (torch.hub puts 8 hex digits in its file names, e.g.
+``deeplabv3_resnet50_coco-cd0a2569.pth``) is refused, since a file forged to match 32 bits is
+feasible. A checkpoint's ``categories`` must be unique strings of at most ``MAX_CATEGORY_CHARS``.
+Both safetensors and ``torch.save`` files
 are read (the latter with ``weights_only=True``, so a checkpoint cannot run code); common
 wrappers (``{"state_dict": ...}``, ``{"model": ...}``, DataParallel's ``module.`` prefix) are
 unwrapped.
@@ -75,7 +77,8 @@ class Weights:
     """Everything needed to use a weight set: where it is, its checksum, classes and transforms.
 
     ``uri`` is any fsspec URI; to use a mirror, ``dataclasses.replace(w, uri="s3://...")`` keeps
-    the checksum. ``sha256`` is the full digest or a prefix of at least 8 hex digits. Inputs are
+    the checksum. ``sha256`` is the full digest (a record that only knows torch.hub's 8-digit
+    prefix cannot be used without ``--weights URI#sha256=<full digest>``). Inputs are
     RGB scaled to [0, 1] and normalised with ``mean``/``std``; ``resize_size`` is the shorter
     side the publisher resized images to for evaluation (torchvision's ``SemanticSegmentation``
     preset, bilinear), None when the weights were evaluated at native resolution.
@@ -112,13 +115,18 @@ def default_weights(model: str) -> Weights:
         raise WeightsError(f"no published weights are known for {model}; pass --weights URI") from None
 
 
-_DIGEST = re.compile(r"[0-9a-f]{8,64}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+MAX_CATEGORY_CHARS = 64
 
 
 def checked_digest(digest: str) -> str:
     digest = digest.strip().lower()
     if not _DIGEST.fullmatch(digest):
-        raise WeightsError(f"bad sha256 {digest!r}: expected 8 to 64 hex digits (the full digest or its prefix)")
+        shown = digest if len(digest) <= 80 else digest[:80] + "..."
+        raise WeightsError(
+            f"bad sha256 {shown!r}: expected the full 64-hex-digit digest (a prefix identifies no file: "
+            f"one forged to match it is feasible); `sha256sum FILE` prints it"
+        )
     return digest
 
 
@@ -147,18 +155,40 @@ def read_verified(
         shown = public_text(f"{type(exc).__name__}: {exc}", [path])
         raise WeightsError(f"cannot read weights {public_uri(path)}: {shown}") from None
     digest = hashlib.sha256(data).hexdigest()
-    if expected and not digest.startswith(expected):
-        shown = expected if len(expected) == 64 else f"starting {expected}"
-        raise WeightsError(f"checksum mismatch for {public_uri(path)}: expected sha256 {shown}, file has {digest}")
+    if expected and digest != expected:
+        raise WeightsError(f"checksum mismatch for {public_uri(path)}: expected sha256 {expected}, file has {digest}")
     return data, digest
 
 
 def categories_from(metadata: dict[str, str], num_classes: int) -> tuple[str, ...]:
-    """Class names: the checkpoint's own, else VOC's for 21 classes, else class_<i>."""
+    """Class names: the checkpoint's own, else VOC's for 21 classes, else class_<i>. The checkpoint's
+    own must be unique non-empty strings of at most MAX_CATEGORY_CHARS (WeightsError before any work)."""
     if "categories" in metadata:
-        names = tuple(json.loads(metadata["categories"]))
+        names = checked_categories(metadata["categories"])
         if len(names) == num_classes:
             return names
     if num_classes == len(VOC_CLASSES):
         return VOC_CLASSES
     return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def checked_categories(text: str) -> tuple[str, ...]:
+    """A checkpoint's ``categories`` metadata (a JSON list) as class names, or WeightsError."""
+    try:
+        names = json.loads(text)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise WeightsError(f"checkpoint metadata 'categories' is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(names, list):
+        raise WeightsError(f"checkpoint metadata 'categories' must be a JSON list of names, not {type(names).__name__}")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip() or len(n) > MAX_CATEGORY_CHARS]
+    if bad:
+        shown = ", ".join(repr(n)[:40] for n in bad[:5])
+        raise WeightsError(
+            f"checkpoint metadata 'categories' must hold non-empty strings of at most {MAX_CATEGORY_CHARS} "
+            f"characters; {len(bad)} are not: {shown}"
+        )
+    seen: set[str] = set()
+    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+    if duplicates:
+        raise WeightsError(f"checkpoint metadata 'categories' names a class twice: {', '.join(duplicates[:5])[:300]}")
+    return tuple(names)

@@ -3,6 +3,7 @@ where outputs go (or which object is read); run ids cannot name a folder outside
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -352,3 +353,57 @@ def test_credentials_never_reach_outputs_logs_or_ray_metadata(secure_cluster):
     assert {"out/run=env/_SUCCESS", "out/run=env/manifest.json", "out/run=env/report.html"} <= set(texts)
     assert not [(key, s) for key, text in texts.items() for s in SECRETS if s in text]
     assert not leaks_in_ray(env, temp_dir)
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+
+def _demo_with_categories(tmp_path: Path, categories) -> str:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pipeline.weights import ASSETS
+
+    source = ASSETS / "deeplabv3plus_demo.safetensors"
+    with safe_open(str(source), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata() or {})
+    metadata["categories"] = json.dumps(categories)
+    path = tmp_path / "demo.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "categories, message",
+    [
+        (list(range(6)), "non-empty strings"),
+        (["a", "b", "a", "c", "d", "e"], "twice"),
+        (["x" * 65, "b", "c", "d", "e", "f"], "at most 64"),
+        ({"not": "a list"}, "JSON list"),
+    ],
+)
+def test_bad_checkpoint_categories_exit_2_before_any_work(categories, message, tmp_path, capsys):
+    weights = _demo_with_categories(tmp_path, categories)
+    argv = [str(DEMO_BUCKET / "images"), "--output", str(tmp_path / "out"), "--weights", weights, "--limit", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "categories" in err and message in err, err
+    assert not (tmp_path / "out" / "run=x").exists() and not list((tmp_path / "out").glob("run=*/masks/*"))
+
+
+def test_a_checksum_prefix_is_refused_and_published_records_carry_full_digests(tmp_path, capsys):
+    from pipeline.models import DEFAULT_WEIGHTS
+    from pipeline.weights import ASSETS
+
+    demo = ASSETS / "deeplabv3plus_demo.safetensors"
+    prefix = hashlib.sha256(demo.read_bytes()).hexdigest()[:8]
+    argv = [str(DEMO_BUCKET / "images"), "--output", str(tmp_path / "out"), "--weights", f"{demo}#sha256={prefix}"]
+    assert main(argv) == 2
+    assert "full 64-hex-digit digest" in capsys.readouterr().err
+    full = {m: w.sha256 for m, w in DEFAULT_WEIGHTS.items() if w.sha256 and len(w.sha256) == 64}
+    assert "deeplabv3plus_demo" in full and "deeplabv3_resnet50" in full
+    for model, w in DEFAULT_WEIGHTS.items():
+        if model not in full:  # only torch.hub's prefix known: refused before reading, with what to pass
+            assert main([str(DEMO_BUCKET / "images"), "--output", str(tmp_path / "out"), "--model", model]) == 2
+            assert "#sha256=<full digest>" in capsys.readouterr().err

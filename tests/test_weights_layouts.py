@@ -54,7 +54,7 @@ def torchvision_mobilenet():
 def test_published_weights_describe_torchvisions_files(weights, torchvision_enum):
     published = torchvision_enum.COCO_WITH_VOC_LABELS_V1
     assert weights.uri == published.url
-    assert weights.uri.endswith(f"-{weights.sha256}.pth")  # torch.hub's sha256 prefix in the file name
+    assert weights.uri.endswith(f"-{weights.sha256[:8]}.pth")  # torch.hub's sha256 prefix in the file name
     assert weights.categories[1:] == tuple(published.meta["categories"][1:]) and weights.num_classes == 21
     assert weights.held_out_miou == pytest.approx(published.meta["_metrics"]["COCO-val2017-VOC-labels"]["miou"] / 100)
     preset = published.transforms()
@@ -79,11 +79,12 @@ def test_torchvision_checkpoint_from_s3_with_checksum(s3_env, torchvision_mobile
     x = torch.randn(1, 3, 65, 97)
     with torch.no_grad():
         assert (model(x) - torchvision_mobilenet(x)["out"]).abs().max() <= 1e-4
-    # torch.hub's 8-digit prefix is accepted as the checksum too
-    assert load_model("deeplabv3_mobilenet_v3_large", f"{uri}#sha256={digest[:8]}")[1] == digest
-    with pytest.raises(WeightsError, match=f"expected sha256 starting {'0' * 8}, file has {digest}") as err:
-        read_checkpoint(f"{uri}#sha256={'0' * 8}")
+    # torch.hub's 8-digit prefix identifies no file (a 32-bit match can be forged): refused
+    with pytest.raises(WeightsError, match="full 64-hex-digit digest") as err:
+        load_model("deeplabv3_mobilenet_v3_large", f"{uri}#sha256={digest[:8]}")
     assert "\n" not in str(err.value)
+    with pytest.raises(WeightsError, match=f"expected sha256 {'0' * 64}, file has {digest}"):
+        read_checkpoint(f"{uri}#sha256={'0' * 64}")
 
 
 def test_safetensors_with_aux_head_into_an_aux_model(torchvision_mobilenet):

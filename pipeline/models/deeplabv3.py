@@ -33,7 +33,11 @@ def _coco_with_voc_labels(model: str, file: str, sha256: str, *, held_out_miou: 
 
 
 DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1 = _coco_with_voc_labels(
-    "deeplabv3_resnet50", "deeplabv3_resnet50_coco-cd0a2569.pth", "cd0a2569", held_out_miou=0.664, num_params=42_004_074
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet50_coco-cd0a2569.pth",
+    "cd0a25694c4a0f7106b38f4938bf90a874f2f241cc410b8f63c7024399538f06",
+    held_out_miou=0.664,
+    num_params=42_004_074,
 )
 DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1 = _coco_with_voc_labels(
     "deeplabv3_resnet101",
