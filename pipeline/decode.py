@@ -15,9 +15,17 @@ from functools import partial
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.images import IMAGE_FORMATS, MAX_IMAGE_BYTES, MAX_LABEL_BYTES, Refused, decode_image
+from pipeline.images import (
+    IMAGE_FORMATS,
+    MAX_IMAGE_BYTES,
+    MAX_LABEL_BYTES,
+    Refused,
+    decode_image,
+    encode_thumbnail,
+    thumbnail_size,
+)
 from pipeline.observability import stage_metrics
-from pipeline.palette import IGNORE_INDEX, LabelMismatch, label_to_mask
+from pipeline.palette import IGNORE_INDEX, LabelMismatch, label_to_mask, mask_to_png
 from pipeline.results import mark_error
 from pipeline.schema import add_columns, to_stream
 from pipeline.storage import Locator, ObjectTooLarge, read_bytes
@@ -95,6 +103,7 @@ def decode_batch(
         h, w = decoded.rgb.shape[:2]
         out["image"][i], out["height"][i], out["width"][i] = decoded.rgb.tobytes(), h, w
         out["exif_orientation"][i] = decoded.exif_orientation or 0
+        out["thumbnail"][i] = encode_thumbnail(decoded.rgb)
         if not label_uri:
             continue
         label, problem = check_label(labels[i], label_uri, (h, w), num_classes)
@@ -104,6 +113,7 @@ def decode_batch(
             stage_metrics("label").error()
         elif label is not None:
             out["label"][i], out["has_label"][i] = label.tobytes(), True
+            out["label_thumbnail"][i] = mask_to_png(_nearest(label, thumbnail_size(label.shape)))
     return to_stream(out)
 
 
@@ -136,6 +146,13 @@ def _decoded(out: dict[str, list], i: int, uri: str, data: bytes | Exception | N
     except Exception as exc:
         mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
     return None
+
+
+def _nearest(ids: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Class ids resampled to ``shape`` by nearest neighbour (ids are labels, never blended)."""
+    rows = (np.arange(shape[0]) * ids.shape[0] // shape[0]).clip(0, ids.shape[0] - 1)
+    cols = (np.arange(shape[1]) * ids.shape[1] // shape[1]).clip(0, ids.shape[1] - 1)
+    return ids[rows[:, None], cols[None, :]]
 
 
 def check_label(

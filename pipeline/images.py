@@ -29,6 +29,8 @@ LABEL_FORMATS = ("PNG",)
 MAX_FRAMES = 16  # only the first frame is used; a file declaring more is refused unread
 MAX_IMAGE_BYTES = 256 * 2**20  # an object larger than this is refused after reading at most this + 1 bytes
 MAX_LABEL_BYTES = 64 * 2**20
+THUMB_WIDTH = 240  # the report's thumbnails (made by the decode worker, stored with the row)
+THUMB_QUALITY = 70
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ORIENTATION = 0x0112
@@ -100,24 +102,25 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Decoded:
         return Decoded(rgb=_to_rgb(upright), exif_orientation=orientation)
 
 
-def decode_thumbnail(data: bytes, width: int, *, max_pixels: int | None = None) -> np.ndarray:
-    """(h, ``width``, 3) uint8 RGB, upright, decoded reduced where the format allows (JPEG's DCT
-    scaling through ``draft``), under the same format, pixel and frame checks as ``decode_image``."""
-    with open_bounded(data, formats=IMAGE_FORMATS, max_pixels=max_pixels) as image:
-        orientation = orientation_of(image)
-        image.draft("RGB", (width, max(1, round(image.height * width / max(1, image.width)))))
-        image.load()
-        upright = image.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else image
-        return thumbnail(_to_rgb(upright), width)
-
-
 def thumbnail(rgb: np.ndarray, width: int) -> np.ndarray:
     """(h, ``width``, 3) uint8 RGB: ``rgb`` at ``width`` (never enlarged), same aspect."""
-    width = min(width, rgb.shape[1])
-    height = max(1, round(rgb.shape[0] * width / rgb.shape[1]))
+    height, width = thumbnail_size(rgb.shape, width)
     if (height, width) == rgb.shape[:2]:
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR), dtype=np.uint8)
+
+
+def encode_thumbnail(rgb: np.ndarray, width: int = THUMB_WIDTH) -> bytes:
+    """The report's picture of ``rgb``: WebP, at most ``width`` wide (a few KB, stored with the row)."""
+    buffer = io.BytesIO()
+    Image.fromarray(thumbnail(rgb, width)).save(buffer, format="WEBP", quality=THUMB_QUALITY, method=4)
+    return buffer.getvalue()
+
+
+def thumbnail_size(shape: tuple[int, ...], width: int = THUMB_WIDTH) -> tuple[int, int]:
+    """(h, w) of the thumbnail of an image of ``shape``: at most ``width`` wide, same aspect."""
+    w = min(width, shape[1])
+    return max(1, round(shape[0] * w / shape[1])), w
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

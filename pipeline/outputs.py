@@ -30,6 +30,8 @@ SUCCESS = "_SUCCESS"
 REPORT_COLUMNS = [
     "key",
     "uri",
+    "thumbnail",
+    "label_thumbnail",
     "mask",
     "mask_pre_crf",
     "miou",
@@ -219,8 +221,6 @@ class RunOutput:
             rows=self.rows_for(stats.candidates),
             errors=self.first_errors(50),
             error_count=stats.errors,
-            locator=locator,
-            storage_options=self.storage_options,
             comparison=comparison,
         )
         write_bytes_atomic(self.full_uri("report.html"), page.encode(), self.storage_options)

@@ -1,5 +1,9 @@
 """``report.html``: one self-contained page (images inlined as data URIs, chart as inline SVG).
 
+The report never reads or decodes an input: its pictures are the thumbnails the decode workers
+made and stored with each row (``masks.thumbnail``, ``masks.label_thumbnail``), so an object
+replaced since, or a huge image read with --tile, cannot reach the driver. Panels are WebP.
+
 Run summary, per-class IoU before vs after CRF, and overlays (image | pre-CRF | post-CRF | label)
 for the worst and best labelled images, the images the CRF changed most and the least confident
 images, plus the errors. With a comparison (pipeline/compare.py): what changed since the previous
@@ -17,24 +21,34 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.images import decode_thumbnail
+from pipeline.images import THUMB_WIDTH, thumbnail_size
 from pipeline.metrics import format_score
 from pipeline.palette import IGNORE_INDEX, png_to_mask, voc_palette
-from pipeline.storage import Locator, read_bytes
 
 if TYPE_CHECKING:
     from pipeline.compare_result import Comparison
 
 _PALETTE = voc_palette()
-THUMB_WIDTH = 240
 PER_SECTION = 4
+PANEL_QUALITY = 80
+_MAX_THUMB_BYTES = 4 * 2**20  # a stored thumbnail is a few KB; anything larger is not ours
 
 
 def _data_uri(rgb: np.ndarray) -> str:
     image = Image.fromarray(rgb)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image.save(buffer, format="WEBP", quality=PANEL_QUALITY, method=4)
+    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _stored_thumbnail(data: bytes | None) -> np.ndarray | None:
+    """A row's stored thumbnail (WebP the workers wrote, at most THUMB_WIDTH wide) as RGB, or None."""
+    if not data or len(data) > _MAX_THUMB_BYTES:
+        return None
+    with Image.open(io.BytesIO(data), formats=["WEBP"]) as image:
+        if image.width > THUMB_WIDTH or image.height > 16 * THUMB_WIDTH:
+            return None
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _overlay(image: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -49,10 +63,6 @@ def _resized(ids: np.ndarray, shape: tuple[int, int] | None) -> np.ndarray:
     if shape is None or ids.shape == shape:
         return ids
     return np.asarray(Image.fromarray(ids).resize((shape[1], shape[0]), Image.NEAREST))
-
-
-def _thumb(uri: str, storage_options: dict) -> np.ndarray:
-    return decode_thumbnail(read_bytes(uri, storage_options), THUMB_WIDTH)
 
 
 def _table_rows(rows: list[tuple[str, object]]) -> str:
@@ -88,24 +98,19 @@ def _panels(title: str, panels: list[tuple[str, np.ndarray]]) -> str:
     return f'<div class="fig"><h4>{html.escape(title)}</h4><div class="row">{cells}</div></div>'
 
 
-def _figure(row: dict, label_uri: str | None, storage_options: dict, note: str = "") -> str:
-    try:
-        image = _thumb(row["uri"], storage_options)
-    except Exception as exc:  # the input may have changed since the run; the report still renders
-        return f'<div class="fig"><p>{html.escape(row["key"])}: cannot read image ({html.escape(str(exc))})</p></div>'
+def _figure(row: dict, note: str = "") -> str:
+    image = _stored_thumbnail(row.get("thumbnail"))
+    post = png_to_mask(row["mask"])
+    if image is None:  # a row written before thumbnails existed: the masks alone
+        image = np.zeros((*thumbnail_size(post.shape), 3), dtype=np.uint8)
     size = image.shape[:2]
     panels = [("image", image)]
     pre = None if row["mask_pre_crf"] is None else _resized(png_to_mask(row["mask_pre_crf"]), size)
     if pre is not None:
         panels.append(("before CRF", _overlay(image, pre)))
-    post = _resized(png_to_mask(row["mask"]), size)
-    panels.append(("after CRF" if pre is not None else "mask", _overlay(image, post)))
-    if label_uri:
-        try:
-            label = png_to_mask(read_bytes(label_uri, storage_options))
-            panels.append(("label", _overlay(image, _resized(label, size))))
-        except Exception:
-            pass  # unlabelled image
+    panels.append(("after CRF" if pre is not None else "mask", _overlay(image, _resized(post, size))))
+    if row.get("label_thumbnail"):
+        panels.append(("label", _overlay(image, _resized(png_to_mask(row["label_thumbnail"]), size))))
     score = "" if row["miou"] is None else f" mIoU {row['miou']:.3f}"
     if row["miou_pre_crf"] is not None:
         score += f" (pre-CRF {row['miou_pre_crf']:.3f})"
@@ -115,24 +120,18 @@ def _figure(row: dict, label_uri: str | None, storage_options: dict, note: str =
     return _panels(row["key"] + score, panels)
 
 
-def _at_thumb_width(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(h, w) of a thumbnail of an image of ``shape``: at most THUMB_WIDTH wide, same aspect."""
-    width = min(THUMB_WIDTH, shape[1])
-    return max(1, round(shape[0] * width / shape[1])), width
-
-
-def _change_figure(example, storage_options: dict) -> str:
-    """Previous vs current mask over the image, and the pixels that changed (red)."""
+def _change_figure(example, thumbnail: bytes | None) -> str:
+    """Previous vs current mask over the image (its stored thumbnail, when the report's rows hold
+    it), and the pixels that changed (red)."""
     old, new = png_to_mask(example.mask_old), png_to_mask(example.mask_new)
     same_size = old.shape == new.shape
-    try:
-        image = _thumb(example.uri, storage_options)
-    except Exception:  # the input may be gone since; the masks alone still show the change
-        image = np.zeros((*_at_thumb_width(new.shape), 3), dtype=np.uint8)
+    image = _stored_thumbnail(thumbnail)
+    if image is None:  # the masks alone still show the change
+        image = np.zeros((*thumbnail_size(new.shape), 3), dtype=np.uint8)
     size = image.shape[:2]
     changed_ids = _resized((old != new).astype(np.uint8), size) if same_size else None
     if not same_size:  # the previous mask at thumbnail width, in its own aspect ratio
-        old = _resized(old, _at_thumb_width(old.shape))
+        old = _resized(old, thumbnail_size(old.shape))
     old, new = _resized(old, size) if same_size else old, _resized(new, size)
     previous = _overlay(image, old) if same_size else _PALETTE[old]
     panels = [("image", image), ("previous run", previous), ("this run", _overlay(image, new))]
@@ -143,7 +142,7 @@ def _change_figure(example, storage_options: dict) -> str:
     return _panels(f"{example.key}: {100 * example.disagreement:.2f}% of pixels changed", panels)
 
 
-def _comparison_html(c: Comparison, storage_options: dict) -> str:
+def _comparison_html(c: Comparison, rows: dict[str, dict]) -> str:
     rows = [
         ("compared with run", c.against),
         (
@@ -170,7 +169,10 @@ def _comparison_html(c: Comparison, storage_options: dict) -> str:
         if deltas
         else ""
     )
-    figures = "".join(_change_figure(e, storage_options) for e in c.examples[:PER_SECTION]) or "<p>no mask changed</p>"
+    figures = (
+        "".join(_change_figure(e, rows.get(e.key, {}).get("thumbnail")) for e in c.examples[:PER_SECTION])
+        or "<p>no mask changed</p>"
+    )
     return (
         f"<h2>Biggest changes since run {html.escape(c.against)}</h2>"
         f"<table>{_table_rows(rows)}</table>{classes}{figures}"
@@ -214,9 +216,7 @@ def _errors_html(errors: pa.Table, error_count: int) -> str:
     )
 
 
-def _image_sections(
-    manifest: dict, candidates: dict[str, list[list]], rows: dict[str, dict], locator: Locator, storage_options: dict
-) -> list[str]:
+def _image_sections(manifest: dict, candidates: dict[str, list[list]], rows: dict[str, dict]) -> list[str]:
     """The overlay sections: worst, best, most changed by the CRF, least confident images."""
     low_conf = manifest["config"]["inference"]["low_conf_threshold"]
 
@@ -232,11 +232,7 @@ def _image_sections(
         keys = [key for _, key, _ in candidates.get(name, [])][:PER_SECTION]
         if not keys:
             return ""
-        return f"<h2>{title}</h2>" + "".join(
-            _figure(rows[k], locator.label_uri(k) or None, storage_options, note(rows[k], confidence))
-            for k in keys
-            if k in rows
-        )
+        return f"<h2>{title}</h2>" + "".join(_figure(rows[k], note(rows[k], confidence)) for k in keys if k in rows)
 
     return [
         section("Worst images (lowest mIoU)", "worst"),
@@ -264,19 +260,18 @@ def render_report(
     rows: dict[str, dict],
     errors: pa.Table,
     error_count: int,
-    locator: Locator,
-    storage_options: dict,
     comparison: Comparison | None = None,
 ) -> str:
     """HTML for a committed run: ``candidates`` are the summed PartStats' sections
-    ([value, key, part] per image), ``rows`` their masks rows by key, ``errors`` the first rows."""
-    worst, best, changed, least_confident = _image_sections(manifest, candidates, rows, locator, storage_options)
+    ([value, key, part] per image), ``rows`` their masks rows by key (with the stored thumbnails),
+    ``errors`` the first rows. Nothing here reads an input."""
+    worst, best, changed, least_confident = _image_sections(manifest, candidates, rows)
     chart = _bar_chart(
         classes.column("class_name").to_pylist(),
         classes.column("iou").to_pylist(),
         classes.column("iou_pre_crf").to_pylist(),
     )
-    compared = _comparison_html(comparison, storage_options) if comparison is not None else ""
+    compared = _comparison_html(comparison, rows) if comparison is not None else ""
     run_id = html.escape(manifest["run_id"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>deeplab-pipeline run {run_id}</title>

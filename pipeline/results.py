@@ -61,7 +61,7 @@ def _value(col: Col, value):
     return _PYTHON[col.type.id](value)
 
 
-_PYTHON = {pa.string().id: str, pa.int32().id: int, pa.float64().id: float, pa.bool_().id: bool}
+_PYTHON = {pa.string().id: str, pa.int32().id: int, pa.float64().id: float, pa.bool_().id: bool, pa.binary().id: bytes}
 _PASSED = [c for c in RESULT_COLUMNS if c.passed]
 _ON_ERROR = [c for c in _PASSED if c.kept_on_error]
 

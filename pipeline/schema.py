@@ -64,6 +64,9 @@ COLUMNS = (
     Col("class_pixels", _COUNTS, "result"),
     Col("has_label", pa.bool_(), "decode"),
     Col("label_error", pa.string(), "decode", null=""),  # why the label was not scored; null if fine
+    # The report's pictures, made by the decode worker (the driver never decodes an input):
+    Col("thumbnail", pa.binary(), "decode", null=b""),  # the upright image, WebP, at most images.THUMB_WIDTH wide
+    Col("label_thumbnail", pa.binary(), "decode", null=b""),  # PNG class ids at the thumbnail's size; null if none
     Col("intersect", _COUNTS, "result"),
     Col("union", _COUNTS, "result"),
     Col("label_area", _COUNTS, "result"),

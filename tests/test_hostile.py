@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -233,3 +234,35 @@ def test_thirty_poison_inputs_in_a_thousand_commit_with_thirty_error_rows(tmp_pa
     assert sorted(masks + [r["key"] for r in errors]) == keys  # every key exactly once
     assert sorted(r["key"] for r in errors) == sorted(poison)
     assert {r["error_type"] for r in errors} == {"WorkerDied"}
+
+
+def test_workers_make_the_reports_thumbnails_and_the_report_reads_no_input(tmp_path):
+    """The driver never decodes an input: the decode step stores a small WebP thumbnail (and the
+    label's ids at its size) with the row, and pipeline/report.py has no way to read storage."""
+    import io
+
+    from PIL import Image
+
+    import pipeline.report
+
+    expected = write_hostile_bucket(tmp_path)
+    inputs = list_inputs(str(tmp_path / "images"), str(tmp_path / "labels"))
+    keys = ["ok.jpg", "exif-rotated.jpg", "elongated-10000x8.png", "bomb.png"]
+    locator = inputs.locator()
+    batch = {
+        "key": np.array(keys, dtype=object),
+        "uri": np.array([locator.image_uri(k) for k in keys], dtype=object),
+        "label_uri": np.array([locator.label_uri(k) for k in keys], dtype=object),
+    }
+    out = decode_batch(batch, storage_options={}, num_classes=21, max_pixels=50_000_000, locator=locator)
+    sizes = {}
+    for i, key in enumerate(keys[:3]):
+        with Image.open(io.BytesIO(out["thumbnail"][i]), formats=["WEBP"]) as thumb:
+            sizes[key] = thumb.size
+        assert len(out["thumbnail"][i]) < 20_000
+    assert sizes["ok.jpg"] == (128, 96) and sizes["exif-rotated.jpg"] == (96, 128)  # upright, never enlarged
+    assert sizes["elongated-10000x8.png"][0] == 240
+    assert out["label_thumbnail"][0] and not out["label_thumbnail"][1]  # only ok.jpg has a usable label
+    assert out["thumbnail"][3] == b"" and expected["bomb.png"][0] == "decode"  # a refused input has none
+    source = Path(pipeline.report.__file__).read_text()
+    assert "pipeline.storage" not in source and "read_bytes" not in source and "read_object" not in source

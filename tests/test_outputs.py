@@ -185,7 +185,7 @@ sys.exit(rc)
 
     # The report: self-contained, with every section, and it renders in headless Chromium.
     report = (run_dir / "report.html").read_text()
-    assert "<svg" in report and report.count("data:image/png;base64,") >= 8
+    assert "<svg" in report and report.count("data:image/webp;base64,") >= 8
     for title in ("Worst images", "Best images", "Images the CRF changed most", "Errors (1)", "corrupt.jpg"):
         assert title in report
     assert not re.search(r'src="(?!data:)', report)  # nothing loaded from outside the file
