@@ -66,7 +66,8 @@ def render_kustomization(root: Path = K8S) -> list[dict]:
         data = {Path(f).name: (root / f).read_text() for f in gen["files"]}
         objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
     for obj in objects:
-        obj["metadata"]["namespace"] = k["namespace"]
+        if obj["kind"] != "Namespace":  # cluster-scoped: kustomize leaves it without one
+            obj["metadata"]["namespace"] = k["namespace"]
         for subject in obj.get("subjects", []):
             if subject["kind"] == "ServiceAccount":
                 subject["namespace"] = k["namespace"]
@@ -141,7 +142,8 @@ def ray_pod_templates(spec: dict) -> dict[str, dict]:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_core_objects_validate(version):
     objects = [*rendered(), *load_docs(K8S / "secret.example.yaml")]
-    assert {o["kind"] for o in objects} == {"ServiceAccount", "Role", "RoleBinding", "CronJob", "ConfigMap", "Secret"}
+    kinds = {"ServiceAccount", "Role", "RoleBinding", "CronJob", "ConfigMap", "Secret", "Namespace", "NetworkPolicy"}
+    assert {o["kind"] for o in objects} == kinds
     for obj in objects:
         validate_k8s(obj, version)
     # The pods inside the KubeRay objects are core PodTemplateSpecs: hold them to the strict schema too.
@@ -351,12 +353,18 @@ def _walk(node):
 
 def test_no_secret_values_inline():
     example = load_docs(K8S / "secret.example.yaml")[0]
-    assert all(v.startswith("REPLACE_ME") for v in example["stringData"].values())
+    placeholders = [p for v in example["stringData"].values() for p in re.findall(r"REPLACE_ME\w*", v)]
+    assert placeholders and all(
+        line.split("=")[-1].strip().startswith("REPLACE_ME")
+        for v in example["stringData"].values()
+        for line in v.splitlines()
+        if "=" in line
+    )
     deploy_files = [p for p in K8S.glob("*.yaml") if p.name != "secret.example.yaml"]
     others = [REPO / "ray_cluster.yaml", REPO / "Dockerfile", REPO / "docs" / "kubernetes.md"]
     texts = {p: p.read_text() for p in [*deploy_files, *others]}
     for path, text in texts.items():
-        for value in example["stringData"].values():
+        for value in placeholders:
             assert value not in text, path
         assert not re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", text), f"AWS access key id in {path}"
     secret_refs = set()
@@ -365,9 +373,94 @@ def test_no_secret_values_inline():
             assert obj["kind"] != "Secret", path
             for node in _walk(obj):
                 if "valueFrom" in node or "value" in node:
-                    if SECRET_NAME.search(str(node.get("name", ""))):
+                    # A *_FILE variable names where a mounted secret is, not a secret.
+                    if SECRET_NAME.search(str(node.get("name", ""))) and not str(node["name"]).endswith("_FILE"):
                         assert "value" not in node and "secretKeyRef" in node["valueFrom"], (path, node["name"])
                 if "secretKeyRef" in node:
                     secret_refs.add((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
+                if isinstance(node.get("secret"), dict):  # a mounted Secret: each of its items
+                    for item in node["secret"]["items"]:
+                        secret_refs.add((node["secret"]["secretName"], item["key"]))
     # Every reference points at a key the example Secret documents.
     assert secret_refs == {(example["metadata"]["name"], key) for key in example["stringData"]}
+
+
+# --- security objects (issue 29) ---------------------------------------------------------------
+
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _pod_templates() -> dict[str, dict]:
+    pods = {}
+    for name, spec in (("rayjob", rayjob()["spec"]), ("raycronjob", raycronjob()["spec"]["jobTemplate"])):
+        pods.update({f"{name}/{group}": t for group, t in ray_pod_templates(spec).items()})
+    (cron,) = by_kind(rendered(), "CronJob")
+    pods["cronjob"] = cron["spec"]["jobTemplate"]["spec"]["template"]
+    return pods
+
+
+def test_no_ray_pod_holds_a_service_account_token_or_static_keys():
+    for name, spec in (("rayjob", rayjob()["spec"]), ("raycronjob", raycronjob()["spec"]["jobTemplate"])):
+        for group, template in ray_pod_templates(spec).items():
+            pod = template["spec"]
+            assert pod["automountServiceAccountToken"] is False, (name, group)
+            for c in pod["containers"]:  # the token is the autoscaler sidecar's alone
+                assert TOKEN_PATH not in json.dumps(c.get("volumeMounts", [])), (name, group, c["name"])
+                names = {e["name"] for e in c.get("env", [])}
+                assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}, (name, group)
+            if group != "submitter":  # credentials: a mounted file (optional: else IRSA / workload identity)
+                env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+                mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+                volume = {v["name"]: v for v in pod["volumes"]}["s3-credentials"]
+                assert volume["secret"]["optional"] is True and mounts["s3-credentials"]["readOnly"] is True
+                assert env["AWS_SHARED_CREDENTIALS_FILE"].startswith(mounts["s3-credentials"]["mountPath"] + "/")
+        autoscaler = spec["rayClusterSpec"]["autoscalerOptions"]
+        (token,) = [m for m in autoscaler["volumeMounts"] if m["mountPath"] == TOKEN_PATH]
+        head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        projected = {v["name"]: v for v in head["volumes"]}[token["name"]]["projected"]
+        assert any("serviceAccountToken" in source for source in projected["sources"])
+
+
+def test_every_pod_meets_pod_security_restricted_in_a_labelled_namespace():
+    (namespace,) = by_kind(rendered(), "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert namespace["metadata"]["name"] == yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+    for name, template in _pod_templates().items():
+        pod = template["spec"]
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True and security["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod), name
+        assert not [v for v in pod.get("volumes", []) if "hostPath" in v], name
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+            assert not sc.get("privileged") and not sc["capabilities"].get("add"), (name, c["name"])
+
+
+def test_network_policy_admits_only_rays_ports_and_egress_to_storage_and_dns():
+    (policy,) = by_kind(rendered(), "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    admitted = {(p["port"], p.get("endPort", p["port"])) for rule in spec["ingress"] for p in rule["ports"]}
+    for source in (rayjob()["spec"], raycronjob()["spec"]["jobTemplate"]):
+        cluster = source["rayClusterSpec"]
+        params = [
+            cluster["headGroupSpec"]["rayStartParams"],
+            *(g["rayStartParams"] for g in cluster["workerGroupSpecs"]),
+        ]
+        for p in params:  # every port a Ray node listens on is fixed, and admitted
+            fixed = [int(p[k]) for k in p if k.endswith("-port")]
+            assert len(fixed) >= 7 and all(any(lo <= port <= hi for lo, hi in admitted) for port in fixed), p
+            assert (int(p["min-worker-port"]), int(p["max-worker-port"])) in admitted
+        head_ports = {
+            c["containerPort"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+        }
+        assert all(any(lo <= port <= hi for lo, hi in admitted) for port in head_ports)
+    text = json.dumps(spec["egress"])
+    assert '"port": 53' in text and '"port": 443' in text and "169.254.169.254/32" in text
+    assert all("ports" in rule for rule in spec["ingress"] + spec["egress"])  # never all ports
+
+
+def test_docs_example_references_images_by_digest():
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    assert re.search(r"deeplab-pipeline@sha256:[0-9a-f]{64}", docs)
