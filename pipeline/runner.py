@@ -5,8 +5,8 @@ adds them up. A batch whose worker died on every retry (a native crash, an OOM k
 by Ray Data instead of failing the night; its keys are in no part file. ``run_dag`` finds them
 with an Arrow anti-join against the part files' key columns and isolates the culprits by
 bisection: the missing keys run again in batches of ``ISOLATION_BATCH``, then the keys of the
-batches that failed again in batches half as large, down to one per batch (the innocent ones are
-segmented on the way, and each pass reruns only the failed batches' keys). Each key that still
+batches that failed again in batches ``SHRINK`` times smaller, down to one per batch (the innocent
+ones are segmented on the way, and each pass reruns only the failed batches' keys). Each key that still
 kills its worker alone runs once more, to learn the stage, and becomes its ``WorkerDied`` row.
 
 A systemic failure counts culprits, not lost keys: the batches of a pass are disjoint, so each
@@ -34,7 +34,11 @@ ALONE_AT_MOST = 20  # keys run alone to learn their stage; more than that share 
 # More distinct culprits than this (and than SYSTEMIC_SHARE of the run) is not a few poison inputs
 # but a failing cluster or store: the run stops, and --resume continues it once that is fixed.
 SYSTEMIC_KEYS, SYSTEMIC_SHARE = 200, 0.05
-ISOLATION_BATCH = 8  # the first bisection pass's batch size (then 4, 2, 1)
+# The isolation passes' batch sizes: each failed batch's keys run again in batches SHRINK times
+# smaller. Every pass costs each culprit one more worker crash (and restart), so few passes (8, then
+# 1) beat halving; a pass's batches are not retried, except alone, where a retry tells a transient
+# failure from a culprit.
+ISOLATION_BATCH, SHRINK = 8, 8
 STAGES = ("decode", "infer", "crf", "write")  # stages.build_dataset's ``upto``, in DAG order
 
 
@@ -78,15 +82,15 @@ def _bisect(
     missing: Inputs, build, output: RunOutput, num_classes: int, limit: int, run_id: str
 ) -> tuple[Inputs, PartStats]:
     """The keys that kill their worker alone, found by running the failed batches' keys again in
-    halving batch sizes; SystemicFailure as soon as a pass proves more than ``limit`` culprits."""
+    shrinking batch sizes; SystemicFailure as soon as a pass proves more than ``limit`` culprits."""
     stats, pending, size = PartStats.empty(num_classes), missing, ISOLATION_BATCH
     while len(pending):
-        size = min(size, 2 ** max(0, math.ceil(math.log2(len(pending))) - 1))  # at least two batches
+        size = max(1, min(size, len(pending) // 2))  # at least two batches
         if size == 1:
             print(f"[deeplab-pipeline] {len(pending)} inputs left: running them one per batch", flush=True)
         blocks = math.ceil(len(pending) / size)
         try:  # more failed batches than the limit stop the pass: each holds a distinct culprit
-            ds = build(pending, batch_size=size, retries=1, max_blocks=blocks, tolerate=limit)
+            ds = build(pending, batch_size=size, retries=int(size == 1), max_blocks=blocks, tolerate=limit)
             stats += consume(ds, num_classes, None)
         except Exception as exc:
             what = f"more than {limit} batches of {size} failed again while isolating culprits"
@@ -97,7 +101,7 @@ def _bisect(
             raise _systemic(f"at least {at_least} distinct inputs killed their workers", run_id)
         if size == 1:
             return pending, stats
-        size //= 2
+        size = max(1, size // SHRINK)
     return pending, stats
 
 
