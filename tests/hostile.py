@@ -217,3 +217,56 @@ def write_local_hostile_folder(root: Path, *, outside: Path) -> dict[str, tuple[
         "sparse-over-limit.jpg": ("decode", "object size limit"),
         "latin1-\\xe9t\\xe9.jpg": ("read", "not valid UTF-8"),
     }
+
+
+_ONE = """
+import resource, sys, numpy as np
+from pipeline.decode import decode_batch
+from pipeline.storage import Locator
+images, labels, key = sys.argv[1], sys.argv[2] or None, sys.argv[3]
+locator = Locator(images, labels)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+batch = {"key": np.array([key], dtype=object), "uri": np.array([locator.image_uri(key)], dtype=object),
+         "label_uri": np.array([locator.label_uri(key)], dtype=object)}
+out = decode_batch(batch, storage_options={}, num_classes=21, max_pixels=50_000_000, locator=locator)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+row = (out["error_stage"][0] or "mask") + " | " + (out["error_message"][0] or out["label_error"][0] or "")
+print(f"{before / 1024:.1f}\\t{after / 1024:.1f}\\t{row[:150]}")
+"""
+
+
+def peak_rss_table(root: Path) -> list[tuple[str, str, float, float, str]]:
+    """For every hostile input: (class folder, key, peak RSS in MiB before and after reading and
+    decoding it, the row it became), each in a fresh process: the process that refused it."""
+    import subprocess
+    import sys
+
+    write_hostile_bucket(root / "s3")
+    expected_local = write_local_hostile_folder(root / "local", outside=root / "outside")
+    cases = [
+        ("bucket", str(root / "s3" / "images"), str(root / "s3" / "labels"), k) for k in sorted(_keys(root / "s3"))
+    ]
+    cases += [("local", str(root / "local" / "images"), "", k) for k in sorted(expected_local)]
+    rows = []
+    for kind, images, labels, key in cases:
+        key_arg = key if "\\\\x" not in key else key  # escaped keys are passed as listed
+        out = subprocess.run(
+            [sys.executable, "-c", _ONE, images, labels, key_arg], capture_output=True, text=True, timeout=300
+        )
+        line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else f"0\t0\tFAILED {out.stderr[-200:]}"
+        before, after, row = line.split("\t", 2)
+        rows.append((kind, key, float(before), float(after), row))
+    return rows
+
+
+def _keys(root: Path) -> list[str]:
+    from pipeline.storage import list_inputs
+
+    return list_inputs(str(root / "images"), None).keys.to_pylist()
+
+
+if __name__ == "__main__":  # python -m tests.hostile DIR: the per-input peak RSS table (docs/faults.md)
+    import sys
+
+    for kind, key, before, after, row in peak_rss_table(Path(sys.argv[1])):
+        print(f"| {kind} | `{key}` | {before:.0f} | {after:.0f} | {row} |")
