@@ -27,11 +27,11 @@ from pipeline.cli import DEMO_BUCKET  # noqa: E402
 from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.config import CRFParams  # noqa: E402
 from pipeline.flags import parse_scales  # noqa: E402
-from pipeline.images import decode_image  # noqa: E402
+from pipeline.images import MAX_IMAGE_BYTES, MAX_LABEL_BYTES, decode_image  # noqa: E402
 from pipeline.metrics import format_score, image_stats, summarise, trimap_accuracy  # noqa: E402
 from pipeline.models import DEFAULT_MODEL  # noqa: E402
-from pipeline.palette import png_to_mask  # noqa: E402
-from pipeline.storage import list_inputs, read_bytes  # noqa: E402
+from pipeline.palette import label_to_mask  # noqa: E402
+from pipeline.storage import list_inputs  # noqa: E402
 from pipeline.weights import Weights, default_weights  # noqa: E402
 
 # DeepLab v1's search ranges (Sec. 4.1): w1 in [3:6], θα in [30:10:100], θβ in [3:6]; widened on
@@ -114,11 +114,12 @@ def load_samples(args: argparse.Namespace, input_uri: str, labels_uri: str) -> t
     locator = inputs.locator()
     samples = []
     for key in inputs.keys.to_pylist():
-        try:
-            label = png_to_mask(read_bytes(locator.label_uri(key)))
+        try:  # exact reads, bounded decoding: the job's own rules (pipeline/images.py)
+            label_bytes = locator.read_label(key, MAX_LABEL_BYTES)
         except FileNotFoundError:
             continue
-        image = decode_image(read_bytes(locator.image_uri(key))).rgb
+        image = decode_image(locator.read_image(key, MAX_IMAGE_BYTES)).rgb
+        label = label_to_mask(label_bytes, image.shape[:2])
         probs = predict_probs(model, image, mean=mean, std=std, scales=args.scales, flip=args.flip).numpy()
         samples.append((image, probs, label))
         if len(samples) >= args.limit:

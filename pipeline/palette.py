@@ -52,7 +52,7 @@ def png_to_mask(data: bytes) -> np.ndarray:
     Mode P and L are taken as ids directly; other modes are rejected because converting
     an RGB colour-coded label to ids needs a palette lookup the caller must do on purpose.
     """
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
         if image.mode not in ("P", "L"):
             raise ValueError(f"label PNG must be mode P or L (class ids), got mode {image.mode}")
         return np.array(image, dtype=np.uint8)
