@@ -57,7 +57,14 @@ def _join(fs, root: str, key: str) -> str:
 
 
 def iter_image_keys(fs, root: str) -> Iterator[str]:
-    """Relative keys of image files under ``root``, recursively, in lexical order, lazily.
+    """Relative keys of image files under ``root``, recursively, in lexical order, lazily."""
+    for key, _, _ in iter_image_objects(fs, root):
+        yield key
+
+
+def iter_image_objects(fs, root: str) -> Iterator[tuple[str, int | None, str | None]]:
+    """(relative key, size, identity) of the image files under ``root``, recursively, in lexical
+    order, lazily. The identity is the listing's own token of the object's content (``object_identity``).
 
     On S3 we page through ListObjectsV2 ourselves: it returns keys in UTF-8 byte order (= Python's
     str order), so nothing needs sorting, nothing is held beyond one page of 1000 keys, and a
@@ -66,23 +73,60 @@ def iter_image_keys(fs, root: str) -> Iterator[str]:
     Other filesystems (local, GCS, ...) go through ``fs.find``.
     """
     root = root.rstrip("/")
-    paths = _iter_s3_objects(fs, root) if "s3" in protocols(fs) else iter(sorted(fs.find(root)))
-    for path in paths:
+    if "s3" in protocols(fs):
+        objects = _iter_s3_objects(fs, root)
+    else:
+        objects = ((path, object_identity(fs, path, info)) for path, info in sorted(fs.find(root, detail=True).items()))
+    for path, (size, identity) in objects:
         if path.lower().endswith(IMAGE_EXTENSIONS):
             # Sliced, not normalised: a key like "a/../b.jpg" is a literal object name on S3.
-            yield path[len(root) + 1 :] if root else path
+            yield (path[len(root) + 1 :] if root else path), size, identity
 
 
-def _iter_s3_objects(fs, root: str) -> Iterator[str]:
+def _iter_s3_objects(fs, root: str) -> Iterator[tuple[str, tuple[int | None, str | None]]]:
     bucket, _, prefix = root.partition("/")
     request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", **fs.req_kw}
     while True:
         page = fs.call_s3("list_objects_v2", **request)  # s3fs retries each page like any call
         for obj in page.get("Contents", []):
-            yield f"{bucket}/{obj['Key']}"
+            etag = obj.get("ETag")
+            yield f"{bucket}/{obj['Key']}", (obj.get("Size"), f"etag:{etag.strip(chr(34))}" if etag else None)
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+# What an fsspec backend's info dict may say about an object's content, most specific first: a
+# version id or generation names one immutable content; an ETag or hash derives from it.
+_INFO_IDENTITIES = (
+    ("VersionId", "version"),
+    ("version_id", "version"),
+    ("generation", "generation"),
+    ("ETag", "etag"),
+    ("etag", "etag"),
+    ("md5Hash", "md5"),
+    ("crc32c", "crc32c"),
+    ("content_md5", "md5"),
+    ("sha256", "sha256"),
+)
+
+
+def object_identity(fs, path: str, info: dict) -> tuple[int | None, str | None]:
+    """(size, identity token) of one listed object; token None when the backend offers nothing
+    that changes with the content (such an object is never assumed unchanged)."""
+    size = info.get("size")
+    if "file" in protocols(fs):
+        # st_mtime_ns, not fsspec's float seconds: a rewrite within the same microsecond still shows.
+        stat = os.stat(path)
+        return stat.st_size, f"mtime:{stat.st_mtime_ns}"
+    for field_name, kind in _INFO_IDENTITIES:
+        value = info.get(field_name)
+        if value not in (None, ""):
+            return size, f"{kind}:{str(value).strip(chr(34))}"
+    for field_name in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        if info.get(field_name) not in (None, ""):
+            return size, f"mtime:{info[field_name]}"
+    return size, None
 
 
 @dataclass(frozen=True)
@@ -94,6 +138,10 @@ class Inputs:
     labels_uri: str | None
     keys: pa.ChunkedArray  # string, lexical order
     storage_options: dict = field(default_factory=dict, hash=False)
+    # Per-key identity from the listing, aligned with ``keys`` (pipeline/carry.py compares them):
+    # int64 bytes, and a token such as "etag:<etag>" / "version:<id>" / "mtime:<ns>" (null: none).
+    sizes: pa.ChunkedArray | None = field(default=None, hash=False)
+    versions: pa.ChunkedArray | None = field(default=None, hash=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -106,7 +154,15 @@ class Inputs:
         if len(done) == 0:
             return self
         keep = pc.invert(pc.is_in(self.keys, value_set=pa.chunked_array(done).combine_chunks()))
-        return replace(self, keys=self.keys.filter(keep))
+        aligned = {name: getattr(self, name).filter(keep) for name in ("sizes", "versions") if getattr(self, name)}
+        return replace(self, keys=self.keys.filter(keep), **aligned)
+
+    def identities(self) -> pa.Table:
+        """key, size, version: the listing's identity of each key (nulls where none was listed)."""
+        n = len(self.keys)
+        sizes = self.sizes if self.sizes is not None else pa.nulls(n, pa.int64())
+        versions = self.versions if self.versions is not None else pa.nulls(n, pa.string())
+        return pa.table({"key": self.keys, "size": sizes, "version": versions})
 
 
 @dataclass(frozen=True)
@@ -134,29 +190,62 @@ LIST_CHUNK = 10_000  # keys per Arrow chunk while listing: Python holds at most 
 def list_inputs(
     input_uri: str, labels_uri: str | None, *, storage_options: dict | None = None, limit: int | None = None
 ) -> Inputs:
-    """List the images to segment (keys streamed into Arrow chunks, lexical order, ``limit`` stops early)."""
+    """List the images to segment (keys streamed into Arrow chunks, lexical order, ``limit`` stops
+    early), with each object's size and identity from the listing's own detail."""
     storage_options = storage_options or {}
     try:
         fs, root = open_fs(input_uri, storage_options)
         if not fs.exists(root):
             raise InputError(f"input {input_uri} does not exist (check the path/bucket and credentials)")
-        chunks, pending, count = [], [], 0
-        for key in iter_image_keys(fs, root):
-            pending.append(key)
-            count += 1
-            if len(pending) >= LIST_CHUNK:
-                chunks.append(pa.array(pending, pa.string()))
-                pending = []
-            if limit is not None and count >= limit:
-                break
-        chunks.append(pa.array(pending, pa.string()))
+        keys, sizes, versions = _listed(iter_image_objects(fs, root), limit)
     except InputError:
         raise
     except Exception as exc:  # credentials, DNS, endpoint: say it in one line
         raise InputError(f"cannot list {input_uri}: {type(exc).__name__}: {exc}") from None
-    if not count:
+    if not len(keys):
         raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {input_uri}")
-    return Inputs(input_uri, labels_uri, pa.chunked_array(chunks, pa.string()), storage_options)
+    return Inputs(input_uri, labels_uri, keys, storage_options, sizes=sizes, versions=versions)
+
+
+def _listed(objects, limit: int | None) -> tuple[pa.ChunkedArray, pa.ChunkedArray, pa.ChunkedArray]:
+    """(key, size, identity) tuples as three aligned Arrow columns, LIST_CHUNK rows per chunk."""
+    columns: tuple[list, list, list] = ([], [], [])
+    types = (pa.string(), pa.int64(), pa.string())
+    pending: tuple[list, list, list] = ([], [], [])
+    count = 0
+    for row in objects:
+        for column, value in zip(pending, row):
+            column.append(value)
+        count += 1
+        if len(pending[0]) >= LIST_CHUNK:
+            for out, column, type_ in zip(columns, pending, types):
+                out.append(pa.array(column, type_))
+                column.clear()
+        if limit is not None and count >= limit:
+            break
+    for out, column, type_ in zip(columns, pending, types):
+        out.append(pa.array(column, type_))
+    keys, sizes, versions = (pa.chunked_array(out, type_) for out, type_ in zip(columns, types))
+    return keys, sizes, versions
+
+
+def list_label_identities(labels_uri: str, storage_options: dict | None = None) -> pa.Table:
+    """label_key, label_size, label_version of every PNG under ``labels_uri`` (empty when it does
+    not exist): the labels' identities, listed like the images' (pipeline/carry.py)."""
+    fs, root = open_fs(labels_uri, storage_options or {})
+    keys, sizes, versions = pa.chunked_array([], pa.string()), None, None
+    if fs.exists(root):
+        keys, sizes, versions = _listed(
+            ((k, s, v) for k, s, v in iter_image_objects(fs, root) if k.lower().endswith(".png")), None
+        )
+    n = len(keys)
+    return pa.table(
+        {
+            "label_key": keys,
+            "label_size": sizes if sizes is not None else pa.nulls(n, pa.int64()),
+            "label_version": versions if versions is not None else pa.nulls(n, pa.string()),
+        }
+    )
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
