@@ -293,3 +293,22 @@ def _read(path: Path) -> list[dict]:
         return pq.read_table(path, columns=["key", "computed_in_run"]).to_pylist()
     except OSError:  # published atomically, but the glob may see a name an instant before it is whole
         return []
+
+
+def test_docs_force_a_full_night_renders_a_run_without_incremental():
+    """docs/kubernetes.md's command, run on k8s/rayjob.yaml: a new run id, no --incremental."""
+    import yaml
+
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    command = re.search(r"\*\*Forcing a full night\.\*\*.*?```sh\n(.*?)```", docs, re.S).group(1)
+    sed = next(line for line in command.replace("\\\n", "").splitlines() if line.startswith("sed "))
+    rendered = subprocess.run(
+        ["bash", "-c", sed.split("|")[0]],
+        cwd=REPO,
+        env={**os.environ, "D": "2026-01-01"},
+        capture_output=True,
+        text=True,
+    )
+    entrypoint = yaml.safe_load(rendered.stdout)["spec"]["entrypoint"]
+    assert "--run-id 2026-01-01-full --resume" in entrypoint and "--incremental" not in entrypoint
+    assert "--incremental" in yaml.safe_load((REPO / "k8s" / "rayjob.yaml").read_text())["spec"]["entrypoint"]
