@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -184,28 +185,44 @@ def plan(todo: Inputs, current: pa.Table, base: Base) -> Plan:
         pc.equal(joined.column("label_id"), joined.column("label_id_base")),
     )
     unchanged = joined.filter(pc.fill_null(same, False)).select(["key"])
+    names = json.loads(held.schema.metadata[b"names"])
     carried = unchanged.join(held, "key", join_type="inner").filter(pc.field("carry"))
-    grouped = carried.group_by("part").aggregate([("key", "list")])
-    parts = pa.table({"part": grouped.column("part"), "keys": grouped.column("key_list")}).sort_by("part")
+    grouped = carried.group_by("part").aggregate([("key", "list")]).sort_by("part")
+    part_names = pa.array([names[i] for i in grouped.column("part").to_pylist()], pa.string())
+    parts = pa.table({"part": part_names, "keys": grouped.column("key_list")})
     return Plan(base, parts, carried.column("key"))
 
 
 def _part_keys(run: RunOutput) -> pa.Table:
-    """key, part, carry (mask rows, and error rows about the object's content) of every base part."""
-    tables = []
-    for name in run.part_names("masks"):
+    """key, part (an index into the sorted part names: one int per row, not one string), carry
+    (mask rows, and error rows about the object's content) of every base part. The key columns are
+    read concurrently: a night of 10^4 part files on S3 is 10^4 GETs."""
+    names = sorted(set(run.part_names("masks")) | set(run.part_names("errors")))
+    jobs = [("masks", i, name) for i, name in enumerate(names)] + [("errors", i, name) for i, name in enumerate(names)]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        tables = list(pool.map(lambda job: _keys_of(run, *job), jobs))
+    tables = [t for t in tables if t.num_rows]
+    return (pa.concat_tables(tables) if tables else _PART_KEYS.empty_table()).replace_schema_metadata(
+        {"names": json.dumps(names)}
+    )
+
+
+def _keys_of(run: RunOutput, kind: str, index: int, name: str) -> pa.Table:
+    if kind == "masks":
         keys = run.read_part("masks", name, ["key"]).column("key")
-        tables.append(pa.table({"key": keys, "part": pa.array([name] * len(keys)), "carry": [True] * len(keys)}))
-    for name in run.part_names("errors"):
+        carry = pa.array([True] * len(keys))
+    else:
         errors = run.read_part("errors", name, ["key", "stage", "error_type"])
-        content = pc.and_(
+        keys = errors.column("key")
+        carry = pc.and_(
             pc.is_in(errors.column("stage"), value_set=pa.array(CONTENT_ERROR_STAGES)),
             pc.invert(pc.is_in(errors.column("error_type"), value_set=pa.array(NOT_CONTENT_ERRORS))),
         )
-        n = errors.num_rows
-        tables.append(pa.table({"key": errors.column("key"), "part": pa.array([name] * n), "carry": content}))
-    schema = pa.schema([("key", pa.string()), ("part", pa.string()), ("carry", pa.bool_())])
-    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+    return pa.table({"key": keys, "part": pa.array([index] * len(keys), pa.int32()), "carry": carry}, schema=_PART_KEYS)
+
+
+READ_THREADS = 16
+_PART_KEYS = pa.schema([("key", pa.string()), ("part", pa.int32()), ("carry", pa.bool_())])
 
 
 def new_part_names(parts: pa.Table) -> list[str]:

@@ -143,6 +143,14 @@ class Inputs:
     sizes: pa.ChunkedArray | None = field(default=None, hash=False)
     versions: pa.ChunkedArray | None = field(default=None, hash=False)
 
+    def __post_init__(self) -> None:
+        # ``replace(inputs, keys=...)`` (the runner's isolation passes) keeps no stale identities:
+        # identities that do not line up with the keys are dropped, and no identity is never "unchanged".
+        for name in ("sizes", "versions"):
+            column = getattr(self, name)
+            if column is not None and len(column) != len(self.keys):
+                object.__setattr__(self, name, None)
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -154,7 +162,7 @@ class Inputs:
         if len(done) == 0:
             return self
         keep = pc.invert(pc.is_in(self.keys, value_set=pa.chunked_array(done).combine_chunks()))
-        aligned = {name: getattr(self, name).filter(keep) for name in ("sizes", "versions") if getattr(self, name)}
+        aligned = {n: getattr(self, n).filter(keep) for n in ("sizes", "versions") if getattr(self, n) is not None}
         return replace(self, keys=self.keys.filter(keep), **aligned)
 
     def identities(self) -> pa.Table:

@@ -184,7 +184,7 @@ def test_incremental_night_segments_only_what_changed(ray_local, tmp_path, capsy
     _check_night(out, "a", "b", segmented, bucket / "images")
     assert summary.carried == 4 and _rows(out / "run=b", "errors")["corrupt.jpg"]["computed_in_run"] == "a"
     # The comparison covers the whole run: every key of the night against run a (carried ones agree).
-    comparison = pq.read_table(out / "run=b" / "comparison.parquet").to_pylist()
+    comparison = pq.read_table(out / "run=b" / "comparison").to_pylist()
     assert {r["key"] for r in comparison if r["status"] != "removed"} == set(_rows(out / "run=b", "masks"))
     assert all(r["disagreement"] == 0 for r in comparison if r["key"] in {"scene_2000004.jpg", "sub/scene_2000005.jpg"})
     # classes.parquet and the metrics are the whole night's: the same as a full run of it.
