@@ -248,6 +248,11 @@ class JobConfig:
     limit: int | None = option(None, type=int, lo=1, help="segment at most N images (after sorting keys)")
     resume: bool = option(False, help="continue run --run-id: skip keys it already holds")
     overwrite: bool = option(False, help="replace an existing run with the same id")
+    incremental: bool = option(
+        False,
+        help="carry the rows of inputs whose image and label are unchanged since the latest committed run under "
+        "--output with the same model, weights and settings; segment the rest (docs/kubernetes.md)",
+    )
     storage_options: dict = option(
         factory=dict,
         type=json_object,

@@ -18,6 +18,12 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
             f"memory budget    : tiled inference: {summary.tiled} (masks.infer_tile)   "
             f"reduced-resolution CRF: {summary.crf_reduced} (masks.crf_scale)"
         )
+    if summary.incremental is not None:
+        base = summary.incremental.get("base_run")
+        print(
+            f"incremental      : {summary.images + summary.errors - summary.carried} segmented, {summary.carried} "
+            + (f"carried from run {base}" if base else f"carried (no base run: {summary.incremental.get('reason')})")
+        )
     print(f"mIoU             : {format_score(summary.post.miou)} (pre-CRF {format_score(pre.miou if pre else None)})")
     pre_acc = pre.pixel_acc if pre else None
     print(f"pixel accuracy   : {format_score(summary.post.pixel_acc)} (pre-CRF {format_score(pre_acc)})")

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from pipeline.carry import fingerprint, incremental_night, listing_table
 from pipeline.cluster import cluster_nodes, init_ray
 from pipeline.compare_text import format_comparison, regression_message
 from pipeline.config import JobConfig
@@ -15,7 +16,7 @@ from pipeline.console import describe, print_summary
 from pipeline.credentials import public_text, public_uri
 from pipeline.manifest import build_manifest
 from pipeline.observability import push_summary
-from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs, run_before
+from pipeline.outputs import LISTING, OutputError, RunOutput, RunSummary, committed_runs, run_before
 from pipeline.runner import run_dag
 from pipeline.storage import InputError, list_inputs
 from pipeline.weights import Weights, WeightsError, default_weights, read_verified
@@ -151,6 +152,24 @@ def run(config: JobConfig) -> RunSummary:
         same = config if batch_size is None else replace(config, compute=replace(config.compute, batch_size=batch_size))
         return build_dataset(inputs, same, weights, sha256, resources, output.full_uri(), **options)
 
+    # --- incremental nights (issue 30): listing.parquet and the fingerprint (every run, so any
+    # committed run can be a base), then the carry stage before segmenting what is left.
+    listing, fp = listing_table(inputs), fingerprint(config, weights, sha256, resources)
+    if not (config.resume and output.has(LISTING)):  # a resumed run keeps the listing it started from
+        output.write_listing(listing)
+    incremental = {"base_run": None, "reason": "not asked for (--incremental)"}
+    if config.incremental:
+        todo, carried, incremental = incremental_night(
+            config,
+            todo=todo,
+            listing=listing,
+            fp=fp,
+            output=output,
+            num_classes=weights.num_classes,
+            writers=resources.write_actors,
+        )
+        stats += carried
+    # --- end incremental
     if len(todo):
         new, processed = run_dag(todo, build, output, weights.num_classes, run_id=config.run_id)
         stats += new
@@ -167,6 +186,7 @@ def run(config: JobConfig) -> RunSummary:
         processed=processed,
         finished=time.time(),
     )
+    manifest |= {"fingerprint": fp, "incremental": incremental}  # issue 30: what the next night compares
     summary = output.commit(
         stats, weights.categories, manifest, locator=inputs.locator(), compare=_comparison(config, output)
     )

@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 from pipeline.compare import COMPARISON_FILES
 from pipeline.compare_result import Comparison
 from pipeline.metrics import DatasetSummary
-from pipeline.partstats import STAT_COLUMNS, PartStats, classes_table
+from pipeline.partstats import ERROR_STAT_COLUMNS, STAT_COLUMNS, PartStats, classes_table
 from pipeline.report import render_report
 from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 from pipeline.storage import Locator, open_fs, protocols, write_bytes_atomic, write_parquet_atomic
 
 SUCCESS = "_SUCCESS"
+LISTING = "listing.parquet"
 REPORT_COLUMNS = [
     "key",
     "uri",
@@ -57,6 +58,8 @@ class RunSummary:
     tiled: int = 0  # images whose inference ran tiled (masks.infer_tile)
     crf_reduced: int = 0  # images whose CRF ran at a reduced resolution (masks.crf_scale < 1)
     comparison: Comparison | None = None  # against the previous committed run, when asked for
+    carried: int = 0  # inputs an --incremental night copied from its base run (masks + errors)
+    incremental: dict | None = None  # manifest.json's "incremental": base_run, or the reason for none
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class RunOutput:
         names = sorted(set(self.part_names("masks")) | set(self.part_names("errors")))
         for name in names:
             masks = self.read_part("masks", name, STAT_COLUMNS)
-            errors = self.read_part("errors", name, ["key", "stage"])
+            errors = self.read_part("errors", name, ERROR_STAT_COLUMNS)
             keys += [masks.column("key"), errors.column("key")]
             stats += PartStats.of(name, masks, errors, num_classes)
         return Earlier(pa.chunked_array([c for k in keys for c in k.chunks], pa.string()), stats)
@@ -170,6 +173,23 @@ class RunOutput:
             n += tables[-1].num_rows
         return pa.concat_tables(tables).slice(0, limit) if tables else ERRORS_SCHEMA.empty_table()
 
+    def write_listing(self, identities: pa.Table) -> None:
+        """listing.parquet: the identity of every input this run listed (key, size, version and the
+        label's), what the next --incremental night compares its own listing with."""
+        self.write_table(LISTING, identities)
+
+    def read_listing(self) -> pa.Table:
+        """This run's listing.parquet; FileNotFoundError when the run has none."""
+        with self.fs.open(self.path(LISTING), "rb") as f:
+            return pq.read_table(f)
+
+    def has(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def read_json(self, name: str) -> dict:
+        with self.fs.open(self.path(name), "rb") as f:
+            return json.loads(f.read())
+
     def write_table(self, name: str, table: pa.Table) -> None:
         write_parquet_atomic(self.full_uri(name), table, self.storage_options)
 
@@ -203,6 +223,8 @@ class RunOutput:
             label_errors=stats.label_errors,
             tiled=stats.tiled,
             crf_reduced=stats.crf_reduced,
+            carried=stats.carried,
+            incremental=manifest.get("incremental"),
         )
         counts = _counts(summary)
         manifest = {**manifest, "counts": counts, "metrics": _metrics(post, pre)}
@@ -239,6 +261,8 @@ def _counts(summary: RunSummary) -> dict[str, int]:
         "tiled": summary.tiled,
         "crf_reduced": summary.crf_reduced,
         "inputs": summary.images + summary.errors,
+        "segmented": summary.images + summary.errors - summary.carried,
+        "carried": summary.carried,
     }
 
 

@@ -44,8 +44,11 @@ STAT_COLUMNS = [
     "union_pre_crf",
     "infer_ms",
     "crf_ms",
+    "run_id",
+    "computed_in_run",
     *dict.fromkeys(c for c, _ in SECTIONS.values()),
 ]
+ERROR_STAT_COLUMNS = ["key", "stage", "run_id", "computed_in_run"]
 _SUMS = ("intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
 
 
@@ -61,6 +64,7 @@ class PartStats:
     label_errors: int = 0  # segmented images whose label could not be scored (masks.label_error)
     tiled: int = 0  # images that ran tiled to fit their actor's memory or --tile (masks.infer_tile)
     crf_reduced: int = 0  # images refined at a reduced resolution (masks.crf_scale < 1)
+    carried: int = 0  # rows (masks and errors) an --incremental night copied from an earlier run
     sums: dict[str, list[int]] = field(default_factory=dict)  # _SUMS → per-class totals
     outcomes: dict[str, int] = field(default_factory=dict)  # "stage/status" → inputs
     # stage → bucket counts + [sum]
@@ -77,12 +81,17 @@ class PartStats:
     def of(
         cls, part: str, masks: pa.Table, errors: pa.Table, num_classes: int, nodes: dict[str, list[str]] | None = None
     ) -> PartStats:
-        """Summary of one part's masks and errors rows (only STAT_COLUMNS of masks are read)."""
+        """Summary of one part's masks and errors rows (only STAT_COLUMNS of masks are read).
+        Outcomes and stage times count only the rows this run computed; carried ones are "carry/*"."""
         labelled = masks.filter(pc.fill_null(masks.column("has_label"), False))
         with_pre = labelled.filter(pc.is_valid(labelled.column("crf_ms")))
-        outcomes = {"segment/ok": masks.num_rows} if masks.num_rows else {}
-        for entry in pc.value_counts(errors.column("stage")).to_pylist():
+        fresh_masks, fresh_errors = masks.filter(_fresh(masks)), errors.filter(_fresh(errors))
+        outcomes = {"segment/ok": fresh_masks.num_rows} if fresh_masks.num_rows else {}
+        for entry in pc.value_counts(fresh_errors.column("stage")).to_pylist():
             outcomes[f"{entry['values']}/error"] = entry["counts"]
+        for status, table, fresh in (("ok", masks, fresh_masks), ("error", errors, fresh_errors)):
+            if table.num_rows > fresh.num_rows:
+                outcomes[f"carry/{status}"] = table.num_rows - fresh.num_rows
         return cls(
             num_classes,
             images=masks.num_rows,
@@ -92,9 +101,10 @@ class PartStats:
             label_errors=pc.count(masks.column("label_error")).as_py() or 0,
             tiled=pc.count(masks.column("infer_tile")).as_py() or 0,
             crf_reduced=pc.sum(pc.less(masks.column("crf_scale"), 1.0)).as_py() or 0,
+            carried=masks.num_rows - fresh_masks.num_rows + errors.num_rows - fresh_errors.num_rows,
             sums={name: _column_sum(labelled.column(name), num_classes) for name in _SUMS},
             outcomes=outcomes,
-            histograms={stage: _histogram(masks.column(col)) for stage, col in TIMED_STAGES.items()},
+            histograms={stage: _histogram(fresh_masks.column(col)) for stage, col in TIMED_STAGES.items()},
             nodes={stage: sorted(ids) for stage, ids in (nodes or {}).items()},
             candidates={name: _top(masks, column, descending, part) for name, (column, descending) in SECTIONS.items()},
         )
@@ -112,6 +122,7 @@ class PartStats:
             self.label_errors + other.label_errors,
             tiled=self.tiled + other.tiled,
             crf_reduced=self.crf_reduced + other.crf_reduced,
+            carried=self.carried + other.carried,
             sums=added(self.sums, other.sums),
             outcomes={k: self.outcomes.get(k, 0) + other.outcomes.get(k, 0) for k in self.outcomes | other.outcomes},
             histograms=added(self.histograms, other.histograms),
@@ -142,6 +153,14 @@ class PartStats:
     @classmethod
     def from_json(cls, text: str) -> PartStats:
         return cls(**json.loads(text))
+
+
+def _fresh(table: pa.Table) -> pa.ChunkedArray:
+    """Rows this run computed: computed_in_run is its run_id (or absent: parts older than the column)."""
+    if "computed_in_run" not in table.column_names or "run_id" not in table.column_names:
+        return pa.chunked_array([pa.array([True] * table.num_rows, pa.bool_())])
+    same = pc.equal(table.column("computed_in_run"), table.column("run_id"))
+    return pc.fill_null(same, True)
 
 
 def _column_sum(column: pa.ChunkedArray, num_classes: int) -> list[int]:

@@ -49,6 +49,7 @@ def split_results(table: pa.Table) -> tuple[pa.Table, pa.Table]:
             "error_type": failed.column("error_type"),
             "message": failed.column("error_message"),
             "run_id": failed.column("run_id"),
+            "computed_in_run": failed.column("computed_in_run"),
         }
     ).cast(ERRORS_SCHEMA)
     return masks, errors
@@ -80,7 +81,7 @@ def result_table(
     for i in range(len(batch["key"])):
         failed = bool(batch["error_stage"][i])
         row = {c.name: _value(c, batch[c.name][i]) for c in (on_error if failed else passed)}
-        row.update(model=model, weights_sha256=weights_sha256, run_id=run_id)
+        row.update(model=model, weights_sha256=weights_sha256, run_id=run_id, computed_in_run=run_id)
         if not failed:
             row.update(_computed(batch, i, num_classes))
         rows.append(row)

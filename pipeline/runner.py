@@ -144,6 +144,7 @@ def _worker_died(key: str, uri: str, run_id: str, stage: str, exc: BaseException
         "error_type": "WorkerDied",
         "message": message[:1000],
         "run_id": run_id,
+        "computed_in_run": run_id,
     }
 
 

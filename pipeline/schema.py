@@ -86,6 +86,8 @@ COLUMNS = (
     # Confidence of the pre-CRF probabilities (pipeline/metrics.py uncertainty).
     *(Col(name, _F64, "infer", empty=NAN) for name in UNCERTAINTY_COLUMNS),
     Col("run_id", pa.string(), "result"),
+    # The run that computed the row: run_id, or the earlier run an --incremental night carried it from.
+    Col("computed_in_run", pa.string(), "result"),
     Col("error_stage", pa.string(), "decode", null="", table="result", kept_on_error=True),
     Col("error_type", pa.string(), "decode", null="", table="result", kept_on_error=True),
     Col("error_message", pa.string(), "decode", null="", table="result", kept_on_error=True),
@@ -137,6 +139,7 @@ ERRORS_SCHEMA = pa.schema(
         ("error_type", pa.string()),
         ("message", pa.string()),
         ("run_id", pa.string()),
+        ("computed_in_run", pa.string()),  # as masks.computed_in_run
     ]
 )
 

@@ -62,7 +62,14 @@ def _join(fs, root: str, key: str) -> str:
 
 
 def iter_image_keys(fs, root: str) -> Iterator[str]:
-    """Relative keys of image files under ``root``, recursively, in lexical order, lazily.
+    """Relative keys of image files under ``root``, recursively, in lexical order, lazily."""
+    for key, _, _ in iter_image_objects(fs, root):
+        yield key
+
+
+def iter_image_objects(fs, root: str) -> Iterator[tuple[str, int | None, str | None]]:
+    """(relative key, size, identity) of the image files under ``root``, recursively, in lexical
+    order, lazily. The identity is the listing's own token of the object's content (``object_identity``).
 
     On S3 we page through ListObjectsV2 ourselves: it returns keys in UTF-8 byte order (= Python's
     str order), so nothing needs sorting, nothing is held beyond one page of 1000 keys, and a
@@ -73,16 +80,18 @@ def iter_image_keys(fs, root: str) -> Iterator[str]:
     """
     root = root.rstrip("/")
     if "s3" in protocols(fs):
-        paths = _iter_s3_objects(fs, root)
+        objects = _iter_s3_objects(fs, root)
     elif "file" in protocols(fs):
-        yield from (key for key in _iter_local(root) if key.lower().endswith(IMAGE_EXTENSIONS))
+        for key, size, identity in _iter_local(root):
+            if key.lower().endswith(IMAGE_EXTENSIONS):
+                yield key, size, identity
         return
     else:
-        paths = iter(sorted(fs.find(root)))
-    for path in paths:
+        objects = ((path, object_identity(fs, path, info)) for path, info in sorted(fs.find(root, detail=True).items()))
+    for path, (size, identity) in objects:
         if path.lower().endswith(IMAGE_EXTENSIONS):
             # Sliced, not normalised: a key like "a/../b.jpg" is a literal object name on S3.
-            yield path[len(root) + 1 :] if root else path
+            yield (path[len(root) + 1 :] if root else path), size, identity
 
 
 ESCAPED_MARK = "\\x"  # how an undecodable byte shows in an escaped key (backslashreplace)
@@ -102,20 +111,25 @@ def undecodable(name: str) -> bool:
     return False
 
 
-def _iter_local(root: str) -> Iterator[str]:
-    """Keys of the regular files under ``root`` (sorted): FIFOs, devices, sockets, directories and
-    symlinks that leave ``root`` or name no regular file are not inputs (a FIFO would hang a read,
-    /dev/zero never ends). Undecodable names come escaped (``escaped_name``)."""
+def _iter_local(root: str) -> Iterator[tuple[str, int | None, str | None]]:
+    """(key, size, identity) of the regular files under ``root`` (sorted by key): FIFOs, devices,
+    sockets, directories and symlinks that leave ``root`` or name no regular file are not inputs (a
+    FIFO would hang a read, /dev/zero never ends). Undecodable names come escaped (``escaped_name``)
+    and without an identity (never carried); the identity is st_mtime_ns, which a rewrite changes."""
     real_root = os.path.realpath(root)
-    keys = []
+    rows = []
     for folder, _, files in os.walk(root):  # symlinked folders are not walked into
         for name in files:
             path = os.path.join(folder, name)
             if not regular_under(path, real_root):
                 continue
             key = os.path.relpath(path, root).replace(os.sep, "/")
-            keys.append(escaped_name(key) if undecodable(key) else key)
-    return iter(sorted(keys))
+            if undecodable(key):
+                rows.append((escaped_name(key), None, None))
+                continue
+            info = os.stat(path)
+            rows.append((key, info.st_size, f"mtime:{info.st_mtime_ns}"))
+    return iter(sorted(rows))
 
 
 def regular_under(path: str, real_root: str) -> bool:
@@ -127,16 +141,50 @@ def regular_under(path: str, real_root: str) -> bool:
         return False
 
 
-def _iter_s3_objects(fs, root: str) -> Iterator[str]:
+def _iter_s3_objects(fs, root: str) -> Iterator[tuple[str, tuple[int | None, str | None]]]:
     bucket, _, prefix = root.partition("/")
     request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", **fs.req_kw}
     while True:
         page = fs.call_s3("list_objects_v2", **request)  # s3fs retries each page like any call
         for obj in page.get("Contents", []):
-            yield f"{bucket}/{obj['Key']}"
+            etag = obj.get("ETag")
+            yield f"{bucket}/{obj['Key']}", (obj.get("Size"), f"etag:{etag.strip(chr(34))}" if etag else None)
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+# What an fsspec backend's info dict may say about an object's content, most specific first: a
+# version id or generation names one immutable content; an ETag or hash derives from it.
+_INFO_IDENTITIES = (
+    ("VersionId", "version"),
+    ("version_id", "version"),
+    ("generation", "generation"),
+    ("ETag", "etag"),
+    ("etag", "etag"),
+    ("md5Hash", "md5"),
+    ("crc32c", "crc32c"),
+    ("content_md5", "md5"),
+    ("sha256", "sha256"),
+)
+
+
+def object_identity(fs, path: str, info: dict) -> tuple[int | None, str | None]:
+    """(size, identity token) of one listed object; token None when the backend offers nothing
+    that changes with the content (such an object is never assumed unchanged)."""
+    size = info.get("size")
+    if "file" in protocols(fs):
+        # st_mtime_ns, not fsspec's float seconds: a rewrite within the same microsecond still shows.
+        stat = os.stat(path)
+        return stat.st_size, f"mtime:{stat.st_mtime_ns}"
+    for field_name, kind in _INFO_IDENTITIES:
+        value = info.get(field_name)
+        if value not in (None, ""):
+            return size, f"{kind}:{str(value).strip(chr(34))}"
+    for field_name in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        if info.get(field_name) not in (None, ""):
+            return size, f"mtime:{info[field_name]}"
+    return size, None
 
 
 @dataclass(frozen=True)
@@ -148,6 +196,18 @@ class Inputs:
     labels_uri: str | None
     keys: pa.ChunkedArray  # string, lexical order
     storage_options: dict = field(default_factory=dict, hash=False)
+    # Per-key identity from the listing, aligned with ``keys`` (pipeline/carry.py compares them):
+    # int64 bytes, and a token such as "etag:<etag>" / "version:<id>" / "mtime:<ns>" (null: none).
+    sizes: pa.ChunkedArray | None = field(default=None, hash=False)
+    versions: pa.ChunkedArray | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        # ``replace(inputs, keys=...)`` (the runner's isolation passes) keeps no stale identities:
+        # identities that do not line up with the keys are dropped, and no identity is never "unchanged".
+        for name in ("sizes", "versions"):
+            column = getattr(self, name)
+            if column is not None and len(column) != len(self.keys):
+                object.__setattr__(self, name, None)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -160,7 +220,15 @@ class Inputs:
         if len(done) == 0:
             return self
         keep = pc.invert(pc.is_in(self.keys, value_set=pa.chunked_array(done).combine_chunks()))
-        return replace(self, keys=self.keys.filter(keep))
+        aligned = {n: getattr(self, n).filter(keep) for n in ("sizes", "versions") if getattr(self, n) is not None}
+        return replace(self, keys=self.keys.filter(keep), **aligned)
+
+    def identities(self) -> pa.Table:
+        """key, size, version: the listing's identity of each key (nulls where none was listed)."""
+        n = len(self.keys)
+        sizes = self.sizes if self.sizes is not None else pa.nulls(n, pa.int64())
+        versions = self.versions if self.versions is not None else pa.nulls(n, pa.string())
+        return pa.table({"key": self.keys, "size": sizes, "version": versions})
 
 
 @dataclass(frozen=True)
@@ -287,30 +355,63 @@ LIST_CHUNK = 10_000  # keys per Arrow chunk while listing: Python holds at most 
 def list_inputs(
     input_uri: str, labels_uri: str | None, *, storage_options: dict | None = None, limit: int | None = None
 ) -> Inputs:
-    """List the images to segment (keys streamed into Arrow chunks, lexical order, ``limit`` stops early)."""
+    """List the images to segment (keys streamed into Arrow chunks, lexical order, ``limit`` stops
+    early), with each object's size and identity from the listing's own detail."""
     storage_options = storage_options or {}
     try:
         fs, root = open_fs(input_uri, storage_options)
         if not fs.exists(root):
             raise InputError(f"input {public_uri(input_uri)} does not exist (check the path/bucket and credentials)")
-        chunks, pending, count = [], [], 0
-        for key in iter_image_keys(fs, root):
-            pending.append(key)
-            count += 1
-            if len(pending) >= LIST_CHUNK:
-                chunks.append(pa.array(pending, pa.string()))
-                pending = []
-            if limit is not None and count >= limit:
-                break
-        chunks.append(pa.array(pending, pa.string()))
+        keys, sizes, versions = _listed(iter_image_objects(fs, root), limit)
     except InputError:
         raise
     except Exception as exc:  # credentials, DNS, endpoint: say it in one line
         shown = public_text(f"{type(exc).__name__}: {exc}", [input_uri])
         raise InputError(f"cannot list {public_uri(input_uri)}: {shown}") from None
-    if not count:
+    if not len(keys):
         raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {public_uri(input_uri)}")
-    return Inputs(input_uri, labels_uri, pa.chunked_array(chunks, pa.string()), storage_options)
+    return Inputs(input_uri, labels_uri, keys, storage_options, sizes=sizes, versions=versions)
+
+
+def _listed(objects, limit: int | None) -> tuple[pa.ChunkedArray, pa.ChunkedArray, pa.ChunkedArray]:
+    """(key, size, identity) tuples as three aligned Arrow columns, LIST_CHUNK rows per chunk."""
+    columns: tuple[list, list, list] = ([], [], [])
+    types = (pa.string(), pa.int64(), pa.string())
+    pending: tuple[list, list, list] = ([], [], [])
+    count = 0
+    for row in objects:
+        for column, value in zip(pending, row):
+            column.append(value)
+        count += 1
+        if len(pending[0]) >= LIST_CHUNK:
+            for out, column, type_ in zip(columns, pending, types):
+                out.append(pa.array(column, type_))
+                column.clear()
+        if limit is not None and count >= limit:
+            break
+    for out, column, type_ in zip(columns, pending, types):
+        out.append(pa.array(column, type_))
+    keys, sizes, versions = (pa.chunked_array(out, type_) for out, type_ in zip(columns, types))
+    return keys, sizes, versions
+
+
+def list_label_identities(labels_uri: str, storage_options: dict | None = None) -> pa.Table:
+    """label_key, label_size, label_version of every PNG under ``labels_uri`` (empty when it does
+    not exist): the labels' identities, listed like the images' (pipeline/carry.py)."""
+    fs, root = open_fs(labels_uri, storage_options or {})
+    keys, sizes, versions = pa.chunked_array([], pa.string()), None, None
+    if fs.exists(root):
+        keys, sizes, versions = _listed(
+            ((k, s, v) for k, s, v in iter_image_objects(fs, root) if k.lower().endswith(".png")), None
+        )
+    n = len(keys)
+    return pa.table(
+        {
+            "label_key": keys,
+            "label_size": sizes if sizes is not None else pa.nulls(n, pa.int64()),
+            "label_version": versions if versions is not None else pa.nulls(n, pa.string()),
+        }
+    )
 
 
 def read_bytes(uri: str, storage_options: dict | None = None, *, limit: int | None = None) -> bytes:

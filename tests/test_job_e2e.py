@@ -90,6 +90,8 @@ def check_run(fs, run_dir: str, input_keys: list[str], label_reader) -> dict:
         "tiled": 0,
         "crf_reduced": 0,
         "inputs": len(input_keys),
+        "segmented": len(input_keys),
+        "carried": 0,
     }
     assert all(r["crf_scale"] == 1.0 and r["infer_tile"] is None for r in masks)  # demo images fit any budget
     return manifest

@@ -326,7 +326,7 @@ def test_entrypoint_is_accepted_by_the_cli(source):
     # The RayCronJob's submitter takes the run id from its clock; the CronJob renders it in.
     assert config.run_id == (RUN_DATE if source == "rayjob" else dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
     assert (config.input_uri, config.output_uri) == (configmap_data()["INPUT_URI"], configmap_data()["OUTPUT_URI"])
-    assert config.compute.use_gpu is True and config.resume is True
+    assert config.compute.use_gpu is True and config.resume is True and config.incremental is True
 
     # The custom resources the actors ask for exist only on the worker group meant for them.
     groups = worker_groups(spec)
