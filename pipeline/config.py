@@ -248,6 +248,11 @@ class JobConfig:
     limit: int | None = option(None, type=int, lo=1, help="segment at most N images (after sorting keys)")
     resume: bool = option(False, help="continue run --run-id: skip keys it already holds")
     overwrite: bool = option(False, help="replace an existing run with the same id")
+    dry_run: bool = option(
+        False,
+        help="check everything a run checks first (flags, weights, listing, what --resume skips, the resource plan "
+        "against the cluster), print the plan as one JSON line and exit 0, writing nothing",
+    )
     storage_options: dict = option(
         factory=dict,
         type=json_object,

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from pipeline.cluster import cluster_nodes, init_ray
+from pipeline.cluster import cluster_ceiling, cluster_nodes, init_ray
 from pipeline.compare_text import format_comparison, regression_message
 from pipeline.config import JobConfig
 from pipeline.console import describe, print_summary
@@ -62,7 +63,9 @@ def _prepare(config: JobConfig):
         config.input_uri, config.labels_uri, storage_options=config.storage_options, limit=config.limit
     )
     output = RunOutput(config.output_uri, config.run_id, config.storage_options)
-    earlier = output.prepare(resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes)
+    earlier = output.prepare(
+        resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes, dry_run=config.dry_run
+    )
     import pipeline.stages  # noqa: F401  (the DAG's modules and torch, loaded while Ray starts on the other thread)
 
     return weights, sha256, inputs, output, earlier
@@ -119,13 +122,10 @@ def _push(config: JobConfig, stats, summary: RunSummary) -> None:
         print(f"[deeplab-pipeline] warning: could not push to {config.pushgateway}: {exc}", file=sys.stderr)
 
 
-def run(config: JobConfig) -> RunSummary:
-    """Segment what ``config`` names that the run does not hold yet, then commit and report."""
-    import ray
-
-    started = time.time()
+def _planned(config: JobConfig):
+    """Everything before the work: checks, listing, what is done already, the resource plan."""
     weights, sha256, inputs, output, earlier = _start(config)
-    from pipeline.stages import Resources, build_dataset  # already imported by _prepare
+    from pipeline.stages import Resources, plan  # already imported by _prepare
 
     todo = inputs.without(earlier.keys)
     print(
@@ -133,15 +133,45 @@ def run(config: JobConfig) -> RunSummary:
         f"{len(todo)} to segment → {output.uri}",
         flush=True,
     )
-    resources = Resources.resolve(config, cluster_nodes())
+    resources = Resources.resolve(config, cluster_nodes(), ceiling=cluster_ceiling())
     print(f"[deeplab-pipeline] {describe(resources)}", flush=True)
+    return (
+        weights,
+        sha256,
+        inputs,
+        output,
+        earlier,
+        todo,
+        resources,
+        plan(config, resources, inputs=len(inputs), todo=len(todo)),
+    )
+
+
+def dry_run(config: JobConfig) -> dict:
+    """--dry-run: the checks and the plan of ``run``, printed as the last line of stdout; writes nothing."""
+    *_, planned = _planned(config)
+    print(json.dumps(planned, sort_keys=True), flush=True)
+    return planned
+
+
+def run(config: JobConfig) -> RunSummary:
+    """Segment what ``config`` names that the run does not hold yet, then commit and report."""
+    import ray
+
+    started = time.time()
+    weights, sha256, inputs, output, earlier, todo, resources, planned = _planned(config)
+    from pipeline.stages import build_dataset, dataset_stats  # already imported by _prepare
+
     run_started = time.time()
     stats, processed = earlier.stats, 0
+
+    built = []  # the datasets run, for Ray Data's per-stage statistics in manifest.json
 
     def build(inputs, *, batch_size: int | None = None, **options):
         # The isolation passes (pipeline/runner.py) run the same DAG with one input per batch.
         same = config if batch_size is None else replace(config, compute=replace(config.compute, batch_size=batch_size))
-        return build_dataset(inputs, same, weights, sha256, resources, output.full_uri(), **options)
+        built.append(build_dataset(inputs, same, weights, sha256, resources, output.full_uri(), **options))
+        return built[-1]
 
     if len(todo):
         new, processed = run_dag(todo, build, output, weights.num_classes, run_id=config.run_id)
@@ -158,6 +188,8 @@ def run(config: JobConfig) -> RunSummary:
         run_seconds=run_seconds,
         processed=processed,
         finished=time.time(),
+        plan=planned,
+        ray_data=dataset_stats(built[0]) if built else None,
     )
     summary = output.commit(
         stats, weights.categories, manifest, locator=inputs.locator(), compare=_comparison(config, output)
