@@ -303,14 +303,20 @@ def dataset_stats(ds: ray.data.Dataset) -> list[dict]:
         {
             "stage": op.operator_name,
             "tasks": op.task_rows.count if op.task_rows is not None else None,
+            "rows_per_task_max": op.task_rows.max if op.task_rows is not None else None,
             "blocks": op.output_num_rows.count if op.output_num_rows is not None else None,
             "rows": op.output_num_rows.sum if op.output_num_rows is not None else None,
             "wall_s": round(op.time_total_s, 3),
             "task_wall_s": total(op.wall_time),
             "task_cpu_s": total(op.cpu_time),
         }
-        for op in ds.get_stats_summary().operators_stats
+        for op in _operators(ds.get_stats_summary())
     ]
+
+
+def _operators(summary) -> list:
+    """Every operator's summary in DAG order: Ray Data keeps the earlier ones in the parents."""
+    return [op for parent in summary.parents for op in _operators(parent)] + list(summary.operators_stats)
 
 
 def _map(ds: ray.data.Dataset, fn, options: dict) -> ray.data.Dataset:

@@ -211,3 +211,35 @@ def test_object_store_budget_reaches_the_last_stage(ray_local):
     resources = Resources.resolve(config, {"CPU": 2.0})
     ds = build_dataset(list_inputs(config.input_uri, None), config, weights, sha, resources, "/tmp/unused")
     assert ds.context.execution_options.resource_limits.object_store_memory == 300 * 2**20
+
+
+def test_no_task_holds_more_than_four_batches_of_keys(ray_local, monkeypatch):
+    """Blocks grow from one batch to four as a run outgrows TARGET_BLOCKS batches, never beyond; Ray
+    Data's own statistics of the real DAG (the decode pool; its keys name no file, so each becomes a
+    read error row) show it. TARGET_BLOCKS is lowered to 10 so that 100 keys stand for 10^5+."""
+    import pyarrow as pa
+
+    from pipeline import stages
+    from pipeline.job import resolve_weights
+    from pipeline.stages import build_dataset, dataset_stats, keys_per_block
+    from pipeline.storage import Inputs
+
+    assert [keys_per_block(n, 16) for n in (32, 3_200, 10_000, 200_000, 10_000_000)] == [16, 16, 64, 64, 64]
+    monkeypatch.setattr(stages, "TARGET_BLOCKS", 10)
+    config = JobConfig(
+        input_uri=str(DEMO_BUCKET / "images"),
+        output_uri="out",
+        labels_uri=None,
+        model="deeplabv3plus_demo",
+        weights_uri=None,
+        run_id="r",
+        crf=None,
+        compute=ComputeConfig(batch_size=1),
+    )
+    weights, sha = resolve_weights(config)
+    resources = Resources.resolve(config, {"CPU": 2.0})
+    inputs = Inputs(config.input_uri, None, pa.chunked_array([[f"missing/{i:03d}.jpg" for i in range(100)]]))
+    ds = build_dataset(inputs, config, weights, sha, resources, "/tmp/unused", upto="decode")
+    assert sum(len(b["key"]) for b in ds.iter_batches(batch_size=None)) == 100
+    (decode,) = [s for s in dataset_stats(ds) if s["stage"] == "MapBatches(Decoder)"]
+    assert decode["rows"] == 100 and decode["tasks"] == 25 and decode["rows_per_task_max"] == 4
