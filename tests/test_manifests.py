@@ -361,6 +361,29 @@ def test_entrypoint_ranges_agree_with_the_worker_groups():
             assert group["minReplicas"] == 0 and pool[0] >= 1
 
 
+def test_ray_cluster_yaml_command_uses_its_worker_types():
+    """The example command in ray_cluster.yaml's header: accepted by the CLI, pools as large as the
+    worker types hold at max_workers, actors pinned to their worker type."""
+    text = (REPO / "ray_cluster.yaml").read_text()
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if "jobs/segment_bucket.py" in line)
+    command = ""
+    for line in lines[start:]:
+        command += " " + line.removesuffix("\\").strip()
+        if not line.endswith("\\"):
+            break
+    argv = expand(command.split(" -- ", 1)[1], {})
+    parser = build_parser()
+    compute = config_from_args(parser.parse_args(drop_empty(argv[2:], parser)), parser).compute
+    types = yaml.safe_load(text)["available_node_types"]
+    for wanted, pool in ((compute.infer_resources, compute.infer_actors), (compute.crf_resources, compute.crf_actors)):
+        ((name, amount),) = wanted.items()
+        (node,) = [t for t in types.values() if name in t["resources"]]
+        per_node = min(int(node["resources"][name] / amount), int(node["resources"]["CPU"]))
+        assert pool == (1, per_node * node["max_workers"]), (name, pool)
+    assert compute.use_gpu is True and compute.crf_backend == "pydensecrf"
+
+
 def _entrypoint_bucket(fs, uri: str, images: int) -> None:
     """The ConfigMap's INPUT_URI and LABELS_URI, on the loopback S3 server, holding ``images`` demo scenes."""
     demo = sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:images]
