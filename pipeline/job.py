@@ -25,40 +25,51 @@ JOB_ERRORS = (InputError, OutputError, WeightsError)
 
 
 def resolve_weights(config: JobConfig) -> tuple[Weights, str]:
-    """Check the weights on the driver, so bad weights fail before any work: a checkpoint of one's
-    own is loaded into the model once; a published weight set (no --weights) is its record's file
-    when the checksum matches, and its layout is its builder's (tests/test_models.py), so the
-    driver only reads and hashes it and starts Ray without building the model."""
+    """``read_weights`` without the bytes."""
+    weights, sha256, _ = read_weights(config)
+    return weights, sha256
+
+
+def read_weights(config: JobConfig) -> tuple[Weights, str, bytes]:
+    """Check the weights on the driver, so bad weights fail before any work, and keep the bytes the
+    inference actors will load (handed to them through the object store, not read once per actor
+    and per restart): a checkpoint of one's own is loaded into the model once; a published weight
+    set (no --weights) is its record's file when the checksum matches, and its layout is its
+    builder's (tests/test_models.py), so the driver only reads and hashes it and starts Ray
+    without building the model."""
     if config.weights_uri is None:
         return _published(config)
     from pipeline.inference import load_model
 
+    data, digest = read_verified(config.weights_uri, storage_options=config.storage_options)
     model, sha256, categories = load_model(
         config.model,
         config.weights_uri,
         storage_options=config.storage_options,
         output_stride=config.inference.output_stride,
         num_classes=config.num_classes,
+        expected_sha256=digest,
+        data=data,
     )
     del model
     base = Weights(model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
-    return base, sha256
+    return base, sha256, data
 
 
-def _published(config: JobConfig) -> tuple[Weights, str]:
+def _published(config: JobConfig) -> tuple[Weights, str, bytes]:
     record = default_weights(config.model)
     if config.num_classes not in (None, record.num_classes):
         raise WeightsError(
             f"the published weights of {config.model} have {record.num_classes} classes, not "
             f"{config.num_classes} (--num-classes); pass --weights for a checkpoint with {config.num_classes}"
         )
-    _, sha256 = read_verified(record.uri, expected_sha256=record.sha256, storage_options=config.storage_options)
-    return replace(record, sha256=sha256), sha256
+    data, sha256 = read_verified(record.uri, expected_sha256=record.sha256, storage_options=config.storage_options)
+    return replace(record, sha256=sha256), sha256, data
 
 
 def _prepare(config: JobConfig):
     """What the driver checks and reads before any work: weights, the inputs, the run folder."""
-    weights, sha256 = resolve_weights(config)
+    weights, sha256, data = read_weights(config)
     inputs = list_inputs(
         config.input_uri, config.labels_uri, storage_options=config.storage_options, limit=config.limit
     )
@@ -68,7 +79,7 @@ def _prepare(config: JobConfig):
     )
     import pipeline.stages  # noqa: F401  (the DAG's modules and torch, loaded while Ray starts on the other thread)
 
-    return weights, sha256, inputs, output, earlier
+    return weights, sha256, inputs, output, earlier, data
 
 
 def _start(config: JobConfig):
@@ -124,7 +135,7 @@ def _push(config: JobConfig, stats, summary: RunSummary) -> None:
 
 def _planned(config: JobConfig):
     """Everything before the work: checks, listing, what is done already, the resource plan."""
-    weights, sha256, inputs, output, earlier = _start(config)
+    weights, sha256, inputs, output, earlier, data = _start(config)
     from pipeline.stages import Resources, plan  # already imported by _prepare
 
     todo = inputs.without(earlier.keys)
@@ -144,12 +155,13 @@ def _planned(config: JobConfig):
         todo,
         resources,
         plan(config, resources, inputs=len(inputs), todo=len(todo)),
+        data,
     )
 
 
 def dry_run(config: JobConfig) -> dict:
     """--dry-run: the checks and the plan of ``run``, printed as the last line of stdout; writes nothing."""
-    *_, planned = _planned(config)
+    *_, planned, _ = _planned(config)
     print(json.dumps(planned, sort_keys=True), flush=True)
     return planned
 
@@ -159,7 +171,8 @@ def run(config: JobConfig) -> RunSummary:
     import ray
 
     started = time.time()
-    weights, sha256, inputs, output, earlier, todo, resources, planned = _planned(config)
+    weights, sha256, inputs, output, earlier, todo, resources, planned, data = _planned(config)
+    weights_ref = ray.put(data)  # once per run; every inference actor (and restart) reads it
     from pipeline.stages import build_dataset, dataset_stats  # already imported by _prepare
 
     run_started = time.time()
@@ -170,7 +183,11 @@ def run(config: JobConfig) -> RunSummary:
     def build(inputs, *, batch_size: int | None = None, **options):
         # The isolation passes (pipeline/runner.py) run the same DAG with one input per batch.
         same = config if batch_size is None else replace(config, compute=replace(config.compute, batch_size=batch_size))
-        built.append(build_dataset(inputs, same, weights, sha256, resources, output.full_uri(), **options))
+        built.append(
+            build_dataset(
+                inputs, same, weights, sha256, resources, output.full_uri(), weights_data=weights_ref, **options
+            )
+        )
         return built[-1]
 
     if len(todo):

@@ -267,15 +267,18 @@ def build_dataset(
     max_blocks: int | None = None,
     tolerate: bool = True,
     upto: str = "write",
+    weights_data: ray.ObjectRef | None = None,
 ) -> ray.data.Dataset:
     """The whole DAG from listed keys to one WRITE_SCHEMA row per part file written under ``run_uri``.
 
     A batch whose worker died ``retries`` + 1 times is dropped, not fatal: the caller reconciles
     the keys that reached no part file (pipeline/runner.py). ``upto`` ends the DAG after that stage
-    (decode, infer, crf), which is how the runner learns where an input kills its worker."""
+    (decode, infer, crf), which is how the runner learns where an input kills its worker.
+    ``weights_data``: the checkpoint's bytes in the object store, put there once by the driver; the
+    inference actors read them instead of the weights URI (None: each actor reads the URI)."""
     per_block = keys_per_block(len(inputs), config.compute.batch_size, max_blocks)
     blocks = math.ceil(len(inputs) / per_block)
-    stage = _Stage(config, weights, resources, blocks, _fault_tolerance(retries))
+    stage = _Stage(config, weights, resources, blocks, _fault_tolerance(retries), weights_data)
     ds = _keys(inputs, per_block, resources, tolerate)
     if upto == "decode" or not resources.decode_fused:  # the runner probes decoding on its own
         ds = _map(ds, Decoder, stage.decode(inputs))
@@ -358,6 +361,7 @@ class _Stage:
     resources: Resources
     blocks: int
     fault_tolerance: dict
+    weights_data: ray.ObjectRef | None = None
 
     def decoder(self, inputs: Inputs) -> dict:
         """The ``Decoder``'s constructor arguments (its own pool's, or the fused inference actor's)."""
@@ -405,6 +409,8 @@ class _Stage:
                 "crf_backend": resources.crf_backend or "pydensecrf",
                 "actor_memory_mib": config.compute.actor_memory_mib,
                 "decode": self.decoder(inputs) if resources.decode_fused else None,
+                # A reference, not the bytes: the constructor's arguments stay small (ray-project/ray#53727).
+                "weights_data": self.weights_data,
             },
             batch_size=config.compute.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),
