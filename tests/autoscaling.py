@@ -19,7 +19,8 @@ from tests.conftest import free_port
 
 class LocalAutoscalingCluster(AutoscalingCluster):
     """AutoscalingCluster with three changes: the base config the wheel lacks
-    (autoscaler/_private/fake_multi_node/example.yaml) is given here; the head listens on a free
+    (autoscaler/_private/fake_multi_node/example.yaml) is given here, and the provider named as an
+    external one so the autoscaler's monitor needs no defaults file either; the head listens on a free
     port in its own temp dir; and start/shutdown never run ``ray stop --force``, which would stop
     every Ray on the machine: shutdown ends the processes of this cluster's temp dir, by pid."""
 
@@ -36,8 +37,11 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         return {
             "cluster_name": "fake_multinode",
             "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
+            # "external" with the fake provider's class: the same provider, without the defaults file
+            # (fake_multi_node/example.yaml) that the wheel lacks and the autoscaler's monitor reads.
             "provider": {
-                "type": "fake_multinode",
+                "type": "external",
+                "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
                 "use_node_id_as_ip": True,
                 "disable_node_updaters": True,
                 "disable_launch_config_check": True,
