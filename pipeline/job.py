@@ -8,6 +8,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING, NamedTuple
 
 from pipeline.cluster import cluster_ceiling, cluster_nodes, init_ray
 from pipeline.compare_text import format_comparison, regression_message
@@ -15,10 +16,13 @@ from pipeline.config import JobConfig
 from pipeline.console import describe, print_summary
 from pipeline.manifest import build_manifest
 from pipeline.observability import push_summary
-from pipeline.outputs import OutputError, RunOutput, RunSummary, committed_runs, run_before
+from pipeline.outputs import Earlier, OutputError, RunOutput, RunSummary, committed_runs, run_before
 from pipeline.runner import run_dag
-from pipeline.storage import InputError, list_inputs
+from pipeline.storage import InputError, Inputs, list_inputs
 from pipeline.weights import Weights, WeightsError, default_weights, read_verified
+
+if TYPE_CHECKING:  # the DAG's modules (torch) load on the prepare thread, not at import
+    from pipeline.stages import Resources
 
 # What a user can fix (a bad URI, run folder or checkpoint): exit 2 with the message, no traceback.
 JOB_ERRORS = (InputError, OutputError, WeightsError)
@@ -133,7 +137,21 @@ def _push(config: JobConfig, stats, summary: RunSummary) -> None:
         print(f"[deeplab-pipeline] warning: could not push to {config.pushgateway}: {exc}", file=sys.stderr)
 
 
-def _planned(config: JobConfig):
+class Planned(NamedTuple):
+    """What the driver knows before any work (``_planned``)."""
+
+    weights: Weights
+    sha256: str
+    inputs: Inputs
+    output: RunOutput
+    earlier: Earlier
+    todo: Inputs
+    resources: Resources
+    plan: dict
+    weights_data: bytes
+
+
+def _planned(config: JobConfig) -> Planned:
     """Everything before the work: checks, listing, what is done already, the resource plan."""
     weights, sha256, inputs, output, earlier, data = _start(config)
     from pipeline.stages import Resources, plan  # already imported by _prepare
@@ -146,22 +164,13 @@ def _planned(config: JobConfig):
     )
     resources = Resources.resolve(config, cluster_nodes(), ceiling=cluster_ceiling())
     print(f"[deeplab-pipeline] {describe(resources)}", flush=True)
-    return (
-        weights,
-        sha256,
-        inputs,
-        output,
-        earlier,
-        todo,
-        resources,
-        plan(config, resources, inputs=len(inputs), todo=len(todo)),
-        data,
-    )
+    planned = plan(config, resources, inputs=len(inputs), todo=len(todo))
+    return Planned(weights, sha256, inputs, output, earlier, todo, resources, planned, data)
 
 
 def dry_run(config: JobConfig) -> dict:
     """--dry-run: the checks and the plan of ``run``, printed as the last line of stdout; writes nothing."""
-    *_, planned, _ = _planned(config)
+    planned = _planned(config).plan
     print(json.dumps(planned, sort_keys=True), flush=True)
     return planned
 
