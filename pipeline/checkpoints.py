@@ -35,8 +35,12 @@ def read_checkpoint(
     uri: str, *, expected_sha256: str | None = None, storage_options: dict | None = None
 ) -> LoadedCheckpoint:
     """Read a checkpoint from any fsspec URI, verify its sha256 and return its state dict."""
-    path = split_checksum(uri)[0]
     data, digest = read_verified(uri, expected_sha256=expected_sha256, storage_options=storage_options)
+    return parse_checkpoint(data, digest, split_checksum(uri)[0])
+
+
+def parse_checkpoint(data: bytes, digest: str, path: str) -> LoadedCheckpoint:
+    """The state dict in a checkpoint's bytes (read and verified already, e.g. by the driver)."""
     metadata: dict[str, str] = {}
     if data[:1] == b"{" or _looks_like_safetensors(data):
         try:

@@ -16,7 +16,7 @@ from typing import NoReturn
 from pipeline.config import JobConfig
 from pipeline.credentials import public_text, refused_options
 from pipeline.flags import add_flags, values_from
-from pipeline.job import JOB_ERRORS, regression_exit, run
+from pipeline.job import JOB_ERRORS, dry_run, regression_exit, run
 from pipeline.models import DEFAULT_MODEL
 from pipeline.runner import SystemicFailure
 
@@ -94,10 +94,34 @@ def _uris(config: JobConfig) -> list[str | None]:
     return [config.input_uri, config.output_uri, config.labels_uri, config.weights_uri, config.pushgateway]
 
 
+def drop_empty(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` without the flags given an empty value (``--weights ""``, ``--weights=``) or an empty
+    INPUT_URI: an empty value is an unset one, as a ConfigMap key left "" means (k8s/configmap.yaml)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        action = parser._option_string_actions.get(name) if arg.startswith("--") else None
+        if action is not None and eq and value == "":
+            i += 1
+        elif action is not None and not eq and action.nargs != 0 and i + 1 < len(argv) and argv[i + 1] == "":
+            i += 2
+        elif arg == "":
+            i += 1
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    config = config_from_args(parser.parse_args(argv), parser)
+    args = drop_empty(sys.argv[1:] if argv is None else list(argv), parser)
+    config = config_from_args(parser.parse_args(args), parser)
     try:
+        if config.dry_run:
+            dry_run(config)
+            return 0
         summary = run(config)
     except JOB_ERRORS as exc:
         print(f"segment_bucket.py: error: {public_text(str(exc), _uris(config))}", file=sys.stderr)

@@ -25,3 +25,23 @@ def cluster_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+# A node type the autoscaler may add without limit (max_count -1) counts as this many nodes.
+UNBOUNDED_NODES = 16
+
+
+def cluster_ceiling() -> list[dict[str, float]] | None:
+    """Resources of each node the cluster may grow to: the autoscaler's node types, each at its
+    most (``max_workers`` / KubeRay's ``maxReplicas``), as the autoscaler publishes them in the GCS
+    (what Ray Data's own cluster autoscaler reads); None when no autoscaler published any."""
+    import ray._private.state
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is None or not config.node_group_configs:
+        return None
+    nodes = []
+    for group in config.node_group_configs:
+        count = UNBOUNDED_NODES if group.max_count < 0 else group.max_count
+        nodes += [{k: float(v) for k, v in group.resources.items()}] * count
+    return nodes or None

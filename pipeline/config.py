@@ -253,6 +253,11 @@ class JobConfig:
         help="carry the rows of inputs whose image and label are unchanged since the latest committed run under "
         "--output with the same model, weights and settings; segment the rest (docs/kubernetes.md)",
     )
+    dry_run: bool = option(
+        False,
+        help="check everything a run checks first (flags, weights, listing, what --resume skips, the resource plan "
+        "against the cluster), print the plan as one JSON line and exit 0, writing nothing",
+    )
     storage_options: dict = option(
         factory=dict,
         type=json_object,

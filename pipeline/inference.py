@@ -8,16 +8,17 @@ over scales and flips — DeepLab v3's evaluation protocol (Chen et al. 2017, Se
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pipeline.checkpoints import load_into, num_classes_in, read_checkpoint
+from pipeline.checkpoints import load_into, num_classes_in, parse_checkpoint, read_checkpoint
 from pipeline.config import InferenceConfig
 from pipeline.models import build_model
-from pipeline.weights import WeightsError, categories_from, default_weights
+from pipeline.weights import WeightsError, categories_from, default_weights, split_checksum
 
 
 def multiscale_probs(
@@ -233,16 +234,25 @@ def load_model(
     output_stride: int | None = None,
     num_classes: int | None = None,
     expected_sha256: str | None = None,
+    data: bytes | None = None,
 ):
     """(model in eval mode, sha256, class names); num_classes from the checkpoint when not given.
 
     ``weights_uri=None`` means the model's default weight set (``pipeline.models.DEFAULT_WEIGHTS``),
     resolved in this process: bundled files are found in the local install on every node.
+    ``data``: the checkpoint's bytes, read by someone else already (the driver hands them to the
+    inference actors); checked against ``expected_sha256`` all the same.
     """
     if weights_uri is None:
         default = default_weights(model_name)
         weights_uri, expected_sha256 = default.uri, expected_sha256 or default.sha256
-    checkpoint = read_checkpoint(weights_uri, expected_sha256=expected_sha256, storage_options=storage_options)
+    if data is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_sha256 and not digest.startswith(expected_sha256):
+            raise WeightsError(f"the weights handed over have sha256 {digest}, not {expected_sha256}")
+        checkpoint = parse_checkpoint(data, digest, split_checksum(weights_uri)[0])
+    else:
+        checkpoint = read_checkpoint(weights_uri, expected_sha256=expected_sha256, storage_options=storage_options)
     if num_classes is None:
         num_classes = num_classes_in(checkpoint.state_dict)
         if num_classes is None:

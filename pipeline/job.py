@@ -3,50 +3,66 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING, NamedTuple
 
 from pipeline.carry import fingerprint, incremental_night, listing_table
-from pipeline.cluster import cluster_nodes, init_ray
+from pipeline.cluster import cluster_ceiling, cluster_nodes, init_ray
 from pipeline.compare_text import format_comparison, regression_message
 from pipeline.config import JobConfig
 from pipeline.console import describe, print_summary
 from pipeline.credentials import public_text, public_uri
 from pipeline.manifest import build_manifest
 from pipeline.observability import push_summary
-from pipeline.outputs import LISTING, OutputError, RunOutput, RunSummary, committed_runs, run_before
+from pipeline.outputs import LISTING, Earlier, OutputError, RunOutput, RunSummary, committed_runs, run_before
 from pipeline.runner import run_dag
-from pipeline.storage import InputError, list_inputs
+from pipeline.storage import InputError, Inputs, list_inputs
 from pipeline.weights import Weights, WeightsError, default_weights, read_verified
+
+if TYPE_CHECKING:  # the DAG's modules (torch) load on the prepare thread, not at import
+    from pipeline.stages import Resources
 
 # What a user can fix (a bad URI, run folder or checkpoint): exit 2 with the message, no traceback.
 JOB_ERRORS = (InputError, OutputError, WeightsError)
 
 
 def resolve_weights(config: JobConfig) -> tuple[Weights, str]:
-    """Check the weights on the driver, so bad weights fail before any work: a checkpoint of one's
-    own is loaded into the model once; a published weight set (no --weights) is its record's file
-    when the checksum matches, and its layout is its builder's (tests/test_models.py), so the
-    driver only reads and hashes it and starts Ray without building the model."""
+    """``read_weights`` without the bytes."""
+    weights, sha256, _ = read_weights(config)
+    return weights, sha256
+
+
+def read_weights(config: JobConfig) -> tuple[Weights, str, bytes]:
+    """Check the weights on the driver, so bad weights fail before any work, and keep the bytes the
+    inference actors will load (handed to them through the object store, not read once per actor
+    and per restart): a checkpoint of one's own is loaded into the model once; a published weight
+    set (no --weights) is its record's file when the checksum matches, and its layout is its
+    builder's (tests/test_models.py), so the driver only reads and hashes it and starts Ray
+    without building the model."""
     if config.weights_uri is None:
         return _published(config)
     from pipeline.inference import load_model
 
+    data, digest = read_verified(config.weights_uri, storage_options=config.storage_options)
     model, sha256, categories = load_model(
         config.model,
         config.weights_uri,
         storage_options=config.storage_options,
         output_stride=config.inference.output_stride,
         num_classes=config.num_classes,
+        expected_sha256=digest,
+        data=data,
     )
     del model
     base = Weights(model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
-    return base, sha256
+    return base, sha256, data
 
 
-def _published(config: JobConfig) -> tuple[Weights, str]:
+def _published(config: JobConfig) -> tuple[Weights, str, bytes]:
     record = default_weights(config.model)
     if not record.sha256 or len(record.sha256) != 64:
         raise WeightsError(
@@ -58,21 +74,23 @@ def _published(config: JobConfig) -> tuple[Weights, str]:
             f"the published weights of {config.model} have {record.num_classes} classes, not "
             f"{config.num_classes} (--num-classes); pass --weights for a checkpoint with {config.num_classes}"
         )
-    _, sha256 = read_verified(record.uri, expected_sha256=record.sha256, storage_options=config.storage_options)
-    return replace(record, sha256=sha256), sha256
+    data, sha256 = read_verified(record.uri, expected_sha256=record.sha256, storage_options=config.storage_options)
+    return replace(record, sha256=sha256), sha256, data
 
 
 def _prepare(config: JobConfig):
     """What the driver checks and reads before any work: weights, the inputs, the run folder."""
-    weights, sha256 = resolve_weights(config)
+    weights, sha256, data = read_weights(config)
     inputs = list_inputs(
         config.input_uri, config.labels_uri, storage_options=config.storage_options, limit=config.limit
     )
     output = RunOutput(config.output_uri, config.run_id, config.storage_options)
-    earlier = output.prepare(resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes)
+    earlier = output.prepare(
+        resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes, dry_run=config.dry_run
+    )
     import pipeline.stages  # noqa: F401  (the DAG's modules and torch, loaded while Ray starts on the other thread)
 
-    return weights, sha256, inputs, output, earlier
+    return weights, sha256, inputs, output, earlier, data
 
 
 def _start(config: JobConfig):
@@ -128,13 +146,24 @@ def _push(config: JobConfig, stats, summary: RunSummary) -> None:
         print(f"[deeplab-pipeline] warning: could not push to {shown}", file=sys.stderr)
 
 
-def run(config: JobConfig) -> RunSummary:
-    """Segment what ``config`` names that the run does not hold yet, then commit and report."""
-    import ray
+class Planned(NamedTuple):
+    """What the driver knows before any work (``_planned``)."""
 
-    started = time.time()
-    weights, sha256, inputs, output, earlier = _start(config)
-    from pipeline.stages import Resources, build_dataset  # already imported by _prepare
+    weights: Weights
+    sha256: str
+    inputs: Inputs
+    output: RunOutput
+    earlier: Earlier
+    todo: Inputs
+    resources: Resources
+    plan: dict
+    weights_data: bytes
+
+
+def _planned(config: JobConfig) -> Planned:
+    """Everything before the work: checks, listing, what is done already, the resource plan."""
+    weights, sha256, inputs, output, earlier, data = _start(config)
+    from pipeline.stages import Resources, plan  # already imported by _prepare
 
     todo = inputs.without(earlier.keys)
     print(
@@ -142,15 +171,42 @@ def run(config: JobConfig) -> RunSummary:
         f"done; {len(todo)} to segment → {public_uri(output.uri)}",
         flush=True,
     )
-    resources = Resources.resolve(config, cluster_nodes())
+    resources = Resources.resolve(config, cluster_nodes(), ceiling=cluster_ceiling())
     print(f"[deeplab-pipeline] {describe(resources)}", flush=True)
+    planned = plan(config, resources, inputs=len(inputs), todo=len(todo))
+    return Planned(weights, sha256, inputs, output, earlier, todo, resources, planned, data)
+
+
+def dry_run(config: JobConfig) -> dict:
+    """--dry-run: the checks and the plan of ``run``, printed as the last line of stdout; writes nothing."""
+    planned = _planned(config).plan
+    print(json.dumps(planned, sort_keys=True), flush=True)
+    return planned
+
+
+def run(config: JobConfig) -> RunSummary:
+    """Segment what ``config`` names that the run does not hold yet, then commit and report."""
+    import ray
+
+    started = time.time()
+    weights, sha256, inputs, output, earlier, todo, resources, planned, data = _planned(config)
+    weights_ref = ray.put(data)  # once per run; every inference actor (and restart) reads it
+    from pipeline.stages import build_dataset, dataset_stats  # already imported by _prepare
+
     run_started = time.time()
     stats, processed = earlier.stats, 0
+
+    built = []  # the datasets run, for Ray Data's per-stage statistics in manifest.json
 
     def build(inputs, *, batch_size: int | None = None, **options):
         # The isolation passes (pipeline/runner.py) run the same DAG with one input per batch.
         same = config if batch_size is None else replace(config, compute=replace(config.compute, batch_size=batch_size))
-        return build_dataset(inputs, same, weights, sha256, resources, output.full_uri(), **options)
+        built.append(
+            build_dataset(
+                inputs, same, weights, sha256, resources, output.full_uri(), weights_data=weights_ref, **options
+            )
+        )
+        return built[-1]
 
     # --- incremental nights (issue 30): listing.parquet and the fingerprint (every run, so any
     # committed run can be a base), then the carry stage before segmenting what is left.
@@ -185,6 +241,8 @@ def run(config: JobConfig) -> RunSummary:
         run_seconds=run_seconds,
         processed=processed,
         finished=time.time(),
+        plan=planned,
+        ray_data=dataset_stats(built[0]) if built else None,
     )
     manifest |= {"fingerprint": fp, "incremental": incremental}  # issue 30: what the next night compares
     summary = output.commit(

@@ -39,8 +39,11 @@ def build_manifest(
     run_seconds: float,
     processed: int,
     finished: float,
+    plan: dict | None = None,
+    ray_data: list[dict] | None = None,
 ) -> dict:
-    """The manifest of a run that started at ``started`` and segmented ``processed`` inputs."""
+    """The manifest of a run that started at ``started`` and segmented ``processed`` inputs;
+    ``plan``: what --dry-run prints; ``ray_data``: Ray Data's per-stage statistics of its DAG."""
     return {
         "run_id": config.run_id,
         "config": config.to_public_dict(),
@@ -69,6 +72,8 @@ def build_manifest(
             "images_per_s": round(processed / run_seconds, 3) if run_seconds > 0 else None,
             "total_s": round(finished - started, 3),
         },
+        "plan": plan,
+        "ray_data": ray_data,
         "started_at": _utc(started),
         "finished_at": _utc(finished),
     }

@@ -87,14 +87,16 @@ class RunOutput:
         """``path`` with its protocol: what workers and write helpers open."""
         return self.fs.unstrip_protocol(self.path(*parts))
 
-    def prepare(self, *, resume: bool, overwrite: bool, num_classes: int) -> Earlier:
-        """Check the target before any work; return what a resumed run already holds."""
+    def prepare(self, *, resume: bool, overwrite: bool, num_classes: int, dry_run: bool = False) -> Earlier:
+        """Check the target before any work; return what a resumed run already holds. ``dry_run``:
+        the same checks and answer, changing nothing."""
         nothing = Earlier(pa.chunked_array([], pa.string()), PartStats.empty(num_classes))
         if not self.fs.exists(self.run_dir):
             return nothing
         committed = self.fs.exists(self.path(SUCCESS))
         if overwrite:
-            self.fs.rm(self.run_dir, recursive=True)
+            if not dry_run:
+                self.fs.rm(self.run_dir, recursive=True)
             return nothing
         if not resume:
             state = "a committed run" if committed else "an incomplete run"
@@ -102,7 +104,7 @@ class RunOutput:
                 f"{self.uri} already holds {state}; pass --resume to continue it "
                 f"(same --run-id) or --overwrite to replace it"
             )
-        if committed:
+        if committed and not dry_run:
             # The run is being changed: readers must not see it complete.
             self.fs.rm(self.path(SUCCESS))
         return self.earlier(num_classes)

@@ -56,8 +56,11 @@ class Segmenter:
         crf_backend: str = "pydensecrf",
         actor_memory_mib: int = 0,
         decode: dict | None = None,
+        weights_data: ray.ObjectRef | bytes | None = None,
     ) -> None:
         self.decoder = None if decode is None else Decoder(**decode)
+        if isinstance(weights_data, ray.ObjectRef):  # the driver's copy: no download per actor and restart
+            weights_data = ray.get(weights_data)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.threads = max(1, threads)
         self.model, self.sha256, categories = load_model(
@@ -67,7 +70,9 @@ class Segmenter:
             output_stride=inference.output_stride,
             num_classes=num_classes,
             expected_sha256=weights_sha256,
+            data=weights_data,
         )
+        del weights_data
         self.model.to(self.device)
         self.num_classes = len(categories)
         self.inference = inference

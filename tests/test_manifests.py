@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -19,7 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.cli import build_parser, config_from_args
+from pipeline.cli import build_parser, config_from_args, drop_empty
+from tests.conftest import DEMO_BUCKET, S3_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -321,8 +323,10 @@ def test_entrypoint_is_accepted_by_the_cli(source):
     argv = expand(spec["entrypoint"], env)
     assert argv[:2] == ["python", "jobs/segment_bucket.py"] and (REPO / argv[1]).is_file()
     parser = build_parser()
-    args = parser.parse_args(argv[2:])
+    args = parser.parse_args(drop_empty(argv[2:], parser))
     config = config_from_args(args, parser)
+    # Empty ConfigMap values are unset flags: the model's own weights, no Pushgateway.
+    assert config.weights_uri is None and config.pushgateway is None
     # The RayCronJob's submitter takes the run id from its clock; the CronJob renders it in.
     assert config.run_id == (RUN_DATE if source == "rayjob" else dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
     assert (config.input_uri, config.output_uri) == (configmap_data()["INPUT_URI"], configmap_data()["OUTPUT_URI"])
@@ -336,6 +340,92 @@ def test_entrypoint_is_accepted_by_the_cli(source):
             offering = {g for g, s in groups.items() if name in s.get("resources", {})}
             assert offering == {group}, (name, offering)
         assert int(groups[group]["resources"][next(iter(wanted))]) >= 1
+
+
+def test_entrypoint_ranges_agree_with_the_worker_groups():
+    """Each pool's range reaches what its worker group holds at maxReplicas, and no further."""
+    for spec in (rayjob()["spec"], raycronjob()["spec"]["jobTemplate"]):
+        parser = build_parser()
+        argv = expand(spec["entrypoint"], submitter_env(spec))
+        compute = config_from_args(parser.parse_args(drop_empty(argv[2:], parser)), parser).compute
+        groups = worker_groups(spec)
+        for wanted, pool, per_actor in (
+            (compute.infer_resources, compute.infer_actors, 1),
+            (compute.crf_resources, compute.crf_actors, compute.crf_cpus),
+        ):
+            ((name, amount),) = wanted.items()
+            (group,) = [g for g in groups.values() if name in g.get("resources", {})]
+            actors_per_node = int(float(group["resources"][name]) / amount)
+            if pool is compute.crf_actors:  # a CRF actor takes crf_cpus of the node's CPUs as well
+                cpus = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                actors_per_node = min(actors_per_node, int(cpus / per_actor))
+            assert pool[1] == actors_per_node * group["maxReplicas"], (name, pool, group["maxReplicas"])
+            assert group["minReplicas"] == 0 and pool[0] >= 1
+
+
+def test_ray_cluster_yaml_command_uses_its_worker_types():
+    """The example command in ray_cluster.yaml's header: accepted by the CLI, pools as large as the
+    worker types hold at max_workers, actors pinned to their worker type."""
+    text = (REPO / "ray_cluster.yaml").read_text()
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if "jobs/segment_bucket.py" in line)
+    command = ""
+    for line in lines[start:]:
+        command += " " + line.removesuffix("\\").strip()
+        if not line.endswith("\\"):
+            break
+    argv = expand(command.split(" -- ", 1)[1], {})
+    parser = build_parser()
+    compute = config_from_args(parser.parse_args(drop_empty(argv[2:], parser)), parser).compute
+    types = yaml.safe_load(text)["available_node_types"]
+    for wanted, pool in ((compute.infer_resources, compute.infer_actors), (compute.crf_resources, compute.crf_actors)):
+        ((name, amount),) = wanted.items()
+        (node,) = [t for t in types.values() if name in t["resources"]]
+        per_node = min(int(node["resources"][name] / amount), int(node["resources"]["CPU"]))
+        assert pool == (1, per_node * node["max_workers"]), (name, pool)
+    assert compute.use_gpu is True and compute.crf_backend == "pydensecrf"
+
+
+def _entrypoint_bucket(fs, uri: str, images: int) -> None:
+    """The ConfigMap's INPUT_URI and LABELS_URI, on the loopback S3 server, holding ``images`` demo scenes."""
+    demo = sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:images]
+    bucket = uri.removeprefix("s3://").split("/")[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    data = configmap_data()
+    for image in demo:
+        fs.pipe(f"{data['INPUT_URI'].removeprefix('s3://')}/{image.name}", image.read_bytes())
+        label = DEMO_BUCKET / "labels" / f"{image.stem}.png"
+        fs.pipe(f"{data['LABELS_URI'].removeprefix('s3://')}/{label.name}", label.read_bytes())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["rayjob", "raycronjob"])
+def test_shipped_entrypoint_dry_runs(source, ray_local, s3_env, s3_server):
+    """The entrypoint as the submitter's bash expands it with the shipped ConfigMap, run through
+    --dry-run against a local Ray and the loopback S3 server: it checks the weights, lists the
+    bucket and plans the pools, prints the plan as its last stdout line, and writes nothing."""
+    spec = rayjob()["spec"] if source == "rayjob" else raycronjob()["spec"]["jobTemplate"]
+    data = configmap_data()
+    _entrypoint_bucket(s3_env, data["INPUT_URI"], 5)
+    argv = expand(spec["entrypoint"], submitter_env(spec))
+    env = {
+        **os.environ,
+        **S3_ENV,
+        "AWS_ENDPOINT_URL": s3_server,
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+    }
+    proc = subprocess.run(
+        [sys.executable, *argv[1:], "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    batch = int(argv[argv.index("--batch-size") + 1])
+    assert (plan["inputs"], plan["todo"], plan["batch_size"]) == (5, 5, batch)
+    assert 1 <= plan["keys_per_task_max"] <= 4 * batch
+    assert plan["pools"]["infer"] == [1, 4] and plan["pools"]["crf"] == [2, 32] and plan["use_gpu"] is True
+    assert plan["object_store_mib"] > 0
+    assert not s3_env.exists(data["OUTPUT_URI"].removeprefix("s3://")), "a dry run wrote to OUTPUT_URI"
 
 
 # --- secrets -------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""How the inference pool is sized against the cluster, and that its torch threads are really used."""
+"""How the pools are sized against the cluster (the nodes there now, and the nodes its autoscaler may
+add), and that the inference actors' torch threads are really used."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pipeline.stages import Resources
 from tests.conftest import DEMO_BUCKET, REPO
 
 
-def resolve(cluster: dict, *, crf: bool = True, **compute) -> Resources:
+def resolve(cluster: dict, *, crf: bool = True, ceiling: list | None = None, **compute) -> Resources:
     config = JobConfig(
         input_uri="in",
         output_uri="out",
@@ -23,16 +25,17 @@ def resolve(cluster: dict, *, crf: bool = True, **compute) -> Resources:
         crf=CRFParams() if crf else None,
         compute=ComputeConfig(**compute),
     )
-    return Resources.resolve(config, cluster)
+    return Resources.resolve(config, cluster, ceiling=ceiling)
 
 
 def test_cpu_default_is_one_single_threaded_actor_per_core_that_decodes_and_refines_its_own_images():
-    # 2 cores: 2 actors of 1 CPU, 1 thread each, and no decode pool: each inference actor reads and
+    # 2 cores: 2 actors of 1 thread each, and no decode pool: each inference actor reads and
     # decodes its own batch and, with CRF on, refines its own images (nothing through the store).
-    assert resolve({"CPU": 2.0}, crf=False) == Resources(False, 1.0, 1, (2, 2), 128, (0, 0), None, False, None, True)
-    assert resolve({"CPU": 2.0}) == Resources(False, 1.0, 1, (2, 2), 128, (0, 0), None, True, "pydensecrf", True)
+    # The part writer reserves a quarter CPU (never on a head with num-cpus 0); the actors share the rest.
+    assert resolve({"CPU": 2.0}, crf=False) == Resources(False, 0.875, 1, (2, 2), 128, (0, 0), None, False, None, True)
+    assert resolve({"CPU": 2.0}) == Resources(False, 0.875, 1, (2, 2), 128, (0, 0), None, True, "pydensecrf", True)
     r = resolve({"CPU": 16.0})
-    assert r.infer_actors == (16, 16) and r.infer_threads == 1 and r.infer_cpus == 1.0
+    assert r.infer_actors == (16, 16) and r.infer_threads == 1 and r.infer_cpus == (16 - 2 * 0.25) / 16
     assert r.crf_fused and r.crf_actors is None and r.decode_fused and r.decode_actors == (0, 0)
     # One part writer per 8 CPUs, 4 at most: on 2 cores a second writer was a process to start
     # mid-run for no throughput.
@@ -43,12 +46,13 @@ def test_cpu_default_is_one_single_threaded_actor_per_core_that_decodes_and_refi
 
 
 def test_cpu_explicit_sizes_win():
-    # 4 CPUs per actor on 16 CPUs: 4 actors (each decodes its own batch), 4 threads each.
+    # 4 CPUs per actor on 16 CPUs: 3 actors (each decodes its own batch), 4 threads each; a fourth
+    # would leave the two writers' half CPU no room, and the run would wait for them forever.
     no_pools = dict(
         decode_actors=(0, 0), crf_actors=None, crf_fused=False, crf_backend=None, decode_fused=True, write_actors=2
     )
-    assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(False, 4.0, 4, (4, 4), 256, **no_pools)
-    assert resolve({"CPU": 16.0}, crf=False, infer_actors=(1, 3)).infer_threads == 5  # 16 / 3 CPUs each
+    assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(False, 4.0, 4, (3, 3), 192, **no_pools)
+    assert resolve({"CPU": 16.0}, crf=False, infer_actors=(1, 3)).infer_threads == 5  # 15.5 / 3 CPUs each
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(2, 4), infer_cpus=2.0) == Resources(
         False, 2.0, 2, (2, 4), 256, **no_pools
     )
@@ -62,7 +66,7 @@ def test_gpu_default_is_one_actor_per_gpu_and_pools_that_grow_with_the_cluster()
     assert resolve({"CPU": 32.0, "GPU": 4.0}, infer_actors=(1, 8)).infer_actors == (1, 8)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend="pydensecrf", crf_actors=(2, 6)).crf_actors == (2, 6)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, object_store_mib=100).object_store_mib == 100
-    # --gpu on a cluster whose GPU nodes are still scaled to zero: one actor, the autoscaler adds a node.
+    # --gpu on a cluster that cannot grow and has no GPU: one actor.
     assert resolve({"CPU": 4.0}, use_gpu=True).infer_actors == (1, 1)
     # Per node: a CPU head and two 64-CPU nodes with 8 GPUs each; every node may run CRF actors.
     nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}]
@@ -95,7 +99,7 @@ def test_cpu_backend_choice_and_crf_off():
     # Without GPUs auto is pydensecrf (the faster one on a core, docs/benchmarks.md); torch if asked,
     # fused either way. With the CRF off there is no backend at all.
     assert resolve({"CPU": 2.0}, crf_backend="torch") == Resources(
-        False, 1.0, 1, (2, 2), 128, (0, 0), None, True, "torch", True
+        False, 0.875, 1, (2, 2), 128, (0, 0), None, True, "torch", True
     )
     assert resolve({"CPU": 2.0}, crf_backend="pydensecrf").crf_backend == "pydensecrf"
     assert resolve({"CPU": 32.0, "GPU": 4.0}, crf=False, crf_backend="torch").crf_backend is None
@@ -113,8 +117,39 @@ def test_crf_pool_grows_only_on_the_nodes_that_may_run_it():
     r = resolve(nodes, infer_resources={"gpu_node": 1}, crf_resources={"crf_node": 1}, **pool)
     assert r.infer_actors == (1, 1) and r.crf_actors == (1, 32)
     assert resolve(nodes, crf_resources={"crf_node": 1}, crf_cpus=2.0, **pool).crf_actors == (1, 16)
-    # No node offers the resource yet (an autoscaling cluster at zero): one actor, the autoscaler adds nodes.
+    # No node offers the resource and the cluster cannot grow: one actor.
     assert resolve(nodes[:2], crf_resources={"crf_node": 1}, **pool).crf_actors == (1, 1)
+
+
+# The shipped KubeRay cluster as its autoscaler publishes it: a CPU head (num-cpus 0), GPU workers
+# (3 CPUs, 1 GPU, gpu_node) and CRF workers (8 CPUs, crf_node 8), each group at most 4 replicas.
+HEAD = {"CPU": 0.0}
+GPU_NODE = {"CPU": 3.0, "GPU": 1.0, "gpu_node": 1.0}
+CRF_NODE = {"CPU": 8.0, "crf_node": 8.0}
+KUBERAY = [HEAD, *[GPU_NODE] * 4, *[CRF_NODE] * 4]
+
+
+def test_pools_are_ranges_from_the_nodes_there_now_to_the_nodes_the_autoscaler_may_add():
+    pinned = dict(infer_resources={"gpu_node": 1}, crf_resources={"crf_node": 1}, crf_backend="pydensecrf")
+    # Both worker groups at zero replicas: one actor each to start with, as many as the groups hold
+    # at maxReplicas to grow into; and GPUs are planned for without --gpu, since the groups have them.
+    r = resolve([HEAD], ceiling=KUBERAY, **pinned)
+    assert r.use_gpu and r.infer_actors == (1, 4) and r.crf_actors == (1, 32)
+    assert r.decode_actors[1] > 1 and r.write_actors == 4
+    # One GPU node up: the pool starts at what exists and still grows to the groups' maximum.
+    r = resolve([HEAD, GPU_NODE], ceiling=KUBERAY, **pinned)
+    assert r.infer_actors == (1, 4) and r.crf_actors == (1, 32)
+    r = resolve([HEAD, GPU_NODE, GPU_NODE], ceiling=KUBERAY, **pinned)
+    assert r.infer_actors == (2, 4)
+    # A range given on the command line is honoured as it is.
+    r = resolve([HEAD], ceiling=KUBERAY, infer_actors=(1, 2), crf_actors=(2, 6), **pinned)
+    assert r.infer_actors == (1, 2) and r.crf_actors == (2, 6)
+    # Without GPUs the CPU actors keep the size they have now and grow in number with the CPU nodes.
+    now = [{"CPU": 2.0}]
+    r = resolve(now, ceiling=[{"CPU": 2.0}, {"CPU": 4.0}, {"CPU": 4.0}])
+    assert not r.use_gpu and r.infer_cpus == 0.875 and r.infer_actors == (2, math.floor((10 - 0.25) / 0.875))
+    # A cluster that cannot grow (no autoscaler): the nodes there are, as before.
+    assert resolve(now, ceiling=None) == resolve(now)
 
 
 _THREADS_PROBE = """
@@ -176,3 +211,35 @@ def test_object_store_budget_reaches_the_last_stage(ray_local):
     resources = Resources.resolve(config, {"CPU": 2.0})
     ds = build_dataset(list_inputs(config.input_uri, None), config, weights, sha, resources, "/tmp/unused")
     assert ds.context.execution_options.resource_limits.object_store_memory == 300 * 2**20
+
+
+def test_no_task_holds_more_than_four_batches_of_keys(ray_local, monkeypatch):
+    """Blocks grow from one batch to four as a run outgrows TARGET_BLOCKS batches, never beyond; Ray
+    Data's own statistics of the real DAG (the decode pool; its keys name no file, so each becomes a
+    read error row) show it. TARGET_BLOCKS is lowered to 10 so that 100 keys stand for 10^5+."""
+    import pyarrow as pa
+
+    from pipeline import stages
+    from pipeline.job import resolve_weights
+    from pipeline.stages import build_dataset, dataset_stats, keys_per_block
+    from pipeline.storage import Inputs
+
+    assert [keys_per_block(n, 16) for n in (32, 3_200, 10_000, 200_000, 10_000_000)] == [16, 16, 64, 64, 64]
+    monkeypatch.setattr(stages, "TARGET_BLOCKS", 10)
+    config = JobConfig(
+        input_uri=str(DEMO_BUCKET / "images"),
+        output_uri="out",
+        labels_uri=None,
+        model="deeplabv3plus_demo",
+        weights_uri=None,
+        run_id="r",
+        crf=None,
+        compute=ComputeConfig(batch_size=1),
+    )
+    weights, sha = resolve_weights(config)
+    resources = Resources.resolve(config, {"CPU": 2.0})
+    inputs = Inputs(config.input_uri, None, pa.chunked_array([[f"missing/{i:03d}.jpg" for i in range(100)]]))
+    ds = build_dataset(inputs, config, weights, sha, resources, "/tmp/unused", upto="decode")
+    assert sum(len(b["key"]) for b in ds.iter_batches(batch_size=None)) == 100
+    (decode,) = [s for s in dataset_stats(ds) if s["stage"] == "MapBatches(Decoder)"]
+    assert decode["rows"] == 100 and decode["tasks"] == 25 and decode["rows_per_task_max"] == 4
