@@ -23,7 +23,6 @@ from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs
 from pipeline.results import mark_error, result_table
 from pipeline.schema import add_columns, to_stream
-from pipeline.testing import limit_memory_if_asked
 from pipeline.tiling import tiled_outputs
 
 
@@ -81,7 +80,6 @@ class Segmenter:
             )
         )
         self.mean, self.std = normalisation(mean, std, self.device)
-        self.capped = False  # pipeline/testing.py's address-space cap: set on the first call
         self.budget = image_budget(actor_memory_mib)  # measured now that the model is loaded
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.metrics = stage_metrics("infer")
@@ -102,9 +100,6 @@ class Segmenter:
     def __call__(self, batch: dict[str, np.ndarray]):
         if self.decoder is not None:
             batch = self.decoder(batch)
-        if not self.capped:  # once the decoder's fetch threads exist: their stacks and heaps are address space
-            limit_memory_if_asked()
-            self.capped = True
         if self.device.type == "cpu":
             # Per call, not once in __init__: Ray Data calls this from another thread than the
             # constructor, and OpenMP's thread count is per thread. oneDNN's convolutions read it
