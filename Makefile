@@ -19,10 +19,12 @@ test: lint
 	bash .ci/system-packages.sh
 	$(PY) -m pytest -m 'slow or not slow'
 
-# ruff with the project's settings (pyproject.toml): lint, and a format that must already hold.
+# ruff with the project's settings (pyproject.toml): lint, and a format that must already hold;
+# mypy over pipeline/ (its settings: [tool.mypy] in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -24,7 +24,7 @@ def credential_options(options: dict, prefix: str = "") -> list[str]:
 
 def redact(options: dict) -> dict:
     """Copy of ``options`` with credential-looking values replaced, recursively."""
-    out = {}
+    out: dict[str, object] = {}
     for k, v in options.items():
         if isinstance(v, dict):
             out[k] = redact(v)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -88,8 +89,8 @@ def decode_batch(
 
 def _decoded(out: dict[str, list], i: int, uri: str, data: bytes | Exception | None, max_pixels: int | None):
     """Row ``i``'s decoded image, or None with the row's read or decode error marked."""
-    if isinstance(data, Exception):
-        mark_error(out, i, "read", data, f"cannot read {uri}: {data}")
+    if isinstance(data, Exception) or data is None:  # None: fetch_all's answer for an empty URI
+        mark_error(out, i, "read", data, f"cannot read {uri}: {data or 'no URI'}")
         return None
     try:
         return decode_image(data, max_pixels=max_pixels)
@@ -139,7 +140,7 @@ class Decoder:
         self.locator = locator
         # One set of fetch threads for the actor's life: a pool per batch started 16 threads a call.
         pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deeplab-fetch")
-        self.kwargs = {
+        self.kwargs: dict[str, Any] = {  # decode_batch's keyword arguments
             "storage_options": storage_options,
             "num_classes": num_classes,
             "max_pixels": max_pixels,

@@ -58,7 +58,7 @@ def decode_thumbnail(data: bytes, width: int) -> np.ndarray:
         rgb = Image.fromarray(_to_rgb(upright)) if upright.mode in _SIXTEEN_BIT else upright.convert("RGB")
         width = min(width, rgb.width)  # never enlarged
         height = max(1, round(rgb.height * width / rgb.width))
-        return np.asarray(rgb.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+        return np.asarray(rgb.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,14 +49,14 @@ def _overlay(image: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def _resized(ids: np.ndarray, shape: tuple[int, int] | None) -> np.ndarray:
     if shape is None or ids.shape == shape:
         return ids
-    return np.asarray(Image.fromarray(ids).resize((shape[1], shape[0]), Image.NEAREST))
+    return np.asarray(Image.fromarray(ids).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
 
 
 def _thumb(uri: str, storage_options: dict) -> np.ndarray:
     return decode_thumbnail(read_bytes(uri, storage_options), THUMB_WIDTH)
 
 
-def _table_rows(rows: list[tuple[str, object]]) -> str:
+def _table_rows(rows: Sequence[tuple[str, object]]) -> str:
     return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
 
 
@@ -136,7 +137,7 @@ def _change_figure(example, storage_options: dict) -> str:
     old, new = _resized(old, size) if same_size else old, _resized(new, size)
     previous = _overlay(image, old) if same_size else _PALETTE[old]
     panels = [("image", image), ("previous run", previous), ("this run", _overlay(image, new))]
-    if same_size:
+    if changed_ids is not None:  # same_size
         changed = (image.astype(np.float32) * 0.35).astype(np.uint8)
         changed[changed_ids > 0] = (230, 30, 30)
         panels.append(("changed pixels", changed))

@@ -129,7 +129,7 @@ class Segmenter:
                 if not self.crf.batched:  # one image at a time: each one's probabilities go as it is refined
                     self.crf(out, refine)
                     refine = []
-        if refine:
+        if refine and self.crf is not None:
             self.crf(out, refine)
         return self.emit(out)
 
@@ -163,6 +163,7 @@ class Segmenter:
     def _tiled(
         self, out: dict[str, list], i: int, image: np.ndarray, config: InferenceConfig, encoding: str | None
     ) -> tuple | None:
+        encoded: np.ndarray | bytes | None
         try:
             mask, summary, encoded = tiled_outputs(
                 self.model, image, mean=self.mean, std=self.std, config=config, encoding=encoding
@@ -189,8 +190,10 @@ class Segmenter:
         inf = self.inference
         times: list[float] = []
         try:
-            probs = infer_batch(
-                self.model, [images[j] for j in whole], mean=self.mean, std=self.std, config=inf, seconds=times
+            probs: list[torch.Tensor | None] = list(
+                infer_batch(
+                    self.model, [images[j] for j in whole], mean=self.mean, std=self.std, config=inf, seconds=times
+                )
             )
         except Exception:
             # Find the image that fails (e.g. out of memory on a huge one) without losing the others.

@@ -263,6 +263,7 @@ class _Stage:
 
     def crf(self, weights_sha256: str, images: int) -> dict:
         config, pool = self.config, self.resources.crf_actors
+        assert pool is not None, "a CRF pool stage is planned only with crf_actors"
         return dict(
             fn_constructor_kwargs={
                 "params": config.crf,

@@ -129,7 +129,7 @@ class ASPP(nn.Module):
         super().__init__()
         self.rates = tuple(atrous_rates)
         ASPPConvModule = SeparableConvBNReLU if separable else ASPPConv  # noqa: N806 (a class, named like one)
-        branches = [ConvBNReLU(in_channels, out_channels, 1)]
+        branches: list[nn.Module] = [ConvBNReLU(in_channels, out_channels, 1)]
         branches += [ASPPConvModule(in_channels, out_channels, rate) for rate in self.rates]
         branches.append(ASPPPooling(in_channels, out_channels))
         self._branches = "branches" if separable else "convs"
