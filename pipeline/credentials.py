@@ -6,8 +6,22 @@ _SECRET_WORDS = ("secret", "key", "token", "password", "credential", "session")
 
 # fsspec/s3fs/gcsfs/adlfs option names that carry a credential (compared case-insensitively).
 CREDENTIAL_OPTIONS = frozenset(
-    "key secret token password aws_access_key_id aws_secret_access_key aws_session_token access_key secret_key "
-    "session_token client_secret account_key sas_token credentials".split()
+    [
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "access_key",
+        "secret_key",
+        "session_token",
+        "client_secret",
+        "account_key",
+        "sas_token",
+        "credentials",
+    ]
 )
 
 

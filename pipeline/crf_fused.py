@@ -111,7 +111,7 @@ class FusedCRF:
             torch.cuda.empty_cache()  # what the failed merged call cached, for the images one by one
             return False
         seconds = (time.perf_counter() - start) / len(rows)
-        for (i, *_), mask in zip(rows, labels):
+        for (i, *_), mask in zip(rows, labels, strict=True):
             out["mask_crf"][i], out["crf_ms"][i], out["crf_node"][i] = mask, seconds * 1000.0, self.node_id
             self.metrics.ok(seconds)
         return True

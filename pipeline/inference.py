@@ -76,7 +76,7 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     if length <= tile:
         return [0]
     starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]  # the last window ends at the border
+    return [*starts, length - tile]  # the last window ends at the border
 
 
 def sliding_window_probs(

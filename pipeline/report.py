@@ -68,7 +68,7 @@ def _bar_chart(names: list[str], iou: list[float | None], iou_pre: list[float | 
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" '
         f'height="{height}" font-family="sans-serif" font-size="12">'
     ]
-    for i, (name, post, pre) in enumerate(zip(names, iou, iou_pre)):
+    for i, (name, post, pre) in enumerate(zip(names, iou, iou_pre, strict=True)):
         y = 10 + i * row
         parts.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{html.escape(name)}</text>')
         for j, (value, colour) in enumerate(((pre, "#b0b0b0"), (post, "#2f6db5"))):

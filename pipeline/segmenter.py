@@ -116,7 +116,7 @@ class Segmenter:
         ]
         results, seconds = self._infer(out, todo, images)
         refine = []  # (row, image, probabilities on the device or None, memory budget) for the fused CRF
-        for j, (i, image) in enumerate(zip(todo, images)):
+        for j, (i, image) in enumerate(zip(todo, images, strict=True)):
             if results[j] is None:
                 continue
             (out["mask_pre"][i], summary, out["probs"][i], probs), results[j] = results[j], None

@@ -69,7 +69,7 @@ class Resources:
             # may run it; Ray Data's autoscaler adds actors while CRF is the bottleneck.
             room = sum(
                 math.floor(cpu / compute.crf_cpus + 1e-9)
-                for cpu, n in zip(left, nodes)
+                for cpu, n in zip(left, nodes, strict=False)
                 if _eligible(n, compute.crf_resources)
             )
             crf_actors = compute.crf_actors or (1, max(1, room))

@@ -364,9 +364,8 @@ def test_no_secret_values_inline():
         for obj in load_docs(path):
             assert obj["kind"] != "Secret", path
             for node in _walk(obj):
-                if "valueFrom" in node or "value" in node:
-                    if SECRET_NAME.search(str(node.get("name", ""))):
-                        assert "value" not in node and "secretKeyRef" in node["valueFrom"], (path, node["name"])
+                if ("valueFrom" in node or "value" in node) and SECRET_NAME.search(str(node.get("name", ""))):
+                    assert "value" not in node and "secretKeyRef" in node["valueFrom"], (path, node["name"])
                 if "secretKeyRef" in node:
                     secret_refs.add((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
     # Every reference points at a key the example Secret documents.

@@ -128,7 +128,7 @@ class ASPP(nn.Module):
     ) -> None:
         super().__init__()
         self.rates = tuple(atrous_rates)
-        ASPPConvModule = SeparableConvBNReLU if separable else ASPPConv  # noqa: N806 (a class, named like one)
+        ASPPConvModule = SeparableConvBNReLU if separable else ASPPConv
         branches: list[nn.Module] = [ConvBNReLU(in_channels, out_channels, 1)]
         branches += [ASPPConvModule(in_channels, out_channels, rate) for rate in self.rates]
         branches.append(ASPPPooling(in_channels, out_channels))
@@ -185,7 +185,7 @@ def resnet_backbone(
         # The last block already runs at layer4's rate (torchvision gives the first block the
         # previous stage's rate); multi-grid multiplies that rate per block (paper, Sec. 3.2.1).
         base = blocks[-1].conv2.dilation[0]
-        for block, unit in zip(blocks, multi_grid):
+        for block, unit in zip(blocks, multi_grid, strict=True):
             _set_dilation(block.conv2, base * unit)
     return backbone
 
