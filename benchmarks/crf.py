@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crf_torch_backend import smooth_probs  # noqa: E402  (this directory; shared with the torch backend's table)
+from crf_torch_backend import smooth_probs
 
-from pipeline.checkpoints import normalisation  # noqa: E402
-from pipeline.config import CRFParams, InferenceConfig  # noqa: E402
-from pipeline.crf import CRFRefiner, dense_crf  # noqa: E402
-from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
-from pipeline.probs import encode_probs  # noqa: E402
-from pipeline.synthetic import SceneSpec, make_scene, varied_spec  # noqa: E402
+from pipeline.checkpoints import normalisation
+from pipeline.config import CRFParams, InferenceConfig
+from pipeline.crf import CRFRefiner, dense_crf
+from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy
+from pipeline.probs import encode_probs
+from pipeline.synthetic import SceneSpec, make_scene, varied_spec
 
 EVAL_SEEDS_START = 1_500_000
 
@@ -152,7 +152,7 @@ def encodings(images: int) -> None:
     from pipeline.inference import infer_batch, load_model
     from pipeline.probs import decode_probs
 
-    model, _, categories = load_model("deeplabv3plus_demo", None)
+    model, _, _ = load_model("deeplabv3plus_demo", None)
     mean, std = normalisation()
     print(f"\nprobability encodings: bytes/image and CRF labels identical to float32 ({images} held-out scenes)")
 
@@ -205,7 +205,7 @@ def quality(images: int) -> None:
 
     table(
         f"demo checkpoint on {images} held-out synthetic scenes",
-        [(im, p, lab) for (im, lab), p in zip(scenes, probs)],
+        [(im, p, lab) for (im, lab), p in zip(scenes, probs, strict=True)],
         n,
     )
 

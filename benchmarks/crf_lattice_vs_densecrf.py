@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.crf_torch import _features  # noqa: E402
-from pipeline.permutohedral import PermutohedralLattice  # noqa: E402
+from pipeline.crf_torch import _features
+from pipeline.permutohedral import PermutohedralLattice
 
 HARNESS = r"""
 #include "permutohedral.h"

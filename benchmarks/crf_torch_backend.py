@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import CRFParams  # noqa: E402
-from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch  # noqa: E402
-from pipeline.synthetic import SceneSpec, make_scene  # noqa: E402
+from pipeline.config import CRFParams
+from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch
+from pipeline.synthetic import SceneSpec, make_scene
 
 SIZES = ((240, 320), (513, 513))
 DEMO_BUCKET = Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "demo_bucket"
@@ -170,7 +170,7 @@ def cpu_rows(repeats: int) -> list[tuple[str, ...]]:
             ms = {}
             for n in (1, 2):
                 torch.set_num_threads(n)
-                ms[n] = timed_ms(lambda: dense_crf_torch(image, probs), repeats)
+                ms[n] = timed_ms(lambda: dense_crf_torch(image, probs), repeats)  # noqa: B023 (timed right here)
             ratio = (
                 ""
                 if raw is None
@@ -216,8 +216,8 @@ def gpu_rows(repeats: int, batch: int = 8) -> list[tuple[str, ...]]:
         raw = pydensecrf_ms(*cases[0], max(1, repeats // 2))
         images = [torch.from_numpy(c[0]).cuda() for c in cases]
         probs = [torch.from_numpy(c[1]).cuda() for c in cases]
-        single = timed_ms(lambda: dense_crf_torch(images[0], probs[0]), repeats, sync=True)
-        merged = timed_ms(lambda: dense_crf_torch_batch(images, probs), repeats, sync=True) / batch
+        single = timed_ms(lambda: dense_crf_torch(images[0], probs[0]), repeats, sync=True)  # noqa: B023 (timed here)
+        merged = timed_ms(lambda: dense_crf_torch_batch(images, probs), repeats, sync=True) / batch  # noqa: B023
         ratio = (
             "" if raw is None else f"speed-up over pydensecrf: {raw / single:.0f}x single, {raw / merged:.0f}x batched"
         )

@@ -94,7 +94,7 @@ def loop_main(images_dir: str, out_dir: str, times_path: str) -> None:
     with ThreadPoolExecutor(4) as pool:
         for batch in loader:
             probs = infer_batch(model, [rgb for _, rgb in batch], mean=mean, std=std, config=config)
-            for (path, _), p in zip(batch, probs):
+            for (path, _), p in zip(batch, probs, strict=True):
                 pool.submit(write, path, class_map(p).cpu().numpy())
     Path(times_path).write_text(json.dumps(sorted(done)))
 

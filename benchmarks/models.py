@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.models import MODEL_BUILDERS  # noqa: E402
+from pipeline.models import MODEL_BUILDERS
 
 
 def gflops(model: torch.nn.Module, size: int) -> float:

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoints import normalisation  # noqa: E402
-from pipeline.config import InferenceConfig  # noqa: E402
-from pipeline.inference import class_map, infer_batch, load_model  # noqa: E402
-from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy  # noqa: E402
-from pipeline.synthetic import make_scene, varied_spec  # noqa: E402
+from pipeline.checkpoints import normalisation
+from pipeline.config import InferenceConfig
+from pipeline.inference import class_map, infer_batch, load_model
+from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy
+from pipeline.synthetic import make_scene, varied_spec
 
 EVAL_SEEDS_START = 1_500_000  # disjoint from training (0..), held-out (1_000_000..) and demo (2_000_000..)
 DEEPLAB_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline_vs_loop_parts.measure import (  # noqa: E402
+from pipeline_vs_loop_parts.measure import (
     Result,
     bare_loop,
     breakeven,
@@ -41,8 +41,8 @@ from pipeline_vs_loop_parts.measure import (  # noqa: E402
     pipeline_run,
 )
 
-from pipeline.config import ComputeConfig, InferenceConfig  # noqa: E402
-from pipeline.synthetic import write_bucket  # noqa: E402
+from pipeline.config import ComputeConfig, InferenceConfig
+from pipeline.synthetic import write_bucket
 
 
 class Predictor:
@@ -124,7 +124,7 @@ def _print_throughput(args, scales, cores: int, gpu: bool, best: Result, loops, 
         f"flip {args.flip}, CRF off, batch {args.batch_size}; ratios are to the best loop"
     )
     print(f"{'':44} {'e2e img/s':>10} {'ratio':>6} {'1st s':>6} {'steady':>8} {'ratio':>6}  GPU util")
-    for r in loops + [script, default, matched]:
+    for r in [*loops, script, default, matched]:
         steady = r.steady if r.steady is not None else r.rate
         first = f"{r.first_s:6.2f}" if r.first_s is not None else f"{'':6}"
         print(

@@ -10,7 +10,7 @@ from pathlib import Path
 # With `ray job submit --working-dir .` the project is the working directory, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import script  # noqa: E402
+from pipeline.cli import script
 
 if __name__ == "__main__":
     script()

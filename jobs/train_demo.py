@@ -25,13 +25,13 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoints import normalisation  # noqa: E402
-from pipeline.metrics import DatasetSummary, image_stats, summarise  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.models.deeplabv3plus import DEMO_WEIGHTS  # noqa: E402
-from pipeline.palette import IGNORE_INDEX  # noqa: E402
-from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec  # noqa: E402
-from pipeline.weights import IMAGENET_MEAN  # noqa: E402
+from pipeline.checkpoints import normalisation
+from pipeline.metrics import DatasetSummary, image_stats, summarise
+from pipeline.models import build_model
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
+from pipeline.palette import IGNORE_INDEX
+from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec
+from pipeline.weights import IMAGENET_MEAN
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_200)  # the demo bucket uses 2_000_000+
 
@@ -95,7 +95,7 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, bat
     def stats():
         for i in range(0, len(images), batch):
             pred = model(to_tensor(images[i : i + batch])).argmax(1).numpy()
-            yield from (image_stats(p, t, n) for p, t in zip(pred, labels[i : i + batch]))
+            yield from (image_stats(p, t, n) for p, t in zip(pred, labels[i : i + batch], strict=True))
 
     return summarise(stats(), n)
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_minutes": round(train_s / 60, 1),
                 "held_out_miou": round(summary.miou, 4),
                 "held_out_pixel_acc": round(summary.pixel_acc, 4),
-                "per_class_iou": {c: round(float(v), 4) for c, v in zip(CLASS_NAMES, summary.iou)},
+                "per_class_iou": {c: round(float(v), 4) for c, v in zip(CLASS_NAMES, summary.iou, strict=True)},
             },
             indent=2,
         )

@@ -146,13 +146,14 @@ def load_backbone(
     architecture fails with the keys that do not fit instead of half-loading.
     """
     checkpoint = read_checkpoint(uri, expected_sha256=expected_sha256, storage_options=storage_options)
-    mapped, unknown = _backbone_state(checkpoint.state_dict, model.backbone)
-    problems = _mismatch(model.backbone.state_dict(), mapped)
+    backbone = model.get_submodule("backbone")
+    mapped, unknown = _backbone_state(checkpoint.state_dict, backbone)
+    problems = _mismatch(backbone.state_dict(), mapped)
     if unknown:
         problems.insert(0, f"unknown keys {_few(sorted(unknown))}")
     if problems:
         raise WeightsError(f"weights {uri} do not fit the backbone: " + "; ".join(problems))
-    model.backbone.load_state_dict(mapped, strict=True)
+    backbone.load_state_dict(mapped, strict=True)
     return checkpoint.sha256
 
 

@@ -72,7 +72,7 @@ def compare_batch(
     both = joined.filter(pc.equal(status, "both"))
     values = [
         mask_disagreement(o, n)
-        for o, n in zip(both.column("mask_old").to_pylist(), both.column("mask_new").to_pylist())
+        for o, n in zip(both.column("mask_old").to_pylist(), both.column("mask_new").to_pylist(), strict=True)
     ]
     rows = _comparison_rows(joined, status, values, run_id=run_id, against=against)
     counts = {s: 0 for s in STATUSES} | {e["values"]: e["counts"] for e in pc.value_counts(status).to_pylist()}
@@ -84,6 +84,7 @@ def compare_batch(
             values,
             both.column("mask_old").to_pylist(),
             both.column("mask_new").to_pylist(),
+            strict=False,
         )
         if d > 0
     ]

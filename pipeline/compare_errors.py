@@ -47,7 +47,7 @@ def merge_error_kinds(tables: list[pa.Table]) -> pa.Table:
 
 
 def new_error_types(old_kinds: pa.Table, new_kinds: pa.Table) -> tuple[NewError, ...]:
-    seen = set(zip(old_kinds.column("stage").to_pylist(), old_kinds.column("error_type").to_pylist()))
+    seen = set(zip(old_kinds.column("stage").to_pylist(), old_kinds.column("error_type").to_pylist(), strict=True))
     found = [
         NewError(r["stage"], r["error_type"], r["count"], r["example_key"], r["example_message"][:200])
         for r in new_kinds.to_pylist()

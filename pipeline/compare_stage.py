@@ -76,10 +76,11 @@ def compare_outputs(old: RunOutput, new: RunOutput, *, write: bool = True, examp
         "against": old.run_id,
         "examples": examples,
     }
-    results = joined.map_batches(compare_part, fn_kwargs=writer, batch_format="pyarrow", batch_size=None)
+    # Ray's annotations cannot say that fn_kwargs supplies compare_part's keyword-only arguments.
+    results = joined.map_batches(compare_part, fn_kwargs=writer, batch_format="pyarrow", batch_size=None)  # type: ignore[arg-type]
     stats = ComparisonStats()
     for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for blob in batch.column("stats").to_pylist():
+        for blob in batch.column("stats").to_pylist():  # type: ignore[union-attr]  # batch_format="pyarrow": a Table
             stats = stats + pickle.loads(blob)
     comparison = finish(
         stats,

@@ -36,8 +36,8 @@ def format_comparison(comparison: Comparison, *, top: int = 5) -> str:
         lines.append(f"{'most changed image':<40} {'pixels changed':>14}")
         for e in c.examples[:top]:
             lines.append(f"{e.key[-40:]:<40} {100 * e.disagreement:>13.2f}%")
-    for e in c.new_errors:
+    for n in c.new_errors:
         lines.append(
-            f"new error        : {e.stage}/{e.error_type} x{e.count}, e.g. {e.example_key}: {e.example_message}"
+            f"new error        : {n.stage}/{n.error_type} x{n.count}, e.g. {n.example_key}: {n.example_message}"
         )
     return "\n".join(lines)

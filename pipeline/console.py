@@ -30,7 +30,10 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
     if summary.labelled:
         print(
             "per-class IoU    : "
-            + ", ".join(f"{name} {'n/a' if v != v else f'{v:.3f}'}" for name, v in zip(categories, summary.post.iou))
+            + ", ".join(
+                f"{name} {'n/a' if v != v else f'{v:.3f}'}"
+                for name, v in zip(categories, summary.post.iou, strict=True)
+            )
         )
     print(f"throughput       : {processed} inputs in {seconds:.1f}s = {processed / max(seconds, 1e-9):.2f} images/s")
     print(f"outputs          : {uri}/")

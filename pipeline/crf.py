@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Literal, overload
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -19,6 +20,14 @@ from pipeline.results import mark_error, result_table
 from pipeline.schema import add_columns
 
 
+@overload
+def dense_crf(
+    image: np.ndarray, probs: np.ndarray, params: CRFParams = ..., *, return_probs: Literal[False] = ...
+) -> np.ndarray: ...
+@overload
+def dense_crf(
+    image: np.ndarray, probs: np.ndarray, params: CRFParams = ..., *, return_probs: Literal[True]
+) -> tuple[np.ndarray, np.ndarray]: ...
 def dense_crf(
     image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(), *, return_probs: bool = False
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -66,13 +75,16 @@ def _downscale(
 ) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small_rgb = np.asarray(Image.fromarray(image).resize(size, Image.BOX))
+    small_rgb = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
     planes = np.frombuffer(probs, dtype=np.dtype(encoding)).reshape(num_classes, h, w)
     if encoding == "uint8":  # resized as 8-bit planes: no float32 copy of a full-size plane
-        small = np.stack([np.asarray(Image.fromarray(plane).resize(size, Image.BOX)) for plane in planes])
+        small = np.stack([np.asarray(Image.fromarray(plane).resize(size, Image.Resampling.BOX)) for plane in planes])
         return small_rgb, small.astype(np.float32) / 255.0
     return small_rgb, np.stack(
-        [np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.BOX)) for plane in planes]
+        [
+            np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize(size, Image.Resampling.BOX))
+            for plane in planes
+        ]
     )
 
 
@@ -86,7 +98,9 @@ def _refine_small(
     labels = np.zeros((h, w), dtype=np.uint8)
     best = np.zeros((h, w), dtype=np.uint8)
     for c in range(q.shape[0]):
-        up = np.asarray(Image.fromarray(np.round(q[c] * 255.0).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+        up = np.asarray(
+            Image.fromarray(np.round(q[c] * 255.0).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+        )
         better = up > best if c else np.ones((h, w), dtype=bool)  # ties keep the lower class, as argmax does
         labels[better] = c
         np.maximum(best, up, out=best)
@@ -127,7 +141,7 @@ def refine_row(
             labels = _refine_small(small_rgb, small, (h, w), scale, params)
         else:
             labels = dense_crf(
-                image, decode_probs(out["probs"][i] if owned else probs, encoding, (num_classes, h, w)), params
+                image, decode_probs(out["probs"][i] if probs is None else probs, encoding, (num_classes, h, w)), params
             )
         out["mask_crf"][i] = labels.tobytes()
     except Exception as exc:

@@ -105,12 +105,13 @@ class FusedCRF:
         try:
             with torch.inference_mode():
                 inputs = [self._inputs(image, probs) for _, image, probs, _ in rows]
-                labels = [m.cpu().numpy().tobytes() for m in dense_crf_torch_batch(*zip(*inputs), self.params)]
+                images, quantised = [im for im, _ in inputs], [q for _, q in inputs]
+                labels = [m.cpu().numpy().tobytes() for m in dense_crf_torch_batch(images, quantised, self.params)]
         except Exception:  # each image alone next: the one that fails is found without losing the others
             torch.cuda.empty_cache()  # what the failed merged call cached, for the images one by one
             return False
         seconds = (time.perf_counter() - start) / len(rows)
-        for (i, *_), mask in zip(rows, labels):
+        for (i, *_), mask in zip(rows, labels, strict=True):
             out["mask_crf"][i], out["crf_ms"][i], out["crf_node"][i] = mask, seconds * 1000.0, self.node_id
             self.metrics.ok(seconds)
         return True

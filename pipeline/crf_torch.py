@@ -99,7 +99,7 @@ def _refine(images: list[torch.Tensor], probs: list[torch.Tensor], params: CRFPa
     unary = torch.cat([-torch.log(p.clamp(params.min_prob, 1.0)).reshape(num_classes, -1).T for p in probs])
     q = _mean_field(unary.contiguous(), _pairwise_terms(images, params), params.iterations)
     sizes = [p.shape[1] * p.shape[2] for p in probs]
-    return [part.T.reshape(p.shape).contiguous() for part, p in zip(q.split(sizes), probs)]
+    return [part.T.reshape(p.shape).contiguous() for part, p in zip(q.split(sizes), probs, strict=True)]
 
 
 def dense_crf_torch(image, probs, params: CRFParams = CRFParams(), *, return_probs: bool = False):
@@ -125,7 +125,7 @@ def dense_crf_torch_batch(
     """
     if len(images) != len(probs):
         raise ValueError(f"got {len(images)} images but {len(probs)} probability maps")
-    inputs = [_as_inputs(im, p) for im, p in zip(images, probs)]
+    inputs = [_as_inputs(im, p) for im, p in zip(images, probs, strict=True)]
     runs: list[list[int]] = []
     open_runs: dict[tuple, list[int]] = {}  # the run still taking images, per (device, classes)
     for i, (_, p) in enumerate(inputs):
@@ -137,6 +137,6 @@ def dense_crf_torch_batch(
         run.append(i)
     labels: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
     for run in runs:
-        for i, q in zip(run, _refine([inputs[i][0] for i in run], [inputs[i][1] for i in run], params)):
+        for i, q in zip(run, _refine([inputs[i][0] for i in run], [inputs[i][1] for i in run], params), strict=True):
             labels[i] = q.argmax(0).to(torch.uint8)
     return labels

@@ -29,7 +29,6 @@ from pipeline.palette import IGNORE_INDEX, LabelMismatch, label_to_mask, mask_to
 from pipeline.results import mark_error
 from pipeline.schema import add_columns, to_stream
 from pipeline.storage import Locator, ObjectTooLarge, read_bytes
-from pipeline.testing import crash_if_asked, pause_if_asked
 
 FETCH_THREADS = 16
 Reader = Callable[[], "bytes | None"]
@@ -206,9 +205,6 @@ class Decoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]  # URIs are derived here: the driver ships keys only
-        for key in keys:
-            crash_if_asked(key)
-        pause_if_asked("decode")
         batch = {
             "key": batch["key"],
             "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),

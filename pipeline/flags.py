@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, Field, field, fields
 from typing import Any
 
@@ -50,7 +50,7 @@ def option(
     flag: str | None = None,
     group: str | None = None,
     type: Callable[[str], Any] | None = None,
-    choices: Sequence | None = None,
+    choices: Collection | None = None,
     lo: float | None = None,
     above: float | None = None,
     hi: float | None = None,
@@ -122,7 +122,7 @@ def _dest(cls, f: Field) -> str:
     return flag_name(cls, f).lstrip("-").replace("-", "_")
 
 
-def add_flags(parser: argparse.ArgumentParser, groups: dict[str, argparse._ArgumentGroup], cls) -> None:
+def add_flags(parser: argparse.ArgumentParser, groups: Mapping[str, argparse._ActionsContainer], cls) -> None:
     """One argument per ``option`` field of ``cls`` and of its sections, in ``groups[group]`` (the
     parser itself for None)."""
     for f in fields(cls):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from typing import cast
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ def multiscale_probs(
     to this). Either way every prediction is first upsampled to the input's full resolution.
     """
     height, width = image.shape[-2:]
-    total = None
+    total: torch.Tensor | None = None
     for scale in scales:
         x = image
         if scale != 1.0:
@@ -50,6 +51,8 @@ def multiscale_probs(
         if flip:
             out = out.view(2, -1, *out.shape[1:]).sum(0)
         total = out if total is None else total + out
+    if total is None:
+        raise ValueError("no scales to infer at")
     total = total / (len(scales) * (2 if flip else 1))
     return total if average == "probs" else total.softmax(dim=1)
 
@@ -74,7 +77,7 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     if length <= tile:
         return [0]
     starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]  # the last window ends at the border
+    return [*starts, length - tile]  # the last window ends at the border
 
 
 def sliding_window_probs(
@@ -94,16 +97,18 @@ def sliding_window_probs(
     if height <= tile and width <= tile:
         return multiscale_probs(model, image, scales, flip, average)
     stride = max(1, tile - overlap)
-    total = count = None
+    total: torch.Tensor | None = None
+    count: torch.Tensor | None = None
     for top in tile_starts(height, tile, stride):
         for left in tile_starts(width, tile, stride):
             window = image[..., top : top + tile, left : left + tile]
             probs = multiscale_probs(model, window, scales, flip, average).cpu()
-            if total is None:
+            if total is None or count is None:
                 total = torch.zeros(image.shape[0], probs.shape[1], height, width)
                 count = torch.zeros(1, 1, height, width)
             total[..., top : top + tile, left : left + tile] += probs
             count[..., top : top + tile, left : left + tile] += 1
+    assert total is not None and count is not None  # tile_starts gives at least one window
     return total / count
 
 
@@ -113,8 +118,10 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, config: InferenceConfig) -
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, config.precision):
         if config.tile:
-            window = {"tile": config.tile, "overlap": config.tile_overlap, "scales": config.scales}
-            return sliding_window_probs(model, x, **window, flip=config.flip, average=config.average)
+            window = {"tile": config.tile, "overlap": config.tile_overlap}
+            return sliding_window_probs(
+                model, x, **window, scales=config.scales, flip=config.flip, average=config.average
+            )
         return multiscale_probs(model, x, config.scales, config.flip, config.average)
 
 
@@ -169,7 +176,7 @@ def infer_batch(
                     torch.cuda.synchronize(mean.device)  # kernels run asynchronously: time them, not their launch
                 for i in indices:
                     seconds[i] = (time.perf_counter() - start) / len(indices)
-    return results
+    return cast(list[torch.Tensor], results)  # forward_groups puts every index in one group
 
 
 def forward_groups(sizes: list[tuple[int, int]], config: InferenceConfig) -> list[list[int]]:
@@ -184,7 +191,7 @@ def forward_groups(sizes: list[tuple[int, int]], config: InferenceConfig) -> lis
         return [[i] for i in range(len(sizes))]
     groups: list[list[int]] = []
     if config.batching == "bucket":
-        by_size: dict[tuple[int, int], list[int]] = {}
+        by_size: dict[tuple[int, ...], list[int]] = {}
         for i, size in enumerate(sizes):
             by_size.setdefault(tuple(size), []).append(i)
         for (height, width), indices in by_size.items():

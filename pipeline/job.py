@@ -126,6 +126,7 @@ def _comparison(config: JobConfig, output: RunOutput):
 
 
 def _push(config: JobConfig, stats, summary: RunSummary) -> None:
+    assert config.pushgateway, "pushed only when a gateway is set"
     comparison = summary.comparison
     try:
         push_summary(

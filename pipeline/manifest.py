@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from importlib import metadata
 
@@ -13,10 +14,8 @@ PACKAGES = ("ray", "torch", "torchvision", "timm", "pyarrow", "fsspec", "s3fs", 
 def versions() -> dict[str, str]:
     out = {}
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     from pipeline import __version__
 
     out["deeplab-pipeline"] = __version__

@@ -83,7 +83,7 @@ class _StageHistograms:
             counts, total = values[:-1], values[-1]
             if sum(counts):
                 cumulative = [float(sum(counts[: i + 1])) for i in range(len(counts))]
-                family.add_metric([stage], list(zip(bounds, cumulative)), total)
+                family.add_metric([stage], list(zip(bounds, cumulative, strict=True)), total)
         yield family
 
 

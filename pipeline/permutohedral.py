@@ -152,7 +152,7 @@ class PermutohedralLattice:
             inner = lat.neighbours[..., :-1]
             neighbours.append(torch.where(inner == lat.num_points, total, inner + start))
             start += lat.num_points
-        neighbours.append(lattices[0].neighbours.new_full(lattices[0].neighbours.shape[:2] + (1,), total))
+        neighbours.append(lattices[0].neighbours.new_full((*lattices[0].neighbours.shape[:2], 1), total))
         weights = torch.cat([lat.weights for lat in lattices])
         return cls(torch.cat(offsets), weights, torch.cat(neighbours, -1), total)
 

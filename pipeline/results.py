@@ -3,6 +3,8 @@ every stage follows (a failed row carries ``error_stage``; later stages pass it 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,7 +70,7 @@ _ON_ERROR = [c for c in _PASSED if c.kept_on_error]
 
 
 def result_table(
-    batch: dict[str, np.ndarray], *, num_classes: int, model: str, weights_sha256: str, run_id: str
+    batch: Mapping[str, Sequence | np.ndarray], *, num_classes: int, model: str, weights_sha256: str, run_id: str
 ) -> pa.Table:
     """Per-image PNG masks and metric statistics for a batch that went through inference (+CRF).
 
@@ -107,7 +109,7 @@ def _one_row(row: dict) -> pa.Table:
         return pa.Table.from_pylist([failed], schema=RESULT_SCHEMA)
 
 
-def _computed(batch: dict[str, np.ndarray], i: int, num_classes: int) -> dict:
+def _computed(batch: Mapping[str, Sequence | np.ndarray], i: int, num_classes: int) -> dict:
     """The ``stage="result"`` columns of row ``i``: PNG masks, class pixels and metric statistics."""
     h, w = int(batch["height"][i]), int(batch["width"][i])
     pre = np.frombuffer(batch["mask_pre"][i], dtype=np.uint8).reshape(h, w)

@@ -181,6 +181,6 @@ class Progress:
 def _duration(seconds: float) -> str:
     if seconds == float("inf"):
         return "unknown"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

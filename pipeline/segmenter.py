@@ -23,7 +23,6 @@ from pipeline.observability import stage_metrics
 from pipeline.probs import encode_probs
 from pipeline.results import mark_error, result_table
 from pipeline.schema import add_columns, to_stream
-from pipeline.testing import limit_memory_if_asked
 from pipeline.tiling import tiled_outputs
 
 
@@ -86,7 +85,6 @@ class Segmenter:
             )
         )
         self.mean, self.std = normalisation(mean, std, self.device)
-        self.capped = False  # pipeline/testing.py's address-space cap: set on the first call
         self.budget = image_budget(actor_memory_mib)  # measured now that the model is loaded
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.metrics = stage_metrics("infer")
@@ -107,9 +105,6 @@ class Segmenter:
     def __call__(self, batch: dict[str, np.ndarray]):
         if self.decoder is not None:
             batch = self.decoder(batch)
-        if not self.capped:  # once the decoder's fetch threads exist: their stacks and heaps are address space
-            limit_memory_if_asked()
-            self.capped = True
         if self.device.type == "cpu":
             # Per call, not once in __init__: Ray Data calls this from another thread than the
             # constructor, and OpenMP's thread count is per thread. oneDNN's convolutions read it
@@ -126,7 +121,7 @@ class Segmenter:
         ]
         results, seconds = self._infer(out, todo, images)
         refine = []  # (row, image, probabilities on the device or None, memory budget) for the fused CRF
-        for j, (i, image) in enumerate(zip(todo, images)):
+        for j, (i, image) in enumerate(zip(todo, images, strict=True)):
             if results[j] is None:
                 continue
             (out["mask_pre"][i], summary, out["probs"][i], probs), results[j] = results[j], None
@@ -139,7 +134,7 @@ class Segmenter:
                 if not self.crf.batched:  # one image at a time: each one's probabilities go as it is refined
                     self.crf(out, refine)
                     refine = []
-        if refine:
+        if refine and self.crf is not None:
             self.crf(out, refine)
         return self.emit(out)
 
@@ -173,6 +168,7 @@ class Segmenter:
     def _tiled(
         self, out: dict[str, list], i: int, image: np.ndarray, config: InferenceConfig, encoding: str | None
     ) -> tuple | None:
+        encoded: np.ndarray | bytes | None
         try:
             mask, summary, encoded = tiled_outputs(
                 self.model, image, mean=self.mean, std=self.std, config=config, encoding=encoding
@@ -199,8 +195,10 @@ class Segmenter:
         inf = self.inference
         times: list[float] = []
         try:
-            probs = infer_batch(
-                self.model, [images[j] for j in whole], mean=self.mean, std=self.std, config=inf, seconds=times
+            probs: list[torch.Tensor | None] = list(
+                infer_batch(
+                    self.model, [images[j] for j in whole], mean=self.mean, std=self.std, config=inf, seconds=times
+                )
             )
         except Exception:
             # Find the image that fails (e.g. out of memory on a huge one) without losing the others.

@@ -49,7 +49,7 @@ class SceneSpec:
 def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Low-frequency random field in [0, 1], shape (h, w), by bicubic upsampling of noise."""
     coarse = rng.random((cells, cells)).astype(np.float32)
-    img = Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    img = Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
@@ -108,7 +108,7 @@ def _shape_alpha(rng: np.random.Generator, cls: int, h: int, w: int, spec: Scene
         poly([_rot(x, y, theta, cx, cy) for x, y in corners])
     else:
         raise ValueError(f"unknown class {cls}")
-    small = canvas.resize((w, h), Image.BOX)
+    small = canvas.resize((w, h), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float32) / 255.0
 
 

@@ -82,6 +82,7 @@ def tiled_outputs(
     normalised image nor the probabilities ever exist at full size in float32, so memory is the
     image, the outputs and two tile rows of probabilities."""
     height, width = rgb.shape[:2]
+    assert config.tile, "tiled_outputs runs with a tile size"
     tile, stride = config.tile, max(1, config.tile - config.tile_overlap)
     tops, lefts = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
     rows, cols = _coverage(height, tops, tile), _coverage(width, lefts, tile)
@@ -89,7 +90,7 @@ def tiled_outputs(
         warnings.simplefilter("ignore", UserWarning)
         host = torch.from_numpy(rgb)
     out = _Bands(height, width, encoding, config.low_conf_threshold)
-    acc = None  # rows top..top+tile of the probabilities summed over windows
+    acc: torch.Tensor | None = None  # rows top..top+tile of the probabilities summed over windows
     with torch.inference_mode():
         for n, top in enumerate(tops):
             bottom = min(top + tile, height)
@@ -98,6 +99,7 @@ def tiled_outputs(
                 if acc is None:
                     acc = torch.zeros(p.shape[0], min(tile, height), width)
                 acc[:, : bottom - top, left : left + p.shape[2]] += p
+            assert acc is not None  # tile_starts gives at least one window
             done = (tops[n + 1] if n + 1 < len(tops) else height) - top  # rows no later window touches
             for r0 in range(0, done, _BAND_ROWS):  # a few rows at a time keeps the temporaries small
                 r1 = min(done, r0 + _BAND_ROWS)
@@ -105,5 +107,6 @@ def tiled_outputs(
             keep = bottom - top - done  # rows the next tile row adds to, moved to the top of acc
             acc[:, :keep] = acc[:, done : done + keep].clone()
             acc[:, keep:] = 0
+    assert acc is not None
     # The encoded probabilities stay an array, not bytes: bytes() would copy C bytes a pixel once more.
     return out.mask, out.summary(acc.shape[0]), out.encoded

@@ -17,7 +17,6 @@ import pyarrow.compute as pc
 from pipeline.partstats import PartStats
 from pipeline.results import split_results
 from pipeline.storage import write_parquet_atomic
-from pipeline.testing import pause_if_asked
 
 WRITE_SCHEMA = pa.schema([("part", pa.string()), ("stats", pa.string())])
 
@@ -44,7 +43,6 @@ class PartWriter:
         self.num_classes = num_classes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        pause_if_asked("write")
         batch = batch.sort_by("key")  # the same rows give the same file, whatever order they came in
         name = part_name(batch.column("key").combine_chunks())
         masks, errors = split_results(batch)

@@ -98,14 +98,14 @@ def nights(ray_local, tmp_path_factory):
         f"http://127.0.0.1:{port}",
     ]
     try:
-        night1 = run_job(common + ["--run-id", "night-1"])
-        night2 = run_job(common + ["--run-id", "night-2", "--crf-bilateral-srgb", "30", "--fail-on-regression", "0.5"])
+        night1 = run_job([*common, "--run-id", "night-1"])
+        night2 = run_job([*common, "--run-id", "night-2", "--crf-bilateral-srgb", "30", "--fail-on-regression", "0.5"])
         pushed = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         # A new kind of bad input: an empty image (corrupt.jpg, truncated, fails every night).
         (bucket / "images" / "extra.jpg").write_bytes(b"")
         night3 = run_job(
-            common
-            + [
+            [
+                *common,
                 "--run-id",
                 "night-3",
                 "--crf-bilateral-srgb",
@@ -266,8 +266,8 @@ def test_docs_queries(nights):
     present = pixels.sum(axis=0) > 0
     expected = (pixels * confidence[:, None]).sum(axis=0)[present] / pixels.sum(axis=0)[present]
     got = {r[0]: r for r in classes}
-    assert sorted(got) == sorted(c["class_name"] for c, p in zip(names, present) if p)
-    for c, value in zip([c for c, p in zip(names, present) if p], expected):
+    assert sorted(got) == sorted(c["class_name"] for c, p in zip(names, present, strict=True) if p)
+    for c, value in zip([c for c, p in zip(names, present, strict=True) if p], expected, strict=True):
         assert got[c["class_name"]][2] == pytest.approx(value) and got[c["class_name"]][4] == c["iou"]
     assert [r[2] for r in classes] == sorted(r[2] for r in classes)
 

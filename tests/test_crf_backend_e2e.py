@@ -16,8 +16,8 @@ from PIL import Image
 
 from pipeline.cli import build_parser, config_from_args
 from pipeline.job import run
-from pipeline.testing import MEMORY_LIMIT
 from tests.conftest import SEGMENT_BUCKET, job_args, make_bucket
+from tests.fault_hooks import fault_env
 
 pytestmark = pytest.mark.slow
 
@@ -68,14 +68,14 @@ def test_cpu_run_with_the_torch_backend_matches_the_pydensecrf_run(ray_local, lo
 
 
 def test_an_image_the_torch_crf_cannot_allocate_for_is_refined_by_pydensecrf(tmp_path):
-    """A real failed allocation: each inference actor's address space is capped (pipeline/testing.py) so that
+    """A real failed allocation: each inference actor's address space is capped (tests/fault_hooks.py) so that
     the demo model and pydensecrf fit for a 600x800 noise image and the torch lattice does not (measured in
     one process: pydensecrf fails below ~700 MiB, torch succeeds above ~1400)."""
     bucket = make_bucket(tmp_path / "bucket", n=3, corrupt=False)
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)  # every pixel its own colour: most lattice points
     Image.fromarray(noise).save(bucket / "images" / "noise.png")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", MEMORY_LIMIT: "1000"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **fault_env(infer_memory_mib=1000)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [*SEGMENT_BUCKET, *job_args(bucket, tmp_path / "out", "f", "--crf-backend", "torch")],

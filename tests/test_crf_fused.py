@@ -84,7 +84,9 @@ def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_s
     for out in outs.values():
         assert out["error_stage"] == [""] * len(rows) and out["crf_node"] == ["node"] * len(rows)
         assert all(ms > 0 for ms in out["crf_ms"])
-    for (i, image, p), torch_mask, pyd_mask in zip(rows, outs["torch"]["mask_crf"], outs["pydensecrf"]["mask_crf"]):
+    for (i, image, p), torch_mask, pyd_mask in zip(
+        rows, outs["torch"]["mask_crf"], outs["pydensecrf"]["mask_crf"], strict=True
+    ):
         reference = dense_crf(image, decode_probs(encode_probs(p, "uint8"), "uint8", tuple(p.shape)))
         assert pyd_mask == reference.tobytes()
         same = (np.frombuffer(torch_mask, np.uint8) == reference.ravel()).mean()
@@ -109,7 +111,7 @@ def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
         seg = demo_segmenter(use_gpu=gpu, crf=CRFParams(), crf_backend=backend)
         assert seg.device.type == ("cuda" if gpu else "cpu")
         tables[backend] = seg(dict(batch)).to_pylist()
-    for gpu_row, cpu_row in zip(tables["torch"], tables["pydensecrf"]):
+    for gpu_row, cpu_row in zip(tables["torch"], tables["pydensecrf"], strict=True):
         assert gpu_row.keys() == cpu_row.keys() and not gpu_row["error_stage"] and gpu_row["crf_ms"] > 0
         gpu_mask, cpu_mask = (np.array(Image.open(io.BytesIO(r["mask"]))) for r in (gpu_row, cpu_row))
         assert (gpu_mask == cpu_mask).mean() >= 0.999

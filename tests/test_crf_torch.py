@@ -156,7 +156,7 @@ def test_batch_equals_single_images_and_keeps_order():
     single = [dense_crf_torch(image, probs) for image, probs in cases]
     for merge in (None, True, False):
         batch = dense_crf_torch_batch([c[0] for c in cases], [c[1] for c in cases], BOTH, merge=merge)
-        assert all(torch.equal(a, b) for a, b in zip(single, batch)), f"merge={merge}"
+        assert all(torch.equal(a, b) for a, b in zip(single, batch, strict=True)), f"merge={merge}"
     assert dense_crf_torch_batch([], [], BOTH) == []
 
 
@@ -241,6 +241,6 @@ def test_cuda_batch_merged_agrees_with_cpu_and_keeps_order():
     gpu = dense_crf_torch_batch(
         [torch.from_numpy(im).cuda() for im, _ in cases], [torch.from_numpy(p).cuda() for _, p in cases], BOTH
     )
-    for expected, got in zip(cpu, gpu):
+    for expected, got in zip(cpu, gpu, strict=True):
         assert got.device.type == "cuda" and got.shape == expected.shape
         assert (got.cpu() == expected).float().mean().item() >= MIN_AGREEMENT

@@ -12,7 +12,7 @@ def test_fetch_all_keeps_order_and_returns_each_failure(tmp_path):
     for i in range(40):
         (tmp_path / f"{i}.bin").write_bytes(bytes([i]) * (i + 1))
         uris.append(str(tmp_path / f"{i}.bin"))
-    got = fetch_all(uris[:20] + [str(tmp_path / "missing.bin"), ""] + uris[20:], {})
+    got = fetch_all([*uris[:20], str(tmp_path / "missing.bin"), "", *uris[20:]], {})
     assert got[:20] == [bytes([i]) * (i + 1) for i in range(20)]
     assert isinstance(got[20], FileNotFoundError) and got[21] is None
     assert got[22:] == [bytes([i]) * (i + 1) for i in range(20, 40)]

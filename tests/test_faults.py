@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, S3_ENV, job_args, make_bucket, run_rows
+from tests.fault_hooks import fault_env
 from tests.faulty_s3 import FaultyS3
 
 pytestmark = pytest.mark.slow
@@ -78,12 +79,11 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
     else:
         cmd = job_cmd(*args)
     # Decoding 64x64 JPEGs or writing 2 rows takes milliseconds: too short to find that actor busy.
-    slow = {"Decoder": "decode=0.5", "PartWriter": "write=0.5"}
-    slow = {"DEEPLAB_PIPELINE_TEST_PAUSE": slow[udf]} if udf in slow else {}
+    pause = {"Decoder": {"decode": 0.5}, "PartWriter": {"write": 0.5}}.get(udf)
     job = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=job_env(PYTHONPATH=str(REPO), **slow),
+        env=job_env(**(fault_env(pause=pause) if pause else {"PYTHONPATH": str(REPO)})),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -135,7 +135,7 @@ def test_bucket_batching_is_exact_and_pad_batching_keeps_sizes(model):
     single = [
         infer_batch(model, [im], mean=mean, std=std, config=InferenceConfig(scales=(1.0, 1.5)))[0] for im in images
     ]
-    for b, s in zip(bucket, single):
+    for b, s in zip(bucket, single, strict=True):
         np.testing.assert_allclose(b.numpy(), s.numpy(), atol=1e-5)
     padded = infer_batch(model, images, mean=mean, std=std, config=InferenceConfig(batching="pad"))
     assert [tuple(p.shape) for p in padded] == [(4, 40, 50), (4, 33, 47), (4, 40, 50)]
@@ -149,7 +149,7 @@ def test_pixel_budget_splits_forwards_without_changing_results(model):
     split_config = InferenceConfig(max_batch_pixels=2 * 40 * 50)
     assert forward_groups([im.shape[:2] for im in images], split_config) == [[0, 1], [2, 3], [4]]
     split = infer_batch(model, images, mean=mean, std=std, config=split_config)
-    for a, b in zip(whole, split):
+    for a, b in zip(whole, split, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 

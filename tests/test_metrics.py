@@ -8,7 +8,7 @@ def numpy_reference(pairs, n):
     """Independent implementation: a confusion matrix over all valid pixels, divided once."""
     cm = np.zeros((n, n), np.int64)
     for pred, label in pairs:
-        for p, t in zip(pred.ravel(), label.ravel()):
+        for p, t in zip(pred.ravel(), label.ravel(), strict=True):
             if t != 255:
                 cm[t, p] += 1
     tp = np.diag(cm)

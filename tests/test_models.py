@@ -137,11 +137,11 @@ def test_deeplabv1_largefov_structure():
     assert (fc6.kernel_size, fc6.dilation, fc6.out_channels) == ((3, 3), (12, 12), 1024)
     assert (fc7.kernel_size, fc7.out_channels, fc8.out_channels) == ((1, 1), 1024, 5)
     assert sum(isinstance(m, nn.Dropout) for m in model.classifier) == 2
-    assert [
+    assert next(
         m
         for m in build_model("deeplabv1_vgg16", num_classes=5, output_stride=16).classifier
         if isinstance(m, nn.Conv2d)
-    ][0].dilation == (6, 6)
+    ).dilation == (6, 6)
 
 
 @pytest.mark.parametrize("name", ["deeplabv3plus_resnet101", "deeplabv3plus_xception65"])

@@ -229,7 +229,7 @@ def test_overwrite_replaces_a_committed_run(ray_local, tmp_path):
     stale = masks / "part-from-an-older-run.parquet"  # a part the new run would never write
     shutil.copy(first[0], stale)
     written = first[0].stat().st_mtime_ns
-    run(config_from_args(build_parser().parse_args(argv + ["--overwrite"]), build_parser()))
+    run(config_from_args(build_parser().parse_args([*argv, "--overwrite"]), build_parser()))
     second = sorted(masks.iterdir())
     assert not stale.exists() and second == first  # part names are a hash of their keys
     assert second[0].stat().st_mtime_ns != written

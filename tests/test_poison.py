@@ -1,7 +1,7 @@
 """Inputs that kill or exhaust their worker, through the real CLI and real workers: a native crash
 (SIGSEGV) while decoding one image, and an image too large for an inference actor whose address
 space is capped (RLIMIT_AS). Each ends as that input's one error row; the run commits every other
-key exactly once (pipeline/runner.py, pipeline/testing.py)."""
+key exactly once (pipeline/runner.py; the faults: tests/fault_hooks.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.testing import CRASH_KEYS, MEMORY_LIMIT
 from tests.conftest import SEGMENT_BUCKET, job_args, make_bucket
+from tests.fault_hooks import fault_env
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def listed(bucket: Path) -> list[str]:
 def test_an_input_that_crashes_its_worker_every_time_is_one_error_row(tmp_path):
     bucket = make_bucket(tmp_path / "bucket", n=6)
     poison = "sub/scene_2000001.jpg"
-    proc = run_job(bucket, tmp_path / "out", **{CRASH_KEYS: poison})
+    proc = run_job(bucket, tmp_path / "out", **fault_env(crash_keys=[poison]))
     assert proc.returncode == 0, proc.stderr[-4000:]
     masks, errors, manifest = outcome(tmp_path / "out")
     assert sorted([*masks, *errors]) == listed(bucket)  # every key exactly once
@@ -67,7 +67,7 @@ def test_an_image_too_large_for_a_memory_capped_actor_is_one_error_row(tmp_path)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (3000, 3000, 3), dtype=np.uint8)).save(bucket / "images" / "huge.png")
     # Budgets off: with them the image would be tiled to fit, and this test needs one that does not.
-    proc = run_job(bucket, tmp_path / "out", "--actor-memory-mib", "0", **{MEMORY_LIMIT: "700"})
+    proc = run_job(bucket, tmp_path / "out", "--actor-memory-mib", "0", **fault_env(infer_memory_mib=700))
     assert proc.returncode == 0, proc.stderr[-4000:]
     masks, errors, _ = outcome(tmp_path / "out")
     assert sorted([*masks, *errors]) == listed(bucket)

@@ -4,6 +4,7 @@ container-image way the RayJob uses, where the entrypoint resolves against the h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -50,10 +51,8 @@ def _stop_session(sid: int) -> None:
     every Ray process of this user on the machine, including other test runs' clusters."""
     for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         for pid in _session_pids(sid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.time() + grace
         while _session_pids(sid) and time.time() < deadline:
             time.sleep(0.2)
@@ -95,7 +94,7 @@ def ray_head():
         "--disable-usage-stats",
         *(f"{flag}={port}" for flag, port in ports.items()),
     ]
-    log = open(temp_dir / "ray_start.log", "w")
+    log = open(temp_dir / "ray_start.log", "w")  # noqa: SIM115 (ray start writes it while it runs)
     # cwd=REPO plays the container's WORKDIR: a job without --working-dir runs there.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -107,7 +106,9 @@ def ray_head():
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray start --head failed:\n" + (temp_dir / "ray_start.log").read_text()[-3000:])
+                    raise RuntimeError(
+                        "ray start --head failed:\n" + (temp_dir / "ray_start.log").read_text()[-3000:]
+                    ) from None
                 time.sleep(0.5)
         yield Head(address, temp_dir, env)
     finally:

@@ -233,7 +233,7 @@ def secure_cluster(s3_server):
             "--metrics-export-port": free_port(),
             "--ray-client-server-port": free_port(),
         }
-        log = open(temp_dir / "ray_start.log", "w")
+        log = open(temp_dir / "ray_start.log", "w")  # noqa: SIM115 (ray start writes it while it runs)
         head = subprocess.Popen(
             [
                 RAY,

@@ -25,7 +25,7 @@ def test_without_scale_augmentation_crops_are_plain_slices_of_the_scenes():
     label = (rows % 6).astype(np.uint8)
     x, y = train_demo.random_crops([(image, label)], np.random.default_rng(3), 8, 160)
     assert x.shape == (8, 160, 160, 3) and y.shape == (8, 160, 160) and x.dtype == np.uint8
-    for crop, crop_label in zip(x, y):
+    for crop, crop_label in zip(x, y, strict=True):
         top, left = int(crop[0, 0, 0]), int(min(crop[0, 0, 1], crop[0, -1, 1]))
         expected = image[top : top + 160, left : left + 160]
         mirrored = crop[0, 0, 1] > crop[0, -1, 1]
@@ -36,7 +36,7 @@ def test_without_scale_augmentation_crops_are_plain_slices_of_the_scenes():
 def test_downscaled_scenes_are_padded_with_ignore_and_the_mean_colour():
     x, y = train_demo.random_crops(scenes(), np.random.default_rng(0), 4, 160, (0.5, 0.5))
     # 200x240 at 0.5 is 100x120: every crop is that scene plus padding, labels ignored there.
-    for crop, label in zip(x, y):
+    for _crop, label in zip(x, y, strict=True):
         assert (label == IGNORE_INDEX).mean() > 1 - (100 * 120) / 160**2 - 1e-9
         padded = label == IGNORE_INDEX
         assert set(np.unique(label[~padded])) <= set(range(6))

@@ -20,7 +20,7 @@ def small_state():
 def test_bundled_demo_checkpoint_matches_its_checksum():
     ckpt = read_checkpoint(DEMO_WEIGHTS.uri, expected_sha256=DEMO_WEIGHTS.sha256)
     assert ckpt.sha256 == DEMO_WEIGHTS.sha256
-    model, sha, categories = load_model(DEMO_WEIGHTS.model, DEMO_WEIGHTS.uri)
+    _, sha, categories = load_model(DEMO_WEIGHTS.model, DEMO_WEIGHTS.uri)
     assert categories == DEMO_WEIGHTS.categories and sha == DEMO_WEIGHTS.sha256
 
 

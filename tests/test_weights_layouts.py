@@ -136,7 +136,7 @@ def test_timm_imagenet_backbone_loads_into_the_v3plus_backbone():
         model.backbone.blocks_20.stack.conv3.conv_pw.weight, classifier.blocks[20].stack.conv3.conv_pw.weight
     )
     # The same file is no whole model: the error says so instead of listing 700 keys.
-    with pytest.raises(WeightsError, match="holds only backbone weights; pipeline.checkpoints.load_backbone"):
+    with pytest.raises(WeightsError, match=r"holds only backbone weights; pipeline\.checkpoints\.load_backbone"):
         load_model("deeplabv3plus_xception65", uri, num_classes=3)
 
 

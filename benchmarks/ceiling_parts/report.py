@@ -89,7 +89,7 @@ def main_table(works: list[Workload]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for w in works:
-        med = lambda key, rate: w.median(lambda r: getattr(r[key], rate) if key in r else None)  # noqa: E731
+        med = lambda key, rate: w.median(lambda r: getattr(r[key], rate) if key in r else None)  # noqa: E731, B023 (used in this iteration only)
         old = "old" in w.jobs
         out.append(
             f"| {w.name} | {num(med('loop', 'rate'), 2)} / {num(med('loop', 'steady'), 2)} | "
@@ -175,7 +175,7 @@ def cli_timeline(works: list[Workload]) -> list[str]:
         building, ready = job.sampler.actors()
         idle = [t for t, _ in job.sampler.titles("ray::IDLE")]
         decode, write = job.sampler.actors("Decoder"), job.sampler.actors("PartWriter")
-        since = lambda t: t and t - job.start  # noqa: E731
+        since = lambda t: t and t - job.start  # noqa: E731, B023 (used in this iteration only)
         marks = {
             "'N inputs under' line (imports, weight check, listing)": job.line_time("inputs under"),
             "'inference on' line (ray.init, resources)": job.line_time("inference on"),
@@ -248,8 +248,8 @@ def report(works: list[Workload], startups: list[Startup], imports: list[tuple[s
         "medians, each ratio the median of the ratios within a round; masks: the round with the fewest identical.",
         "",
     ]
-    lines += main_table(works) + [""] + rounds_table(works) + [""]
-    lines += ["The median run of each kind (by end-to-end seconds):", ""] + detail_table(works)
+    lines += [*main_table(works), "", *rounds_table(works), ""]
+    lines += ["The median run of each kind (by end-to-end seconds):", "", *detail_table(works)]
     lines += [
         "",
         "Fixed overhead = end to end - images / steady state. Cores busy: CPU seconds per second of the "
@@ -262,18 +262,16 @@ def report(works: list[Workload], startups: list[Startup], imports: list[tuple[s
     floor = floor_table(works)
     if len(floor) > 2:
         lines += ["Ray's own floor: the same CPU plan with stages that do nothing (medians over the rounds):", ""]
-        lines += floor + [""]
-    lines += cli_timeline(works) + [""]
+        lines += [*floor, ""]
+    lines += [*cli_timeline(works), ""]
     if startups:
-        lines += (
-            [
-                "Start-up of the new code, step by step (pipeline.job.run()'s calls in a fresh interpreter; "
-                "'at' = seconds since the command):",
-                "",
-            ]
-            + startup_table(startups)
-            + [""]
-        )
+        lines += [
+            "Start-up of the new code, step by step (pipeline.job.run()'s calls in a fresh interpreter; "
+            "'at' = seconds since the command):",
+            "",
+            *startup_table(startups),
+            "",
+        ]
     if imports:
         lines += [
             "`import pipeline.job` and the heavy packages under it (python -X importtime, cumulative, "
@@ -281,5 +279,5 @@ def report(works: list[Workload], startups: list[Startup], imports: list[tuple[s
             + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in imports),
             "",
         ]
-    lines += ["Goals:", ""] + goals(works, startups) + [""]
+    lines += ["Goals:", "", *goals(works, startups), ""]
     return "\n".join(lines)

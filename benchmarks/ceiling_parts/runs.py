@@ -95,7 +95,7 @@ def run_loop(files: list[Path], procs: int, crf: bool, out_dir: Path) -> LoopRun
         start = time.time()
         workers = [
             context.Process(target=loop_worker, args=(share, str(out_dir), crf, str(t)))
-            for share, t in zip(shares, times)
+            for share, t in zip(shares, times, strict=True)
         ]
         for w in workers:
             w.start()
@@ -220,7 +220,7 @@ def compare_masks(loop_dir: Path, run_dir: Path) -> tuple[int, int, float]:
     pixels = agree = 0
     for path in sorted((run_dir / "masks").glob("*.parquet")):
         table = pq.read_table(path, columns=["key", "mask"])
-        for key, png in zip(table.column("key").to_pylist(), table.column("mask").to_pylist()):
+        for key, png in zip(table.column("key").to_pylist(), table.column("mask").to_pylist(), strict=True):
             mine = loop_dir / (Path(key).name + ".png")
             if not mine.exists():
                 continue

@@ -78,7 +78,7 @@ class TreeSampler:
                 self.first_seen.setdefault((p.pid, title), now)
                 seen[p.pid] = (_group(title, p.pid == self.pid), self._cpu.get(p.pid, 0.0), cpu)
                 self._cpu[p.pid] = cpu
-            for p, (group, before, cpu) in seen.items():  # each CPU second to the group the process was in
+            for group, before, cpu in seen.values():  # each CPU second to the group the process was in
                 self._groups[group] = self._groups.get(group, 0.0) + max(0.0, cpu - before)
             groups = dict(self._groups)  # exited processes keep what they used
             host = psutil.cpu_times()

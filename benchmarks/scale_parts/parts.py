@@ -70,7 +70,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def moto_server(work: Path):
     port = _free_port()
-    log = open(work / "logs" / "moto.log", "w")
+    log = open(work / "logs" / "moto.log", "w")  # noqa: SIM115 (the server writes it while it runs)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,

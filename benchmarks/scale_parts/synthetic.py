@@ -158,7 +158,7 @@ def build_part(pool: Pool, start: int, stop: int, run_id: str, uris: list[str], 
                 "message": f"{etype} on {k}",
                 "run_id": run_id,
             }
-            for k, (stage, etype) in zip(err_keys, failures)
+            for k, (stage, etype) in zip(err_keys, failures, strict=True)
         ],
         schema=ERRORS_SCHEMA,
     )

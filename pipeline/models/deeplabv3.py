@@ -132,8 +132,8 @@ class ASPP(nn.Module):
     ) -> None:
         super().__init__()
         self.rates = tuple(atrous_rates)
-        ASPPConvModule = SeparableConvBNReLU if separable else ASPPConv  # noqa: N806 (a class, named like one)
-        branches = [ConvBNReLU(in_channels, out_channels, 1)]
+        ASPPConvModule = SeparableConvBNReLU if separable else ASPPConv
+        branches: list[nn.Module] = [ConvBNReLU(in_channels, out_channels, 1)]
         branches += [ASPPConvModule(in_channels, out_channels, rate) for rate in self.rates]
         branches.append(ASPPPooling(in_channels, out_channels))
         self._branches = "branches" if separable else "convs"
@@ -189,7 +189,7 @@ def resnet_backbone(
         # The last block already runs at layer4's rate (torchvision gives the first block the
         # previous stage's rate); multi-grid multiplies that rate per block (paper, Sec. 3.2.1).
         base = blocks[-1].conv2.dilation[0]
-        for block, unit in zip(blocks, multi_grid):
+        for block, unit in zip(blocks, multi_grid, strict=True):
             _set_dilation(block.conv2, base * unit)
     return backbone
 

@@ -11,12 +11,17 @@ stride-4 and the deepest feature maps.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from pipeline.models.deeplabv3 import ASPP, ConvBNReLU, SeparableConvBNReLU, aspp_rates
 from pipeline.weights import ASSETS, Weights
+
+if TYPE_CHECKING:
+    from timm.models import FeatureInfo
 
 # Made by `python jobs/train_demo.py` (3000 steps, seed 0), which prints the sha256 and mIoU to
 # paste here: held-out mIoU on 200 synthetic scenes (seeds 1_000_000+, disjoint from training and
@@ -85,7 +90,7 @@ def timm_backbone(name: str, output_stride: int) -> tuple[nn.Module, int, int]:
     import timm  # here, not at the top: the driver reads DEMO_WEIGHTS without building a model
 
     probe = timm.create_model(name, features_only=True, pretrained=False)
-    reductions = probe.feature_info.reduction()
+    reductions = cast("FeatureInfo", probe.feature_info).reduction()
     low_index = reductions.index(4)
     backbone = timm.create_model(
         name,
@@ -94,7 +99,7 @@ def timm_backbone(name: str, output_stride: int) -> tuple[nn.Module, int, int]:
         output_stride=output_stride,
         out_indices=(low_index, len(reductions) - 1),
     )
-    low_channels, high_channels = backbone.feature_info.channels()
+    low_channels, high_channels = cast("FeatureInfo", backbone.feature_info).channels()
     return backbone, low_channels, high_channels
 
 
