@@ -237,6 +237,7 @@ class Run:
         return {
             "seconds": round(self.seconds, 3),
             "cores": self.sampler.cores(self.start, self.end),
+            "cpu_s": {g: round(v, 2) for g, v in (self.sampler.samples[-1][1] if self.sampler.samples else {}).items()},
             "peak_rss_mib": {g: round(v) for g, v in self.sampler.peak_mib.items()},
             "tree_rss_mib": round(self.sampler.tree_rss_mib),
             "tree_pss_mib": round(self.sampler.tree_pss_mib) or None,
@@ -345,6 +346,25 @@ def synthetic_bucket(path: Path, count: int, seed: int) -> Path:
     if not (path / "images").exists():
         write_bucket(path, range(seed, seed + count))
     return path / "images"
+
+
+def tiny_bucket(folder: Path, count: int, size: int, fmt: str = "PNG") -> Path:
+    """``count`` images of ``size`` x ``size`` pixels (256 distinct synthetic scenes, repeated)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.synthetic import SceneSpec, make_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pool = []
+    for i in range(min(count, 256)):
+        buffer = io.BytesIO()
+        Image.fromarray(make_scene(5_000_000 + i, SceneSpec(height=size, width=size))[0]).save(buffer, format=fmt)
+        pool.append(buffer.getvalue())
+    for i in range(count):
+        (folder / f"img-{i:07d}.{fmt.lower()}").write_bytes(pool[i % len(pool)])
+    return folder
 
 
 def compare_masks(png_dir: Path, run_dir: Path) -> dict:
