@@ -35,6 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "deeplabv3plus_demo"
 SKIP = 0.10  # steady state: after the first 10 % of the images
 SAMPLE_S = 0.25
+PSS_EVERY = 4  # samples: tree PSS once a second
 MIB = 2**20
 
 
@@ -103,7 +104,7 @@ def _hwm_mib(pid: int) -> float:
 
 class Sampler:
     """Every SAMPLE_S in a thread: ``pid``'s process tree (titles, CPU seconds, peak RSS, RSS and
-    optionally PSS, which reads smaps and costs more) and the host's busy CPU seconds; with
+    optionally PSS once a second, which reads smaps and costs more) and the host's busy CPU seconds; with
     nvidia-smi, the GPU's utilisation and memory every 200 ms."""
 
     def __init__(self, pid: int, *, pss: bool = False) -> None:
@@ -130,11 +131,12 @@ class Sampler:
             except psutil.Error:
                 procs = []
             rss = pss = 0.0
+            with_pss = self.pss and len(self.samples) % PSS_EVERY == 0  # smaps is costly: once a second
             for p in procs:
                 try:
                     title = " ".join(p.cmdline()).strip()[:120]
                     cpu = sum(p.cpu_times()[:2])
-                    mem = p.memory_full_info() if self.pss else p.memory_info()
+                    mem = p.memory_full_info() if with_pss else p.memory_info()
                 except psutil.Error:
                     continue  # exited between listing and reading
                 name = group(title, p.pid == self.pid)
