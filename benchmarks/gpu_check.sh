@@ -6,7 +6,8 @@
 #
 # Environment: PYTHON (default python3), OUT (if set, logs and JSON results go to $OUT/gpu_check), GPU_CHECK_BUDGET_S
 # (default 470: the whole script must end within 8 minutes), STEP_TIMEOUT_S (per step, default 240; set it
-# for one step with `STEP_TIMEOUT_S=60 run_step ...`). Every step runs even when an earlier one failed; the
+# for one step with `STEP_TIMEOUT_S=60 run_step ...`), GPU_CHECK_TIMEOUT_SCALE (default 1: multiplies the budget
+# and every step's timeout, for a CPU dry run on a slow or busy machine). Every step runs even when an earlier one failed; the
 # summary at the end lists each step's status and time, and the exit status is 1 if any step failed.
 #
 # To add a step, append `run_step NAME COMMAND ARGS...` in the steps section below (NAME: letters, digits, _-).
@@ -16,7 +17,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-python3}
 ALLOW_CPU=${GPU_CHECK_ALLOW_CPU:-0}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+TIMEOUT_SCALE=${GPU_CHECK_TIMEOUT_SCALE:-1}  # a CPU dry run on a small, busy host may need 3
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$((470 * TIMEOUT_SCALE))}
 LOG_DIR=${OUT:+$OUT/gpu_check}
 LOG_DIR=${LOG_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$LOG_DIR"
@@ -32,7 +34,7 @@ run_step() {
     local name=$1
     shift
     local left=$((BUDGET_S - ($(date +%s) - SCRIPT_START)))
-    local limit=${STEP_TIMEOUT_S:-240}
+    local limit=$((${STEP_TIMEOUT_S:-240} * TIMEOUT_SCALE))
     ((left < limit)) && limit=$left
     echo
     echo "================ [$name] $* (timeout ${limit}s) ================"
