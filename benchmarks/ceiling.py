@@ -1,197 +1,284 @@
-"""The honest ceiling: the job (its CLI, end to end) vs a plain script running one process per core.
+"""Throughput against the bare loop: the job's CLI, end to end and in steady state, vs the best a
+plain script gets from the same machine, CRF off and on, and Ray's own floor.
 
-    python benchmarks/ceiling.py                     # 480 images CRF off, 240 CRF on, new + old code
-    python benchmarks/ceiling.py --images-off 480 --images-on 240 --procs 2 --skip-old
-    python benchmarks/ceiling.py --images-off 32 --images-on 16 --no-docs     # a quick try
+    python benchmarks/ceiling.py                                  # CPU: 480 images CRF off, 240 CRF on, 3 rounds
+    python benchmarks/ceiling.py --images-on 0 --images-off 3000 --rounds 2      # GPU machine (the loop: DataLoader)
+    python benchmarks/ceiling.py --images-off 16 --images-on 8 --rounds 1       # a dry run of this script
 
-The loop (the ceiling): ``--procs`` processes (multiprocessing, 'spawn'), each with
-``torch.set_num_threads(1)``, over a strided share of the sorted file list: read bytes →
-decode_image → infer_batch (default InferenceConfig, demo model, bundled weights) → class_map, or
-with CRF encode_probs(uint8)/decode_probs → dense_crf(CRFParams()) as the job does → mask_to_png to
-a file. End to end: from before the processes start (their imports included) to the last file
-written. Steady state: each process's images/s after its first 10 % of images, summed.
+The bare loop (``--loop``, default: dataloader with CUDA, per-core without), in a fresh interpreter
+(its imports and model load count), on a synthetic bucket (160-320 x 200-400 scenes), demo model,
+default InferenceConfig, DeepLab v2 CRF on uint8-quantised probabilities, as the job:
 
-The job: ``jobs/segment_bucket.py BUCKET/images --output OUT --run-id X [--no-crf]`` in a fresh
-interpreter, timed from Popen to exit. Steady state comes from the part files' mtimes and row
-counts (not from the progress lines, which come every 10 s): the run with ``--rows-per-file 16``
-publishes a part per batch, and images/s after the first 10 % of images up to the last part is its
-steady state. The default-flags run (1000 rows a part) gives the end-to-end figure. The old code
-(``--old-root``, a worktree of an earlier commit) runs with --rows-per-file 16 too, or, before the
-workers wrote the parts, with ``--commit-interval 0.01`` (its driver then writes one per batch).
+- per-core: one process per core (``--procs``), one torch thread each, a strided share of the
+  images each: read → decode_image → infer_batch → class_map, or the CRF (pydensecrf) → PNG file.
+- dataloader: one process; a torch DataLoader's workers decode batches of the job's batch size,
+  the main process runs infer_batch (and the torch CRF, merged) on the device, a thread pool writes PNGs.
 
-Ray's floor (``ceiling_parts/floor.py``, each round): the job's CPU plan (keys in blocks of 16 →
-one 1-CPU actor per loop process → one 0-CPU writer actor) with stages that return their batch
-untouched, in a fresh interpreter through the job's own ``init_ray``: on the Ray head it starts,
-and on a head started before (``ray start --head --block``, as a KubeRay cluster runs), with the
-job CLI on that running head too. What Ray costs with no work at all, beside what the job costs.
-
-Start-up (new code): a harness in a fresh interpreter goes through ``pipeline.job.run()`` step by
-step with timestamps up to the first part file (rows-per-file 16), while the process tree is
-sampled every 0.25 s: Ray worker titles (``ray::MapWorker(MapBatches(Segmenter)).__init__``) tell
-when the inference actors were being built and when they were ready, and CPU seconds per process
-group tell where the cores went. Fixed overhead = end-to-end seconds - images / steady state.
-
-Every run is repeated ``--rounds`` times (3), interleaved (loop, new code, old code, then the next
-round): this host's speed drifts between runs by more than the differences measured, so the tables
-give medians, and each job/loop ratio is the median of the ratios within a round.
-
-Every timed run holds an exclusive flock on /tmp/bench.lock: the host is shared with other
-agents, and the CPU used outside the measured process tree during each run is printed ("other").
-Masks are checked too: the loop's PNGs against the job's ``mask`` column, key by key.
-The tables are printed and (unless --no-docs) appended to docs/benchmarks.md.
+The job: ``jobs/segment_bucket.py IMAGES --rows-per-file 16 [--no-crf]`` on the Ray head it starts.
+Steady state: images/s after the first 10 % of the images (the loop: each PNG's time; the job: part
+files' mtimes). Ray's floor: the job's CPU plan (keys in blocks → one 1-CPU actor per loop process →
+a writer actor) with stages that return their batch untouched, through the job's own ``init_ray``:
+what Ray costs with no work. Rounds are interleaved (loop, job, floor) and each ratio is the
+median of the ratios within a round; masks are compared key by key (the loop's PNG vs the job's).
+Results: benchmarks/results/ceiling-<time>.json (harness.save).
 """
 
 from __future__ import annotations
 
 import time
 
-T_MODULE = time.time()  # the harness's "python started" mark: before any other import
+T_MODULE = time.time()  # "python started" for the floor: before any other import
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-from ceiling_parts import DOCS, PYTHON  # noqa: E402  (benchmarks/ceiling_parts/)
-from ceiling_parts.floor import floor_harness, measure_floor  # noqa: E402
-from ceiling_parts.report import Workload, num, report  # noqa: E402
-from ceiling_parts.runs import compare_masks, job_env, run_job, run_loop  # noqa: E402
-from ceiling_parts.startup import harness, import_profile, run_harness  # noqa: E402
-from common import write_section  # noqa: E402  (benchmarks/common.py)
+NAME = "ceiling"
 
 
-def warm_caches(old_root: Path | None) -> None:
-    """Untimed: import what every run imports once, so no run pays for a cold page cache alone."""
-    for root in [ROOT] + ([old_root] if old_root else []):
-        subprocess.run(
-            [PYTHON, "-c", "import ray, ray.data, pipeline.job, pipeline.stages"],
-            cwd=root,
-            env=job_env(root),
-            check=True,
-        )
+# ---------------------------------------------------------------------------------------- the loops
 
 
-def steady_flags(root: Path) -> list[str]:
-    """The flags that make ``root``'s job publish a part per batch: workers' --rows-per-file, or the
-    driver-written parts' --commit-interval of the code before the scale-out change."""
-    help_text = subprocess.run(
-        [PYTHON, "jobs/segment_bucket.py", "--help"], cwd=root, env=job_env(root), capture_output=True, text=True
-    ).stdout
-    return ["--rows-per-file", "16"] if "--rows-per-file" in help_text else ["--commit-interval", "0.01"]
+def _model(device: str):
+    from pipeline.inference import load_model
+    from pipeline.weights import default_weights
+
+    model = load_model(harness.MODEL, None)[0].to(device)
+    return model, *default_weights(harness.MODEL).normalisation(device)
 
 
-def measure(
-    work: Workload, bucket: Path, tmp: Path, procs: int, old_root: Path | None, rounds: int, floor: bool
-) -> None:
-    """``rounds`` rounds of the loop and every job run, interleaved: this host's speed drifts by
-    more than the differences measured, so each ratio is taken within a round."""
-    images_uri = bucket / "images"
-    files = sorted(images_uri.glob("*.jpg"))
-    tag = "on" if work.crf else "off"
-    runs = [("new16", "job (new)", ROOT, ["--rows-per-file", "16"]), ("new", "job (new)", ROOT, [])]
-    if old_root:
-        runs += [("old1", "job (old)", old_root, steady_flags(old_root)), ("old", "job (old)", old_root, [])]
-    for r in range(rounds):
-        print(f"[ceiling] {work.name}, round {r + 1}/{rounds}: loop, {procs} processes", flush=True)
-        loop = run_loop(files, procs, work.crf, tmp / f"loop-{tag}")
-        work.rounds.append({"loop": loop})
-        for key, name, root, extra in runs:
-            print(f"[ceiling] {work.name}, round {r + 1}/{rounds}: {name} {' '.join(extra) or 'defaults'}", flush=True)
-            job = run_job(name, root, images_uri, tmp / f"out-{tag}", key, work.images, work.crf, extra)
-            job.flags = " ".join(extra) or "defaults"
-            work.rounds[-1][key] = job
-            same = compare_masks(tmp / f"loop-{tag}", job.run_dir)
-            work.masks[key] = min(work.masks.get(key, same), same)  # the round with the fewest identical
-            print(
-                f"[ceiling]   {job.seconds:.1f} s, {job.rate:.2f} images/s, steady {num(job.steady, 2)}, "
-                f"masks identical {same[0]}/{same[1]}",
-                flush=True,
-            )
-        print(f"[ceiling]   loop {loop.seconds:.1f} s, {loop.rate:.2f} images/s, steady {loop.steady:.2f}", flush=True)
-        if floor:
-            print(f"[ceiling] {work.name}, round {r + 1}/{rounds}: Ray's floor; the job on a running head", flush=True)
-            measure_floor(work, images_uri, tmp, procs, work.rounds[-1])
-    work.pick_median()
+def per_core_worker(paths: list[str], out_dir: str, crf: bool) -> list[float]:
+    """One process of the per-core loop: its images one after another, one torch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    from pipeline.config import CRFParams, InferenceConfig
+    from pipeline.crf import dense_crf
+    from pipeline.images import decode_image
+    from pipeline.inference import class_map, infer_batch
+    from pipeline.palette import mask_to_png
+    from pipeline.probs import quantise_probs
+
+    model, mean, std = _model("cpu")
+    config, params, done = InferenceConfig(), CRFParams(), []
+    for path in paths:
+        rgb = decode_image(Path(path).read_bytes()).rgb
+        probs = infer_batch(model, [rgb], mean=mean, std=std, config=config)[0]
+        if crf:  # as the job: the CRF refines the probabilities quantised to --probs-encoding
+            mask = dense_crf(rgb, quantise_probs(probs, config.probs_encoding).numpy(), params)
+        else:
+            mask = class_map(probs).numpy()
+        Path(out_dir, Path(path).name + ".png").write_bytes(mask_to_png(mask))
+        done.append(time.time())
+    return done
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Decoded:
+    """DataLoader dataset: item i is (path, decoded RGB) of ``paths[i]``, made in a worker process."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from pipeline.images import decode_image
+
+        return self.paths[i], decode_image(Path(self.paths[i]).read_bytes()).rgb
+
+
+def dataloader_loop(paths: list[str], out_dir: str, crf: bool) -> list[float]:
+    """The GPU loop: DataLoader workers decode, the device infers (and refines), threads write PNGs."""
+    import torch
+
+    from pipeline.config import ComputeConfig, CRFParams, InferenceConfig
+    from pipeline.crf_torch import dense_crf_torch_batch
+    from pipeline.inference import class_map, infer_batch
+    from pipeline.palette import mask_to_png
+    from pipeline.probs import quantise_probs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, mean, std = _model(device)
+    config, params, done = InferenceConfig(), CRFParams(), []
+    workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+    batch = ComputeConfig().batch_size
+    loader = torch.utils.data.DataLoader(
+        _Decoded(paths), batch_size=batch, num_workers=workers, collate_fn=list, prefetch_factor=4
+    )
+
+    def write(path: str, mask) -> None:
+        Path(out_dir, Path(path).name + ".png").write_bytes(mask_to_png(mask))
+        done.append(time.time())
+
+    with ThreadPoolExecutor(4) as pool:
+        for items in loader:
+            probs = infer_batch(model, [rgb for _, rgb in items], mean=mean, std=std, config=config)
+            if crf:
+                quantised = [quantise_probs(p, config.probs_encoding) for p in probs]
+                masks = dense_crf_torch_batch([rgb for _, rgb in items], quantised, params)
+            else:
+                masks = [class_map(p) for p in probs]
+            for (path, _), mask in zip(items, masks, strict=True):
+                pool.submit(write, path, mask.cpu().numpy())
+    return sorted(done)
+
+
+def loop_main(kind: str, images: str, out_dir: str, procs: int, crf: bool) -> None:
+    """The loop's process (sampled by the parent): writes each PNG's time to out_dir/_times.json."""
+    import multiprocessing as mp
+
+    paths = sorted(str(p) for p in Path(images).glob("*.jpg"))
+    if kind == "dataloader":
+        done = dataloader_loop(paths, out_dir, crf)
+    else:
+        with mp.get_context("spawn").Pool(procs) as pool:
+            shares = [(paths[i::procs], out_dir, crf) for i in range(procs)]
+            done = sorted(t for times in pool.starmap(per_core_worker, shares) for t in times)
+    Path(out_dir, "_times.json").write_text(json.dumps(done))
+
+
+def run_loop(kind: str, images: Path, out: Path, count: int, procs: int, crf: bool) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [harness.PYTHON, __file__, "--loop-main", kind, str(images), str(out), str(procs)] + ["--crf"] * crf
+    run = harness.run(cmd)
+    events = [(t, 1) for t in json.loads((out / "_times.json").read_text())]
+    window = harness.steady_window(events, count)
+    steady = harness.steady_rate(events, count)
+    return {
+        "images_per_s": round(count / run.seconds, 3),
+        "steady_images_per_s": steady and round(steady, 3),
+        "first_result_s": round(events[0][0] - run.start, 2),
+        "fixed_overhead_s": steady and round(run.seconds - count / steady, 2),
+        "steady_cores": run.sampler.cores(window[0], window[2]) if window else {},
+        "steady_gpu": run.sampler.gpu_mean(window[0], window[2]) if window else None,
+        **run.summary(),
+    }
+
+
+# ---------------------------------------------------------------------------------------- Ray's floor
+
+
+def floor_main(images: int, procs: int) -> None:
+    """In a fresh interpreter: the job's CPU plan with stages that do nothing; prints its marks."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.cluster import init_ray
+    from pipeline.config import ComputeConfig
+
+    class Idle:  # defined here: pickled by value, so the workers import nothing of the benchmark
+        def __call__(self, batch):
+            return batch
+
+    batch = ComputeConfig().batch_size
+    imported = time.time()
+    init_ray(None)
+    started = time.time()
+    keys = pa.table({"key": [f"k{i}" for i in range(images)]})
+    ds = ray.data.from_blocks([keys.slice(i, batch) for i in range(0, images, batch)])
+    ds.context.memory_usage_poll_interval_s = None  # as the job's DAG
+    pool = ray.data.ActorPoolStrategy
+    ds = ds.map_batches(Idle, batch_size=batch, num_cpus=1, compute=pool(min_size=procs, max_size=procs))
+    ds = ds.map_batches(Idle, batch_size=batch, num_cpus=0, compute=pool(min_size=1, max_size=1))
+    first = None
+    for _ in ds.iter_batches(batch_size=None):
+        first = first or time.time()
+    marks = {"python_started": T_MODULE, "imported": imported, "ray_started": started, "first": first}
+    ray.shutdown()
+    print("FLOOR " + json.dumps(marks | {"last": time.time()}), flush=True)
+
+
+def run_floor(images: int, procs: int) -> dict:
+    run = harness.run([harness.PYTHON, __file__, "--floor-main", str(images), str(procs)])
+    line = next(ln for _, ln in run.lines if ln.startswith("FLOOR "))
+    marks = json.loads(line[len("FLOOR ") :])
+    return {
+        "first_result_s": round(marks["first"] - run.start, 2),
+        "ray_init_s": round(marks["ray_started"] - marks["imported"], 2),
+        **run.summary(),
+    }
+
+
+# ------------------------------------------------------------------------------------------- measure
+
+
+def measure(args, tmp: Path, crf: bool, count: int) -> dict:
+    tag = "crf-on" if crf else "crf-off"
+    images = harness.synthetic_bucket(tmp / f"bucket-{count}", count, 3_000_000)
+    rounds = []
+    for r in range(args.rounds):
+        harness.log(NAME, f"{count} images, CRF {'on' if crf else 'off'}, round {r + 1}/{args.rounds}: loop")
+        loop = run_loop(args.loop, images, tmp / f"loop-{tag}", count, args.procs, crf)
+        harness.log(NAME, f"  loop {loop['seconds']:.1f} s, steady {loop['steady_images_per_s']}; the job")
+        flags = ["--rows-per-file", "16"] + ([] if crf else ["--no-crf"]) + args.job_flags
+        job = harness.run_cli(images, tmp / f"out-{tag}", f"r{r}", count, *flags)
+        summary = job.summary() | {"masks_vs_loop": harness.compare_masks(tmp / f"loop-{tag}", job.run_dir)}
+        harness.log(NAME, f"  job {summary['seconds']:.1f} s, steady {summary['steady_images_per_s']}")
+        row = {"loop": loop, "job": summary}
+        if not args.skip_floor:
+            row["floor"] = run_floor(count, args.procs)
+            harness.log(NAME, f"  Ray's floor: first result {row['floor']['first_result_s']} s")
+        row["job_vs_loop"] = {
+            "end_to_end": harness.ratio(summary["images_per_s"], loop["images_per_s"]),
+            "steady": harness.ratio(summary["steady_images_per_s"], loop["steady_images_per_s"]),
+        }
+        rounds.append(row)
+    medians = {
+        f"{side}_{key}": harness.median(r[side].get(key) for r in rounds)
+        for side in ("loop", "job", "floor")
+        for key in ("images_per_s", "steady_images_per_s", "first_result_s", "seconds")
+        if side in rounds[0]
+    }
+    ratios = {k: harness.median(r["job_vs_loop"][k] for r in rounds) for k in ("end_to_end", "steady")}
+    return {"images": count, "crf": crf, "loop": args.loop, "rounds": rounds, "medians": medians, "ratios": ratios}
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--images-off", type=int, default=480, help="images of the CRF-off workload (0: skip)")
     add("--images-on", type=int, default=240, help="images of the CRF-on workload (0: skip)")
-    add("--procs", type=int, default=os.cpu_count() or 1, help="loop processes")
-    add("--rounds", type=int, default=3, help="rounds of every run, interleaved; the tables give medians")
-    add("--old-root", type=Path, default=Path("/work/wt-old"), help="worktree of the old code")
-    add("--skip-old", action="store_true", help="don't run the old code")
-    add("--skip-startup", action="store_true", help="no start-up harness")
-    add("--skip-floor", action="store_true", help="no floor runs (no-op DAG) and no job on a running Ray head")
-    add("--no-docs", action="store_true", help="print only; don't append to docs/benchmarks.md")
+    add("--procs", type=int, default=os.cpu_count() or 1, help="per-core loop: processes; the floor: actors")
+    add("--rounds", type=int, default=3)
+    add("--loop", choices=("auto", "per-core", "dataloader"), default="auto", help="auto: dataloader with CUDA")
+    add("--skip-floor", action="store_true", help="no Ray floor runs")
+    add("--job-flags", nargs=argparse.REMAINDER, default=[], help="more CLI flags for the job (last)")
     add("--keep", type=Path, help="write buckets and outputs here and keep them")
-    add("--startup-harness", nargs=2, metavar=("IMAGES", "OUT"), help=argparse.SUPPRESS)
-    add("--harness-no-crf", action="store_true", help=argparse.SUPPRESS)
-    add("--floor-harness", nargs=2, type=int, metavar=("IMAGES", "PROCS"), help=argparse.SUPPRESS)
-    return parser
-
-
-def run_all(args, tmp: Path, old_root: Path | None, command: str) -> tuple[list[Workload], str]:
-    """Every workload (loop and job runs), then the start-up harness; the report's markdown."""
-    from pipeline.synthetic import write_bucket
-
-    works = [
-        w
-        for w in (
-            Workload(f"{args.images_off} images, CRF off", False, args.images_off),
-            Workload(f"{args.images_on} images, CRF on", True, args.images_on),
-        )
-        if w.images
-    ]
-    warm_caches(old_root)
-    for w in works:
-        bucket = tmp / f"bucket-{'on' if w.crf else 'off'}"
-        if not (bucket / "images").exists():
-            write_bucket(bucket, range(3_000_000, 3_000_000 + w.images))
-        measure(w, bucket, tmp, args.procs, old_root, args.rounds, not args.skip_floor)
-    startups, imports = [], []
-    if not args.skip_startup:
-        for w in works:
-            print(f"[ceiling] start-up harness, {w.name}", flush=True)
-            bucket = tmp / f"bucket-{'on' if w.crf else 'off'}"
-            shutil.rmtree(tmp / f"harness-{w.crf}", ignore_errors=True)
-            startups.append(run_harness(bucket / "images", tmp / f"harness-{w.crf}", w.crf))
-        imports = import_profile()
-    return works, report(works, startups, imports, command)
-
-
-def main() -> int:
-    args = build_parser().parse_args()
-    if args.startup_harness:
-        harness(T_MODULE, *args.startup_harness, crf=not args.harness_no_crf)
+    add("--loop-main", nargs=4, metavar=("KIND", "IMAGES", "OUT", "PROCS"), help=argparse.SUPPRESS)
+    add("--crf", action="store_true", help=argparse.SUPPRESS)
+    add("--floor-main", nargs=2, type=int, help=argparse.SUPPRESS)
+    harness.add_results_arg(parser)
+    args = parser.parse_args()
+    if args.loop_main:
+        kind, images, out, procs = args.loop_main
+        loop_main(kind, images, out, int(procs), args.crf)
         return 0
-    if args.floor_harness:
-        floor_harness(T_MODULE, *args.floor_harness)
+    if args.floor_main:
+        floor_main(*args.floor_main)
         return 0
-    old_root = None if args.skip_old else args.old_root
-    command = "python benchmarks/ceiling.py " + " ".join(sys.argv[1:])
+    if args.loop == "auto":
+        import torch
 
-    with contextlib.ExitStack() as stack:
-        tmp = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ceiling-")))
-        tmp.mkdir(parents=True, exist_ok=True)
-        works, text = run_all(args, tmp, old_root, command)
-    for w in works:
-        job = w.jobs["new16"]
-        print(f"\nprocess titles of the CLI run (new code, --rows-per-file 16), {w.name}, first seen:")
-        print("\n".join(job.sampler.timeline(job.start)))
-    print("\n" + text)
-    if not args.no_docs:
-        write_section(DOCS, "## Ceiling: the job vs one process per core", text)
-        print(f"[ceiling] wrote its section of {DOCS}")
+        args.loop = "dataloader" if torch.cuda.is_available() else "per-core"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ceiling-") as scratch:
+        tmp = args.keep or Path(scratch)
+        for crf, count in ((False, args.images_off), (True, args.images_on)):
+            if count:
+                results.append(measure(args, tmp, crf, count))
+    for w in results:
+        print(f"{w['images']} images, CRF {'on' if w['crf'] else 'off'}: job / loop {w['ratios']}; {w['medians']}")
+    harness.save(NAME, args, results)
     return 0
 
 

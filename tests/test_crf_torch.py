@@ -1,6 +1,6 @@
 """pipeline.crf_torch against pydensecrf (pipeline.crf.dense_crf): labels, marginals, kernels, shapes, devices.
 
-Tolerances are from measurement: the lattice is bitwise densecrf's (benchmarks/crf_lattice_vs_densecrf.py
+Tolerances are from measurement: the lattice is bitwise densecrf's (tests/test_crf_lattice.py
 compares it with densecrf's compiled C++); what remains is Eigen's exp and summation order in the softmax,
 so max |dQ| was <= 5e-6 on every case here. The tests allow 5e-5 and require >= 99.9 % identical labels (all
 cases measured 100 %). Where pydensecrf, Ray or imgviz are missing (a bare GPU machine) the tests needing

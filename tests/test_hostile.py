@@ -200,7 +200,7 @@ def test_hostile_local_folder_commits_with_one_row_per_listed_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="over 30 min on 2 cores (each crash costs 4 actor restarts): too long for CI; to be sized down")
+@pytest.mark.skip(reason="over 30 min on 2 cores (each crash costs 4 actor restarts): too long for CI, to be sized")
 def test_thirty_poison_inputs_in_a_thousand_commit_with_thirty_error_rows(tmp_path):
     """Systemic failure counts culprits: 30 inputs that crash their worker, spread so that each
     first-pass batch holds one, are isolated by bisection, not counted as the keys of their batches."""

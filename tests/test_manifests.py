@@ -1,5 +1,5 @@
 """Offline checks of the Kubernetes manifests: core kinds against the Kubernetes schemas
-(kubernetes-validate), RayJob/RayCronJob against the KubeRay CRDs in ../shared/schemas, the objects
+(kubernetes-validate), RayJob/RayCronJob against the KubeRay CRDs vendored in tests/schemas, the objects
 kustomize and the CronJob really produce, no drift from the job's CLI, no inline secrets."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from tests.conftest import DEMO_BUCKET, S3_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-# CI clones the repo with shared/ beside it.
-KUBERAY_CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay-v1.7.0"
+# Vendored, unmodified; source and checksums in tests/schemas/kuberay-v1.7.0/README.md.
+KUBERAY_CRDS = Path(__file__).resolve().parent / "schemas" / "kuberay-v1.7.0"
 # The oldest Kubernetes the manifests target (CronJob timeZone, restricted pods) and the newest known.
 K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 PLACEHOLDER = "__RUN_DATE__"

@@ -1,1 +1,0 @@
-"""The parts of benchmarks/memory_budget.py: the test photo, fresh-process runs, quality."""
