@@ -142,7 +142,7 @@ def _change_figure(example, thumbnail: bytes | None) -> str:
     return _panels(f"{example.key}: {100 * example.disagreement:.2f}% of pixels changed", panels)
 
 
-def _comparison_html(c: Comparison, rows: dict[str, dict]) -> str:
+def _comparison_html(c: Comparison, masks: dict[str, dict]) -> str:
     rows = [
         ("compared with run", c.against),
         (
@@ -170,7 +170,7 @@ def _comparison_html(c: Comparison, rows: dict[str, dict]) -> str:
         else ""
     )
     figures = (
-        "".join(_change_figure(e, rows.get(e.key, {}).get("thumbnail")) for e in c.examples[:PER_SECTION])
+        "".join(_change_figure(e, masks.get(e.key, {}).get("thumbnail")) for e in c.examples[:PER_SECTION])
         or "<p>no mask changed</p>"
     )
     return (
