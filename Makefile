@@ -36,7 +36,7 @@ train-demo: $(STAMP)
 	$(PY) jobs/train_demo.py
 
 demo-bucket: $(STAMP)
-	$(PY) -m pipeline.synthetic pipeline/assets/demo_bucket
+	$(PY) -m pipeline.demo.synthetic pipeline/demo/assets/demo_bucket
 
 clean:
 	rm -rf outputs

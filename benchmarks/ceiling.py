@@ -48,8 +48,8 @@ NAME = "ceiling"
 
 
 def _model(device: str):
-    from pipeline.inference import load_model
-    from pipeline.weights import default_weights
+    from pipeline.inference.multiscale import load_model
+    from pipeline.models.weights import default_weights
 
     model = load_model(harness.MODEL, None)[0].to(device)
     return model, *default_weights(harness.MODEL).normalisation(device)
@@ -60,12 +60,12 @@ def per_core_worker(paths: list[str], out_dir: str, crf: bool) -> list[float]:
     import torch
 
     torch.set_num_threads(1)
-    from pipeline.config import CRFParams, InferenceConfig
-    from pipeline.crf import dense_crf
-    from pipeline.images import decode_image
-    from pipeline.inference import class_map, infer_batch
-    from pipeline.palette import mask_to_png
-    from pipeline.probs import quantise_probs
+    from pipeline.config.sections import CRFParams, InferenceConfig
+    from pipeline.crf.densecrf import dense_crf
+    from pipeline.io.images import decode_image
+    from pipeline.inference.multiscale import class_map, infer_batch
+    from pipeline.io.palette import mask_to_png
+    from pipeline.rows.probs import quantise_probs
 
     model, mean, std = _model("cpu")
     config, params, done = InferenceConfig(), CRFParams(), []
@@ -91,7 +91,7 @@ class _Decoded:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from pipeline.images import decode_image
+        from pipeline.io.images import decode_image
 
         return self.paths[i], decode_image(Path(self.paths[i]).read_bytes()).rgb
 
@@ -100,11 +100,11 @@ def dataloader_loop(paths: list[str], out_dir: str, crf: bool) -> list[float]:
     """The GPU loop: DataLoader workers decode, the device infers (and refines), threads write PNGs."""
     import torch
 
-    from pipeline.config import ComputeConfig, CRFParams, InferenceConfig
-    from pipeline.crf_torch import dense_crf_torch_batch
-    from pipeline.inference import class_map, infer_batch
-    from pipeline.palette import mask_to_png
-    from pipeline.probs import quantise_probs
+    from pipeline.config.sections import ComputeConfig, CRFParams, InferenceConfig
+    from pipeline.crf.torch_port import dense_crf_torch_batch
+    from pipeline.inference.multiscale import class_map, infer_batch
+    from pipeline.io.palette import mask_to_png
+    from pipeline.rows.probs import quantise_probs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, mean, std = _model(device)
@@ -173,8 +173,8 @@ def floor_main(images: int, procs: int) -> None:
     import pyarrow as pa
     import ray
 
-    from pipeline.cluster import init_ray
-    from pipeline.config import ComputeConfig
+    from pipeline.dag.cluster import init_ray
+    from pipeline.config.sections import ComputeConfig
 
     class Idle:  # defined here: pickled by value, so the workers import nothing of the benchmark
         def __call__(self, batch):

@@ -1,4 +1,4 @@
-"""Dense CRF backends: pydensecrf (C++, CPU) vs the torch port (pipeline/crf_torch.py), alone and in the job.
+"""Dense CRF backends: pydensecrf (C++, CPU) vs the torch port (pipeline/crf/torch_port.py), alone and in the job.
 
     python benchmarks/crf.py                                      # every part, CPU (+ GPU rows with CUDA)
     python benchmarks/crf.py --parts speed --devices cuda         # GPU speed only (gpu_check.sh)
@@ -53,7 +53,7 @@ def smooth_probs(label: np.ndarray, classes: int, seed: int, stride: int = 8) ->
 
 
 def scene(h: int, w: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.synthetic import SceneSpec, make_scene
+    from pipeline.demo.synthetic import SceneSpec, make_scene
 
     image, label = make_scene(seed, SceneSpec(height=h, width=w))
     return image.copy(), smooth_probs(label % 21, 21, seed)
@@ -75,10 +75,10 @@ def timed_ms(fn, repeats: int, sync: bool = False) -> float:
 
 
 def speed(args) -> list[dict]:
-    from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch
+    from pipeline.crf.torch_port import dense_crf_torch, dense_crf_torch_batch
 
     try:
-        from pipeline.crf import dense_crf
+        from pipeline.crf.densecrf import dense_crf
     except ImportError:  # a bare GPU machine without pydensecrf: the torch rows only
         dense_crf = None
     rows, threads = [], torch.get_num_threads()
@@ -123,10 +123,10 @@ def speed(args) -> list[dict]:
 
 def _demo_probs(images: int):
     """(image, demo-model probabilities (C, H, W) tensor, label) of held-out scenes of varied size."""
-    from pipeline.config import InferenceConfig
-    from pipeline.inference import infer_batch, load_model
-    from pipeline.synthetic import make_scene, varied_spec
-    from pipeline.weights import default_weights
+    from pipeline.config.sections import InferenceConfig
+    from pipeline.inference.multiscale import infer_batch, load_model
+    from pipeline.demo.synthetic import make_scene, varied_spec
+    from pipeline.models.weights import default_weights
 
     model = load_model(harness.MODEL, None)[0]
     mean, std = default_weights(harness.MODEL).normalisation()
@@ -136,8 +136,8 @@ def _demo_probs(images: int):
 
 
 def encodings(args) -> dict:
-    from pipeline.crf import dense_crf
-    from pipeline.probs import encode_probs, quantise_probs
+    from pipeline.crf.densecrf import dense_crf
+    from pipeline.rows.probs import encode_probs, quantise_probs
 
     sizes, same, pixels = {"float32": 0, "float16": 0, "uint8": 0}, {"float16": 0, "uint8": 0}, 0
     for image, probs, _ in _demo_probs(args.images):
@@ -157,9 +157,9 @@ def encodings(args) -> dict:
 
 
 def quality(args) -> dict:
-    from pipeline.config import CRFParams
-    from pipeline.crf import dense_crf
-    from pipeline.metrics import DatasetSummary, image_stats, trimap_accuracy
+    from pipeline.config.sections import CRFParams
+    from pipeline.crf.densecrf import dense_crf
+    from pipeline.evaluation.metrics import DatasetSummary, image_stats, trimap_accuracy
 
     def scores(cases, classes: int, params) -> dict:
         totals, correct, total = np.zeros((3, classes), np.int64), 0, 0
@@ -179,7 +179,7 @@ def quality(args) -> dict:
     label = voc["class_label"].astype(np.uint8)
     photo = [(voc["rgb"], smooth_probs(label, 21, 2), label)]
     out = {}
-    from pipeline.weights import default_weights
+    from pipeline.models.weights import default_weights
 
     demo_classes = len(default_weights(harness.MODEL).categories)
     for name, cases, classes in (

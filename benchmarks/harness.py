@@ -343,7 +343,7 @@ def run_cli(images: Path, out: Path, run_id: str, count: int, *flags: str, **kwa
 
 def synthetic_bucket(path: Path, count: int, seed: int) -> Path:
     """``count`` synthetic scenes (160-320 x 200-400, labels beside them); the images folder."""
-    from pipeline.synthetic import write_bucket
+    from pipeline.demo.synthetic import write_bucket
 
     if not (path / "images").exists():
         write_bucket(path, range(seed, seed + count))
@@ -356,7 +356,7 @@ def tiny_bucket(folder: Path, count: int, size: int, fmt: str = "PNG") -> Path:
 
     from PIL import Image
 
-    from pipeline.synthetic import SceneSpec, make_scene
+    from pipeline.demo.synthetic import SceneSpec, make_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     pool = []
@@ -374,7 +374,7 @@ def compare_masks(png_dir: Path, run_dir: Path) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.palette import png_to_mask
+    from pipeline.io.palette import png_to_mask
 
     same = compared = pixels = agree = 0
     for path in sorted((run_dir / "masks").glob("*.parquet")):

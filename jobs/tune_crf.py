@@ -24,15 +24,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cli import DEMO_BUCKET  # noqa: E402
-from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.config import CRFParams  # noqa: E402
-from pipeline.flags import parse_scales  # noqa: E402
-from pipeline.images import MAX_IMAGE_BYTES, MAX_LABEL_BYTES, decode_image  # noqa: E402
-from pipeline.metrics import format_score, image_stats, summarise, trimap_accuracy  # noqa: E402
+from pipeline.dag.cluster import init_ray  # noqa: E402
+from pipeline.config.sections import CRFParams  # noqa: E402
+from pipeline.config.flags import parse_scales  # noqa: E402
+from pipeline.io.images import MAX_IMAGE_BYTES, MAX_LABEL_BYTES, decode_image  # noqa: E402
+from pipeline.evaluation.metrics import format_score, image_stats, summarise, trimap_accuracy  # noqa: E402
 from pipeline.models import DEFAULT_MODEL  # noqa: E402
-from pipeline.palette import label_to_mask  # noqa: E402
-from pipeline.storage import list_inputs  # noqa: E402
-from pipeline.weights import Weights, default_weights  # noqa: E402
+from pipeline.io.palette import label_to_mask  # noqa: E402
+from pipeline.io.storage import list_inputs  # noqa: E402
+from pipeline.models.weights import Weights, default_weights  # noqa: E402
 
 # DeepLab v1's search ranges (Sec. 4.1): w1 in [3:6], θα in [30:10:100], θβ in [3:6]; widened on
 # θβ because JPEG noise in real buckets is larger than in PASCAL's originals.
@@ -49,7 +49,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def evaluate(samples: list, params: CRFParams, num_classes: int, band: int) -> dict:
     """mIoU and trimap accuracy of one CRF setting over the subset (stats summed, divided once)."""
-    from pipeline.crf import dense_crf
+    from pipeline.crf.densecrf import dense_crf
 
     stats = []
     correct = total = 0
@@ -106,7 +106,7 @@ def weights_used(model: str, weights_uri: str | None) -> Weights:
 def load_samples(args: argparse.Namespace, input_uri: str, labels_uri: str) -> tuple[list, tuple[str, ...]]:
     """(image, averaged probabilities, label) for up to ``--limit`` labelled images, and the
     class names: the network runs once per image, normalised as its weights were trained."""
-    from pipeline.inference import load_model, predict_probs
+    from pipeline.inference.multiscale import load_model, predict_probs
 
     model, _, categories = load_model(args.model, args.weights)
     mean, std = weights_used(args.model, args.weights).normalisation()
@@ -114,7 +114,7 @@ def load_samples(args: argparse.Namespace, input_uri: str, labels_uri: str) -> t
     locator = inputs.locator()
     samples = []
     for key in inputs.keys.to_pylist():
-        try:  # exact reads, bounded decoding: the job's own rules (pipeline/images.py)
+        try:  # exact reads, bounded decoding: the job's own rules (pipeline/io/images.py)
             label_bytes = locator.read_label(key, MAX_LABEL_BYTES)
         except FileNotFoundError:
             continue

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from pipeline.config import JobConfig
-from pipeline.credentials import public_text, refused_options
-from pipeline.flags import add_flags, values_from
+from pipeline.config.sections import JobConfig
+from pipeline.io.credentials import public_text, refused_options
+from pipeline.config.flags import add_flags, values_from
 from pipeline.job import JOB_ERRORS, dry_run, regression_exit, run
 from pipeline.models import DEFAULT_MODEL
-from pipeline.runner import SystemicFailure
+from pipeline.dag.runner import SystemicFailure
 
 DEMO_BUCKET = Path(__file__).resolve().parent / "assets" / "demo_bucket"
 
@@ -42,7 +42,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every field of JobConfig and its sections, as declared there (pipeline/config.py)."""
+    """Every field of JobConfig and its sections, as declared there (pipeline/config/sections.py)."""
     p = argparse.ArgumentParser(
         prog="segment_bucket.py",
         description=__doc__,

@@ -10,21 +10,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
-from pipeline.carry import fingerprint, incremental_night, listing_table
-from pipeline.cluster import cluster_ceiling, cluster_nodes, init_ray
-from pipeline.compare_text import format_comparison, regression_message
-from pipeline.config import JobConfig
-from pipeline.console import describe, print_summary
-from pipeline.credentials import public_text, public_uri
-from pipeline.manifest import build_manifest
+from pipeline.outputs.carry import fingerprint, incremental_night, listing_table
+from pipeline.dag.cluster import cluster_ceiling, cluster_nodes, init_ray
+from pipeline.evaluation.compare_text import format_comparison, regression_message
+from pipeline.config.sections import JobConfig
+from pipeline.outputs.console import describe, print_summary
+from pipeline.io.credentials import public_text, public_uri
+from pipeline.outputs.manifest import build_manifest
 from pipeline.observability import push_summary
-from pipeline.outputs import LISTING, Earlier, OutputError, RunOutput, RunSummary, committed_runs, run_before
-from pipeline.runner import run_dag
-from pipeline.storage import InputError, Inputs, list_inputs
-from pipeline.weights import Weights, WeightsError, default_weights, read_verified
+from pipeline.outputs.run import LISTING, Earlier, OutputError, RunOutput, RunSummary, committed_runs, run_before
+from pipeline.dag.runner import run_dag
+from pipeline.io.storage import InputError, Inputs, list_inputs
+from pipeline.models.weights import Weights, WeightsError, default_weights, read_verified
 
 if TYPE_CHECKING:  # the DAG's modules (torch) load on the prepare thread, not at import
-    from pipeline.stages import Resources
+    from pipeline.dag.stages import Resources
 
 # What a user can fix (a bad URI, run folder or checkpoint): exit 2 with the message, no traceback.
 JOB_ERRORS = (InputError, OutputError, WeightsError)
@@ -45,7 +45,7 @@ def read_weights(config: JobConfig) -> tuple[Weights, str, bytes]:
     without building the model."""
     if config.weights_uri is None:
         return _published(config)
-    from pipeline.inference import load_model
+    from pipeline.inference.multiscale import load_model
 
     data, digest = read_verified(config.weights_uri, storage_options=config.storage_options)
     model, sha256, categories = load_model(
@@ -88,7 +88,7 @@ def _prepare(config: JobConfig):
     earlier = output.prepare(
         resume=config.resume, overwrite=config.overwrite, num_classes=weights.num_classes, dry_run=config.dry_run
     )
-    import pipeline.stages  # noqa: F401  (the DAG's modules and torch, loaded while Ray starts on the other thread)
+    import pipeline.dag.stages  # noqa: F401  (the DAG's modules and torch, loaded while Ray starts on the other thread)
 
     return weights, sha256, inputs, output, earlier, data
 
@@ -119,7 +119,7 @@ def _comparison(config: JobConfig, output: RunOutput):
         shown = public_uri(config.output_uri)
         print(f"[deeplab-pipeline] no earlier committed run under {shown} to compare with", flush=True)
         return None
-    from pipeline.compare_stage import compare_outputs
+    from pipeline.dag.compare import compare_outputs
 
     previous = RunOutput(config.output_uri, previous_id, config.storage_options)
     return lambda: compare_outputs(previous, output)
@@ -164,7 +164,7 @@ class Planned(NamedTuple):
 def _planned(config: JobConfig) -> Planned:
     """Everything before the work: checks, listing, what is done already, the resource plan."""
     weights, sha256, inputs, output, earlier, data = _start(config)
-    from pipeline.stages import Resources, plan  # already imported by _prepare
+    from pipeline.dag.stages import Resources, plan  # already imported by _prepare
 
     todo = inputs.without(earlier.keys)
     print(
@@ -192,7 +192,7 @@ def run(config: JobConfig) -> RunSummary:
     started = time.time()
     weights, sha256, inputs, output, earlier, todo, resources, planned, data = _planned(config)
     weights_ref = ray.put(data)  # once per run; every inference actor (and restart) reads it
-    from pipeline.stages import build_dataset, dataset_stats  # already imported by _prepare
+    from pipeline.dag.stages import build_dataset, dataset_stats  # already imported by _prepare
 
     run_started = time.time()
     stats, processed = earlier.stats, 0
@@ -200,7 +200,7 @@ def run(config: JobConfig) -> RunSummary:
     built = []  # the datasets run, for Ray Data's per-stage statistics in manifest.json
 
     def build(inputs, *, batch_size: int | None = None, **options):
-        # The isolation passes (pipeline/runner.py) run the same DAG with one input per batch.
+        # The isolation passes (pipeline/dag/runner.py) run the same DAG with one input per batch.
         same = config if batch_size is None else replace(config, compute=replace(config.compute, batch_size=batch_size))
         built.append(
             build_dataset(

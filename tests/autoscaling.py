@@ -85,7 +85,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             cmd.append(f"--resources={json.dumps(head)}")
         env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
         # Autoscaler v2, as KubeRay's autoscalerOptions.version v2 runs it: it publishes the node types
-        # and their maxima in the GCS (pipeline.cluster.cluster_ceiling reads them).
+        # and their maxima in the GCS (pipeline.dag.cluster.cluster_ceiling reads them).
         env.update({"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID})
         env.update({"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID, "RAY_TMPDIR": str(self.temp_dir)})
         env.update(override_env or {})

@@ -35,9 +35,9 @@ def job_args(bucket: Path, out: Path, run_id: str, *extra: str) -> list[str]:
 
 def demo_segmenter(**kwargs):
     """The inference actor's class on the bundled demo weights: one CPU thread, result rows out."""
-    from pipeline.config import InferenceConfig
-    from pipeline.segmenter import Segmenter
-    from pipeline.weights import default_weights
+    from pipeline.config.sections import InferenceConfig
+    from pipeline.inference.segmenter import Segmenter
+    from pipeline.models.weights import default_weights
 
     w = default_weights("deeplabv3plus_demo")
     defaults = dict(model=w.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),

@@ -48,11 +48,11 @@ def setup() -> None:
     crash_keys, pause = set(faults.get("crash_keys") or ()), faults.get("pause") or {}
     patches: dict[str, Callable[[ModuleType], None]] = {}
     if crash_keys or "decode" in pause:
-        patches["pipeline.decode"] = lambda m: _before_call(m.Decoder, crash_keys, pause.get("decode", 0.0))
+        patches["pipeline.io.decode"] = lambda m: _before_call(m.Decoder, crash_keys, pause.get("decode", 0.0))
     if "write" in pause:
-        patches["pipeline.writer"] = lambda m: _before_call(m.PartWriter, set(), pause["write"])
+        patches["pipeline.outputs.writer"] = lambda m: _before_call(m.PartWriter, set(), pause["write"])
     if faults.get("infer_memory_mib"):
-        patches["pipeline.segmenter"] = lambda m: _cap_on_first_call(m.Segmenter, int(faults["infer_memory_mib"]))
+        patches["pipeline.inference.segmenter"] = lambda m: _cap_on_first_call(m.Segmenter, int(faults["infer_memory_mib"]))
     for name, patch in patches.items():
         if name in sys.modules:
             patch(sys.modules[name])

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.palette import mask_to_png
-from pipeline.synthetic import SceneSpec, make_scene
+from pipeline.io.palette import mask_to_png
+from pipeline.demo.synthetic import SceneSpec, make_scene
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -192,7 +192,7 @@ def write_local_hostile_folder(root: Path, *, outside: Path) -> dict[str, tuple[
     (``NOT_LISTED`` must not be)."""
     import os
 
-    from pipeline.images import MAX_IMAGE_BYTES
+    from pipeline.io.images import MAX_IMAGE_BYTES
 
     images = root / "images"
     images.mkdir(parents=True)
@@ -221,8 +221,8 @@ def write_local_hostile_folder(root: Path, *, outside: Path) -> dict[str, tuple[
 
 _ONE = """
 import resource, sys, numpy as np
-from pipeline.decode import decode_batch
-from pipeline.storage import Locator
+from pipeline.io.decode import decode_batch
+from pipeline.io.storage import Locator
 images, labels, key = sys.argv[1], sys.argv[2] or None, sys.argv[3]
 locator = Locator(images, labels)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -260,7 +260,7 @@ def peak_rss_table(root: Path) -> list[tuple[str, str, float, float, str]]:
 
 
 def _keys(root: Path) -> list[str]:
-    from pipeline.storage import list_inputs
+    from pipeline.io.storage import list_inputs
 
     return list_inputs(str(root / "images"), None).keys.to_pylist()
 

@@ -55,7 +55,7 @@ def test_crf_backend_flag(backend):
 
 
 def test_crf_backend_is_validated_in_the_config_too():
-    from pipeline.config import ComputeConfig
+    from pipeline.config.sections import ComputeConfig
 
     with pytest.raises(ValueError, match="crf_backend must be one of auto, pydensecrf, torch"):
         ComputeConfig(crf_backend="densecrf")
@@ -106,14 +106,14 @@ def test_bad_inputs_fail_before_any_work(tmp_path, capsys):
 
 
 def _config_classes():
-    from pipeline.config import ComputeConfig, CRFParams, InferenceConfig, JobConfig
+    from pipeline.config.sections import ComputeConfig, CRFParams, InferenceConfig, JobConfig
 
     return (JobConfig, InferenceConfig, CRFParams, ComputeConfig)
 
 
 @pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
 def test_every_config_field_is_a_flag_with_help(cls):
-    """A field is its own flag (pipeline/flags.py option): none can be left out of the CLI."""
+    """A field is its own flag (pipeline/config/flags.py option): none can be left out of the CLI."""
     from dataclasses import fields
 
     help_text = build_parser().format_help()
@@ -121,7 +121,7 @@ def test_every_config_field_is_a_flag_with_help(cls):
         if "section" in f.metadata:
             continue
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} is not declared with option(...)"
-        from pipeline.flags import flag_name
+        from pipeline.config.flags import flag_name
 
         name = flag_name(cls, f)
         assert (name if name.startswith("-") else name.upper() + "_URI") in help_text, name
@@ -167,7 +167,7 @@ def test_flags_reach_the_config_they_name():
 
 
 def test_unset_flags_give_the_config_defaults():
-    from pipeline.config import JobConfig
+    from pipeline.config.sections import JobConfig
     from pipeline.models import DEFAULT_MODEL
 
     config = config_from_args(build_parser().parse_args(["in", "--output", "out", "--run-id", "r"]), build_parser())

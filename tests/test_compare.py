@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.compare import RunTables, compare_batch, compare_tables, join_by_key, mask_disagreement
-from pipeline.compare_text import regression_message
-from pipeline.outputs import committed_runs, run_before
-from pipeline.palette import mask_to_png
-from pipeline.schema import CLASSES_SCHEMA, COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA, ERRORS_SCHEMA
+from pipeline.evaluation.compare import RunTables, compare_batch, compare_tables, join_by_key, mask_disagreement
+from pipeline.evaluation.compare_text import regression_message
+from pipeline.outputs.run import committed_runs, run_before
+from pipeline.io.palette import mask_to_png
+from pipeline.rows.schema import CLASSES_SCHEMA, COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA, ERRORS_SCHEMA
 
 NAMES = ("background", "disc", "box")
 

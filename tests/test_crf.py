@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.config import CRFParams
-from pipeline.crf import CRFRefiner, dense_crf
+from pipeline.config.sections import CRFParams
+from pipeline.crf.densecrf import CRFRefiner, dense_crf
 
 
 def two_colour_image(h=40, w=60):

@@ -1,4 +1,4 @@
-"""The CRF inside the inference actor (pipeline/crf_fused.py): both backends refine the same probabilities,
+"""The CRF inside the inference actor (pipeline/crf/fused.py): both backends refine the same probabilities,
 the torch backend's input is the CRF pool's, and what counts as an allocation failure."""
 
 import io
@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import CRFParams
-from pipeline.crf import dense_crf
-from pipeline.crf_fused import FusedCRF, allocation_failure
-from pipeline.probs import ENCODINGS, decode_probs, encode_probs, quantise_probs
-from pipeline.schema import add_columns
+from pipeline.config.sections import CRFParams
+from pipeline.crf.densecrf import dense_crf
+from pipeline.crf.fused import FusedCRF, allocation_failure
+from pipeline.rows.probs import ENCODINGS, decode_probs, encode_probs, quantise_probs
+from pipeline.rows.schema import add_columns
 from tests.conftest import DEMO_BUCKET, demo_segmenter
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -96,7 +96,7 @@ def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_s
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_gpu_inference_actor_refines_on_the_gpu_as_the_cpu_pool_would():
     """The fused GPU plan's Segmenter (torch CRF on the GPU) against the CPU plan's (pydensecrf): same rows."""
-    from pipeline.decode import decode_batch
+    from pipeline.io.decode import decode_batch
     from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 
     uris = sorted(str(p) for p in (DEMO_BUCKET / "images").glob("*.jpg"))[:4]
@@ -122,8 +122,8 @@ def test_fused_and_pooled_layouts_write_the_same_rows():
     CRFRefiner) give the same masks and metrics for the same labelled images."""
     import pyarrow as pa
 
-    from pipeline.crf import CRFRefiner
-    from pipeline.decode import decode_batch
+    from pipeline.crf.densecrf import CRFRefiner
+    from pipeline.io.decode import decode_batch
     from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 
     images = sorted((DEMO_BUCKET / "images").glob("*.jpg"))[:4]

@@ -1,4 +1,4 @@
-"""pipeline/permutohedral.py against densecrf's own C++ lattice, bit for bit.
+"""pipeline/crf/permutohedral.py against densecrf's own C++ lattice, bit for bit.
 
 pydensecrf exposes only whole inferences, whose softmax (Eigen's exp) differs from torch's by ulps, so
 tests/test_crf_torch.py compares within a tolerance. Here densecrf's permutohedral.cpp (from the
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.crf_torch import _features
-from pipeline.permutohedral import PermutohedralLattice
+from pipeline.crf.torch_port import _features
+from pipeline.crf.permutohedral import PermutohedralLattice
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""pipeline.crf_torch against pydensecrf (pipeline.crf.dense_crf): labels, marginals, kernels, shapes, devices.
+"""pipeline.crf.torch_port against pydensecrf (pipeline.crf.densecrf.dense_crf): labels, marginals, kernels, shapes, devices.
 
 Tolerances are from measurement: the lattice is bitwise densecrf's (tests/test_crf_lattice.py
 compares it with densecrf's compiled C++); what remains is Eigen's exp and summation order in the softmax,
@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import CRFParams
-from pipeline.crf_torch import dense_crf_torch, dense_crf_torch_batch
-from pipeline.permutohedral import PermutohedralLattice
-from pipeline.synthetic import SceneSpec, make_scene
+from pipeline.config.sections import CRFParams
+from pipeline.crf.torch_port import dense_crf_torch, dense_crf_torch_batch
+from pipeline.crf.permutohedral import PermutohedralLattice
+from pipeline.demo.synthetic import SceneSpec, make_scene
 from tests.conftest import DEMO_BUCKET
 
 MAX_DQ = 5e-5
@@ -61,8 +61,8 @@ def scene_case(seed: int, h: int, w: int, classes: int) -> tuple[np.ndarray, np.
 
 def assert_matches_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> None:
     pytest.importorskip("pydensecrf")
-    pytest.importorskip("ray")  # pipeline.crf is the Ray stage's module
-    from pipeline.crf import dense_crf
+    pytest.importorskip("ray")  # pipeline.crf.densecrf is the Ray stage's module
+    from pipeline.crf.densecrf import dense_crf
 
     expected_labels, expected_q = dense_crf(image, probs, params, return_probs=True)
     labels, q = dense_crf_torch(image, probs, params, return_probs=True)
@@ -88,8 +88,8 @@ def demo_model_case():
     """Demo DeepLabv3+ probabilities (6 classes) for a demo bucket image at half size."""
     for module in ("ray", "timm", "safetensors"):
         pytest.importorskip(module)
-    from pipeline.checkpoints import normalisation
-    from pipeline.inference import load_model, predict_probs
+    from pipeline.models.checkpoints import normalisation
+    from pipeline.inference.multiscale import load_model, predict_probs
 
     model, _, categories = load_model("deeplabv3plus_demo", None)
     rgb = Image.open(sorted((DEMO_BUCKET / "images").glob("*.jpg"))[0]).convert("RGB")

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from pipeline.decode import fetch_all
+from pipeline.io.decode import fetch_all
 from tests.conftest import REPO
 
 
@@ -20,7 +20,7 @@ def test_fetch_all_keeps_order_and_returns_each_failure(tmp_path):
 
 def test_task_side_modules_do_not_import_torch():
     """Decode and CRF actors import these; torch would cost each new worker ~1.5-3 s and ~1 GB."""
-    code = "import sys, pipeline.decode, pipeline.crf; print('torch' in sys.modules)"
+    code = "import sys, pipeline.io.decode, pipeline.crf.densecrf; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -128,7 +128,7 @@ def test_transient_s3_faults_are_retried_and_denied_objects_become_read_errors(s
     with FaultyS3(s3_server) as proxy:
         # Transient: 503s and connection resets on image reads and on the first writes of a masks
         # part file (the PUT), each fewer than the configured attempts. Five 503s in a row are
-        # more than botocore's default (5 attempts) survives: pipeline/storage.py's S3_RETRIES does.
+        # more than botocore's default (5 attempts) survives: pipeline/io/storage.py's S3_RETRIES does.
         flaky_503 = proxy.fail("503", r"^/flaky/in/images/scene_2000000\.jpg$", method="GET", times=5)
         flaky_reset = proxy.fail("reset", r"^/flaky/in/images/sub/scene_2000001\.jpg$", method="GET", times=2)
         part_503 = proxy.fail("503", r"^/flaky/out/run=f/masks/part-.*\.parquet$", method="PUT", times=2)

@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.decode import decode_batch
-from pipeline.images import MAX_IMAGE_BYTES
-from pipeline.results import result_table, split_results
-from pipeline.storage import ObjectTooLarge, list_inputs, open_fs, read_object
+from pipeline.io.decode import decode_batch
+from pipeline.io.images import MAX_IMAGE_BYTES
+from pipeline.rows.errors import result_table, split_results
+from pipeline.io.storage import ObjectTooLarge, list_inputs, open_fs, read_object
 from tests.conftest import REPO, S3_ENV, run_rows
 from tests.hostile import NOT_LISTED, write_hostile_bucket, write_local_hostile_folder
 
@@ -239,12 +239,12 @@ def test_thirty_poison_inputs_in_a_thousand_commit_with_thirty_error_rows(tmp_pa
 
 def test_workers_make_the_reports_thumbnails_and_the_report_reads_no_input(tmp_path):
     """The driver never decodes an input: the decode step stores a small WebP thumbnail (and the
-    label's ids at its size) with the row, and pipeline/report.py has no way to read storage."""
+    label's ids at its size) with the row, and pipeline/evaluation/report.py has no way to read storage."""
     import io
 
     from PIL import Image
 
-    import pipeline.report
+    import pipeline.evaluation.report
 
     expected = write_hostile_bucket(tmp_path)
     inputs = list_inputs(str(tmp_path / "images"), str(tmp_path / "labels"))
@@ -265,5 +265,5 @@ def test_workers_make_the_reports_thumbnails_and_the_report_reads_no_input(tmp_p
     assert sizes["elongated-10000x8.png"][0] == 240
     assert out["label_thumbnail"][0] and not out["label_thumbnail"][1]  # only ok.jpg has a usable label
     assert out["thumbnail"][3] == b"" and expected["bomb.png"][0] == "decode"  # a refused input has none
-    source = Path(pipeline.report.__file__).read_text()
-    assert "pipeline.storage" not in source and "read_bytes" not in source and "read_object" not in source
+    source = Path(pipeline.evaluation.report.__file__).read_text()
+    assert "pipeline.io.storage" not in source and "read_bytes" not in source and "read_object" not in source

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.checkpoints import normalisation
-from pipeline.config import InferenceConfig
-from pipeline.inference import class_map, forward_groups, infer_batch, multiscale_probs, sliding_window_probs
-from pipeline.metrics import uncertainty
+from pipeline.models.checkpoints import normalisation
+from pipeline.config.sections import InferenceConfig
+from pipeline.inference.multiscale import class_map, forward_groups, infer_batch, multiscale_probs, sliding_window_probs
+from pipeline.evaluation.metrics import uncertainty
 from pipeline.models import build_model
-from pipeline.probs import decode_probs, encode_probs
+from pipeline.rows.probs import decode_probs, encode_probs
 
 SCALES = (0.5, 1.0, 1.75)
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.cli import build_parser, config_from_args
 from pipeline.job import run
-from pipeline.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.rows.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
 from tests.conftest import REPO, S3_ENV, job_args, make_bucket
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import s3fs
 
-from pipeline.storage import list_inputs
+from pipeline.io.storage import list_inputs
 from tests.conftest import S3_ENV
 from tests.faulty_s3 import FaultyS3
 
@@ -91,7 +91,7 @@ def test_twenty_thousand_keys_paginate_in_order_and_limit_stops_early(s3_client,
         assert len(list_inputs("s3://listing/big", None, limit=5)) == 5
         assert proxy.count("GET", LIST) - before == 2  # the check and the first page: no more
 
-    from pipeline.storage import open_fs
+    from pipeline.io.storage import open_fs
 
     fs, _ = open_fs("s3://listing/big")
     assert not any(path.startswith("listing/big") for path in fs.dircache)  # no cached second copy

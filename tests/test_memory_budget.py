@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import ComputeConfig, CRFParams, InferenceConfig
-from pipeline.crf import dense_crf, reduced_crf
-from pipeline.memory import BUDGET_TILE, MIN_IMAGE_BYTES, crf_scale
+from pipeline.config.sections import ComputeConfig, CRFParams, InferenceConfig
+from pipeline.crf.densecrf import dense_crf, reduced_crf
+from pipeline.config.memory import BUDGET_TILE, MIN_IMAGE_BYTES, crf_scale
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
-from pipeline.palette import mask_to_png
-from pipeline.synthetic import SceneSpec, encode_jpeg, make_scene
+from pipeline.io.palette import mask_to_png
+from pipeline.demo.synthetic import SceneSpec, encode_jpeg, make_scene
 from tests.conftest import REPO, demo_segmenter
 
 
@@ -27,7 +27,7 @@ def test_crf_scale_fits_the_budget_and_the_pixel_cap():
     assert crf_scale(4000, 3000, 6, budget=None, max_pixels=0) == 1.0  # no budget, no cap
     capped = crf_scale(4000, 3000, 6, budget=None, max_pixels=1_000_000)
     assert 4000 * 3000 * capped**2 <= 1_000_000 < 4000 * 3000 * (capped + 0.002) ** 2
-    from pipeline.memory import crf_bytes
+    from pipeline.config.memory import crf_bytes
 
     tight = crf_scale(4000, 3000, 6, budget=200 * 2**20, max_pixels=0)
     assert crf_bytes(round(4000 * tight), round(3000 * tight), 6) <= 200 * 2**20 < crf_bytes(4000, 3000, 6)
@@ -61,7 +61,7 @@ def _segmenter(**kwargs):
 
 
 def _batch(tmp_path, scenes: dict[str, tuple[int, int]]):
-    from pipeline.decode import decode_batch
+    from pipeline.io.decode import decode_batch
 
     uris, label_uris = [], []
     for key, (h, w) in scenes.items():
@@ -149,11 +149,11 @@ def test_job_with_a_tiny_budget_tiles_and_reduces_only_the_big_image(tmp_path):
 def test_banded_tiled_outputs_equal_sliding_window_inference():
     import torch
 
-    from pipeline.checkpoints import normalisation
-    from pipeline.inference import class_map, load_model, sliding_window_probs
-    from pipeline.metrics import uncertainty
-    from pipeline.probs import encode_probs
-    from pipeline.tiling import tiled_outputs
+    from pipeline.models.checkpoints import normalisation
+    from pipeline.inference.multiscale import class_map, load_model, sliding_window_probs
+    from pipeline.evaluation.metrics import uncertainty
+    from pipeline.rows.probs import encode_probs
+    from pipeline.inference.tiling import tiled_outputs
 
     model, _, _ = load_model(W.model, None)
     mean, std = normalisation(W.mean, W.std, torch.device("cpu"))

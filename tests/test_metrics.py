@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import DatasetSummary, image_stats, mean_iou
+from pipeline.evaluation.metrics import DatasetSummary, image_stats, mean_iou
 
 
 def numpy_reference(pairs, n):

@@ -215,9 +215,9 @@ _HEAVY = {
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in MODEL_BUILDERS]
 )
 def test_every_model_satisfies_the_protocol(name):
-    from pipeline.checkpoints import num_classes_in
+    from pipeline.models.checkpoints import num_classes_in
     from pipeline.models import DEFAULT_WEIGHTS, SegmentationModel
-    from pipeline.weights import default_weights
+    from pipeline.models.weights import default_weights
 
     model = MODEL_BUILDERS[name](num_classes=3, output_stride=16).eval()
     assert isinstance(model, SegmentationModel)

@@ -9,11 +9,11 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CRFParams, JobConfig
+from pipeline.config.sections import CRFParams, JobConfig
 from pipeline.job import resolve_weights
-from pipeline.runner import consume
-from pipeline.stages import Resources, build_dataset
-from pipeline.storage import list_inputs
+from pipeline.dag.runner import consume
+from pipeline.dag.stages import Resources, build_dataset
+from pipeline.io.storage import list_inputs
 from tests.conftest import DEMO_BUCKET
 
 pytestmark = pytest.mark.slow

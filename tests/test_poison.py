@@ -1,7 +1,7 @@
 """Inputs that kill or exhaust their worker, through the real CLI and real workers: a native crash
 (SIGSEGV) while decoding one image, and an image too large for an inference actor whose address
 space is capped (RLIMIT_AS). Each ends as that input's one error row; the run commits every other
-key exactly once (pipeline/runner.py; the faults: tests/fault_hooks.py)."""
+key exactly once (pipeline/dag/runner.py; the faults: tests/fault_hooks.py)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pipeline.config import ComputeConfig, CRFParams, JobConfig
-from pipeline.stages import Resources
+from pipeline.config.sections import ComputeConfig, CRFParams, JobConfig
+from pipeline.dag.stages import Resources
 from tests.conftest import DEMO_BUCKET, REPO
 
 
@@ -154,9 +154,9 @@ def test_pools_are_ranges_from_the_nodes_there_now_to_the_nodes_the_autoscaler_m
 
 _THREADS_PROBE = """
 import json, re, threading, torch
-from pipeline.config import InferenceConfig
-from pipeline.decode import decode_batch
-from pipeline.segmenter import Segmenter
+from pipeline.config.sections import InferenceConfig
+from pipeline.io.decode import decode_batch
+from pipeline.inference.segmenter import Segmenter
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 import numpy as np
 
@@ -195,8 +195,8 @@ def test_segmenter_runs_its_threads_when_called_from_another_thread():
 
 def test_object_store_budget_reaches_the_last_stage(ray_local):
     from pipeline.job import resolve_weights
-    from pipeline.stages import build_dataset
-    from pipeline.storage import list_inputs
+    from pipeline.dag.stages import build_dataset
+    from pipeline.io.storage import list_inputs
 
     config = JobConfig(
         input_uri=str(DEMO_BUCKET / "images"),
@@ -221,8 +221,8 @@ def test_no_task_holds_more_than_four_batches_of_keys(ray_local, monkeypatch):
 
     from pipeline import stages
     from pipeline.job import resolve_weights
-    from pipeline.stages import build_dataset, dataset_stats, keys_per_block
-    from pipeline.storage import Inputs
+    from pipeline.dag.stages import build_dataset, dataset_stats, keys_per_block
+    from pipeline.io.storage import Inputs
 
     assert [keys_per_block(n, 16) for n in (32, 3_200, 10_000, 200_000, 10_000_000)] == [16, 16, 64, 64, 64]
     monkeypatch.setattr(stages, "TARGET_BLOCKS", 10)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import JobConfig
+from pipeline.config.sections import JobConfig
 from tests.conftest import DEMO_BUCKET, REPO, S3_ENV, free_port
 from tests.faulty_s3 import FaultyS3
 from tests.test_ray_submit import RAY, _stop_session
@@ -175,7 +175,7 @@ def test_storage_options_outside_the_allow_list_are_refused_without_echoing_them
 
 def test_known_storage_options_pass_and_persisted_config_holds_no_userinfo_or_query():
     from pipeline.cli import build_parser, config_from_args
-    from pipeline.credentials import redact
+    from pipeline.io.credentials import redact
 
     options = {
         "anon": False,
@@ -362,7 +362,7 @@ def _demo_with_categories(tmp_path: Path, categories) -> str:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from pipeline.weights import ASSETS
+    from pipeline.models.weights import ASSETS
 
     source = ASSETS / "deeplabv3plus_demo.safetensors"
     with safe_open(str(source), "pt") as f:
@@ -394,7 +394,7 @@ def test_bad_checkpoint_categories_exit_2_before_any_work(categories, message, t
 
 def test_a_checksum_prefix_is_refused_and_published_records_carry_full_digests(tmp_path, capsys):
     from pipeline.models import DEFAULT_WEIGHTS
-    from pipeline.weights import ASSETS
+    from pipeline.models.weights import ASSETS
 
     demo = ASSETS / "deeplabv3plus_demo.safetensors"
     prefix = hashlib.sha256(demo.read_bytes()).hexdigest()[:8]

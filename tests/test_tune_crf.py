@@ -61,7 +61,7 @@ def test_tune_crf_normalises_with_the_weights_of_the_model_it_runs(monkeypatch):
     import importlib.util
 
     from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
-    from pipeline.weights import IMAGENET_MEAN, IMAGENET_STD, Weights
+    from pipeline.models.weights import IMAGENET_MEAN, IMAGENET_STD, Weights
 
     spec = importlib.util.spec_from_file_location("tune_crf", REPO / "jobs" / "tune_crf.py")
     tune_crf = importlib.util.module_from_spec(spec)

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.checkpoints import load_into, read_checkpoint
-from pipeline.inference import load_model
+from pipeline.models.checkpoints import load_into, read_checkpoint
+from pipeline.inference.multiscale import load_model
 from pipeline.models import build_model
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
-from pipeline.weights import WeightsError
+from pipeline.models.weights import WeightsError
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,15 @@ from safetensors.torch import save
 from torchvision.models import mobilenet_v3_large, resnet50
 from torchvision.models import segmentation as tv_segmentation
 
-from pipeline.checkpoints import load_backbone, load_into, read_checkpoint
-from pipeline.inference import load_model
+from pipeline.models.checkpoints import load_backbone, load_into, read_checkpoint
+from pipeline.inference.multiscale import load_model
 from pipeline.models import DEFAULT_WEIGHTS, MODEL_BUILDERS, build_model
 from pipeline.models.deeplabv3 import (
     DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1,
     DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1,
     DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1,
 )
-from pipeline.weights import WeightsError
+from pipeline.models.weights import WeightsError
 
 PUBLISHED = [
     (DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1, tv_segmentation.DeepLabV3_ResNet50_Weights),

@@ -1,4 +1,4 @@
-"""Calibration of pipeline/memory.py: the per-pixel constants of its inference and CRF estimates.
+"""Calibration of pipeline/config/memory.py: the per-pixel constants of its inference and CRF estimates.
 
     python tools/memory_fit.py              # prints two Markdown tables; 2-3 minutes on 2 cores
 
@@ -13,7 +13,7 @@ Each case runs in a fresh interpreter, one thread, and reports the growth of its
   classes and to 0.5 MP with 6; soft probabilities from its label (blurred, with low-frequency
   noise). Fit: ``CRF_BYTES_PER_PIXEL + CRF_BYTES_PER_PIXEL_CLASS * classes`` over the classes.
 
-Change the constants in pipeline/memory.py by hand from these tables and record them in
+Change the constants in pipeline/config/memory.py by hand from these tables and record them in
 docs/benchmarks.md ("The estimates").
 """
 
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _INFER = """
 import json, resource, sys
 import numpy as np, torch
-from pipeline.config import InferenceConfig
-from pipeline.inference import infer_batch, load_model
-from pipeline.weights import default_weights
+from pipeline.config.sections import InferenceConfig
+from pipeline.inference.multiscale import infer_batch, load_model
+from pipeline.models.weights import default_weights
 torch.set_num_threads(1)
 side, flip = int(sys.argv[1]), sys.argv[3] == "flip"
 scales = tuple(float(s) for s in sys.argv[2].split(","))
@@ -50,7 +50,7 @@ _CRF = """
 import json, resource, sys, time
 import imgviz, numpy as np
 from PIL import Image, ImageFilter
-from pipeline.crf import dense_crf
+from pipeline.crf.densecrf import dense_crf
 mp, classes = float(sys.argv[1]), int(sys.argv[2])
 voc = imgviz.data.voc()
 f = (mp * 1e6 / (voc["rgb"].shape[0] * voc["rgb"].shape[1])) ** 0.5

@@ -6,7 +6,7 @@ size / size of the feature map the head sees). One module per DeepLab generation
 LargeFOV), v2 (ResNet-101 ASPP-L), v3 (torchvision-compatible), v3+ (encoder-decoder).
 
 Adding a model: its builder (a keyword-only function named after the model) in a module here,
-with its published ``pipeline.weights.Weights`` in that module's ``DEFAULT_WEIGHTS`` dict (model
+with its published ``pipeline.models.weights.Weights`` in that module's ``DEFAULT_WEIGHTS`` dict (model
 name → weight set) if it has any, plus one ``_MODULES`` line.
 """
 
@@ -22,7 +22,7 @@ from pipeline.models.protocol import SegmentationModel as SegmentationModel  # t
 if TYPE_CHECKING:
     from torch import nn
 
-    from pipeline.weights import Weights
+    from pipeline.models.weights import Weights
 
 # The job's --model default; a plain string so the CLI can name it without importing torch.
 DEFAULT_MODEL = "deeplabv3plus_demo"

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.models._utils import SimpleSegmentationModel, check_output_stride
-from pipeline.weights import VOC_CLASSES, Weights
+from pipeline.models.weights import VOC_CLASSES, Weights
 
 # torchvision (which imports torch._dynamo) is imported by the builders, when a model is built:
 # the driver reads this module's weight records without building one (pipeline/job.py).

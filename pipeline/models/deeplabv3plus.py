@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.models.deeplabv3 import ASPP, ConvBNReLU, SeparableConvBNReLU, aspp_rates
-from pipeline.weights import ASSETS, Weights
+from pipeline.models.weights import ASSETS, Weights
 
 if TYPE_CHECKING:
     from timm.models import FeatureInfo
@@ -117,7 +117,7 @@ def deeplabv3plus_resnet101(*, num_classes: int = 21, output_stride: int = 16) -
     """v3+ on ResNet-101; the decoder's low-level input is ``layer1`` (stride 4, 256 channels).
 
     timm's ``resnet101`` has torchvision's module names, so ImageNet ResNet-101 weights from
-    either library load into ``backbone`` (see ``pipeline.checkpoints.load_backbone``).
+    either library load into ``backbone`` (see ``pipeline.models.checkpoints.load_backbone``).
     """
     backbone, low, high = timm_backbone("resnet101", output_stride)
     return DeepLabV3Plus(backbone, low, high, num_classes=num_classes, output_stride=output_stride)

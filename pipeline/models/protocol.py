@@ -2,10 +2,10 @@
 
 - ``forward(x)``: a normalised float batch (N, 3, H, W) → logits (N, C, H, W) at input size.
 - ``output_stride``: input size / size of the feature map the head sees (an int).
-- ``backbone``: the feature extractor, the part ``pipeline.checkpoints.load_backbone`` fills.
-- a main classifier: ``pipeline.checkpoints.num_classes_in`` takes the output channels of the
+- ``backbone``: the feature extractor, the part ``pipeline.models.checkpoints.load_backbone`` fills.
+- a main classifier: ``pipeline.models.checkpoints.num_classes_in`` takes the output channels of the
   last 4-d ``*weight`` in the state dict whose key contains ``classifier`` and not ``aux``.
-- where weights are published, ``pipeline.weights.default_weights(name)`` describes them
+- where weights are published, ``pipeline.models.weights.default_weights(name)`` describes them
   (v1, v2 and the v3+ ResNet-101/Xception-65 models have none yet).
 """
 

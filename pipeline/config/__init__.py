@@ -1,0 +1,1 @@
+"""The run's configuration: frozen sections whose fields are their own flags."""

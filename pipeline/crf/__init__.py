@@ -1,0 +1,1 @@
+"""The dense CRF: pydensecrf, the exact torch port, its lattice, the fused and pool stages."""

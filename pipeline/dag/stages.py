@@ -1,0 +1,455 @@
+"""The Ray Data DAG: keys → read+decode (actor pool) → inference (actor pool) → dense CRF (CPU actor
+pool: pydensecrf on GPU clusters) → write (part files published by workers). On CPU-only clusters
+the inference actor also decodes and refines its own images (one actor per core), and with the
+torch backend on GPUs it refines them on the GPU. Every stage passes failed rows through
+untouched, so each input key leaves the DAG exactly once, as a mask row or an error row, in exactly
+one part file."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+from ray.util.annotations import RayDeprecationWarning
+
+from pipeline.config.sections import JobConfig
+from pipeline.crf.densecrf import CRFRefiner
+from pipeline.io.decode import Decoder
+from pipeline.inference.segmenter import Segmenter
+from pipeline.io.storage import Inputs
+from pipeline.models.weights import Weights
+from pipeline.outputs.writer import PartWriter
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where each stage runs, resolved against the cluster's nodes before any work starts."""
+
+    use_gpu: bool
+    infer_cpus: float
+    infer_threads: int
+    infer_actors: tuple[int, int]
+    object_store_mib: int
+    decode_actors: tuple[int, int]
+    crf_actors: tuple[int, int] | None = None  # the CPU CRF pool; None: no pool (CRF off or fused)
+    crf_fused: bool = False  # the inference actor refines its own images
+    crf_backend: str | None = None  # "pydensecrf" or "torch" (on the inference device when fused); None: CRF off
+    decode_fused: bool = False  # the inference actor reads and decodes its own images; no decode pool
+    write_actors: int = 1  # most part writers
+
+    @classmethod
+    def resolve(
+        cls,
+        config: JobConfig,
+        cluster: dict[str, float] | list[dict[str, float]],
+        *,
+        ceiling: list[dict[str, float]] | None = None,
+    ) -> Resources:
+        """``cluster``: each alive node's resources (``ray.nodes()``), or one dict for the whole cluster;
+        ``ceiling``: the nodes the cluster may grow to (its autoscaler's node types at their most,
+        ``pipeline.dag.cluster.cluster_ceiling``), None when it cannot grow.
+
+        Each pool is a range: from what the nodes that exist now hold to what the ceiling's nodes
+        would hold, so Ray Data grows it as the autoscaler adds nodes; a range given on the
+        command line wins."""
+        now = [cluster] if isinstance(cluster, dict) else list(cluster)
+        most = now if not ceiling else list(ceiling)
+        compute = config.compute
+        gpus_now, gpus_most = (sum(n.get("GPU", 0.0) for n in nodes) for nodes in (now, most))
+        use_gpu = compute.use_gpu if compute.use_gpu is not None else max(gpus_now, gpus_most) > 0
+        backend = _crf_backend(config, use_gpu)
+        # Without GPUs the CRF runs in the inference actor, one per core: no probabilities through
+        # the object store and no CPU split between two pools (benchmarks/pipeline_vs_loop.py). With
+        # GPUs the torch backend runs there too, on the GPU, right after the forward pass.
+        fused = backend is not None and (not use_gpu or backend == "torch")
+        # Without GPUs decoding joins them: a decode pool held a process and a CPU share of its own
+        # and sent every decoded image through the object store (benchmarks/ceiling.py). A GPU
+        # actor keeps its own CPU pool of decoders, which overlap reads with its forward passes.
+        decode_fused = not use_gpu
+        # A writer is a process of its own: Ray Data added a second one mid-run on 2 cores, a
+        # core-second of start-up for no throughput (benchmarks/ceiling.py); one per 8 CPUs.
+        writers = max(1, min(WRITE_ACTORS, int(_cpus(most) // 8)))
+        plan_now = _Plan.of(config, now, use_gpu, decode_fused, fused, WRITER_CPUS * writers)
+        plan_most = _Plan.of(config, most, use_gpu, decode_fused, fused, WRITER_CPUS * writers, cpus=plan_now.cpus)
+        actors = compute.infer_actors or (plan_now.actors, max(plan_now.actors, plan_most.actors))
+        crf_actors = None
+        if config.crf is not None and not fused:
+            # By default the pool may grow into every CPU that inference leaves on the nodes that
+            # may run it; Ray Data's autoscaler adds actors while CRF is the bottleneck.
+            crf_actors = compute.crf_actors or (1, max(1, plan_now.crf_room, plan_most.crf_room))
+        crf_max = crf_actors[1] if crf_actors else 0
+        # Blocks in flight: a GPU actor eats its input an order of magnitude faster than a CPU one.
+        budget = compute.object_store_mib or (256 if use_gpu else 64) * actors[1] + 64 * min(crf_max, 16)
+        decoders = (0, 0) if decode_fused else (1, max(plan_now.decoders, plan_most.decoders))
+        return cls(
+            use_gpu, plan_now.cpus, plan_now.threads, actors, budget, decoders, crf_actors, fused, backend,
+            decode_fused, writers,
+        )  # fmt: skip
+
+
+def _cpus(nodes: list[dict[str, float]]) -> float:
+    return sum(n.get("CPU", 0.0) for n in nodes) or 1.0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The pools one set of nodes holds: inference actors, their CPUs, CRF and decode room."""
+
+    actors: int
+    cpus: float
+    threads: int
+    crf_room: int
+    decoders: int
+
+    @classmethod
+    def of(cls, config: JobConfig, nodes, use_gpu, decode_fused, fused, writer_cpus, *, cpus: float | None = None):
+        """``cpus``: CPUs per inference actor decided elsewhere (the ceiling keeps the actors' size of now)."""
+        compute = config.compute
+        total = _cpus(nodes)
+        gpus = sum(n.get("GPU", 0.0) for n in nodes)
+        if use_gpu:
+            actors, cpus, threads = _gpu_actors(compute, gpus)
+        else:
+            # The part writers reserve a CPU share too (never on a head that offers none); the
+            # inference actors take the rest.
+            actors, cpus, threads = _cpu_actors(compute, max(0.5, total - writer_cpus), decode_fused, cpus)
+        # CPUs each node keeps after the inference actors it may host (GPU nodes host one per GPU).
+        left = [
+            n.get("CPU", 0.0) - (_eligible(n, compute.infer_resources) and use_gpu) * n.get("GPU", 0.0) * cpus
+            for n in nodes
+        ]
+        if not use_gpu:
+            left = [max(0.0, total - writer_cpus - actors * cpus)]
+            nodes = [{}]
+        room = sum(
+            math.floor(cpu / compute.crf_cpus + 1e-9)
+            for cpu, n in zip(left, nodes)
+            if _eligible(n, compute.crf_resources)
+        )
+        return cls(
+            actors, cpus, threads, room, _decoders(compute.decode_cpus, max(0.0, sum(left) - writer_cpus), total)
+        )
+
+
+def _decoders(decode_cpus: float, left: float, total_cpus: float) -> int:
+    """Most decode actors: they may fill the CPUs inference leaves (one at least), one per CPU at
+    most; Ray Data adds them only while decoding is what inference waits for."""
+    return max(1, min(math.floor(left / decode_cpus + 1e-9), int(total_cpus)))
+
+
+def _crf_backend(config: JobConfig, use_gpu: bool) -> str | None:
+    """The dense CRF that runs; None: CRF off."""
+    if config.crf is None:
+        return None
+    compute = config.compute
+    if compute.crf_backend != "auto":
+        return compute.crf_backend
+    # auto: on GPUs the torch backend (same labels as pydensecrf, and a CPU pool would need many
+    # cores per GPU at pydensecrf's speed) unless a CPU pool is asked for; on a CPU core
+    # pydensecrf is the faster one.
+    asks_pool = compute.crf_actors is not None or bool(compute.crf_resources)
+    return "torch" if use_gpu and not asks_pool else "pydensecrf"
+
+
+def _gpu_actors(compute, gpus: float) -> tuple[int, float, int]:
+    """(actors, CPUs per actor, torch threads) with GPUs: one actor per GPU (one at least)."""
+    cpus = compute.infer_cpus or 1.0
+    return max(1, int(gpus)), cpus, max(1, int(cpus))
+
+
+def _cpu_actors(compute, cpus_left: float, decode_fused: bool, fixed: float | None) -> tuple[int, float, int]:
+    """(actors, CPUs per actor, torch threads) without GPUs: one single-threaded actor per core by
+    default. ``fixed``: the actors' CPUs already decided (how many of that size fit)."""
+    spare = cpus_left - (0.0 if decode_fused else compute.decode_cpus)
+    if fixed is not None:
+        cpus = fixed
+        actors = max(1, math.floor(spare / cpus + 1e-9))
+    elif compute.infer_actors is not None:
+        actors = compute.infer_actors[1]
+        cpus = compute.infer_cpus or max(0.5, spare / actors)
+    elif compute.infer_cpus is not None:
+        cpus = compute.infer_cpus
+        actors = max(1, math.floor(spare / cpus + 1e-9))
+    else:
+        actors = max(1, round(spare))
+        cpus = max(0.5, spare / actors)
+    return actors, cpus, max(1, math.floor(cpus + 0.5))
+
+
+def _eligible(node: dict[str, float], required: dict) -> bool:
+    """Whether a node offers every custom resource an actor asks for."""
+    return all(node.get(name, 0.0) >= amount for name, amount in required.items())
+
+
+# A worker that dies mid-batch (node preempted, OOM-killed, segfault in native code) loses no
+# rows: Ray re-runs the batch on a restarted actor / another worker, and Ray Data keeps only one
+# result per batch, so every key still leaves the DAG once. Ray Data 2.60 defaults are unbounded
+# (max_restarts=-1, max_task_retries=-1): an input that kills its worker every time would loop
+# forever. So actors may restart without limit (one per death, a long run on spot nodes sees
+# many), but one batch is retried 3 times; then Ray Data drops that batch (max_errored_blocks)
+# and pipeline/dag/runner.py isolates the input that killed it (docs/faults.md).
+TASK_RETRIES = 3
+
+
+def _fault_tolerance(retries: int) -> dict:
+    return {"max_restarts": -1, "max_task_retries": retries}
+
+
+WRITE_ACTORS = 4  # most writers on any cluster: they encode Parquet and PUT
+# A CPU share each writer reserves: with none, Ray places it on a head that declares num-cpus 0
+# (ray-project/ray#41824), which runs the driver and Ray's control plane only.
+WRITER_CPUS = 0.25
+# Keys per block, hence per task of each compute stage: one batch while a run has fewer than
+# TARGET_BLOCKS batches, up to MAX_BATCHES_PER_TASK batches beyond that (fewer blocks for the
+# driver to track at 10^6-10^7 keys, docs/scale.md). Bounded at any bucket size: a retry, a
+# poison input's isolation and a run's tail all redo at most this many keys.
+TARGET_BLOCKS = 200
+MAX_BATCHES_PER_TASK = 4
+# Ray Data fails an execution after this long without any operator taking or emitting a block.
+# A task holds at most MAX_BATCHES_PER_TASK batches (minutes even on CPU with the CRF, where an
+# image takes 1-7 s), so only waiting for nodes is long: a GPU worker group at zero replicas
+# takes minutes to start (image pull, driver); an hour of that is an outage, not a slow night.
+NO_PROGRESS_TIMEOUT_S = 3600.0
+# Actor __init__ failures retried in the same actor before it counts as dead (Ray Data's
+# actor_init_retry_on_errors): the weights come from the driver, so what remains is transient
+# (a node's first CUDA context, a slow disk); then Ray Data replaces the dead actor this many
+# times in a row (max_consecutive_actor_init_deaths) before failing the run.
+ACTOR_INIT_RETRIES = 2
+ACTOR_INIT_DEATHS = 3
+
+
+def keys_per_block(keys: int, batch_size: int, max_blocks: int | None = None) -> int:
+    """Keys in each block of the run's input (the most any compute task holds); ``max_blocks``: at
+    least that many blocks (the runner's isolation passes: one key each)."""
+    if max_blocks is not None:
+        return max(1, math.ceil(keys / max_blocks))
+    batches = math.ceil(keys / batch_size)
+    return batch_size * min(MAX_BATCHES_PER_TASK, max(1, math.ceil(batches / TARGET_BLOCKS)))
+
+
+def plan(config: JobConfig, resources: Resources, *, inputs: int, todo: int) -> dict:
+    """The resource plan as data: what --dry-run prints and manifest.json keeps."""
+    per_block = keys_per_block(todo, config.compute.batch_size)
+    pools = {"infer": list(resources.infer_actors), "write": [1, resources.write_actors]}
+    if not resources.decode_fused:
+        pools["decode"] = list(resources.decode_actors)
+    if resources.crf_actors is not None:
+        pools["crf"] = list(resources.crf_actors)
+    return {
+        "inputs": inputs,
+        "todo": todo,
+        "batch_size": config.compute.batch_size,
+        "blocks": math.ceil(todo / per_block) if todo else 0,
+        "keys_per_task_max": per_block if todo else 0,
+        "pools": pools,
+        "object_store_mib": resources.object_store_mib,
+        "use_gpu": resources.use_gpu,
+        "infer_cpus": resources.infer_cpus,
+        "crf_backend": resources.crf_backend,
+        "crf_fused": resources.crf_fused,
+        "decode_fused": resources.decode_fused,
+        "no_progress_timeout_s": NO_PROGRESS_TIMEOUT_S,
+    }
+
+
+def build_dataset(
+    inputs: Inputs,
+    config: JobConfig,
+    weights: Weights,
+    weights_sha256: str,
+    resources: Resources,
+    run_uri: str,
+    *,
+    retries: int = TASK_RETRIES,
+    max_blocks: int | None = None,
+    tolerate: bool | int = True,
+    upto: str = "write",
+    weights_data: ray.ObjectRef | None = None,
+) -> ray.data.Dataset:
+    """The whole DAG from listed keys to one WRITE_SCHEMA row per part file written under ``run_uri``.
+
+    A batch whose worker died ``retries`` + 1 times is dropped, not fatal (``tolerate``: True, or
+    at most that many such batches, False for none): the caller reconciles
+    the keys that reached no part file (pipeline/dag/runner.py). ``upto`` ends the DAG after that stage
+    (decode, infer, crf), which is how the runner learns where an input kills its worker.
+    ``weights_data``: the checkpoint's bytes in the object store, put there once by the driver; the
+    inference actors read them instead of the weights URI (None: each actor reads the URI)."""
+    per_block = keys_per_block(len(inputs), config.compute.batch_size, max_blocks)
+    blocks = math.ceil(len(inputs) / per_block)
+    stage = _Stage(config, weights, resources, blocks, _fault_tolerance(retries), weights_data)
+    ds = _keys(inputs, per_block, resources, tolerate)
+    if upto == "decode" or not resources.decode_fused:  # the runner probes decoding on its own
+        ds = _map(ds, Decoder, stage.decode(inputs))
+    if upto == "decode":
+        return ds
+    ds = _map(ds, Segmenter, stage.infer(weights_sha256, inputs))
+    if upto == "infer":
+        return ds
+    if resources.crf_actors is not None:
+        ds = _map(ds, CRFRefiner, stage.crf(weights_sha256, len(inputs)))
+    if upto == "crf":
+        return ds
+    # Workers write: each call publishes one part file of up to --rows-per-file rows.
+    return _map(ds, PartWriter, stage.write(run_uri))
+
+
+def dataset_stats(ds: ray.data.Dataset) -> list[dict]:
+    """Ray Data's statistics of each stage of an executed ``ds``: tasks, blocks and rows out, the
+    stage's wall time, and its tasks' summed wall and CPU seconds."""
+
+    def total(summary, digits: int = 3):
+        return round(summary.sum, digits) if summary is not None else None
+
+    return [
+        {
+            "stage": op.operator_name,
+            "tasks": op.task_rows.count if op.task_rows is not None else None,
+            "rows_per_task_max": op.task_rows.max if op.task_rows is not None else None,
+            "blocks": op.output_num_rows.count if op.output_num_rows is not None else None,
+            "rows": op.output_num_rows.sum if op.output_num_rows is not None else None,
+            "wall_s": round(op.time_total_s, 3),
+            "task_wall_s": total(op.wall_time),
+            "task_cpu_s": total(op.cpu_time),
+        }
+        for op in _operators(ds.get_stats_summary())
+    ]
+
+
+def _operators(summary) -> list:
+    """Every operator's summary in DAG order: Ray Data keeps the earlier ones in the parents."""
+    return [op for parent in summary.parents for op in _operators(parent)] + list(summary.operators_stats)
+
+
+def _map(ds: ray.data.Dataset, fn, options: dict) -> ray.data.Dataset:
+    """``ds.map_batches(fn, **options)``. Ray 2.60's map_batches names no parameter for an actor's
+    max_restarts / max_task_retries, only ``**ray_remote_args``, deprecated for removal in 2.64:
+    pyproject.toml pins ray below that, so its warning says nothing new and is not printed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated", category=RayDeprecationWarning)
+        return ds.map_batches(fn, **options)
+
+
+def _keys(inputs: Inputs, step: int, resources: Resources, tolerate: bool | int) -> ray.data.Dataset:
+    """The listed keys in blocks of ``step``, with the run's object-store budget, error tolerance,
+    no-progress timeout and actor start-up retries."""
+    keys = pa.table({"key": inputs.keys})
+    # from_blocks, not from_arrow: the driver knows each block's size, and from_arrow would ask a
+    # remote task per block and wait, on a worker that must start first (benchmarks/ceiling.py).
+    ds = ray.data.from_blocks([keys.slice(i, step) for i in range(0, keys.num_rows, step)])
+    # Every later stage's Dataset copies this context, so the budget covers the whole DAG.
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=resources.object_store_mib * 2**20)
+    ds.context.max_errored_blocks = -1 if tolerate is True else int(tolerate)
+    ds.context.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
+    ds.context.actor_init_retry_on_errors = True
+    ds.context.actor_init_max_retries = ACTOR_INIT_RETRIES
+    ds.context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS if tolerate else 0
+    # Ray Data's per-task USS sampling (a thread reading /proc/self/smaps every second) only feeds
+    # its own memory statistics, and costs each inference call CPU (benchmarks/ceiling.py).
+    ds.context.memory_usage_poll_interval_s = None
+    return ds
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Each stage's ``map_batches`` arguments: its callable's constructor, batch size and resources."""
+
+    config: JobConfig
+    weights: Weights
+    resources: Resources
+    blocks: int
+    fault_tolerance: dict
+    weights_data: ray.ObjectRef | None = None
+
+    def decoder(self, inputs: Inputs) -> dict:
+        """The ``Decoder``'s constructor arguments (its own pool's, or the fused inference actor's)."""
+        # Tiled inference bounds network memory, so the pixel guard only applies to whole-image runs.
+        max_pixels = None if self.config.inference.tile else self.config.inference.max_pixels
+        return {
+            "locator": inputs.locator(),
+            "storage_options": self.config.storage_options,
+            "num_classes": self.weights.num_classes,
+            "max_pixels": max_pixels,
+        }
+
+    def decode(self, inputs: Inputs) -> dict:
+        compute = self.config.compute
+        return dict(
+            fn_constructor_kwargs=self.decoder(inputs),
+            batch_size=compute.batch_size,
+            num_cpus=compute.decode_cpus,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=max(1, min(self.resources.decode_actors[1], self.blocks))
+            ),
+            **self.fault_tolerance,
+        )
+
+    def infer(self, weights_sha256: str, inputs: Inputs) -> dict:
+        config, weights, resources = self.config, self.weights, self.resources
+        # A small run has fewer batches than the pool has actors: don't start (and load the model on)
+        # actors that would get no batch.
+        infer_min, infer_max = (min(n, self.blocks) for n in resources.infer_actors)
+        return dict(
+            fn_constructor_kwargs={
+                "model": config.model,
+                "weights_uri": config.weights_uri,
+                "storage_options": config.storage_options,
+                "inference": config.inference,
+                "weights_sha256": weights_sha256,
+                "num_classes": weights.num_classes,
+                "use_gpu": resources.use_gpu,
+                "threads": resources.infer_threads,
+                "crf_follows": resources.crf_actors is not None,
+                "run_id": config.run_id,
+                "mean": weights.mean,
+                "std": weights.std,
+                "crf": config.crf if resources.crf_fused else None,
+                "crf_backend": resources.crf_backend or "pydensecrf",
+                "actor_memory_mib": config.compute.actor_memory_mib,
+                "decode": self.decoder(inputs) if resources.decode_fused else None,
+                # A reference, not the bytes: the constructor's arguments stay small (ray-project/ray#53727).
+                "weights_data": self.weights_data,
+            },
+            batch_size=config.compute.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),
+            num_gpus=1 if resources.use_gpu else 0,
+            num_cpus=resources.infer_cpus,
+            resources=config.compute.infer_resources or None,
+            **self.fault_tolerance,
+        )
+
+    def crf(self, weights_sha256: str, images: int) -> dict:
+        config, pool = self.config, self.resources.crf_actors
+        return dict(
+            fn_constructor_kwargs={
+                "params": config.crf,
+                "num_classes": self.weights.num_classes,
+                "model": config.model,
+                "weights_sha256": weights_sha256,
+                "run_id": config.run_id,
+                "probs_encoding": config.inference.probs_encoding,
+                "actor_memory_mib": config.compute.actor_memory_mib,
+            },
+            batch_size=1,  # one image per call keeps CRF actors evenly loaded
+            compute=ray.data.ActorPoolStrategy(min_size=min(pool[0], images), max_size=min(pool[1], images)),
+            num_cpus=config.compute.crf_cpus,
+            resources=config.compute.crf_resources or None,
+            **self.fault_tolerance,
+        )
+
+    def write(self, run_uri: str) -> dict:
+        return dict(
+            fn_constructor_kwargs={
+                "run_uri": run_uri,
+                "storage_options": self.config.storage_options,
+                "num_classes": self.weights.num_classes,
+            },
+            batch_size=self.config.rows_per_file,
+            batch_format="pyarrow",
+            num_cpus=WRITER_CPUS,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.resources.write_actors),
+            **self.fault_tolerance,
+        )

@@ -1,0 +1,1 @@
+"""The demo: synthetic scenes and the bundled bucket and checkpoint."""

@@ -1,0 +1,1 @@
+"""Per-image statistics summed once, scores, the report and the night-over-night comparison."""

@@ -1,0 +1,1 @@
+"""Multi-scale (+flip) inference, tiling, memory budgets and the inference stage."""

@@ -1,0 +1,213 @@
+"""Read + decode stage: bytes from any fsspec URI to RGB pixels and validated labels.
+
+On GPU plans it runs in its own small actor pool (``Decoder``), so this module stays free of torch:
+a decode worker that imported torch paid seconds and a GB of RSS before its first image
+(docs/benchmarks.md). Without GPUs each inference actor runs a ``Decoder`` on its own batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.io.images import (
+    IMAGE_FORMATS,
+    MAX_IMAGE_BYTES,
+    MAX_LABEL_BYTES,
+    Refused,
+    decode_image,
+    encode_thumbnail,
+    thumbnail_size,
+)
+from pipeline.observability import stage_metrics
+from pipeline.io.palette import IGNORE_INDEX, LabelMismatch, label_to_mask, mask_to_png
+from pipeline.rows.errors import mark_error
+from pipeline.rows.schema import add_columns, to_stream
+from pipeline.io.storage import Locator, ObjectTooLarge, read_bytes
+
+FETCH_THREADS = 16
+Reader = Callable[[], "bytes | None"]
+
+
+def fetch_all(
+    uris: list[str], storage_options: dict, pool: ThreadPoolExecutor | None = None, *, limit: int | None = None
+) -> list[bytes | Exception | None]:
+    """Every object's bytes (or the exception reading it raised; None for an empty URI), fetched
+    concurrently (``fetch_each``); with ``limit``, at most that many bytes each."""
+    return fetch_each([partial(read_bytes, u, storage_options, limit=limit) if u else None for u in uris], pool)
+
+
+def fetch_each(readers: list[Reader | None], pool: ThreadPoolExecutor | None = None) -> list[bytes | Exception | None]:
+    """Each reader's bytes (or the exception it raised; None for no reader), concurrently: one GET
+    at a time would leave a fast accelerator waiting on object-store latency (tens of ms per GET),
+    and a thread per request is what fsspec's sync API allows without ``fs.cat([...])``, which
+    would glob-expand keys containing ``?``, ``*`` or ``[``. ``pool``: an actor's long-lived
+    threads (else a pool for this call)."""
+
+    def fetch(reader: Reader | None) -> bytes | Exception | None:
+        if reader is None:
+            return None
+        try:
+            return reader()
+        except Exception as exc:  # reported per row by the caller
+            return exc
+
+    if len(readers) <= 1:
+        return [fetch(r) for r in readers]
+    if pool is not None:
+        return list(pool.map(fetch, readers))
+    with ThreadPoolExecutor(min(FETCH_THREADS, len(readers))) as own:
+        return list(own.map(fetch, readers))
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    storage_options: dict,
+    num_classes: int,
+    max_pixels: int | None,
+    pool: ThreadPoolExecutor | None = None,
+    locator: Locator | None = None,
+) -> dict[str, np.ndarray]:
+    """Read and decode images and labels; any failure becomes that row's error. With ``locator``
+    each object is read at the key's exact path (``Locator.read_*``), else from the batch's URIs."""
+    n = len(batch["key"])
+    keys = [str(k) for k in batch["key"]]
+    out = add_columns({"key": keys}, "decode", n)
+    out["uri"] = list(batch["uri"])
+    uris, label_uris = [str(u) for u in batch["uri"]], [str(u) for u in batch["label_uri"]]
+    start = time.perf_counter()
+    if locator is not None:
+        readers: list[Reader | None] = [partial(locator.read_image, k, MAX_IMAGE_BYTES) for k in keys]
+        readers += [partial(locator.read_label, k, MAX_LABEL_BYTES) if u else None for k, u in zip(keys, label_uris)]
+        fetched = fetch_each(readers, pool)
+    else:
+        fetched = fetch_all(uris, storage_options, pool, limit=MAX_IMAGE_BYTES)
+        fetched += fetch_all(label_uris, storage_options, pool, limit=MAX_LABEL_BYTES)
+    images, labels = fetched[:n], fetched[n:]
+    fetch_seconds = (time.perf_counter() - start) / max(1, n)  # each image's share, in its decode time
+    for i in range(n):
+        uri, label_uri = uris[i], label_uris[i]
+        start = time.perf_counter() - fetch_seconds
+        decoded = _decoded(out, i, uri, images[i], max_pixels)
+        images[i] = None  # the encoded bytes go as soon as the pixels exist
+        if decoded is None:
+            continue
+        stage_metrics("decode").ok(time.perf_counter() - start)
+        h, w = decoded.rgb.shape[:2]
+        out["image"][i], out["height"][i], out["width"][i] = decoded.rgb.tobytes(), h, w
+        out["exif_orientation"][i] = decoded.exif_orientation or 0
+        out["thumbnail"][i] = encode_thumbnail(decoded.rgb)
+        if not label_uri:
+            continue
+        label, problem = check_label(labels[i], label_uri, (h, w), num_classes)
+        labels[i] = None
+        if problem:  # a QA artefact: the image is still segmented, its label is not scored
+            out["label_error"][i] = problem[:1000]
+            stage_metrics("label").error()
+        elif label is not None:
+            out["label"][i], out["has_label"][i] = label.tobytes(), True
+            out["label_thumbnail"][i] = mask_to_png(_nearest(label, thumbnail_size(label.shape)))
+    return to_stream(out)
+
+
+def _decoded(out: dict[str, list], i: int, uri: str, data: bytes | Exception | None, max_pixels: int | None):
+    """Row ``i``'s decoded image, or None with the row's read or decode error marked."""
+    if isinstance(data, ObjectTooLarge):
+        mark_error(out, i, "decode", data, str(data))
+        return None
+    if isinstance(data, Exception):
+        mark_error(out, i, "read", data, f"cannot read {uri}: {data}")
+        return None
+    if data is None:  # no reader: nothing to decode
+        mark_error(out, i, "read", None, f"cannot read {uri}: no object")
+        return None
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except Refused as exc:
+        mark_error(out, i, "decode", exc, f"refused before decoding: {exc}")
+    except UnidentifiedImageError as exc:
+        shown = f"{len(data)} bytes starting {data[:12]!r}"
+        mark_error(
+            out,
+            i,
+            "decode",
+            exc,
+            f"not a readable image: {shown} are in none of the accepted formats ({', '.join(IMAGE_FORMATS)})",
+        )
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, during decoding
+        mark_error(out, i, "decode", exc, f"refused while decoding: over Pillow's bomb limit: {exc}")
+    except Exception as exc:
+        mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
+    return None
+
+
+def _nearest(ids: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Class ids resampled to ``shape`` by nearest neighbour (ids are labels, never blended)."""
+    rows = (np.arange(shape[0]) * ids.shape[0] // shape[0]).clip(0, ids.shape[0] - 1)
+    cols = (np.arange(shape[1]) * ids.shape[1] // shape[1]).clip(0, ids.shape[1] - 1)
+    return ids[rows[:, None], cols[None, :]]
+
+
+def check_label(
+    data: bytes | Exception | None, uri: str, shape: tuple[int, int], num_classes: int
+) -> tuple[np.ndarray | None, str]:
+    """(label, "") for a usable label, (None, "") for none, (None, why) for one that cannot be scored.
+    The label is decoded only after its header matched the image's size (``palette.label_to_mask``)."""
+    if data is None or isinstance(data, FileNotFoundError):
+        return None, ""  # images without a label are still segmented
+    if isinstance(data, ObjectTooLarge):
+        return None, f"label {data}"
+    if isinstance(data, Exception):
+        return None, f"cannot read label {uri}: {type(data).__name__}: {data}"
+    try:
+        label = label_to_mask(data, shape)
+    except LabelMismatch as exc:
+        return None, str(exc)
+    except (Refused, Image.DecompressionBombError) as exc:
+        return None, f"label refused before decoding: {exc}"
+    except UnidentifiedImageError:
+        return None, f"cannot decode label {uri}: {len(data)} bytes starting {data[:12]!r} are not a PNG"
+    except Exception as exc:
+        return None, f"cannot decode label {uri}: {exc}"
+    bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
+    if bad.size:
+        return None, (
+            f"label has class ids {bad[:10].tolist()} outside 0..{num_classes - 1} (and {IGNORE_INDEX} = ignore)"
+        )
+    return label, ""
+
+
+class Decoder:
+    """Ray Data callable class running ``decode_batch`` (or, without GPUs, the ``Segmenter``'s first step).
+
+    An actor pool rather than tasks: decode tasks wait (backpressured) while inference catches
+    up, and Ray ends a worker that idles beyond its soft limit of one worker per CPU, which the
+    inference actors already hold, so each next decode task started a new Python worker (slower
+    and larger: docs/benchmarks.md, "Design choices"). An actor stays up for the whole run.
+    """
+
+    def __init__(self, *, locator: Locator, storage_options: dict, num_classes: int, max_pixels: int | None) -> None:
+        self.locator = locator
+        # One set of fetch threads for the actor's life: a pool per batch started 16 threads a call.
+        pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deeplab-fetch")
+        self.kwargs = {
+            "storage_options": storage_options,
+            "num_classes": num_classes,
+            "max_pixels": max_pixels,
+            "pool": pool,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = [str(k) for k in batch["key"]]  # URIs are derived here: the driver ships keys only
+        batch = {
+            "key": batch["key"],
+            "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
+            "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object),
+        }
+        return decode_batch(batch, locator=self.locator, **self.kwargs)
