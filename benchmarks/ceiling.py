@@ -49,7 +49,7 @@ NAME = "ceiling"
 
 def _model(device: str):
     from pipeline.inference.multiscale import load_model
-    from pipeline.models.weights import default_weights
+    from pipeline.models import default_weights
 
     model = load_model(harness.MODEL, None)[0].to(device)
     return model, *default_weights(harness.MODEL).normalisation(device)
@@ -62,8 +62,8 @@ def per_core_worker(paths: list[str], out_dir: str, crf: bool) -> list[float]:
     torch.set_num_threads(1)
     from pipeline.config.sections import CRFParams, InferenceConfig
     from pipeline.crf.densecrf import dense_crf
-    from pipeline.io.images import decode_image
     from pipeline.inference.multiscale import class_map, infer_batch
+    from pipeline.io.images import decode_image
     from pipeline.io.palette import mask_to_png
     from pipeline.rows.probs import quantise_probs
 
@@ -173,8 +173,8 @@ def floor_main(images: int, procs: int) -> None:
     import pyarrow as pa
     import ray
 
-    from pipeline.dag.cluster import init_ray
     from pipeline.config.sections import ComputeConfig
+    from pipeline.dag.cluster import init_ray
 
     class Idle:  # defined here: pickled by value, so the workers import nothing of the benchmark
         def __call__(self, batch):

@@ -124,9 +124,9 @@ def speed(args) -> list[dict]:
 def _demo_probs(images: int):
     """(image, demo-model probabilities (C, H, W) tensor, label) of held-out scenes of varied size."""
     from pipeline.config.sections import InferenceConfig
-    from pipeline.inference.multiscale import infer_batch, load_model
     from pipeline.demo.synthetic import make_scene, varied_spec
-    from pipeline.models.weights import default_weights
+    from pipeline.inference.multiscale import infer_batch, load_model
+    from pipeline.models import default_weights
 
     model = load_model(harness.MODEL, None)[0]
     mean, std = default_weights(harness.MODEL).normalisation()
@@ -179,7 +179,7 @@ def quality(args) -> dict:
     label = voc["class_label"].astype(np.uint8)
     photo = [(voc["rgb"], smooth_probs(label, 21, 2), label)]
     out = {}
-    from pipeline.models.weights import default_weights
+    from pipeline.models import default_weights
 
     demo_classes = len(default_weights(harness.MODEL).categories)
     for name, cases, classes in (

@@ -39,8 +39,8 @@ sys.exit(code)
 
 
 def write_bucket(root: Path, n: int, height: int, width: int) -> list[Path]:
-    from pipeline.io.palette import mask_to_png
     from pipeline.demo.synthetic import SceneSpec, encode_jpeg, make_scene
+    from pipeline.io.palette import mask_to_png
 
     spec = SceneSpec(height=height, width=width)
     (root / "images").mkdir(parents=True)

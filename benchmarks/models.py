@@ -104,10 +104,10 @@ def multiscale(args) -> dict:
     import numpy as np
 
     from pipeline.config.sections import InferenceConfig
-    from pipeline.inference.multiscale import class_map, infer_batch, load_model
-    from pipeline.evaluation.metrics import DatasetSummary, image_stats, trimap_accuracy
     from pipeline.demo.synthetic import make_scene, varied_spec
-    from pipeline.models.weights import default_weights
+    from pipeline.evaluation.metrics import DatasetSummary, image_stats, trimap_accuracy
+    from pipeline.inference.multiscale import class_map, infer_batch, load_model
+    from pipeline.models import default_weights
 
     mean, std = default_weights(harness.MODEL).normalisation()
     scenes = [make_scene(s, varied_spec(s)) for s in range(HELD_OUT, HELD_OUT + args.images)]

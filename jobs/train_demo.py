@@ -25,13 +25,12 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.models.checkpoints import normalisation
+from pipeline.demo.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec
 from pipeline.evaluation.metrics import DatasetSummary, image_stats, summarise
+from pipeline.io.palette import IGNORE_INDEX
 from pipeline.models import build_model
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
-from pipeline.io.palette import IGNORE_INDEX
-from pipeline.demo.synthetic import CLASS_NAMES, SceneSpec, make_scene, varied_spec
-from pipeline.models.weights import IMAGENET_MEAN
+from pipeline.models.weights import IMAGENET_MEAN, normalisation
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_200)  # the demo bucket uses 2_000_000+
 

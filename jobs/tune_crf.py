@@ -23,16 +23,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import DEMO_BUCKET  # noqa: E402
-from pipeline.dag.cluster import init_ray  # noqa: E402
-from pipeline.config.sections import CRFParams  # noqa: E402
 from pipeline.config.flags import parse_scales  # noqa: E402
-from pipeline.io.images import MAX_IMAGE_BYTES, MAX_LABEL_BYTES, decode_image  # noqa: E402
+from pipeline.config.sections import CRFParams  # noqa: E402
+from pipeline.dag.cluster import init_ray  # noqa: E402
+from pipeline.demo import DEMO_BUCKET  # noqa: E402
 from pipeline.evaluation.metrics import format_score, image_stats, summarise, trimap_accuracy  # noqa: E402
-from pipeline.models import DEFAULT_MODEL  # noqa: E402
+from pipeline.io.images import MAX_IMAGE_BYTES, MAX_LABEL_BYTES, decode_image  # noqa: E402
 from pipeline.io.palette import label_to_mask  # noqa: E402
 from pipeline.io.storage import list_inputs  # noqa: E402
-from pipeline.models.weights import Weights, default_weights  # noqa: E402
+from pipeline.models import DEFAULT_MODEL, default_weights  # noqa: E402
+from pipeline.models.weights import Weights  # noqa: E402
 
 # DeepLab v1's search ranges (Sec. 4.1): w1 in [3:6], θα in [30:10:100], θβ in [3:6]; widened on
 # θβ because JPEG noise in real buckets is larger than in PASCAL's originals.

@@ -10,18 +10,15 @@ import datetime as dt
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import NoReturn
 
-from pipeline.config.sections import JobConfig
-from pipeline.io.credentials import public_text, refused_options
 from pipeline.config.flags import add_flags, values_from
+from pipeline.config.sections import JobConfig
+from pipeline.dag.runner import SystemicFailure
+from pipeline.demo import DEMO_BUCKET
+from pipeline.io.credentials import public_text, refused_options
 from pipeline.job import JOB_ERRORS, dry_run, regression_exit, run
 from pipeline.models import DEFAULT_MODEL
-from pipeline.dag.runner import SystemicFailure
-
-DEMO_BUCKET = Path(__file__).resolve().parent / "assets" / "demo_bucket"
-
 
 # Argument groups of --help, in order ("" is the parser's own options); each config class names its group.
 GROUPS = {

@@ -10,18 +10,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
-from pipeline.outputs.carry import fingerprint, incremental_night, listing_table
-from pipeline.dag.cluster import cluster_ceiling, cluster_nodes, init_ray
-from pipeline.evaluation.compare_text import format_comparison, regression_message
 from pipeline.config.sections import JobConfig
-from pipeline.outputs.console import describe, print_summary
-from pipeline.io.credentials import public_text, public_uri
-from pipeline.outputs.manifest import build_manifest
-from pipeline.observability import push_summary
-from pipeline.outputs.run import LISTING, Earlier, OutputError, RunOutput, RunSummary, committed_runs, run_before
+from pipeline.dag.cluster import cluster_ceiling, cluster_nodes, init_ray
+from pipeline.dag.incremental import incremental_night
 from pipeline.dag.runner import run_dag
+from pipeline.evaluation.compare_text import format_comparison, regression_message
+from pipeline.io.credentials import public_text, public_uri
 from pipeline.io.storage import InputError, Inputs, list_inputs
-from pipeline.models.weights import Weights, WeightsError, default_weights, read_verified
+from pipeline.models import default_weights
+from pipeline.models.weights import Weights, WeightsError, read_verified
+from pipeline.observability import push_summary
+from pipeline.outputs.carry import fingerprint, listing_table
+from pipeline.outputs.console import describe, print_summary
+from pipeline.outputs.manifest import build_manifest
+from pipeline.outputs.run import LISTING, Earlier, OutputError, RunOutput, RunSummary, committed_runs, run_before
 
 if TYPE_CHECKING:  # the DAG's modules (torch) load on the prepare thread, not at import
     from pipeline.dag.stages import Resources

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_BUCKET = REPO / "pipeline" / "assets" / "demo_bucket"
+DEMO_BUCKET = REPO / "pipeline" / "demo" / "assets" / "demo_bucket"
 SEGMENT_BUCKET = [sys.executable, str(REPO / "jobs" / "segment_bucket.py")]
 
 
@@ -37,7 +37,7 @@ def demo_segmenter(**kwargs):
     """The inference actor's class on the bundled demo weights: one CPU thread, result rows out."""
     from pipeline.config.sections import InferenceConfig
     from pipeline.inference.segmenter import Segmenter
-    from pipeline.models.weights import default_weights
+    from pipeline.models import default_weights
 
     w = default_weights("deeplabv3plus_demo")
     defaults = dict(model=w.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),

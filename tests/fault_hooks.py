@@ -52,7 +52,8 @@ def setup() -> None:
     if "write" in pause:
         patches["pipeline.outputs.writer"] = lambda m: _before_call(m.PartWriter, set(), pause["write"])
     if faults.get("infer_memory_mib"):
-        patches["pipeline.inference.segmenter"] = lambda m: _cap_on_first_call(m.Segmenter, int(faults["infer_memory_mib"]))
+        cap = int(faults["infer_memory_mib"])
+        patches["pipeline.inference.segmenter"] = lambda m: _cap_on_first_call(m.Segmenter, cap)
     for name, patch in patches.items():
         if name in sys.modules:
             patch(sys.modules[name])

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.io.palette import mask_to_png
 from pipeline.demo.synthetic import SceneSpec, make_scene
+from pipeline.io.palette import mask_to_png
 
 
 def _png_bytes(image: Image.Image) -> bytes:

@@ -96,7 +96,7 @@ def test_bad_inputs_fail_before_any_work(tmp_path, capsys):
                 "--output",
                 str(tmp_path / "o"),
                 "--weights",
-                f"{REPO}/pipeline/assets/deeplabv3plus_demo.safetensors#sha256={'1' * 64}",
+                f"{REPO}/pipeline/demo/assets/deeplabv3plus_demo.safetensors#sha256={'1' * 64}",
             ]
         )
         == 2

@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.evaluation.compare import RunTables, compare_batch, compare_tables, join_by_key, mask_disagreement
 from pipeline.evaluation.compare_text import regression_message
-from pipeline.outputs.run import committed_runs, run_before
 from pipeline.io.palette import mask_to_png
+from pipeline.outputs.run import committed_runs, run_before
 from pipeline.rows.schema import CLASSES_SCHEMA, COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA, ERRORS_SCHEMA
 
 NAMES = ("background", "disc", "box")

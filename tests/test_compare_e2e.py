@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.io.images import decode_image
 from pipeline.inference.multiscale import load_model, predict_probs
+from pipeline.io.images import decode_image
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
 from pipeline.rows.schema import COMPARISON_CLASSES_SCHEMA, COMPARISON_SCHEMA
 from tests.conftest import REPO, free_port, make_bucket, sql_block

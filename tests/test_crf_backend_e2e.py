@@ -98,11 +98,11 @@ def test_an_image_the_torch_crf_cannot_allocate_for_is_refined_by_pydensecrf(tmp
     assert noise_row["crf_ms"] > 0 and noise_row["mask_pre_crf"] and noise_row["crf_changed_fraction"] is not None
 
     # What the pydensecrf CPU backend gives for this image's probabilities (as the CRF pool receives them).
-    from pipeline.models.checkpoints import normalisation
     from pipeline.config.sections import CRFParams, InferenceConfig
     from pipeline.crf.densecrf import dense_crf
     from pipeline.inference.multiscale import infer_batch, load_model
     from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
+    from pipeline.models.weights import normalisation
     from pipeline.rows.probs import decode_probs, encode_probs
 
     model, _, categories = load_model(DEMO_WEIGHTS.model, None)

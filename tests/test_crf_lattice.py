@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.crf.torch_port import _features
 from pipeline.crf.permutohedral import PermutohedralLattice
+from pipeline.crf.torch_port import _features
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""pipeline.crf.torch_port against pydensecrf (pipeline.crf.densecrf.dense_crf): labels, marginals, kernels, shapes, devices.
+"""pipeline.crf.torch_port against pydensecrf (pipeline.crf.densecrf.dense_crf): labels, marginals, kernels,
+shapes, devices.
 
 Tolerances are from measurement: the lattice is bitwise densecrf's (tests/test_crf_lattice.py
 compares it with densecrf's compiled C++); what remains is Eigen's exp and summation order in the softmax,
@@ -15,8 +16,8 @@ import torch
 from PIL import Image
 
 from pipeline.config.sections import CRFParams
-from pipeline.crf.torch_port import dense_crf_torch, dense_crf_torch_batch
 from pipeline.crf.permutohedral import PermutohedralLattice
+from pipeline.crf.torch_port import dense_crf_torch, dense_crf_torch_batch
 from pipeline.demo.synthetic import SceneSpec, make_scene
 from tests.conftest import DEMO_BUCKET
 
@@ -88,8 +89,8 @@ def demo_model_case():
     """Demo DeepLabv3+ probabilities (6 classes) for a demo bucket image at half size."""
     for module in ("ray", "timm", "safetensors"):
         pytest.importorskip(module)
-    from pipeline.models.checkpoints import normalisation
     from pipeline.inference.multiscale import load_model, predict_probs
+    from pipeline.models.weights import normalisation
 
     model, _, categories = load_model("deeplabv3plus_demo", None)
     rgb = Image.open(sorted((DEMO_BUCKET / "images").glob("*.jpg"))[0]).convert("RGB")

@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.evaluation.per_image import result_table
 from pipeline.io.decode import decode_batch
 from pipeline.io.images import MAX_IMAGE_BYTES
-from pipeline.rows.errors import result_table, split_results
 from pipeline.io.storage import ObjectTooLarge, list_inputs, open_fs, read_object
+from pipeline.rows.errors import split_results
 from tests.conftest import REPO, S3_ENV, run_rows
 from tests.hostile import NOT_LISTED, write_hostile_bucket, write_local_hostile_folder
 

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.io.storage import list_inputs
 from pipeline.outputs.carry import Base, BaseRefused, differences, find_base, listing_table, plan
 from pipeline.outputs.run import SUCCESS, RunOutput
 from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
-from pipeline.io.storage import list_inputs
 from tests.conftest import REPO, S3_ENV, job_args, make_bucket
 
 # --- the listing's identities and the base run (no Ray) ---

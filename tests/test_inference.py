@@ -6,11 +6,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.models.checkpoints import normalisation
 from pipeline.config.sections import InferenceConfig
-from pipeline.inference.multiscale import class_map, forward_groups, infer_batch, multiscale_probs, sliding_window_probs
 from pipeline.evaluation.metrics import uncertainty
+from pipeline.inference.multiscale import class_map, forward_groups, infer_batch, multiscale_probs, sliding_window_probs
 from pipeline.models import build_model
+from pipeline.models.weights import normalisation
 from pipeline.rows.probs import decode_probs, encode_probs
 
 SCALES = (0.5, 1.0, 1.75)

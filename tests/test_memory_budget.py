@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.config.memory import BUDGET_TILE, MIN_IMAGE_BYTES, crf_scale
 from pipeline.config.sections import ComputeConfig, CRFParams, InferenceConfig
 from pipeline.crf.densecrf import dense_crf, reduced_crf
-from pipeline.config.memory import BUDGET_TILE, MIN_IMAGE_BYTES, crf_scale
-from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
-from pipeline.io.palette import mask_to_png
 from pipeline.demo.synthetic import SceneSpec, encode_jpeg, make_scene
+from pipeline.io.palette import mask_to_png
+from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 from tests.conftest import REPO, demo_segmenter
 
 
@@ -149,11 +149,11 @@ def test_job_with_a_tiny_budget_tiles_and_reduces_only_the_big_image(tmp_path):
 def test_banded_tiled_outputs_equal_sliding_window_inference():
     import torch
 
-    from pipeline.models.checkpoints import normalisation
-    from pipeline.inference.multiscale import class_map, load_model, sliding_window_probs
     from pipeline.evaluation.metrics import uncertainty
-    from pipeline.rows.probs import encode_probs
+    from pipeline.inference.multiscale import class_map, load_model, sliding_window_probs
     from pipeline.inference.tiling import tiled_outputs
+    from pipeline.models.weights import normalisation
+    from pipeline.rows.probs import encode_probs
 
     model, _, _ = load_model(W.model, None)
     mean, std = normalisation(W.mean, W.std, torch.device("cpu"))

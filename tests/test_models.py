@@ -215,9 +215,8 @@ _HEAVY = {
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in MODEL_BUILDERS]
 )
 def test_every_model_satisfies_the_protocol(name):
+    from pipeline.models import DEFAULT_WEIGHTS, SegmentationModel, default_weights
     from pipeline.models.checkpoints import num_classes_in
-    from pipeline.models import DEFAULT_WEIGHTS, SegmentationModel
-    from pipeline.models.weights import default_weights
 
     model = MODEL_BUILDERS[name](num_classes=3, output_stride=16).eval()
     assert isinstance(model, SegmentationModel)

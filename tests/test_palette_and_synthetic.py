@@ -3,8 +3,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.io.palette import IGNORE_INDEX, mask_to_png, png_to_mask, voc_palette
 from pipeline.demo.synthetic import CLASS_NAMES, SceneSpec, make_scene
+from pipeline.io.palette import IGNORE_INDEX, mask_to_png, png_to_mask, voc_palette
 
 
 def test_mask_png_is_mode_p_with_voc_palette_and_roundtrips():

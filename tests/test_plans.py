@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config.sections import CRFParams, JobConfig
-from pipeline.job import resolve_weights
 from pipeline.dag.runner import consume
 from pipeline.dag.stages import Resources, build_dataset
 from pipeline.io.storage import list_inputs
+from pipeline.job import resolve_weights
 from tests.conftest import DEMO_BUCKET
 
 pytestmark = pytest.mark.slow

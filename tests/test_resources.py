@@ -194,9 +194,9 @@ def test_segmenter_runs_its_threads_when_called_from_another_thread():
 
 
 def test_object_store_budget_reaches_the_last_stage(ray_local):
-    from pipeline.job import resolve_weights
     from pipeline.dag.stages import build_dataset
     from pipeline.io.storage import list_inputs
+    from pipeline.job import resolve_weights
 
     config = JobConfig(
         input_uri=str(DEMO_BUCKET / "images"),
@@ -219,10 +219,10 @@ def test_no_task_holds_more_than_four_batches_of_keys(ray_local, monkeypatch):
     read error row) show it. TARGET_BLOCKS is lowered to 10 so that 100 keys stand for 10^5+."""
     import pyarrow as pa
 
-    from pipeline import stages
-    from pipeline.job import resolve_weights
+    from pipeline.dag import stages
     from pipeline.dag.stages import build_dataset, dataset_stats, keys_per_block
     from pipeline.io.storage import Inputs
+    from pipeline.job import resolve_weights
 
     assert [keys_per_block(n, 16) for n in (32, 3_200, 10_000, 200_000, 10_000_000)] == [16, 16, 64, 64, 64]
     monkeypatch.setattr(stages, "TARGET_BLOCKS", 10)

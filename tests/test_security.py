@@ -362,7 +362,7 @@ def _demo_with_categories(tmp_path: Path, categories) -> str:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from pipeline.models.weights import ASSETS
+    from pipeline.demo import ASSETS
 
     source = ASSETS / "deeplabv3plus_demo.safetensors"
     with safe_open(str(source), "pt") as f:
@@ -393,8 +393,8 @@ def test_bad_checkpoint_categories_exit_2_before_any_work(categories, message, t
 
 
 def test_a_checksum_prefix_is_refused_and_published_records_carry_full_digests(tmp_path, capsys):
+    from pipeline.demo import ASSETS
     from pipeline.models import DEFAULT_WEIGHTS
-    from pipeline.models.weights import ASSETS
 
     demo = ASSETS / "deeplabv3plus_demo.safetensors"
     prefix = hashlib.sha256(demo.read_bytes()).hexdigest()[:8]

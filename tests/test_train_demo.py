@@ -5,8 +5,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from pipeline.io.palette import IGNORE_INDEX
 from pipeline.demo.synthetic import SceneSpec, make_scene
+from pipeline.io.palette import IGNORE_INDEX
 from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("train_demo", REPO / "jobs" / "train_demo.py")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.models.checkpoints import load_into, read_checkpoint
 from pipeline.inference.multiscale import load_model
 from pipeline.models import build_model
+from pipeline.models.checkpoints import load_into, read_checkpoint
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
 from pipeline.models.weights import WeightsError
 

@@ -11,9 +11,9 @@ from safetensors.torch import save
 from torchvision.models import mobilenet_v3_large, resnet50
 from torchvision.models import segmentation as tv_segmentation
 
-from pipeline.models.checkpoints import load_backbone, load_into, read_checkpoint
 from pipeline.inference.multiscale import load_model
 from pipeline.models import DEFAULT_WEIGHTS, MODEL_BUILDERS, build_model
+from pipeline.models.checkpoints import load_backbone, load_into, read_checkpoint
 from pipeline.models.deeplabv3 import (
     DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1,
     DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1,
@@ -136,7 +136,8 @@ def test_timm_imagenet_backbone_loads_into_the_v3plus_backbone():
         model.backbone.blocks_20.stack.conv3.conv_pw.weight, classifier.blocks[20].stack.conv3.conv_pw.weight
     )
     # The same file is no whole model: the error says so instead of listing 700 keys.
-    with pytest.raises(WeightsError, match=r"holds only backbone weights; pipeline\.checkpoints\.load_backbone"):
+    backbone_only = r"holds only backbone weights; pipeline\.models\.checkpoints\.load_backbone"
+    with pytest.raises(WeightsError, match=backbone_only):
         load_model("deeplabv3plus_xception65", uri, num_classes=3)
 
 

@@ -32,7 +32,7 @@ import json, resource, sys
 import numpy as np, torch
 from pipeline.config.sections import InferenceConfig
 from pipeline.inference.multiscale import infer_batch, load_model
-from pipeline.models.weights import default_weights
+from pipeline.models import default_weights
 torch.set_num_threads(1)
 side, flip = int(sys.argv[1]), sys.argv[3] == "flip"
 scales = tuple(float(s) for s in sys.argv[2].split(","))
@@ -85,7 +85,7 @@ def child(code: str, *args: str) -> dict:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from pipeline import memory
+    from pipeline.config import memory
 
     print("| inference (demo model, CPU) | pixels | peak RSS growth MiB | bytes/pixel | estimate MiB |")
     print("|---|---:|---:|---:|---:|")

@@ -6,8 +6,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-from pipeline.io.credentials import public_uri, redact
 from pipeline.config.flags import check_fields, json_object, option, parse_range, parse_scales, section
+from pipeline.io.credentials import public_uri, redact
 from pipeline.models import MODEL_BUILDERS
 from pipeline.rows.probs import ENCODINGS
 
@@ -177,7 +177,8 @@ class ComputeConfig:
         "auto",
         choices=CRF_BACKENDS,
         group="crf",
-        help="pydensecrf (CPU) or torch (pipeline/crf/torch_port.py: the same labels, on the inference device); auto: torch "
+        help="pydensecrf (CPU) or torch (pipeline/crf/torch_port.py: the same labels, on the inference device); "
+        "auto: torch "
         "inside the GPU inference actors when inference runs on GPUs (no CPU CRF pool), else pydensecrf, the faster "
         "one on a CPU core",
     )

@@ -12,11 +12,12 @@ import pydensecrf.densecrf as dcrf
 import ray
 from PIL import Image
 
-from pipeline.config.sections import CRFParams
 from pipeline.config.memory import crf_budget, crf_scale, image_budget, release_freed
+from pipeline.config.sections import CRFParams
+from pipeline.evaluation.per_image import result_table
 from pipeline.observability import stage_metrics
+from pipeline.rows.errors import mark_error
 from pipeline.rows.probs import decode_probs
-from pipeline.rows.errors import mark_error, result_table
 from pipeline.rows.schema import add_columns
 
 

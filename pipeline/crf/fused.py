@@ -16,13 +16,13 @@ import time
 import numpy as np
 import torch
 
+from pipeline.config.memory import crf_scale
 from pipeline.config.sections import CRFParams
 from pipeline.crf.densecrf import refine_row
 from pipeline.crf.torch_port import dense_crf_torch, dense_crf_torch_batch
-from pipeline.config.memory import crf_scale
 from pipeline.observability import stage_metrics
-from pipeline.rows.probs import encode_probs, quantise_probs
 from pipeline.rows.errors import mark_error
+from pipeline.rows.probs import encode_probs, quantise_probs
 from pipeline.rows.schema import add_columns
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ import ray
 from pipeline.evaluation.compare import MASK_COLUMNS, compare_batch, finish
 from pipeline.evaluation.compare_errors import ERROR_COLUMNS, error_kinds, merge_error_kinds
 from pipeline.evaluation.compare_result import Comparison, ComparisonStats
-from pipeline.outputs.run import RunOutput
-from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 from pipeline.io.storage import arrow_filesystem, write_parquet_atomic
+from pipeline.outputs.run import RunOutput
 from pipeline.outputs.writer import part_name
+from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 
 ROWS_PER_PARTITION = 20_000  # join partitions: about this many keys each
 

@@ -23,11 +23,11 @@ from dataclasses import replace
 
 import pyarrow as pa
 
-from pipeline.outputs.run import RunOutput
-from pipeline.outputs.partstats import PartStats
-from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 from pipeline.io.storage import Inputs
+from pipeline.outputs.partstats import PartStats
+from pipeline.outputs.run import RunOutput
 from pipeline.outputs.writer import part_name
+from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 
 PROGRESS_SECONDS = 10.0
 ALONE_AT_MOST = 20  # keys run alone to learn their stage; more than that share one message

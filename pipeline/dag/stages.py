@@ -17,8 +17,8 @@ from ray.util.annotations import RayDeprecationWarning
 
 from pipeline.config.sections import JobConfig
 from pipeline.crf.densecrf import CRFRefiner
-from pipeline.io.decode import Decoder
 from pipeline.inference.segmenter import Segmenter
+from pipeline.io.decode import Decoder
 from pipeline.io.storage import Inputs
 from pipeline.models.weights import Weights
 from pipeline.outputs.writer import PartWriter

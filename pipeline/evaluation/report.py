@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.io.images import THUMB_WIDTH, thumbnail_size
 from pipeline.evaluation.metrics import format_score
+from pipeline.io.images import THUMB_WIDTH, thumbnail_size
 from pipeline.io.palette import IGNORE_INDEX, png_to_mask, voc_palette
 
 if TYPE_CHECKING:

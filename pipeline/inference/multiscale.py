@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pipeline.models.checkpoints import load_into, num_classes_in, parse_checkpoint, read_checkpoint
 from pipeline.config.sections import InferenceConfig
-from pipeline.models import build_model
-from pipeline.models.weights import WeightsError, categories_from, default_weights, split_checksum
+from pipeline.models import build_model, default_weights
+from pipeline.models.checkpoints import load_into, num_classes_in, parse_checkpoint, read_checkpoint
+from pipeline.models.weights import WeightsError, categories_from, split_checksum
 
 
 def multiscale_probs(

@@ -12,18 +12,19 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.models.checkpoints import normalisation
+from pipeline.config.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, release_freed
 from pipeline.config.sections import CRFParams, InferenceConfig
 from pipeline.crf.fused import FusedCRF
-from pipeline.io.decode import Decoder
-from pipeline.inference.multiscale import infer_batch, load_model, top_class
-from pipeline.config.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, release_freed
 from pipeline.evaluation.metrics import uncertainty
-from pipeline.observability import stage_metrics
-from pipeline.rows.probs import encode_probs
-from pipeline.rows.errors import mark_error, result_table
-from pipeline.rows.schema import add_columns, to_stream
+from pipeline.evaluation.per_image import result_table
+from pipeline.inference.multiscale import infer_batch, load_model, top_class
 from pipeline.inference.tiling import tiled_outputs
+from pipeline.io.decode import Decoder
+from pipeline.models.weights import normalisation
+from pipeline.observability import stage_metrics
+from pipeline.rows.errors import mark_error
+from pipeline.rows.probs import encode_probs
+from pipeline.rows.schema import add_columns, to_stream
 
 
 class Segmenter:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from pipeline.config.sections import InferenceConfig
-from pipeline.inference.multiscale import autocast, class_map, multiscale_probs, tile_starts
 from pipeline.evaluation.metrics import uncertainty_summary
+from pipeline.inference.multiscale import autocast, class_map, multiscale_probs, tile_starts
 from pipeline.rows.probs import encode_probs
 
 _BAND_ROWS = 64

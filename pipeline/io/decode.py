@@ -24,11 +24,11 @@ from pipeline.io.images import (
     encode_thumbnail,
     thumbnail_size,
 )
-from pipeline.observability import stage_metrics
 from pipeline.io.palette import IGNORE_INDEX, LabelMismatch, label_to_mask, mask_to_png
+from pipeline.io.storage import Locator, ObjectTooLarge, read_bytes
+from pipeline.observability import stage_metrics
 from pipeline.rows.errors import mark_error
 from pipeline.rows.schema import add_columns, to_stream
-from pipeline.io.storage import Locator, ObjectTooLarge, read_bytes
 
 FETCH_THREADS = 16
 Reader = Callable[[], "bytes | None"]

@@ -18,11 +18,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from pipeline.models.protocol import SegmentationModel as SegmentationModel  # the public contract
+from pipeline.models.weights import Weights, WeightsError
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from pipeline.models.weights import Weights
 
 # The job's --model default; a plain string so the CLI can name it without importing torch.
 DEFAULT_MODEL = "deeplabv3plus_demo"
@@ -80,6 +79,14 @@ class _DefaultWeights(Mapping):
 
 
 DEFAULT_WEIGHTS: Mapping[str, Weights] = _DefaultWeights()
+
+
+def default_weights(model: str) -> Weights:
+    """The weight set a model name stands for when no --weights is given (imports its builder's module)."""
+    try:
+        return DEFAULT_WEIGHTS[model]
+    except KeyError:
+        raise WeightsError(f"no published weights are known for {model}; pass --weights URI") from None
 
 
 def build_model(name: str, *, num_classes: int, output_stride: int | None = None) -> nn.Module:

@@ -14,14 +14,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as load_safetensors
 
-from pipeline.models.weights import IMAGENET_MEAN, IMAGENET_STD, WeightsError, read_verified, split_checksum
-
-
-def normalisation(
-    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, device: str | torch.device = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 3, 1, 1) mean and std tensors on ``device``, as ``infer_batch`` takes them."""
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+from pipeline.models.weights import WeightsError, read_verified, split_checksum
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.demo import ASSETS
 from pipeline.models.deeplabv3 import ASPP, ConvBNReLU, SeparableConvBNReLU, aspp_rates
-from pipeline.models.weights import ASSETS, Weights
+from pipeline.models.weights import Weights
 
 if TYPE_CHECKING:
     from timm.models import FeatureInfo

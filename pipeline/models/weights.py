@@ -1,7 +1,7 @@
 """Weights: one description object per published weight set (loading is ``pipeline.models.checkpoints``).
 
 Each model's records live beside its builder in ``pipeline.models`` (its module's
-``DEFAULT_WEIGHTS``); ``default_weights(model)`` finds them through the registry.
+``DEFAULT_WEIGHTS``); ``default_weights(model)`` (``pipeline.models``) finds them through the registry.
 
 A weights URI may carry its expected checksum as a fragment: ``s3://b/ckpt.pth#sha256=<hex>``,
 the full 64-hex digest: a prefix (torch.hub puts 8 hex digits in its file names, e.g.
@@ -29,11 +29,9 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.io.credentials import public_text, public_uri
-from pipeline.models import DEFAULT_WEIGHTS
 
 if TYPE_CHECKING:  # torch only for hints: the CLI imports this module without torch
     import torch
@@ -64,8 +62,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "train",
     "tvmonitor",
 )
-
-ASSETS = Path(__file__).resolve().parent / "assets"  # files shipped with the package
 
 
 class WeightsError(ValueError):
@@ -102,17 +98,16 @@ class Weights:
 
     def normalisation(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """``normalisation(self.mean, self.std, device)``."""
-        from pipeline.models.checkpoints import normalisation
-
         return normalisation(self.mean, self.std, device)
 
 
-def default_weights(model: str) -> Weights:
-    """The weight set a model name stands for when no --weights is given (imports its builder's module)."""
-    try:
-        return DEFAULT_WEIGHTS[model]
-    except KeyError:
-        raise WeightsError(f"no published weights are known for {model}; pass --weights URI") from None
+def normalisation(
+    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) mean and std tensors on ``device``, as ``infer_batch`` takes them."""
+    import torch  # here, not at the top: the driver reads weight records without torch
+
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")

@@ -1,5 +1,5 @@
-"""The carry stage of an --incremental night: rows of inputs unchanged since an earlier run are
-copied from that run's part files by Ray workers, and only the rest is segmented.
+"""What an --incremental night carries: the base run, the plan (which keys' rows are copied) and
+the ``Carrier`` that copies them; the stage and the night's flow are ``pipeline.dag.incremental``.
 
 The *base* is the latest committed run under the same --output whose fingerprint (everything that
 can change a row: model and weights, inference and CRF settings, classes, the input and labels
@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from pipeline.outputs.run import RunOutput, committed_runs
 from pipeline.outputs.partstats import PartStats
@@ -270,71 +269,3 @@ class Carrier:
         return pa.table(
             [columns.get(f.name, pa.nulls(n, f.type)) for f in schema], schema=schema
         )  # masks columns copied as they are: byte-identical PNGs
-
-
-def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, storage_options: dict, writers: int):
-    """The Ray Data stage that copies the planned rows (one call per base part file)."""
-    parts = plan_.parts
-    blocks = max(1, min(parts.num_rows, 64))
-    step = -(-parts.num_rows // blocks)
-    ds = ray.data.from_blocks([parts.slice(i, step) for i in range(0, parts.num_rows, step)])
-    ds.context.max_errored_blocks = 0  # a copy that fails fails the carry: never half-carried
-    return ds.map_batches(
-        Carrier,
-        fn_constructor_kwargs={
-            "output_uri": output_uri,
-            "base_run": plan_.base.run.run_id,
-            "run_id": output.run_id,
-            "storage_options": storage_options,
-            "num_classes": num_classes,
-        },
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=0,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, writers)),
-        max_restarts=-1,
-        max_task_retries=3,
-    )
-
-
-def incremental_night(
-    config, *, todo: Inputs, listing: pa.Table, fp: dict, output: RunOutput, num_classes: int, writers: int
-) -> tuple[Inputs, PartStats, dict]:
-    """Carry what is unchanged since the base run; returns (the inputs left to segment, the carried
-    parts' summed stats, manifest.json's "incremental"). A base that cannot be read, or a copy that
-    fails, carries nothing: its copied parts are removed and every input is segmented."""
-    from pipeline.dag.runner import consume  # the driver's loop over part summaries
-
-    base = find_base(config.output_uri, config.run_id, fp, config.storage_options)
-    stats, total = PartStats.empty(num_classes), len(todo)
-    if base.run is not None:
-        try:
-            chosen = plan(todo, listing, base)
-        except BaseRefused as exc:
-            base = Base(None, f"{exc}; segmenting every input")
-        else:
-            options = dict(output_uri=config.output_uri, storage_options=config.storage_options, writers=writers)
-            try:
-                if len(chosen):
-                    stats = consume(carry(chosen, output=output, num_classes=num_classes, **options), num_classes, None)
-            except Exception as exc:  # noqa: BLE001 (any failure of the copy: carry nothing)
-                _remove(output, new_part_names(chosen.parts))
-                cause = next((line for line in str(exc).splitlines() if line.strip()), "")[:200]
-                base = Base(None, f"copying from base run {base.run.run_id} failed ({type(exc).__name__}: {cause}); "
-                            "segmenting every input")  # fmt: skip
-                stats = PartStats.empty(num_classes)
-            else:
-                todo = todo.without(chosen.keys)
-    if base.run is not None:
-        line = f"{stats.carried} of {total} inputs carried from run {base.run.run_id}, {len(todo)} to segment"
-    else:
-        line = f"no base run ({base.reason}); {len(todo)} to segment"
-    print(f"[deeplab-pipeline] incremental: {line}", flush=True)
-    return todo, stats, base.manifest()
-
-
-def _remove(output: RunOutput, names: list[str]) -> None:
-    for kind in ("masks", "errors"):
-        for name in names:
-            if output.fs.exists(output.path(kind, name)):
-                output.fs.rm(output.path(kind, name))

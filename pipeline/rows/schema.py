@@ -2,7 +2,7 @@
 
 Every column is one ``Col`` entry in ``COLUMNS`` naming the stage that fills it; each stage adds
 only its own stream columns (``add_columns``), the result rows copy the stream's masks columns
-(``results.result_table``) and compute the ``stage="result"`` ones. The last compute
+(``evaluation.per_image.result_table``) and compute the ``stage="result"`` ones. The last compute
 stage emits one ``RESULT_SCHEMA`` table per batch holding both successful and failed rows
 (``error_stage`` is empty on success); the write stage splits it into ``masks`` and ``errors``.
 Keeping one schema through the stream keeps every input key in exactly one place (DESIGN.md).
