@@ -45,3 +45,33 @@ def test_decoding_in_the_inference_actors_writes_what_a_decode_pool_does(ray_loc
         tables[name] = pq.read_table(tmp_path / name / "masks").sort_by("key").drop_columns(list(TIMINGS))
     assert tables["fused"].column("has_label").to_pylist() == [True] * 6
     assert tables["fused"].equals(tables["split"])
+
+
+def test_result_rows_as_tasks_write_what_the_inference_actor_writes(ray_local, tmp_path):
+    """The GPU plan's shape on CPUs (a decode pool, the torch CRF fused in the inference actor): its
+    result rows made by Ray Data tasks after the actor equal those the actor makes itself."""
+    from pipeline.dag.stages import dataset_stats
+
+    config = JobConfig(
+        input_uri=str(DEMO_BUCKET / "images"),
+        output_uri=str(tmp_path),
+        labels_uri=str(DEMO_BUCKET / "labels"),
+        model="deeplabv3plus_demo",
+        weights_uri=None,
+        run_id="r",
+        crf=CRFParams(),
+    )
+    weights, sha256 = resolve_weights(config)
+    inputs = list_inputs(config.input_uri, config.labels_uri, limit=6)
+    cpu = Resources.resolve(config, {"CPU": 2.0})
+    in_actor = replace(cpu, decode_fused=False, decode_actors=(1, 1), infer_cpus=0.875, crf_backend="torch")
+    tables, stages = {}, {}
+    for name, plan in (("in_actor", in_actor), ("apart", replace(in_actor, rows_apart=True))):
+        ds = build_dataset(inputs, config, weights, sha256, plan, str(tmp_path / name))
+        stats = consume(ds, weights.num_classes, None)
+        assert (stats.images, stats.errors) == (6, 0)
+        stages[name] = [s["stage"] for s in dataset_stats(ds)]
+        tables[name] = pq.read_table(tmp_path / name / "masks").sort_by("key").drop_columns(list(TIMINGS))
+    assert "MapBatches(result_table)" in stages["apart"] and "MapBatches(result_table)" not in stages["in_actor"]
+    assert all(r["miou"] is not None and r["mask"] for r in tables["apart"].to_pylist())
+    assert tables["in_actor"].equals(tables["apart"])

@@ -79,7 +79,8 @@ def test_gpu_with_the_torch_backend_refines_in_the_gpu_actors_and_starts_no_crf_
     # The CRF runs on the GPU right after the forward pass: no CPU CRF pool, no probabilities in the
     # object store (so no object-store budget for them), and an explicit --crf-actors starts no pool.
     r = resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend)
-    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4, (1, 32), None, True, "torch", False, 4)
+    # The GPU actor keeps only device work: its result rows are Ray Data tasks on the CPUs.
+    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4, (1, 32), None, True, "torch", False, 4, rows_apart=True)
     assert resolve({"CPU": 4.0}, use_gpu=True, crf_backend=backend).crf_backend == "torch"
     nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0, "crf_node": 64.0}]
     pooled = [
@@ -93,6 +94,7 @@ def test_gpu_with_the_torch_backend_refines_in_the_gpu_actors_and_starts_no_crf_
             ("pydensecrf", False, (2, 6)),
             ("pydensecrf", False, (1, 56)),
         ]  # 64 CPUs - 8 GPU actors
+        assert not any(r.rows_apart for r in pooled)  # the CRF pool, on CPUs, makes the rows
 
 
 def test_cpu_backend_choice_and_crf_off():

@@ -17,6 +17,7 @@ from ray.util.annotations import RayDeprecationWarning
 
 from pipeline.config.sections import JobConfig
 from pipeline.crf.densecrf import CRFRefiner
+from pipeline.evaluation.per_image import result_table
 from pipeline.inference.segmenter import Segmenter
 from pipeline.io.decode import Decoder
 from pipeline.io.storage import Inputs
@@ -39,6 +40,9 @@ class Resources:
     crf_backend: str | None = None  # "pydensecrf" or "torch" (on the inference device when fused); None: CRF off
     decode_fused: bool = False  # the inference actor reads and decodes its own images; no decode pool
     write_actors: int = 1  # most part writers
+    # Result rows (PNG masks, per-image statistics) in CPU tasks of their own, not in the inference
+    # actor: with a GPU that actor's host core is what feeds the device (benchmarks/actor_host.py).
+    rows_apart: bool = False
 
     @classmethod
     def resolve(
@@ -86,7 +90,7 @@ class Resources:
         decoders = (0, 0) if decode_fused else (1, max(plan_now.decoders, plan_most.decoders))
         return cls(
             use_gpu, plan_now.cpus, plan_now.threads, actors, budget, decoders, crf_actors, fused, backend,
-            decode_fused, writers,
+            decode_fused, writers, rows_apart=use_gpu and crf_actors is None,
         )  # fmt: skip
 
 
@@ -251,6 +255,7 @@ def plan(config: JobConfig, resources: Resources, *, inputs: int, todo: int) -> 
         "crf_backend": resources.crf_backend,
         "crf_fused": resources.crf_fused,
         "decode_fused": resources.decode_fused,
+        "rows_apart": resources.rows_apart,  # result rows as Ray Data tasks (no pool: as many as CPUs free)
         "no_progress_timeout_s": NO_PROGRESS_TIMEOUT_S,
     }
 
@@ -292,6 +297,8 @@ def build_dataset(
         ds = _map(ds, CRFRefiner, stage.crf(weights_sha256, len(inputs)))
     if upto == "crf":
         return ds
+    if resources.rows_apart:
+        ds = _map(ds, result_table, stage.rows(weights_sha256))
     # Workers write: each call publishes one part file of up to --rows-per-file rows.
     return _map(ds, PartWriter, stage.write(run_uri))
 
@@ -403,6 +410,7 @@ class _Stage:
                 "use_gpu": resources.use_gpu,
                 "threads": resources.infer_threads,
                 "crf_follows": resources.crf_actors is not None,
+                "rows_follow": resources.rows_apart,
                 "run_id": config.run_id,
                 "mean": weights.mean,
                 "std": weights.std,
@@ -419,6 +427,21 @@ class _Stage:
             num_cpus=resources.infer_cpus,
             resources=config.compute.infer_resources or None,
             **self.fault_tolerance,
+        )
+
+    def rows(self, weights_sha256: str) -> dict:
+        """Result rows as Ray Data tasks: stateless CPU work that Ray Data spreads over every core free."""
+        config = self.config
+        return dict(
+            fn_kwargs={
+                "num_classes": self.weights.num_classes,
+                "model": config.model,
+                "weights_sha256": weights_sha256,
+                "run_id": config.run_id,
+            },
+            batch_size=config.compute.batch_size,
+            num_cpus=1,
+            max_retries=self.fault_tolerance.get("max_task_retries", TASK_RETRIES),
         )
 
     def crf(self, weights_sha256: str, images: int) -> dict:

@@ -49,6 +49,7 @@ class Segmenter:
         use_gpu: bool,
         threads: int,
         crf_follows: bool,
+        rows_follow: bool = False,
         run_id: str,
         mean: tuple[float, ...],
         std: tuple[float, ...],
@@ -77,10 +78,13 @@ class Segmenter:
         self.num_classes = len(categories)
         self.inference = inference
         self.crf_follows = crf_follows
-        # The last compute stage emits the result rows; before a CRF pool, the stream goes on.
+        # The last compute stage emits the result rows; before a CRF pool, the stream goes on, and
+        # before the result-row tasks (pipeline/dag/stages.py) it goes on without images or probabilities.
         self.emit = (
             to_stream
             if crf_follows
+            else _without_pixels
+            if rows_follow
             else partial(
                 result_table, num_classes=self.num_classes, model=model, weights_sha256=self.sha256, run_id=run_id
             )
@@ -226,3 +230,8 @@ class Segmenter:
                     p if on_device else None,
                 )
                 seconds[j] = times[k]
+
+
+def _without_pixels(out: dict[str, list]) -> dict[str, np.ndarray]:
+    """The stream for the result rows: labels, masks and statistics, not the image nor its probabilities."""
+    return to_stream({k: v for k, v in out.items() if k not in ("image", "probs")})
