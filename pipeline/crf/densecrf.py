@@ -12,7 +12,7 @@ import pydensecrf.densecrf as dcrf
 import ray
 from PIL import Image
 
-from pipeline.config.memory import crf_budget, crf_scale, image_budget, release_freed
+from pipeline.config.memory import crf_budget, crf_scale, image_budget, release_freed, steady_heap
 from pipeline.config.sections import CRFParams
 from pipeline.evaluation.per_image import result_table
 from pipeline.observability import stage_metrics
@@ -171,6 +171,7 @@ class CRFRefiner:
         probs_encoding: str = "uint8",
         actor_memory_mib: int = 0,
     ) -> None:
+        steady_heap()
         self.params = params
         self.budget = image_budget(actor_memory_mib)
         self.probs_encoding = probs_encoding

@@ -12,7 +12,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.config.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, release_freed
+from pipeline.config.memory import BUDGET_TILE, crf_budget, image_budget, infer_bytes, release_freed, steady_heap
 from pipeline.config.sections import CRFParams, InferenceConfig
 from pipeline.crf.fused import FusedCRF
 from pipeline.evaluation.metrics import uncertainty
@@ -59,6 +59,7 @@ class Segmenter:
         decode: dict | None = None,
         weights_data: ray.ObjectRef | bytes | None = None,
     ) -> None:
+        steady_heap()
         self.decoder = None if decode is None else Decoder(**decode)
         if isinstance(weights_data, ray.ObjectRef):  # the driver's copy: no download per actor and restart
             weights_data = ray.get(weights_data)
