@@ -3,6 +3,8 @@ from its part files by Ray workers (``pipeline.outputs.carry.Carrier``), and onl
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pyarrow as pa
 import ray
 
@@ -38,11 +40,19 @@ def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, 
     )
 
 
+class Night(NamedTuple):
+    """What an --incremental night leaves to segment, the carried parts' summed stats and
+    manifest.json's "incremental"."""
+
+    todo: Inputs
+    carried: PartStats
+    manifest: dict
+
+
 def incremental_night(
     config, *, todo: Inputs, listing: pa.Table, fp: dict, output: RunOutput, num_classes: int, writers: int
-) -> tuple[Inputs, PartStats, dict]:
-    """Carry what is unchanged since the base run; returns (the inputs left to segment, the carried
-    parts' summed stats, manifest.json's "incremental"). A base that cannot be read, or a copy that
+) -> Night:
+    """Carry what is unchanged since the base run. A base that cannot be read, or a copy that
     fails, carries nothing: its copied parts are removed and every input is segmented."""
     base = find_base(config.output_uri, config.run_id, fp, config.storage_options)
     stats, total = PartStats.empty(num_classes), len(todo)
@@ -69,7 +79,7 @@ def incremental_night(
     else:
         line = f"no base run ({base.reason}); {len(todo)} to segment"
     print(f"[deeplab-pipeline] incremental: {line}", flush=True)
-    return todo, stats, base.manifest()
+    return Night(todo=todo, carried=stats, manifest=base.manifest())
 
 
 def _remove(output: RunOutput, names: list[str]) -> None:

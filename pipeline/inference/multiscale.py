@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -233,6 +233,14 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=_AUTOCAST[precision])
 
 
+class LoadedModel(NamedTuple):
+    """``load_model``'s result: the model in eval mode, its checkpoint's sha256 and its class names."""
+
+    model: torch.nn.Module
+    sha256: str
+    categories: tuple[str, ...]
+
+
 def load_model(
     model_name: str,
     weights_uri: str | None,
@@ -242,8 +250,8 @@ def load_model(
     num_classes: int | None = None,
     expected_sha256: str | None = None,
     data: bytes | None = None,
-):
-    """(model in eval mode, sha256, class names); num_classes from the checkpoint when not given.
+) -> LoadedModel:
+    """The model in eval mode, its sha256 and class names; num_classes from the checkpoint when not given.
 
     ``weights_uri=None`` means the model's default weight set (``pipeline.models.DEFAULT_WEIGHTS``),
     resolved in this process: bundled files are found in the local install on every node.
@@ -266,4 +274,4 @@ def load_model(
             raise WeightsError(f"cannot tell the number of classes from {weights_uri}; pass --num-classes")
     model = build_model(model_name, num_classes=num_classes, output_stride=output_stride)
     load_into(model, checkpoint, weights_uri)
-    return model.eval(), checkpoint.sha256, categories_from(checkpoint.metadata, num_classes)
+    return LoadedModel(model.eval(), checkpoint.sha256, categories_from(checkpoint.metadata, num_classes))
