@@ -80,48 +80,17 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return [*starts, length - tile]  # the last window ends at the border
 
 
-def sliding_window_probs(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    *,
-    tile: int,
-    overlap: int,
-    scales: tuple[float, ...],
-    flip: bool,
-    average: str = "probs",
-) -> torch.Tensor:
-    """Multi-scale inference on overlapping ``tile`` x ``tile`` windows, probabilities averaged where
-    windows overlap. Network memory depends on the tile, not on the image, so very large images
-    run within a fixed budget (the full-resolution probability map stays on the host)."""
-    height, width = image.shape[-2:]
-    if height <= tile and width <= tile:
-        return multiscale_probs(model, image, scales, flip, average)
-    stride = max(1, tile - overlap)
-    total: torch.Tensor | None = None
-    count: torch.Tensor | None = None
-    for top in tile_starts(height, tile, stride):
-        for left in tile_starts(width, tile, stride):
-            window = image[..., top : top + tile, left : left + tile]
-            probs = multiscale_probs(model, window, scales, flip, average).cpu()
-            if total is None or count is None:
-                total = torch.zeros(image.shape[0], probs.shape[1], height, width)
-                count = torch.zeros(1, 1, height, width)
-            total[..., top : top + tile, left : left + tile] += probs
-            count[..., top : top + tile, left : left + tile] += 1
-    assert total is not None and count is not None  # tile_starts gives at least one window
-    return total / count
-
-
 def _forward(model: torch.nn.Module, x: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
-    """Probabilities of a normalised (N, 3, H, W) batch on its device, whole or tiled."""
+    """Probabilities of a normalised (N, 3, H, W) batch on its device, whole: an image larger than
+    ``config.tile`` runs tiled through ``pipeline.inference.tiling.tiled_outputs``, the one tiled path."""
+    if config.tile and max(x.shape[-2:]) > config.tile:
+        raise ValueError(
+            f"a {x.shape[-2]}x{x.shape[-1]} image is larger than the {config.tile} px tile: "
+            "tiled inference is pipeline.inference.tiling.tiled_outputs"
+        )
     if x.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, config.precision):
-        if config.tile:
-            window = {"tile": config.tile, "overlap": config.tile_overlap}
-            return sliding_window_probs(
-                model, x, **window, scales=config.scales, flip=config.flip, average=config.average
-            )
         return multiscale_probs(model, x, config.scales, config.flip, config.average)
 
 
