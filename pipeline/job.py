@@ -210,6 +210,7 @@ def run(config: JobConfig) -> RunSummary:
     prepared, resources = planned.prepared, planned.resources
     weights, inputs, output = prepared.weights, prepared.inputs, prepared.output
     weights_ref = ray.put(prepared.weights_data)  # once per run; every inference actor (and restart) reads it
+    from pipeline.dag.commit import commit
     from pipeline.dag.stages import DagSpec, build_dataset, dataset_stats  # already imported by _prepare
 
     run_started = time.time()
@@ -260,9 +261,7 @@ def run(config: JobConfig) -> RunSummary:
     )
     manifest = build_manifest(config, weights, resources, stats, facts)
     manifest |= {"fingerprint": fp, "incremental": incremental}  # issue 30: what the next night compares
-    summary = output.commit(
-        stats, weights.categories, manifest, locator=inputs.locator(), compare=_comparison(config, output)
-    )
+    summary = commit(output, stats, weights.categories, manifest, compare=_comparison(config, output))
     if config.pushgateway:
         _push(config, stats, summary)
     print_summary(summary, weights.categories, public_uri(output.uri), run_seconds, processed)
