@@ -18,6 +18,7 @@ from pipeline.outputs.run import RunOutput
 def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, storage_options: dict, writers: int):
     """The Ray Data stage that copies the planned rows (one call per base part file)."""
     parts = plan_.parts
+    assert plan_.base.run is not None, "a plan copies from a base run"
     blocks = max(1, min(parts.num_rows, 64))
     step = -(-parts.num_rows // blocks)
     ds = ray.data.from_blocks([parts.slice(i, step) for i in range(0, parts.num_rows, step)])
@@ -56,7 +57,8 @@ def incremental_night(
     fails, carries nothing: its copied parts are removed and every input is segmented."""
     base = find_base(config.output_uri, config.run_id, fp, config.storage_options)
     stats, total = PartStats.empty(num_classes), len(todo)
-    if base.run is not None:
+    base_run = base.run  # the base this night copies from, named if the copy fails
+    if base_run is not None:
         try:
             chosen = plan(todo, listing, base)
         except BaseRefused as exc:
@@ -66,10 +68,10 @@ def incremental_night(
             try:
                 if len(chosen):
                     stats = consume(carry(chosen, output=output, num_classes=num_classes, **options), num_classes, None)
-            except Exception as exc:  # noqa: BLE001 (any failure of the copy: carry nothing)
+            except Exception as exc:  # any failure of the copy: carry nothing
                 _remove(output, new_part_names(chosen.parts))
                 cause = next((line for line in str(exc).splitlines() if line.strip()), "")[:200]
-                base = Base(None, f"copying from base run {base.run.run_id} failed ({type(exc).__name__}: {cause}); "
+                base = Base(None, f"copying from base run {base_run.run_id} failed ({type(exc).__name__}: {cause}); "
                             "segmenting every input")  # fmt: skip
                 stats = PartStats.empty(num_classes)
             else:

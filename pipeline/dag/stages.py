@@ -137,7 +137,7 @@ class _Plan:
             nodes = [{}]
         room = sum(
             math.floor(cpu / compute.crf_cpus + 1e-9)
-            for cpu, n in zip(left, nodes)
+            for cpu, n in zip(left, nodes, strict=True)
             if _eligible(n, compute.crf_resources)
         )
         decoders = _decoders(compute.decode_cpus, max(0.0, sum(left) - writer_cpus), total)

@@ -73,8 +73,9 @@ class Segmenter:
 
     def __init__(self, spec: InferSpec, weights_data: ray.ObjectRef | bytes | None = None) -> None:
         self.decoder = None if spec.decode is None else Decoder(spec.decode)
-        if isinstance(weights_data, ray.ObjectRef):  # the driver's copy: no download per actor and restart
-            weights_data = ray.get(weights_data)
+        # The driver's copy: no download per actor and restart.
+        data: bytes | None = ray.get(weights_data) if isinstance(weights_data, ray.ObjectRef) else weights_data
+        del weights_data
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
         self.threads = max(1, spec.threads)
         weights, inference = spec.weights, spec.inference
@@ -85,9 +86,9 @@ class Segmenter:
             output_stride=inference.output_stride,
             num_classes=weights.num_classes,
             expected_sha256=weights.sha256,
-            data=weights_data,
+            data=data,
         )
-        del weights_data
+        del data
         self.model, self.sha256 = loaded.model, loaded.sha256
         self.model.to(self.device)
         self.num_classes = len(loaded.categories)
@@ -173,7 +174,8 @@ class Segmenter:
                 continue
             rows.set(todo[j], infer_tile=config.tile)
             results[j] = self._tiled(rows, todo[j], image, config, encoding)
-        for j, result in zip(whole, self._whole(rows, [todo[j] for j in whole], [images[j] for j in whole], encoding)):
+        done = self._whole(rows, [todo[j] for j in whole], [images[j] for j in whole], encoding)
+        for j, result in zip(whole, done, strict=True):
             results[j] = result
         return results
 

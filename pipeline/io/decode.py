@@ -84,7 +84,10 @@ def decode_batch(
     start = time.perf_counter()
     if locator is not None:
         readers: list[Reader | None] = [partial(locator.read_image, k, MAX_IMAGE_BYTES) for k in keys]
-        readers += [partial(locator.read_label, k, MAX_LABEL_BYTES) if u else None for k, u in zip(keys, label_uris)]
+        readers += [
+            partial(locator.read_label, k, MAX_LABEL_BYTES) if u else None
+            for k, u in zip(keys, label_uris, strict=True)
+        ]
         fetched = fetch_each(readers, pool)
     else:
         fetched = fetch_all(uris, storage_options, pool, limit=MAX_IMAGE_BYTES)

@@ -242,7 +242,7 @@ class Carrier:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
-        for part, keys in zip(batch.column("part").to_pylist(), batch.column("keys").to_pylist()):
+        for part, keys in zip(batch.column("part").to_pylist(), batch.column("keys").to_pylist(), strict=True):
             masks = self._rows("masks", part, keys, MASKS_SCHEMA)
             errors = self._rows("errors", part, keys, ERRORS_SCHEMA)
             if masks.num_rows + errors.num_rows != len(keys):
