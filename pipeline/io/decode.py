@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -27,8 +28,7 @@ from pipeline.io.images import (
 from pipeline.io.palette import IGNORE_INDEX, LabelMismatch, label_to_mask, mask_to_png
 from pipeline.io.storage import Locator, ObjectTooLarge, read_bytes
 from pipeline.observability import stage_metrics
-from pipeline.rows.errors import mark_error
-from pipeline.rows.schema import add_columns, to_stream
+from pipeline.rows.batch import Rows
 
 FETCH_THREADS = 16
 Reader = Callable[[], "bytes | None"]
@@ -78,13 +78,16 @@ def decode_batch(
     each object is read at the key's exact path (``Locator.read_*``), else from the batch's URIs."""
     n = len(batch["key"])
     keys = [str(k) for k in batch["key"]]
-    out = add_columns({"key": keys}, "decode", n)
-    out["uri"] = list(batch["uri"])
+    rows = Rows.of({"key": keys}, "decode")
+    rows.fill(uri=list(batch["uri"]))
     uris, label_uris = [str(u) for u in batch["uri"]], [str(u) for u in batch["label_uri"]]
     start = time.perf_counter()
     if locator is not None:
         readers: list[Reader | None] = [partial(locator.read_image, k, MAX_IMAGE_BYTES) for k in keys]
-        readers += [partial(locator.read_label, k, MAX_LABEL_BYTES) if u else None for k, u in zip(keys, label_uris)]
+        readers += [
+            partial(locator.read_label, k, MAX_LABEL_BYTES) if u else None
+            for k, u in zip(keys, label_uris, strict=True)
+        ]
         fetched = fetch_each(readers, pool)
     else:
         fetched = fetch_all(uris, storage_options, pool, limit=MAX_IMAGE_BYTES)
@@ -94,56 +97,60 @@ def decode_batch(
     for i in range(n):
         uri, label_uri = uris[i], label_uris[i]
         start = time.perf_counter() - fetch_seconds
-        decoded = _decoded(out, i, uri, images[i], max_pixels)
+        decoded = _decoded(rows, i, uri, images[i], max_pixels)
         images[i] = None  # the encoded bytes go as soon as the pixels exist
         if decoded is None:
             continue
         stage_metrics("decode").ok(time.perf_counter() - start)
         h, w = decoded.rgb.shape[:2]
-        out["image"][i], out["height"][i], out["width"][i] = decoded.rgb.tobytes(), h, w
-        out["exif_orientation"][i] = decoded.exif_orientation or 0
-        out["thumbnail"][i] = encode_thumbnail(decoded.rgb)
+        rows.set(
+            i,
+            image=decoded.rgb.tobytes(),
+            height=h,
+            width=w,
+            exif_orientation=decoded.exif_orientation or 0,
+            thumbnail=encode_thumbnail(decoded.rgb),
+        )
         if not label_uri:
             continue
         label, problem = check_label(labels[i], label_uri, (h, w), num_classes)
         labels[i] = None
         if problem:  # a QA artefact: the image is still segmented, its label is not scored
-            out["label_error"][i] = problem[:1000]
+            rows.set(i, label_error=problem[:1000])
             stage_metrics("label").error()
         elif label is not None:
-            out["label"][i], out["has_label"][i] = label.tobytes(), True
-            out["label_thumbnail"][i] = mask_to_png(_nearest(label, thumbnail_size(label.shape)))
-    return to_stream(out)
+            thumb = mask_to_png(_nearest(label, thumbnail_size(label.shape)))
+            rows.set(i, label=label.tobytes(), has_label=True, label_thumbnail=thumb)
+    return rows.stream()
 
 
-def _decoded(out: dict[str, list], i: int, uri: str, data: bytes | Exception | None, max_pixels: int | None):
+def _decoded(rows: Rows, i: int, uri: str, data: bytes | Exception | None, max_pixels: int | None):
     """Row ``i``'s decoded image, or None with the row's read or decode error marked."""
     if isinstance(data, ObjectTooLarge):
-        mark_error(out, i, "decode", data, str(data))
+        rows.fail(i, "decode", data, str(data))
         return None
     if isinstance(data, Exception):
-        mark_error(out, i, "read", data, f"cannot read {uri}: {data}")
+        rows.fail(i, "read", data, f"cannot read {uri}: {data}")
         return None
     if data is None:  # no reader: nothing to decode
-        mark_error(out, i, "read", None, f"cannot read {uri}: no object")
+        rows.fail(i, "read", None, f"cannot read {uri}: no object")
         return None
     try:
         return decode_image(data, max_pixels=max_pixels)
     except Refused as exc:
-        mark_error(out, i, "decode", exc, f"refused before decoding: {exc}")
+        rows.fail(i, "decode", exc, f"refused before decoding: {exc}")
     except UnidentifiedImageError as exc:
         shown = f"{len(data)} bytes starting {data[:12]!r}"
-        mark_error(
-            out,
+        rows.fail(
             i,
             "decode",
             exc,
             f"not a readable image: {shown} are in none of the accepted formats ({', '.join(IMAGE_FORMATS)})",
         )
     except Image.DecompressionBombError as exc:  # Pillow's own guard, during decoding
-        mark_error(out, i, "decode", exc, f"refused while decoding: over Pillow's bomb limit: {exc}")
+        rows.fail(i, "decode", exc, f"refused while decoding: over Pillow's bomb limit: {exc}")
     except Exception as exc:
-        mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
+        rows.fail(i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
     return None
 
 
@@ -183,6 +190,17 @@ def check_label(
     return label, ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class DecodeSpec:
+    """What a ``Decoder`` needs: where the keys' objects are, how to reach them, the classes a label
+    may hold and the pixel guard (None: tiled inference bounds memory instead)."""
+
+    locator: Locator
+    storage_options: dict
+    num_classes: int
+    max_pixels: int | None
+
+
 class Decoder:
     """Ray Data callable class running ``decode_batch`` (or, without GPUs, the ``Segmenter``'s first step).
 
@@ -192,22 +210,24 @@ class Decoder:
     and larger: docs/benchmarks.md, "Design choices"). An actor stays up for the whole run.
     """
 
-    def __init__(self, *, locator: Locator, storage_options: dict, num_classes: int, max_pixels: int | None) -> None:
-        self.locator = locator
+    def __init__(self, spec: DecodeSpec) -> None:
+        self.spec = spec
         # One set of fetch threads for the actor's life: a pool per batch started 16 threads a call.
-        pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deeplab-fetch")
-        self.kwargs = {
-            "storage_options": storage_options,
-            "num_classes": num_classes,
-            "max_pixels": max_pixels,
-            "pool": pool,
-        }
+        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deeplab-fetch")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]  # URIs are derived here: the driver ships keys only
+        locator = self.spec.locator
         batch = {
             "key": batch["key"],
-            "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
-            "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object),
+            "uri": np.array([locator.image_uri(k) for k in keys], dtype=object),
+            "label_uri": np.array([locator.label_uri(k) for k in keys], dtype=object),
         }
-        return decode_batch(batch, locator=self.locator, **self.kwargs)
+        return decode_batch(
+            batch,
+            storage_options=self.spec.storage_options,
+            num_classes=self.spec.num_classes,
+            max_pixels=self.spec.max_pixels,
+            pool=self.pool,
+            locator=locator,
+        )
