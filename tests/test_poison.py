@@ -59,7 +59,7 @@ def test_an_input_that_crashes_its_worker_every_time_is_one_error_row(tmp_path):
     assert (died["stage"], died["error_type"]) == ("decode", "WorkerDied"), died
     assert "died on every retry" in died["message"] and "went on without it" in died["message"]
     assert manifest["counts"]["errors"] == 2 and manifest["counts"]["images"] == len(masks) == 5
-    assert "running them one per batch" in proc.stdout
+    assert "isolated by the actors: 1" in proc.stdout  # from its flight record (pipeline/rows/flight.py)
 
 
 def test_an_image_too_large_for_a_memory_capped_actor_is_one_error_row(tmp_path):

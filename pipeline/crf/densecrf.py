@@ -16,6 +16,7 @@ from pipeline.config.memory import crf_budget, crf_scale, image_budget, release_
 from pipeline.config.sections import CRFParams
 from pipeline.evaluation.per_image import result_table
 from pipeline.observability import stage_metrics
+from pipeline.rows import flight
 from pipeline.rows.errors import mark_error
 from pipeline.rows.probs import decode_probs
 from pipeline.rows.schema import add_columns
@@ -182,11 +183,19 @@ class CRFRefiner:
         self.metrics = stage_metrics("crf")
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        return self._refine(batch)
+
+    def failed(self, batch: dict[str, np.ndarray]):
+        """The stage's rows for inputs that arrive failed (``pipeline.rows.flight``): passed through."""
+        return self._refine(batch)
+
+    def _refine(self, batch: dict[str, np.ndarray]):
         n = len(batch["key"])
         out = add_columns({k: list(v) for k, v in batch.items()}, "crf", n)
         for i in range(n):
             if out["error_stage"][i]:
                 continue
+            flight.record("crf", [out["key"][i]])
             h, w = int(batch["height"][i]), int(batch["width"][i])
             image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
             refine_row(

@@ -19,9 +19,10 @@ from pipeline.evaluation.metrics import uncertainty
 from pipeline.evaluation.per_image import result_table
 from pipeline.inference.multiscale import infer_batch, load_model, top_class
 from pipeline.inference.tiling import tiled_outputs
-from pipeline.io.decode import Decoder
+from pipeline.io.decode import DecodeApart, Decoder
 from pipeline.models.weights import normalisation
 from pipeline.observability import stage_metrics
+from pipeline.rows import flight
 from pipeline.rows.errors import mark_error
 from pipeline.rows.probs import encode_probs
 from pipeline.rows.schema import add_columns, to_stream
@@ -59,7 +60,10 @@ class Segmenter:
         decode: dict | None = None,
         weights_data: ray.ObjectRef | bytes | None = None,
     ) -> None:
-        self.decoder = None if decode is None else Decoder(**decode)
+        self.decoder: Decoder | DecodeApart | None = None if decode is None else Decoder(**decode)
+        recorder = flight.current()
+        if self.decoder is not None and recorder is not None and "decode" in recorder.died_in:
+            self.decoder = DecodeApart(self.decoder)  # an input killed this actor while decoding
         if isinstance(weights_data, ray.ObjectRef):  # the driver's copy: no download per actor and restart
             weights_data = ray.get(weights_data)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -108,8 +112,14 @@ class Segmenter:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        if self.decoder is not None:
-            batch = self.decoder(batch)
+        return self._segment(self.decoder(batch) if self.decoder is not None else batch)
+
+    def failed(self, batch: dict[str, np.ndarray]):
+        """The stage's rows for inputs that arrive failed (``pipeline.rows.flight``): passed through,
+        nothing read or run."""
+        return self._segment(self.decoder.failed(batch) if self.decoder is not None else batch)
+
+    def _segment(self, batch: dict[str, np.ndarray]):
         if self.device.type == "cpu":
             # Per call, not once in __init__: Ray Data calls this from another thread than the
             # constructor, and OpenMP's thread count is per thread. oneDNN's convolutions read it
@@ -124,6 +134,7 @@ class Segmenter:
             np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]), int(batch["width"][i]), 3)
             for i in todo
         ]
+        flight.record("infer", [out["key"][i] for i in todo])
         results, seconds = self._infer(out, todo, images)
         refine = []  # (row, image, probabilities on the device or None, memory budget) for the fused CRF
         for j, (i, image) in enumerate(zip(todo, images, strict=True)):
@@ -137,11 +148,21 @@ class Segmenter:
             if self.crf is not None:
                 refine.append((i, image, probs, crf_budget(self.budget, *image.shape[:2], self.num_classes)))
                 if not self.crf.batched:  # one image at a time: each one's probabilities go as it is refined
-                    self.crf(out, refine)
+                    self._refine(out, refine)
                     refine = []
         if refine and self.crf is not None:
-            self.crf(out, refine)
+            self._refine(out, refine)
+        flight.record("infer", out["key"])
         return self.emit(out)
+
+    def _refine(self, out: dict[str, list], refine: list) -> None:
+        assert self.crf is not None
+        flight.record("crf", [out["key"][i] for i, *_ in refine])
+        self.crf(out, refine)
+
+    def probe(self, stage: str, key: str) -> bool | None:
+        """The decode step's probe (``Decoder.probe``) when this actor decodes its own images."""
+        return self.decoder.probe(stage, key) if self.decoder is not None else None
 
     def _infer(self, out: dict[str, list], todo: list[int], images: list[np.ndarray]):
         """(pre-CRF mask bytes, uncertainty, encoded probabilities, the probabilities on the device for

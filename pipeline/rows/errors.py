@@ -9,6 +9,8 @@ import pyarrow.compute as pc
 from pipeline.observability import stage_metrics
 from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 
+ERROR_COLUMNS = ("error_stage", "error_type", "error_message")  # a failed row's stream columns
+
 
 def mark_error(out: dict[str, list], i: int, stage: str, exc: BaseException | None, message: str) -> None:
     """Turn row ``i`` of a stage's columns into an error row; later stages pass it through."""
