@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from pipeline.config.sections import JobConfig
 from pipeline.dag.cluster import cluster_ceiling, cluster_nodes, init_ray
-from pipeline.dag.incremental import incremental_night
+from pipeline.dag.incremental import dry_run_carry, incremental_night
 from pipeline.dag.runner import run_dag
 from pipeline.evaluation.compare_text import format_comparison, regression_message
 from pipeline.io.credentials import public_text, public_uri
@@ -181,10 +181,17 @@ def _planned(config: JobConfig) -> Planned:
 
 
 def dry_run(config: JobConfig) -> dict:
-    """--dry-run: the checks and the plan of ``run``, printed as the last line of stdout; writes nothing."""
-    planned = _planned(config).plan
-    print(json.dumps(planned, sort_keys=True), flush=True)
-    return planned
+    """--dry-run: the checks and the plan of ``run``, printed as the last line of stdout; writes nothing.
+    With --incremental the plan's "incremental" is the base run (or why there is none) and how many
+    inputs the night would carry and segment, decided as the night decides it (``choose``)."""
+    planned = _planned(config)
+    shown = planned.plan
+    if config.incremental:
+        listing = listing_table(planned.inputs)
+        fp = fingerprint(config, planned.weights, planned.sha256, planned.resources)
+        shown = shown | {"incremental": dry_run_carry(config, todo=planned.todo, listing=listing, fp=fp)}
+    print(json.dumps(shown, sort_keys=True), flush=True)
+    return shown
 
 
 def run(config: JobConfig) -> RunSummary:

@@ -169,6 +169,47 @@ def _check_night(out: Path, base: str, night: str, segmented: set[str], images: 
     assert (out / f"run={night}" / "_SUCCESS").exists()
 
 
+def _dry_run(bucket: Path, out: Path, run_id: str, *extra: str, capsys) -> dict:
+    """The plan ``segment_bucket.py --dry-run`` prints as its last stdout line (on the session's Ray)."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    assert main(job_args(bucket, out, run_id, "--batch-size", "2", "--dry-run", *extra)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def test_dry_run_says_what_the_night_would_carry_and_writes_nothing(ray_local, tmp_path, capsys):
+    from pipeline.cli import build_parser, config_from_args
+    from pipeline.job import _planned
+    from pipeline.outputs.carry import fingerprint
+
+    bucket = make_bucket(tmp_path / "bucket", n=6)
+    out = tmp_path / "out"
+    first = _dry_run(bucket, out, "a", "--incremental", capsys=capsys)
+    assert first["incremental"] == {"base_run": None, "reason": "no committed run", "carried": 0, "segmented": 7}
+    assert not out.exists()
+    # Run a, committed by hand with this configuration's fingerprint; then a night's changes.
+    parser = build_parser()
+    config = config_from_args(parser.parse_args(job_args(bucket, out, "a")), parser)
+    planned = _planned(config)
+    fp = fingerprint(config, planned.weights, planned.sha256, planned.resources)
+    _fake_run(out, "a", planned.inputs.keys.to_pylist(), fp, bucket)
+    _change_night(bucket)
+    before = _files(out)
+    night = _dry_run(bucket, out, "b", "--incremental", capsys=capsys)
+    assert night["incremental"] == {"base_run": "a", "reason": None, "carried": 4, "segmented": 4}
+    assert night["inputs"] == night["todo"] == 8
+    changed = _dry_run(bucket, out, "b", "--incremental", "--crf-iterations", "5", capsys=capsys)
+    reason = "crf.iterations changed: 10 -> 5 (since run a)"
+    assert changed["incremental"] == {"base_run": None, "reason": reason, "carried": 0, "segmented": 8}
+    assert "incremental" not in _dry_run(bucket, out, "b", capsys=capsys)
+    assert _files(out) == before  # no run=b, nothing of run a touched
+
+
 @pytest.mark.slow
 def test_incremental_night_segments_only_what_changed(ray_local, tmp_path, capsys):
     bucket = make_bucket(tmp_path / "bucket", n=6)
@@ -176,12 +217,15 @@ def test_incremental_night_segments_only_what_changed(ray_local, tmp_path, capsy
     _run(ray_local, bucket, out, "a", "--incremental")
     assert _manifest(out / "run=a")["incremental"] == {"base_run": None, "reason": "no committed run"}
     segmented = _change_night(bucket)
+    predicted = _dry_run(bucket, out, "b", "--incremental", "--compare-previous", capsys=capsys)["incremental"]
     capsys.readouterr()
     summary = _run(ray_local, bucket, out, "b", "--incremental", "--compare-previous")
     printed = capsys.readouterr().out
     assert "incremental: 4 of 8 inputs carried from run a, 4 to segment" in printed
     assert "incremental      : 4 segmented, 4 carried from run a" in printed
     _check_night(out, "a", "b", segmented, bucket / "images")
+    counts = _manifest(out / "run=b")["counts"]  # the dry run said what the night did
+    assert predicted == {**_manifest(out / "run=b")["incremental"], **{k: counts[k] for k in ("carried", "segmented")}}
     assert summary.carried == 4 and _rows(out / "run=b", "errors")["corrupt.jpg"]["computed_in_run"] == "a"
     # The comparison covers the whole run: every key of the night against run a (carried ones agree).
     comparison = pq.read_table(out / "run=b" / "comparison").to_pylist()

@@ -38,32 +38,47 @@ def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, 
     )
 
 
+def choose(config, *, todo: Inputs, listing: pa.Table, fp: dict) -> tuple[Base, Plan | None]:
+    """The base run of an --incremental night and what to carry from it (None: no base, or one that
+    cannot be read), read before anything is copied or written: the night and --dry-run both ask this."""
+    base = find_base(config.output_uri, config.run_id, fp, config.storage_options)
+    if base.run is None:
+        return base, None
+    try:
+        return base, plan(todo, listing, base)
+    except BaseRefused as exc:
+        return Base(None, f"{exc}; segmenting every input"), None
+
+
+def dry_run_carry(config, *, todo: Inputs, listing: pa.Table, fp: dict) -> dict:
+    """What --dry-run --incremental prints: manifest.json's "incremental" (the base run, or why there
+    is none) and how many of ``todo`` the night would carry and segment, as ``choose`` decides."""
+    base, chosen = choose(config, todo=todo, listing=listing, fp=fp)
+    carried = len(chosen) if chosen is not None else 0
+    return {**base.manifest(), "carried": carried, "segmented": len(todo) - carried}
+
+
 def incremental_night(
     config, *, todo: Inputs, listing: pa.Table, fp: dict, output: RunOutput, num_classes: int, writers: int
 ) -> tuple[Inputs, PartStats, dict]:
     """Carry what is unchanged since the base run; returns (the inputs left to segment, the carried
     parts' summed stats, manifest.json's "incremental"). A base that cannot be read, or a copy that
     fails, carries nothing: its copied parts are removed and every input is segmented."""
-    base = find_base(config.output_uri, config.run_id, fp, config.storage_options)
+    base, chosen = choose(config, todo=todo, listing=listing, fp=fp)
     stats, total = PartStats.empty(num_classes), len(todo)
-    if base.run is not None:
+    if base.run is not None and chosen is not None:
+        options = dict(output_uri=config.output_uri, storage_options=config.storage_options, writers=writers)
         try:
-            chosen = plan(todo, listing, base)
-        except BaseRefused as exc:
-            base = Base(None, f"{exc}; segmenting every input")
+            if len(chosen):
+                stats = consume(carry(chosen, output=output, num_classes=num_classes, **options), num_classes, None)
+        except Exception as exc:  # noqa: BLE001 (any failure of the copy: carry nothing)
+            _remove(output, new_part_names(chosen.parts))
+            cause = next((line for line in str(exc).splitlines() if line.strip()), "")[:200]
+            base = Base(None, f"copying from base run {base.run.run_id} failed ({type(exc).__name__}: {cause}); "
+                        "segmenting every input")  # fmt: skip
+            stats = PartStats.empty(num_classes)
         else:
-            options = dict(output_uri=config.output_uri, storage_options=config.storage_options, writers=writers)
-            try:
-                if len(chosen):
-                    stats = consume(carry(chosen, output=output, num_classes=num_classes, **options), num_classes, None)
-            except Exception as exc:  # noqa: BLE001 (any failure of the copy: carry nothing)
-                _remove(output, new_part_names(chosen.parts))
-                cause = next((line for line in str(exc).splitlines() if line.strip()), "")[:200]
-                base = Base(None, f"copying from base run {base.run.run_id} failed ({type(exc).__name__}: {cause}); "
-                            "segmenting every input")  # fmt: skip
-                stats = PartStats.empty(num_classes)
-            else:
-                todo = todo.without(chosen.keys)
+            todo = todo.without(chosen.keys)
     if base.run is not None:
         line = f"{stats.carried} of {total} inputs carried from run {base.run.run_id}, {len(todo)} to segment"
     else:
