@@ -48,7 +48,8 @@ def write_inputs(folder: Path, count: int, step: int, poison: int) -> tuple[list
 
 def fault_environment(checkout: Path, poison: list[str]) -> dict[str, str]:
     """The checkout's own fault hooks, armed with ``poison``, and only that checkout on the path."""
-    spec = importlib.util.spec_from_file_location("measured_fault_hooks", checkout / "tests" / "fault_hooks.py")
+    # Its own name: the workers import the hook by it (tests.fault_hooks.setup), from the checkout.
+    spec = importlib.util.spec_from_file_location("tests.fault_hooks", checkout / "tests" / "fault_hooks.py")
     assert spec is not None and spec.loader is not None
     hooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hooks)
