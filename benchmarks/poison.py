@@ -64,7 +64,7 @@ def measure(checkout: Path, work: Path, count: int, step: int, poison_count: int
     keys, poison = write_inputs(images, count, step, poison_count)
     cmd = [sys.executable, str(checkout / "jobs" / "segment_bucket.py"), str(images), "--output", str(out)]
     cmd += ["--run-id", "p", "--scales", "1.0", "--no-crf"]
-    run = harness.run(cmd, environ=fault_environment(checkout, poison))
+    run = harness.run(cmd, environ=fault_environment(checkout, poison), cwd=checkout)
     text = [line for _, line in run.lines]
     run_dir = out / "run=p"
     masks = pq.read_table(run_dir / "masks", columns=["key"]).column("key").to_pylist()
