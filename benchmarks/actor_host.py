@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
 NAME = "actor-host"
 
@@ -97,10 +97,12 @@ def cpu_ms(fn, batch, n: int) -> tuple[float, object]:
 
 
 def measure(args: argparse.Namespace, root: Path) -> dict:
+    from dataclasses import replace
+
     import numpy as np
 
     from pipeline.config.sections import ComputeConfig, CRFParams, JobConfig
-    from pipeline.dag.stages import Resources, _Stage, keys_per_block
+    from pipeline.dag.stages import DagSpec, Resources, _Stage, keys_per_block
     from pipeline.io.storage import list_inputs
     from pipeline.job import resolve_weights
     from pipeline.outputs.writer import PartWriter
@@ -115,12 +117,13 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
         crf=CRFParams(),
         compute=ComputeConfig(batch_size=args.batch_size),
     )
-    weights, sha = resolve_weights(config)
+    weights = resolve_weights(config)
     gpu_node = {"CPU": float(args.cores[-1]), "GPU": 1.0}
     resources = Resources.resolve(config, [gpu_node])
     assert resources.use_gpu and resources.crf_fused and not resources.decode_fused, resources
     inputs = list_inputs(config.input_uri, config.labels_uri)
-    stage = _Stage(config, weights, resources, keys_per_block(len(inputs), args.batch_size), {})
+    dag = DagSpec(config=config, weights=weights, resources=resources, run_uri=str(root / "out" / "run=bench"))
+    stage = _Stage(dag=dag, blocks=keys_per_block(len(inputs), args.batch_size), fault_tolerance={})
 
     Stubs(weights.num_classes, args.side, args.forward_ms, args.crf_ms).install()
     from ray.data.block import BlockAccessor
@@ -130,13 +133,13 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
     from pipeline.io.decode import Decoder
 
     decode = Decoder(**stage.decode(inputs)["fn_constructor_kwargs"])
-    write = PartWriter(**stage.write(str(root / "out" / "run=bench"))["fn_constructor_kwargs"])
-    infer_kwargs = stage.infer(sha, inputs)["fn_constructor_kwargs"]
+    write = PartWriter(**stage.write()["fn_constructor_kwargs"])
+    spec = stage.infer(inputs)["fn_constructor_kwargs"]["spec"]
     plans = {  # the inference actor emitting the result rows itself (before), or the rows as tasks after it
-        "rows_in_actor": Segmenter(**(infer_kwargs | {"rows_follow": False})),
-        "rows_apart": Segmenter(**(infer_kwargs | {"rows_follow": True})),
+        "rows_in_actor": Segmenter(replace(spec, rows_follow=False)),
+        "rows_apart": Segmenter(replace(spec, rows_follow=True)),
     }
-    rows_kwargs = stage.rows(sha)["fn_kwargs"]
+    rows_kwargs = stage.rows()["fn_kwargs"]
     keys = inputs.keys.to_pylist()
     costs: dict[str, list[float]] = {}
     for _ in range(args.rounds):

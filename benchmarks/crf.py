@@ -29,13 +29,14 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
 NAME = "crf"
 SIZES = ((240, 320), (513, 513))
@@ -87,11 +88,11 @@ def speed(args) -> list[dict]:
         image, probs = scene(h, w)
         row = {"size": f"{h}x{w}", "classes": 21, "pydensecrf_ms_1_core": None}
         if dense_crf is not None:
-            row["pydensecrf_ms_1_core"] = timed_ms(lambda: dense_crf(image, probs), args.repeats)
+            row["pydensecrf_ms_1_core"] = timed_ms(partial(dense_crf, image, probs), args.repeats)
         if "cpu" in args.devices:
             for n in (1, 2):
                 torch.set_num_threads(n)
-                row[f"torch_cpu_ms_{n}_threads"] = timed_ms(lambda: dense_crf_torch(image, probs), args.repeats)
+                row[f"torch_cpu_ms_{n}_threads"] = timed_ms(partial(dense_crf_torch, image, probs), args.repeats)
             torch.set_num_threads(threads)
             row["torch_1_thread_vs_pydensecrf_time"] = harness.ratio(
                 row["torch_cpu_ms_1_threads"], row["pydensecrf_ms_1_core"]
@@ -101,8 +102,8 @@ def speed(args) -> list[dict]:
             images = [torch.from_numpy(c[0]).cuda() for c in cases]
             probs_gpu = [torch.from_numpy(c[1]).cuda() for c in cases]
             row["gpu"] = torch.cuda.get_device_name()
-            row["torch_gpu_ms_single"] = timed_ms(lambda: dense_crf_torch(images[0], probs_gpu[0]), args.repeats, True)
-            batch = timed_ms(lambda: dense_crf_torch_batch(images, probs_gpu), args.repeats, True)
+            row["torch_gpu_ms_single"] = timed_ms(partial(dense_crf_torch, images[0], probs_gpu[0]), args.repeats, True)
+            batch = timed_ms(partial(dense_crf_torch_batch, images, probs_gpu), args.repeats, True)
             row["torch_gpu_ms_per_image_batch_8"] = batch / 8
             row["gpu_speedup_vs_pydensecrf_single"] = harness.ratio(
                 row["pydensecrf_ms_1_core"], row["torch_gpu_ms_single"]

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
 NAME = "memory"
 BUDGETS = {"off": ["--actor-memory-mib", "0", "--crf-max-pixels", "0"], "defaults": []}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness
 
 NAME = "poison"
 # A crashed process's title in the job's output: "(MapWorker(MapBatches(Segmenter)) pid=123) Fatal ..."

@@ -17,12 +17,12 @@ from pathlib import Path
 # Runnable from a checkout (`ray job submit --working-dir .` style), like jobs/segment_bucket.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config.flags import json_object  # noqa: E402
-from pipeline.dag.cluster import init_ray  # noqa: E402
-from pipeline.dag.compare import compare_outputs  # noqa: E402
-from pipeline.evaluation.compare_text import format_comparison, regression_message  # noqa: E402
-from pipeline.io.credentials import public_text, public_uri, refused_options  # noqa: E402
-from pipeline.outputs.run import RunOutput, committed_runs, run_before  # noqa: E402
+from pipeline.config.flags import json_object
+from pipeline.dag.cluster import init_ray
+from pipeline.dag.compare import compare_outputs
+from pipeline.evaluation.compare_text import format_comparison, regression_message
+from pipeline.io.credentials import public_text, public_uri, refused_options
+from pipeline.outputs.run import RunOutput, committed_runs, run_before
 
 PROG = "compare_runs.py"
 

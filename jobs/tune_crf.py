@@ -23,16 +23,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config.flags import parse_scales  # noqa: E402
-from pipeline.config.sections import CRFParams  # noqa: E402
-from pipeline.dag.cluster import init_ray  # noqa: E402
-from pipeline.demo import DEMO_BUCKET  # noqa: E402
-from pipeline.evaluation.metrics import format_score, image_stats, summarise, trimap_accuracy  # noqa: E402
-from pipeline.io.images import MAX_IMAGE_BYTES, MAX_LABEL_BYTES, decode_image  # noqa: E402
-from pipeline.io.palette import label_to_mask  # noqa: E402
-from pipeline.io.storage import list_inputs  # noqa: E402
-from pipeline.models import DEFAULT_MODEL, default_weights  # noqa: E402
-from pipeline.models.weights import Weights  # noqa: E402
+from pipeline.config.flags import parse_scales
+from pipeline.config.sections import CRFParams
+from pipeline.dag.cluster import init_ray
+from pipeline.demo import DEMO_BUCKET
+from pipeline.evaluation.metrics import format_score, image_stats, summarise, trimap_accuracy
+from pipeline.io.images import MAX_IMAGE_BYTES, MAX_LABEL_BYTES, decode_image
+from pipeline.io.palette import label_to_mask
+from pipeline.io.storage import list_inputs
+from pipeline.models import DEFAULT_MODEL, default_weights
+from pipeline.models.weights import Weights
 
 # DeepLab v1's search ranges (Sec. 4.1): w1 in [3:6], θα in [30:10:100], θβ in [3:6]; widened on
 # θβ because JPEG noise in real buckets is larger than in PASCAL's originals.
@@ -55,10 +55,7 @@ def evaluate(samples: list, params: CRFParams, num_classes: int, band: int) -> d
     correct = total = 0
     start = time.perf_counter()
     for image, probs, label in samples:
-        if params is not None:
-            pred = dense_crf(image, probs, params)
-        else:
-            pred = probs.argmax(0).astype(np.uint8)
+        pred = dense_crf(image, probs, params) if params is not None else probs.argmax(0).astype(np.uint8)
         stats.append(image_stats(pred, label, num_classes))
         c, t = trimap_accuracy(pred, label, band)
         correct, total = correct + c, total + t
@@ -181,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = evaluate(samples, None, len(categories), args.band)
     results = ray.get([task.remote(shared, p, len(categories), args.band) for p in settings])
 
-    rows = sorted(zip(settings, results), key=lambda r: -(r[1]["miou"] or 0))
+    rows = sorted(zip(settings, results, strict=True), key=lambda r: -(r[1]["miou"] or 0))
     print_table(baseline, rows)
     if args.json:
         Path(args.json).write_text(

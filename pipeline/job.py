@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 from pipeline.config.sections import JobConfig
@@ -19,10 +19,10 @@ from pipeline.io.credentials import public_text, public_uri
 from pipeline.io.storage import InputError, Inputs, list_inputs
 from pipeline.models import default_weights
 from pipeline.models.weights import Weights, WeightsError, read_verified
-from pipeline.observability import push_summary
+from pipeline.observability import RunMetrics, push_summary
 from pipeline.outputs.carry import fingerprint, listing_table
 from pipeline.outputs.console import describe, print_summary
-from pipeline.outputs.manifest import build_manifest
+from pipeline.outputs.manifest import RunFacts, build_manifest
 from pipeline.outputs.run import LISTING, Earlier, OutputError, RunOutput, RunSummary, committed_runs, run_before
 
 if TYPE_CHECKING:  # the DAG's modules (torch) load on the prepare thread, not at import
@@ -32,13 +32,19 @@ if TYPE_CHECKING:  # the DAG's modules (torch) load on the prepare thread, not a
 JOB_ERRORS = (InputError, OutputError, WeightsError)
 
 
-def resolve_weights(config: JobConfig) -> tuple[Weights, str]:
+class WeightsRead(NamedTuple):
+    """The checked weights record (its ``sha256`` the file's) and the checkpoint's bytes."""
+
+    weights: Weights
+    data: bytes
+
+
+def resolve_weights(config: JobConfig) -> Weights:
     """``read_weights`` without the bytes."""
-    weights, sha256, _ = read_weights(config)
-    return weights, sha256
+    return read_weights(config).weights
 
 
-def read_weights(config: JobConfig) -> tuple[Weights, str, bytes]:
+def read_weights(config: JobConfig) -> WeightsRead:
     """Check the weights on the driver, so bad weights fail before any work, and keep the bytes the
     inference actors will load (handed to them through the object store, not read once per actor
     and per restart): a checkpoint of one's own is loaded into the model once; a published weight
@@ -50,7 +56,7 @@ def read_weights(config: JobConfig) -> tuple[Weights, str, bytes]:
     from pipeline.inference.multiscale import load_model
 
     data, digest = read_verified(config.weights_uri, storage_options=config.storage_options)
-    model, sha256, categories = load_model(
+    loaded = load_model(
         config.model,
         config.weights_uri,
         storage_options=config.storage_options,
@@ -59,12 +65,11 @@ def read_weights(config: JobConfig) -> tuple[Weights, str, bytes]:
         expected_sha256=digest,
         data=data,
     )
-    del model
-    base = Weights(model=config.model, uri=config.weights_uri, sha256=sha256, categories=categories)
-    return base, sha256, data
+    weights = Weights(model=config.model, uri=config.weights_uri, sha256=loaded.sha256, categories=loaded.categories)
+    return WeightsRead(weights, data)
 
 
-def _published(config: JobConfig) -> tuple[Weights, str, bytes]:
+def _published(config: JobConfig) -> WeightsRead:
     record = default_weights(config.model)
     if not record.sha256 or len(record.sha256) != 64:
         raise WeightsError(
@@ -77,12 +82,23 @@ def _published(config: JobConfig) -> tuple[Weights, str, bytes]:
             f"{config.num_classes} (--num-classes); pass --weights for a checkpoint with {config.num_classes}"
         )
     data, sha256 = read_verified(record.uri, expected_sha256=record.sha256, storage_options=config.storage_options)
-    return replace(record, sha256=sha256), sha256, data
+    return WeightsRead(replace(record, sha256=sha256), data)
 
 
-def _prepare(config: JobConfig):
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    """What the driver checks and reads before any work (``_prepare``)."""
+
+    weights: Weights  # checked; its sha256 is the file's
+    weights_data: bytes  # the checkpoint, for the object store
+    inputs: Inputs
+    output: RunOutput
+    earlier: Earlier  # what the run folder holds already (--resume)
+
+
+def _prepare(config: JobConfig) -> Prepared:
     """What the driver checks and reads before any work: weights, the inputs, the run folder."""
-    weights, sha256, data = read_weights(config)
+    weights, data = read_weights(config)
     inputs = list_inputs(
         config.input_uri, config.labels_uri, storage_options=config.storage_options, limit=config.limit
     )
@@ -92,10 +108,10 @@ def _prepare(config: JobConfig):
     )
     import pipeline.dag.stages  # noqa: F401  (the DAG's modules and torch, loaded while Ray starts on the other thread)
 
-    return weights, sha256, inputs, output, earlier, data
+    return Prepared(weights=weights, weights_data=data, inputs=inputs, output=output, earlier=earlier)
 
 
-def _start(config: JobConfig):
+def _start(config: JobConfig) -> Prepared:
     """``_prepare`` in a thread while Ray starts (seconds of subprocesses) on this one; a bad
     checkpoint or URI still fails before any image is read, and leaves no Ray behind it started."""
     import ray  # before the thread starts: the two threads then import disjoint packages
@@ -130,54 +146,52 @@ def _comparison(config: JobConfig, output: RunOutput):
 def _push(config: JobConfig, stats, summary: RunSummary) -> None:
     assert config.pushgateway, "pushed only when a gateway is set"
     comparison = summary.comparison
+    metrics = RunMetrics(
+        run_id=config.run_id,
+        outcomes=stats.outcomes,
+        histograms=stats.histograms,
+        miou=summary.post.miou,
+        miou_pre_crf=summary.pre.miou if summary.pre else None,
+        images=summary.images,
+        errors=summary.errors,
+        against=comparison.against if comparison else None,
+        miou_delta=comparison.miou_delta if comparison else None,
+        changed_images=comparison.changed_images if comparison else None,
+    )
     try:
-        push_summary(
-            config.pushgateway,
-            outcomes=stats.outcomes,
-            histograms=stats.histograms,
-            run_id=config.run_id,
-            miou=summary.post.miou,
-            miou_pre_crf=summary.pre.miou if summary.pre else None,
-            images=summary.images,
-            errors=summary.errors,
-            against=comparison.against if comparison else None,
-            miou_delta=comparison.miou_delta if comparison else None,
-            changed_images=comparison.changed_images if comparison else None,
-        )
+        push_summary(config.pushgateway, metrics)
     except Exception as exc:  # the run is committed; a monitoring outage must not turn it red
         shown = f"{public_uri(config.pushgateway)}: {public_text(str(exc), [config.pushgateway])}"
         print(f"[deeplab-pipeline] warning: could not push to {shown}", file=sys.stderr)
 
 
-class Planned(NamedTuple):
-    """What the driver knows before any work (``_planned``)."""
+@dataclass(frozen=True, kw_only=True)
+class Planned:
+    """What the driver knows before any work (``_planned``): what it prepared, the inputs left to
+    segment, the resolved resources and the plan as data."""
 
-    weights: Weights
-    sha256: str
-    inputs: Inputs
-    output: RunOutput
-    earlier: Earlier
+    prepared: Prepared
     todo: Inputs
     resources: Resources
     plan: dict
-    weights_data: bytes
 
 
 def _planned(config: JobConfig) -> Planned:
     """Everything before the work: checks, listing, what is done already, the resource plan."""
-    weights, sha256, inputs, output, earlier, data = _start(config)
+    prepared = _start(config)
     from pipeline.dag.stages import Resources, plan  # already imported by _prepare
 
-    todo = inputs.without(earlier.keys)
+    inputs, output = prepared.inputs, prepared.output
+    todo = inputs.without(prepared.earlier.keys)
     print(
-        f"[deeplab-pipeline] {len(inputs)} inputs under {public_uri(config.input_uri)}; {len(earlier.keys)} already "
-        f"done; {len(todo)} to segment → {public_uri(output.uri)}",
+        f"[deeplab-pipeline] {len(inputs)} inputs under {public_uri(config.input_uri)}; "
+        f"{len(prepared.earlier.keys)} already done; {len(todo)} to segment → {public_uri(output.uri)}",
         flush=True,
     )
     resources = Resources.resolve(config, cluster_nodes(), ceiling=cluster_ceiling())
     print(f"[deeplab-pipeline] {describe(resources)}", flush=True)
     planned = plan(config, resources, inputs=len(inputs), todo=len(todo))
-    return Planned(weights, sha256, inputs, output, earlier, todo, resources, planned, data)
+    return Planned(prepared=prepared, todo=todo, resources=resources, plan=planned)
 
 
 def dry_run(config: JobConfig) -> dict:
@@ -187,8 +201,8 @@ def dry_run(config: JobConfig) -> dict:
     planned = _planned(config)
     shown = planned.plan
     if config.incremental:
-        listing = listing_table(planned.inputs)
-        fp = fingerprint(config, planned.weights, planned.sha256, planned.resources)
+        listing = listing_table(planned.prepared.inputs)
+        fp = fingerprint(config, planned.prepared.weights, planned.resources)
         shown = shown | {"incremental": dry_run_carry(config, todo=planned.todo, listing=listing, fp=fp)}
     print(json.dumps(shown, sort_keys=True), flush=True)
     return shown
@@ -199,33 +213,35 @@ def run(config: JobConfig) -> RunSummary:
     import ray
 
     started = time.time()
-    weights, sha256, inputs, output, earlier, todo, resources, planned, data = _planned(config)
-    weights_ref = ray.put(data)  # once per run; every inference actor (and restart) reads it
-    from pipeline.dag.stages import build_dataset, dataset_stats  # already imported by _prepare
+    planned = _planned(config)
+    prepared, resources = planned.prepared, planned.resources
+    weights, inputs, output = prepared.weights, prepared.inputs, prepared.output
+    weights_ref = ray.put(prepared.weights_data)  # once per run; every inference actor (and restart) reads it
+    from pipeline.dag.commit import commit
+    from pipeline.dag.stages import DagSpec, build_dataset, dataset_stats  # already imported by _prepare
 
     run_started = time.time()
-    stats, processed = earlier.stats, 0
+    todo, stats, processed = planned.todo, prepared.earlier.stats, 0
 
     built = []  # the datasets run, for Ray Data's per-stage statistics in manifest.json
 
     def build(inputs, *, batch_size: int | None = None, **options):
         # The isolation passes (pipeline/dag/runner.py) run the same DAG with one input per batch.
         same = config if batch_size is None else replace(config, compute=replace(config.compute, batch_size=batch_size))
-        built.append(
-            build_dataset(
-                inputs, same, weights, sha256, resources, output.full_uri(), weights_data=weights_ref, **options
-            )
+        dag = DagSpec(
+            config=same, weights=weights, resources=resources, run_uri=output.full_uri(), weights_data=weights_ref
         )
+        built.append(build_dataset(dag, inputs, **options))
         return built[-1]
 
     # --- incremental nights (issue 30): listing.parquet and the fingerprint (every run, so any
     # committed run can be a base), then the carry stage before segmenting what is left.
-    listing, fp = listing_table(inputs), fingerprint(config, weights, sha256, resources)
+    listing, fp = listing_table(inputs), fingerprint(config, weights, resources)
     if not (config.resume and output.has(LISTING)):  # a resumed run keeps the listing it started from
         output.write_listing(listing)
     incremental = {"base_run": None, "reason": "not asked for (--incremental)"}
     if config.incremental:
-        todo, carried, incremental = incremental_night(
+        night = incremental_night(
             config,
             todo=todo,
             listing=listing,
@@ -234,30 +250,25 @@ def run(config: JobConfig) -> RunSummary:
             num_classes=weights.num_classes,
             writers=resources.write_actors,
         )
-        stats += carried
+        todo, incremental = night.todo, night.manifest
+        stats += night.carried
     # --- end incremental
     if len(todo):
         new, processed = run_dag(todo, build, output, weights.num_classes, run_id=config.run_id)
         stats += new
     run_seconds = time.time() - run_started
-    manifest = build_manifest(
-        config,
-        weights,
-        sha256,
-        resources,
-        stats,
-        ray.cluster_resources(),
+    facts = RunFacts(
         started=started,
         run_seconds=run_seconds,
         processed=processed,
+        cluster=ray.cluster_resources(),
         finished=time.time(),
-        plan=planned,
+        plan=planned.plan,
         ray_data=dataset_stats(built[0]) if built else None,
     )
+    manifest = build_manifest(config, weights, resources, stats, facts)
     manifest |= {"fingerprint": fp, "incremental": incremental}  # issue 30: what the next night compares
-    summary = output.commit(
-        stats, weights.categories, manifest, locator=inputs.locator(), compare=_comparison(config, output)
-    )
+    summary = commit(output, stats, weights.categories, manifest, compare=_comparison(config, output))
     if config.pushgateway:
         _push(config, stats, summary)
     print_summary(summary, weights.categories, public_uri(output.uri), run_seconds, processed)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 JOB_NAME = "deeplab_pipeline"
@@ -105,46 +106,46 @@ def _comparison_gauges(
     ).labels(run_id, against).set(changed_images or 0)
 
 
-def push_summary(
-    url: str,
-    *,
-    outcomes: dict[str, int],
-    histograms: dict[str, list[float]],
-    run_id: str,
-    miou: float | None,
-    miou_pre_crf: float | None,
-    images: int,
-    errors: int,
-    against: str | None = None,
-    miou_delta: float | None = None,
-    changed_images: int | None = None,
-) -> None:
-    """Push the run summary to a Pushgateway (grouped by job, so each night replaces the last).
+@dataclass(frozen=True, kw_only=True)
+class RunMetrics:
+    """What the driver pushes of a committed run. ``outcomes`` ("stage/status" → inputs) and
+    ``histograms`` come from the summed PartStats; ``against`` names the previous run when a
+    comparison was made; ``miou_delta`` is None when either run had no labels."""
 
-    ``outcomes`` ("stage/status" → inputs) and ``histograms`` come from the summed PartStats;
-    ``against`` names the previous run when a comparison was made; ``miou_delta`` is None when
-    either run had no labels.
-    """
+    run_id: str
+    outcomes: dict[str, int]
+    histograms: dict[str, list[float]]
+    miou: float | None
+    miou_pre_crf: float | None
+    images: int
+    errors: int
+    against: str | None = None
+    miou_delta: float | None = None
+    changed_images: int | None = None
+
+
+def push_summary(url: str, run: RunMetrics) -> None:
+    """Push the run summary to a Pushgateway (grouped by job, so each night replaces the last)."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
 
     registry = CollectorRegistry()
     counter = Counter(
         "deeplab_pipeline_images", "Inputs by stage and outcome in the last run", ["stage", "status"], registry=registry
     )
-    for outcome, n in sorted(outcomes.items()):
+    for outcome, n in sorted(run.outcomes.items()):
         counter.labels(*outcome.split("/", 1)).inc(n)
-    registry.register(_StageHistograms(histograms))
+    registry.register(_StageHistograms(run.histograms))
     gauge = Gauge("deeplab_pipeline_miou", "Dataset mIoU of the last run", ["run_id", "crf"], registry=registry)
-    if miou is not None:
-        gauge.labels(run_id, "true" if miou_pre_crf is not None else "false").set(miou)
-    if miou_pre_crf is not None:
-        gauge.labels(run_id, "false").set(miou_pre_crf)
+    if run.miou is not None:
+        gauge.labels(run.run_id, "true" if run.miou_pre_crf is not None else "false").set(run.miou)
+    if run.miou_pre_crf is not None:
+        gauge.labels(run.run_id, "false").set(run.miou_pre_crf)
     totals = Gauge("deeplab_pipeline_run_inputs", "Inputs of the last run by table", ["table"], registry=registry)
-    totals.labels("masks").set(images)
-    totals.labels("errors").set(errors)
+    totals.labels("masks").set(run.images)
+    totals.labels("errors").set(run.errors)
     Gauge(
         "deeplab_pipeline_last_success_timestamp_seconds", "When the last run committed", registry=registry
     ).set_to_current_time()
-    if against is not None:
-        _comparison_gauges(registry, run_id, against, miou_delta, changed_images)
+    if run.against is not None:
+        _comparison_gauges(registry, run.run_id, run.against, run.miou_delta, run.changed_images)
     push_to_gateway(url, job=JOB_NAME, registry=registry, timeout=30)

@@ -76,16 +76,17 @@ def kill_when(cmd: list[str], env: dict[str, str], ready, *, waiting_for: str, t
 
 
 def demo_segmenter(**kwargs):
-    """The inference actor's class on the bundled demo weights: one CPU thread, result rows out."""
+    """The inference actor's class on the bundled demo weights: one CPU thread, result rows out;
+    ``kwargs`` replace fields of its ``InferSpec``."""
+    from dataclasses import replace
+
     from pipeline.config.sections import InferenceConfig
-    from pipeline.inference.segmenter import Segmenter
+    from pipeline.inference.segmenter import InferSpec, Segmenter
     from pipeline.models import default_weights
 
-    w = default_weights("deeplabv3plus_demo")
-    defaults = dict(model=w.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
-                    weights_sha256=w.sha256, num_classes=len(w.categories), use_gpu=False, threads=1,
-                    crf_follows=False, run_id="t", mean=w.mean, std=w.std)  # fmt: skip
-    return Segmenter(**(defaults | kwargs))
+    spec = InferSpec(weights=default_weights("deeplabv3plus_demo"), inference=InferenceConfig(), storage_options={},
+                     run_id="t", use_gpu=False, threads=1, crf_follows=False)  # fmt: skip
+    return Segmenter(replace(spec, **kwargs))
 
 
 S3_ENV = {

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline.config.sections import CRFParams
-from pipeline.crf.densecrf import CRFRefiner, dense_crf
+from pipeline.crf.densecrf import CRFRefiner, CRFSpec, dense_crf
+from pipeline.models.weights import Weights
 
 
 def two_colour_image(h=40, w=60):
@@ -96,9 +97,8 @@ def test_actor_records_crf_ms_and_turns_failures_into_error_rows():
         "error_type": np.array(["", ""]),
         "error_message": np.array(["", ""]),
     }
-    table = CRFRefiner(
-        params=CRFParams(), num_classes=2, model="m", weights_sha256="0" * 64, run_id="r", probs_encoding="float16"
-    )(batch)
+    weights = Weights(model="m", uri="unused", sha256="0" * 64, categories=("c0", "c1"))  # 2 classes
+    table = CRFRefiner(CRFSpec(params=CRFParams(), weights=weights, run_id="r", probs_encoding="float16"))(batch)
     rows = {r["key"]: r for r in table.to_pylist()}
     assert rows["ok.jpg"]["crf_ms"] > 0 and rows["ok.jpg"]["error_stage"] is None
     assert rows["ok.jpg"]["miou"] == pytest.approx(1.0)

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from pipeline.config.sections import CRFParams
-from pipeline.crf.densecrf import dense_crf
-from pipeline.crf.fused import FusedCRF, allocation_failure
+from pipeline.crf.densecrf import Refinement, dense_crf
+from pipeline.crf.fused import FusedCRF, ToRefine, allocation_failure
+from pipeline.rows.batch import Rows
 from pipeline.rows.probs import ENCODINGS, decode_probs, encode_probs, quantise_probs
 from pipeline.rows.schema import add_columns
 from tests.conftest import DEMO_BUCKET, demo_segmenter
@@ -72,15 +73,12 @@ def test_torch_backend_fills_the_columns_the_pydensecrf_backend_fills_with_the_s
     outs = {}
     for backend in ("pydensecrf", "torch"):
         crf = FusedCRF(
-            CRFParams(),
+            Refinement(params=CRFParams(), encoding="uint8", num_classes=6, node_id="node"),
             backend=backend,
-            encoding="uint8",
-            num_classes=6,
-            node_id="node",
             device=torch.device(device if backend == "torch" else "cpu"),
         )
         outs[backend] = _columns(len(rows))
-        crf(outs[backend], [(i, image, p.to(crf.device), None) for i, image, p in rows])
+        crf(Rows(outs[backend]), [ToRefine(i, image, p.to(crf.device), None) for i, image, p in rows])
     for out in outs.values():
         assert out["error_stage"] == [""] * len(rows) and out["crf_node"] == ["node"] * len(rows)
         assert all(ms > 0 for ms in out["crf_ms"])
@@ -122,7 +120,7 @@ def test_fused_and_pooled_layouts_write_the_same_rows():
     CRFRefiner) give the same masks and metrics for the same labelled images."""
     import pyarrow as pa
 
-    from pipeline.crf.densecrf import CRFRefiner
+    from pipeline.crf.densecrf import CRFRefiner, CRFSpec
     from pipeline.io.decode import decode_batch
     from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 
@@ -139,14 +137,7 @@ def test_fused_and_pooled_layouts_write_the_same_rows():
     )
     fused = demo_segmenter(actor_memory_mib=2048, crf=CRFParams(), crf_backend="pydensecrf")(batch)
     probs = demo_segmenter(actor_memory_mib=2048, crf_follows=True)(batch)
-    pooled = CRFRefiner(
-        params=CRFParams(),
-        num_classes=len(W.categories),
-        model=W.model,
-        weights_sha256=W.sha256,
-        run_id="t",
-        actor_memory_mib=2048,
-    )(probs)
+    pooled = CRFRefiner(CRFSpec(params=CRFParams(), weights=W, run_id="t", actor_memory_mib=2048))(probs)
     assert isinstance(fused, pa.Table) and fused.column("has_label").to_pylist() == [True] * 4
     timing = {"infer_ms", "crf_ms", "infer_node", "crf_node"}
     columns = [c for c in fused.column_names if c not in timing]

@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 from pipeline.config.sections import InferenceConfig
 from pipeline.evaluation.metrics import uncertainty
-from pipeline.inference.multiscale import class_map, forward_groups, infer_batch, multiscale_probs, sliding_window_probs
+from pipeline.inference.multiscale import class_map, forward_groups, infer_batch, multiscale_probs
+from pipeline.inference.tiling import tiled_outputs
 from pipeline.models import build_model
 from pipeline.models.weights import normalisation
 from pipeline.rows.probs import decode_probs, encode_probs
@@ -102,11 +103,24 @@ class LocalNet(nn.Module):
         return self.body(x)
 
 
+def _tiled_probs(net, image: np.ndarray, *, tile: int, overlap: int, flip: bool) -> torch.Tensor:
+    """(1, C, H, W) probabilities of the production tiled path (``tiled_outputs``, float32 encoding)."""
+    mean, std = normalisation()
+    config = InferenceConfig(tile=tile, tile_overlap=overlap, scales=(1.0,), flip=flip)
+    encoded = tiled_outputs(net, image, mean=mean, std=std, config=config, encoding="float32").encoded
+    return torch.from_numpy(encoded)[None]
+
+
+def _normalised(image: np.ndarray) -> torch.Tensor:
+    mean, std = normalisation()
+    return (torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0) - mean) / std
+
+
 @torch.no_grad()
 def test_tiled_equals_whole_image_away_from_tile_borders():
-    x = torch.randn(1, 3, 150, 210)
-    whole = multiscale_probs(LocalNet(), x, (1.0,), True)
-    tiled = sliding_window_probs(LocalNet(), x, tile=64, overlap=24, scales=(1.0,), flip=True)
+    image = np.random.default_rng(0).integers(0, 256, (150, 210, 3), dtype=np.uint8)
+    whole = multiscale_probs(LocalNet(), _normalised(image), (1.0,), True)
+    tiled = _tiled_probs(LocalNet(), image, tile=64, overlap=24, flip=True)
     assert tiled.shape == whole.shape
     # With 24 px overlap every pixel is >= 12 px from the border of at least one window; pixels in
     # several windows average predictions that each equal the whole-image one once the 3-pixel
@@ -119,10 +133,10 @@ def test_tiled_equals_whole_image_away_from_tile_borders():
 
 @torch.no_grad()
 def test_single_window_tiling_is_exact(model):
-    x = torch.randn(1, 3, 60, 60)
+    image = np.random.default_rng(1).integers(0, 256, (60, 60, 3), dtype=np.uint8)
     np.testing.assert_allclose(
-        sliding_window_probs(model, x, tile=64, overlap=16, scales=(1.0,), flip=False).numpy(),
-        multiscale_probs(model, x, (1.0,), False).numpy(),
+        _tiled_probs(model, image, tile=64, overlap=16, flip=False).numpy(),
+        multiscale_probs(model, _normalised(image), (1.0,), False).numpy(),
         atol=1e-6,
     )
 

@@ -462,10 +462,13 @@ def test_no_secret_values_inline():
         for obj in load_docs(path):
             assert obj["kind"] != "Secret", path
             for node in _walk(obj):
-                if "valueFrom" in node or "value" in node:
-                    # A *_FILE variable names where a mounted secret is, not a secret.
-                    if SECRET_NAME.search(str(node.get("name", ""))) and not str(node["name"]).endswith("_FILE"):
-                        assert "value" not in node and "secretKeyRef" in node["valueFrom"], (path, node["name"])
+                # A *_FILE variable names where a mounted secret is, not a secret.
+                if (
+                    ("valueFrom" in node or "value" in node)
+                    and SECRET_NAME.search(str(node.get("name", "")))
+                    and not str(node["name"]).endswith("_FILE")
+                ):
+                    assert "value" not in node and "secretKeyRef" in node["valueFrom"], (path, node["name"])
                 if "secretKeyRef" in node:
                     secret_refs.add((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
                 if isinstance(node.get("secret"), dict):  # a mounted Secret: each of its items

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config.sections import CRFParams, JobConfig
 from pipeline.dag.runner import consume
-from pipeline.dag.stages import Resources, build_dataset
+from pipeline.dag.stages import DagSpec, Resources, build_dataset
 from pipeline.io.storage import list_inputs
 from pipeline.job import resolve_weights
 from tests.conftest import DEMO_BUCKET, demo_config
@@ -29,16 +29,15 @@ def demo_bucket_config(out) -> JobConfig:
 
 def test_decoding_in_the_inference_actors_writes_what_a_decode_pool_does(ray_local, tmp_path):
     config = demo_bucket_config(tmp_path)
-    weights, sha256 = resolve_weights(config)
+    weights = resolve_weights(config)
     inputs = list_inputs(config.input_uri, config.labels_uri, limit=6)
     fused = Resources.resolve(config, {"CPU": 2.0})
     assert fused.decode_fused and fused.crf_fused and fused.decode_actors == (0, 0)
     split = replace(fused, decode_fused=False, decode_actors=(1, 1), infer_cpus=0.875)
     tables = {}
     for name, plan in (("fused", fused), ("split", split)):
-        stats = consume(
-            build_dataset(inputs, config, weights, sha256, plan, str(tmp_path / name)), weights.num_classes, None
-        )
+        dag = DagSpec(config=config, weights=weights, resources=plan, run_uri=str(tmp_path / name))
+        stats = consume(build_dataset(dag, inputs), weights.num_classes, None)
         assert (stats.images, stats.errors) == (6, 0)
         tables[name] = pq.read_table(tmp_path / name / "masks").sort_by("key").drop_columns(list(TIMINGS))
     assert tables["fused"].column("has_label").to_pylist() == [True] * 6
@@ -51,13 +50,15 @@ def test_result_rows_as_tasks_write_what_the_inference_actor_writes(ray_local, t
     from pipeline.dag.stages import dataset_stats
 
     config = demo_bucket_config(tmp_path)
-    weights, sha256 = resolve_weights(config)
+    weights = resolve_weights(config)
     inputs = list_inputs(config.input_uri, config.labels_uri, limit=6)
     cpu = Resources.resolve(config, {"CPU": 2.0})
     in_actor = replace(cpu, decode_fused=False, decode_actors=(1, 1), infer_cpus=0.875, crf_backend="torch")
     tables, stages = {}, {}
     for name, plan in (("in_actor", in_actor), ("apart", replace(in_actor, rows_apart=True))):
-        ds = build_dataset(inputs, config, weights, sha256, plan, str(tmp_path / name))
+        ds = build_dataset(
+            DagSpec(config=config, weights=weights, resources=plan, run_uri=str(tmp_path / name)), inputs
+        )
         stats = consume(ds, weights.num_classes, None)
         assert (stats.images, stats.errors) == (6, 0)
         stages[name] = [s["stage"] for s in dataset_stats(ds)]

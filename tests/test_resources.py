@@ -23,8 +23,10 @@ def test_cpu_default_is_one_single_threaded_actor_per_core_that_decodes_and_refi
     # 2 cores: 2 actors of 1 thread each, and no decode pool: each inference actor reads and
     # decodes its own batch and, with CRF on, refines its own images (nothing through the store).
     # The part writer reserves a quarter CPU (never on a head with num-cpus 0); the actors share the rest.
-    assert resolve({"CPU": 2.0}, crf=False) == Resources(False, 0.875, 1, (2, 2), 128, (0, 0), None, False, None, True)
-    assert resolve({"CPU": 2.0}) == Resources(False, 0.875, 1, (2, 2), 128, (0, 0), None, True, "pydensecrf", True)
+    cpu2 = dict(use_gpu=False, infer_cpus=0.875, infer_threads=1, infer_actors=(2, 2), object_store_mib=128)
+    cpu2 |= dict(decode_actors=(0, 0), crf_actors=None, decode_fused=True)
+    assert resolve({"CPU": 2.0}, crf=False) == Resources(**cpu2, crf_fused=False, crf_backend=None)
+    assert resolve({"CPU": 2.0}) == Resources(**cpu2, crf_fused=True, crf_backend="pydensecrf")
     r = resolve({"CPU": 16.0})
     assert r.infer_actors == (16, 16) and r.infer_threads == 1 and r.infer_cpus == (16 - 2 * 0.25) / 16
     assert r.crf_fused and r.crf_actors is None and r.decode_fused and r.decode_actors == (0, 0)
@@ -42,10 +44,12 @@ def test_cpu_explicit_sizes_win():
     no_pools = dict(
         decode_actors=(0, 0), crf_actors=None, crf_fused=False, crf_backend=None, decode_fused=True, write_actors=2
     )
-    assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(False, 4.0, 4, (3, 3), 192, **no_pools)
+    assert resolve({"CPU": 16.0}, crf=False, infer_cpus=4.0) == Resources(
+        use_gpu=False, infer_cpus=4.0, infer_threads=4, infer_actors=(3, 3), object_store_mib=192, **no_pools
+    )
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(1, 3)).infer_threads == 5  # 15.5 / 3 CPUs each
     assert resolve({"CPU": 16.0}, crf=False, infer_actors=(2, 4), infer_cpus=2.0) == Resources(
-        False, 2.0, 2, (2, 4), 256, **no_pools
+        use_gpu=False, infer_cpus=2.0, infer_threads=2, infer_actors=(2, 4), object_store_mib=256, **no_pools
     )
 
 
@@ -53,7 +57,19 @@ def test_gpu_default_is_one_actor_per_gpu_and_pools_that_grow_with_the_cluster()
     # One dict = the whole cluster: 4 GPU actors x 1 CPU leave 28 CPUs, which the CRF pool may grow
     # into (from 1 actor) and the decode pool too (capped at one per CPU).
     r = resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend="pydensecrf")
-    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4 + 64 * 16, (1, 32), (1, 28), False, "pydensecrf", False, 4)
+    assert r == Resources(
+        use_gpu=True,
+        infer_cpus=1.0,
+        infer_threads=1,
+        infer_actors=(4, 4),
+        object_store_mib=256 * 4 + 64 * 16,
+        decode_actors=(1, 32),
+        crf_actors=(1, 28),
+        crf_fused=False,
+        crf_backend="pydensecrf",
+        decode_fused=False,
+        write_actors=4,
+    )
     assert resolve({"CPU": 32.0, "GPU": 4.0}, infer_actors=(1, 8)).infer_actors == (1, 8)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend="pydensecrf", crf_actors=(2, 6)).crf_actors == (2, 6)
     assert resolve({"CPU": 32.0, "GPU": 4.0}, object_store_mib=100).object_store_mib == 100
@@ -71,7 +87,20 @@ def test_gpu_with_the_torch_backend_refines_in_the_gpu_actors_and_starts_no_crf_
     # object store (so no object-store budget for them), and an explicit --crf-actors starts no pool.
     r = resolve({"CPU": 32.0, "GPU": 4.0}, crf_backend=backend)
     # The GPU actor keeps only device work: its result rows are Ray Data tasks on the CPUs.
-    assert r == Resources(True, 1.0, 1, (4, 4), 256 * 4, (1, 32), None, True, "torch", False, 4, rows_apart=True)
+    assert r == Resources(
+        use_gpu=True,
+        infer_cpus=1.0,
+        infer_threads=1,
+        infer_actors=(4, 4),
+        object_store_mib=256 * 4,
+        decode_actors=(1, 32),
+        crf_actors=None,
+        crf_fused=True,
+        crf_backend="torch",
+        decode_fused=False,
+        write_actors=4,
+        rows_apart=True,
+    )
     assert resolve({"CPU": 4.0}, use_gpu=True, crf_backend=backend).crf_backend == "torch"
     nodes = [{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0, "crf_node": 64.0}]
     pooled = [
@@ -92,7 +121,16 @@ def test_cpu_backend_choice_and_crf_off():
     # Without GPUs auto is pydensecrf (the faster one on a core, docs/benchmarks.md); torch if asked,
     # fused either way. With the CRF off there is no backend at all.
     assert resolve({"CPU": 2.0}, crf_backend="torch") == Resources(
-        False, 0.875, 1, (2, 2), 128, (0, 0), None, True, "torch", True
+        use_gpu=False,
+        infer_cpus=0.875,
+        infer_threads=1,
+        infer_actors=(2, 2),
+        object_store_mib=128,
+        decode_actors=(0, 0),
+        crf_actors=None,
+        crf_fused=True,
+        crf_backend="torch",
+        decode_fused=True,
     )
     assert resolve({"CPU": 2.0}, crf_backend="pydensecrf").crf_backend == "pydensecrf"
     assert resolve({"CPU": 32.0, "GPU": 4.0}, crf=False, crf_backend="torch").crf_backend is None
@@ -149,13 +187,12 @@ _THREADS_PROBE = """
 import json, re, threading, torch
 from pipeline.config.sections import InferenceConfig
 from pipeline.io.decode import decode_batch
-from pipeline.inference.segmenter import Segmenter
+from pipeline.inference.segmenter import InferSpec, Segmenter
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
 import numpy as np
 
-seg = Segmenter(model=W.model, weights_uri=None, storage_options={}, inference=InferenceConfig(),
-                weights_sha256=W.sha256, num_classes=len(W.categories), use_gpu=False, threads=2,
-                crf_follows=False, run_id="t", mean=W.mean, std=W.std)
+seg = Segmenter(InferSpec(weights=W, inference=InferenceConfig(), storage_options={}, run_id="t",
+                          use_gpu=False, threads=2, crf_follows=False))
 seen = []
 seg.model.register_forward_pre_hook(lambda module, args: seen.append(
     int(re.search(r"omp_get_max_threads\\(\\) : (\\d+)", torch.__config__.parallel_info()).group(1))))
@@ -187,14 +224,15 @@ def test_segmenter_runs_its_threads_when_called_from_another_thread():
 
 
 def test_object_store_budget_reaches_the_last_stage(ray_local):
-    from pipeline.dag.stages import build_dataset
+    from pipeline.dag.stages import DagSpec, build_dataset
     from pipeline.io.storage import list_inputs
     from pipeline.job import resolve_weights
 
     config = demo_config(input_uri=str(DEMO_BUCKET / "images"), compute=ComputeConfig(object_store_mib=300))
-    weights, sha = resolve_weights(config)
+    weights = resolve_weights(config)
     resources = Resources.resolve(config, {"CPU": 2.0})
-    ds = build_dataset(list_inputs(config.input_uri, None), config, weights, sha, resources, "/tmp/unused")
+    dag = DagSpec(config=config, weights=weights, resources=resources, run_uri="/tmp/unused")
+    ds = build_dataset(dag, list_inputs(config.input_uri, None))
     assert ds.context.execution_options.resource_limits.object_store_memory == 300 * 2**20
 
 
@@ -205,17 +243,18 @@ def test_no_task_holds_more_than_four_batches_of_keys(ray_local, monkeypatch):
     import pyarrow as pa
 
     from pipeline.dag import stages
-    from pipeline.dag.stages import build_dataset, dataset_stats, keys_per_block
+    from pipeline.dag.stages import DagSpec, build_dataset, dataset_stats, keys_per_block
     from pipeline.io.storage import Inputs
     from pipeline.job import resolve_weights
 
     assert [keys_per_block(n, 16) for n in (32, 3_200, 10_000, 200_000, 10_000_000)] == [16, 16, 64, 64, 64]
     monkeypatch.setattr(stages, "TARGET_BLOCKS", 10)
     config = demo_config(input_uri=str(DEMO_BUCKET / "images"), crf=None, compute=ComputeConfig(batch_size=1))
-    weights, sha = resolve_weights(config)
+    weights = resolve_weights(config)
     resources = Resources.resolve(config, {"CPU": 2.0})
     inputs = Inputs(config.input_uri, None, pa.chunked_array([[f"missing/{i:03d}.jpg" for i in range(100)]]))
-    ds = build_dataset(inputs, config, weights, sha, resources, "/tmp/unused", upto="decode")
+    dag = DagSpec(config=config, weights=weights, resources=resources, run_uri="/tmp/unused")
+    ds = build_dataset(dag, inputs, upto="decode")
     assert sum(len(b["key"]) for b in ds.iter_batches(batch_size=None)) == 100
     (decode,) = [s for s in dataset_stats(ds) if s["stage"] == "MapBatches(Decoder)"]
     assert decode["rows"] == 100 and decode["tasks"] == 25 and decode["rows_per_task_max"] == 4

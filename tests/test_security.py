@@ -366,7 +366,7 @@ def _demo_with_categories(tmp_path: Path, categories) -> str:
 
     source = ASSETS / "deeplabv3plus_demo.safetensors"
     with safe_open(str(source), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
         metadata = dict(f.metadata() or {})
     metadata["categories"] = json.dumps(categories)
     path = tmp_path / "demo.safetensors"
@@ -403,7 +403,7 @@ def test_a_checksum_prefix_is_refused_and_published_records_carry_full_digests(t
     assert "full 64-hex-digit digest" in capsys.readouterr().err
     full = {m: w.sha256 for m, w in DEFAULT_WEIGHTS.items() if w.sha256 and len(w.sha256) == 64}
     assert "deeplabv3plus_demo" in full and "deeplabv3_resnet50" in full
-    for model, w in DEFAULT_WEIGHTS.items():
+    for model in DEFAULT_WEIGHTS:
         if model not in full:  # only torch.hub's prefix known: refused before reading, with what to pass
             assert main([str(DEMO_BUCKET / "images"), "--output", str(tmp_path / "out"), "--model", model]) == 2
             assert "#sha256=<full digest>" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, Field, field, fields
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -43,40 +43,49 @@ def json_object(text: str) -> dict:
 # parser and the mapping back from it, so a field cannot be forgotten in either.
 
 
+class FlagSpec(TypedDict, total=False):
+    """``option``'s flag keywords: ``lo``/``hi`` inclusive bounds, ``above``/``below`` exclusive ones,
+    all checked by ``check_fields`` (``note`` is appended to that message); ``flag`` defaults to
+    ``--<prefix><name>`` with the class's ``FLAG_PREFIX``, ``group`` to its ``FLAG_GROUP``."""
+
+    flag: str | None
+    group: str | None
+    type: Callable[[str], Any] | None
+    choices: Collection | None
+    lo: float | None
+    above: float | None
+    hi: float | None
+    below: float | None
+    metavar: str | None
+    check_choices: bool
+    note: str
+
+
+# Every FlagSpec key, in the order field metadata lists them.
+_FLAG_DEFAULTS: FlagSpec = {
+    "flag": None,
+    "group": None,
+    "type": None,
+    "choices": None,
+    "lo": None,
+    "above": None,
+    "hi": None,
+    "below": None,
+    "metavar": None,
+    "check_choices": True,
+    "note": "",
+}
+
+
 def option(
-    default: Any = MISSING,
-    *,
-    help: str,
-    flag: str | None = None,
-    group: str | None = None,
-    type: Callable[[str], Any] | None = None,
-    choices: Collection | None = None,
-    lo: float | None = None,
-    above: float | None = None,
-    hi: float | None = None,
-    below: float | None = None,
-    metavar: str | None = None,
-    check_choices: bool = True,
-    factory: Callable[[], Any] | None = None,
-    note: str = "",
+    default: Any = MISSING, *, help: str, factory: Callable[[], Any] | None = None, **spec: Unpack[FlagSpec]
 ) -> Any:
-    """A dataclass field that is also a flag. ``lo``/``hi``: inclusive bounds, ``above``/``below``:
-    exclusive ones, all checked by ``check_fields`` (``note`` is appended to that message); ``flag``
-    defaults to ``--<prefix><name>`` with the class's ``FLAG_PREFIX``; ``group`` to its ``FLAG_GROUP``."""
-    meta = {
-        "help": help,
-        "flag": flag,
-        "group": group,
-        "type": type,
-        "choices": choices,
-        "lo": lo,
-        "above": above,
-        "hi": hi,
-        "below": below,
-        "metavar": metavar,
-        "check_choices": check_choices,
-        "note": note,
-    }
+    """A dataclass field that is also a flag, described by ``help`` and ``spec`` (``FlagSpec``);
+    ``factory`` makes its default instead of ``default``."""
+    unknown = set(spec) - set(_FLAG_DEFAULTS)
+    if unknown:  # **spec takes any name at run time; a misspelt keyword must still fail
+        raise TypeError(f"option() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    meta = {"help": help, **_FLAG_DEFAULTS, **spec}
     if factory is not None:
         return field(default_factory=factory, hash=False, metadata=meta)
     return field(default=default, metadata=meta)

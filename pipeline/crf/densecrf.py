@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal, overload
 
 import numpy as np
@@ -12,14 +12,14 @@ import pydensecrf.densecrf as dcrf
 import ray
 from PIL import Image
 
-from pipeline.config.memory import crf_budget, crf_scale, image_budget, release_freed
+from pipeline.config.memory import crf_budget, crf_scale, image_budget, release_freed, steady_heap
 from pipeline.config.sections import CRFParams
 from pipeline.evaluation.per_image import result_table
+from pipeline.models.weights import Weights
 from pipeline.observability import stage_metrics
 from pipeline.rows import flight
-from pipeline.rows.errors import mark_error
+from pipeline.rows.batch import Rows
 from pipeline.rows.probs import decode_probs
-from pipeline.rows.schema import add_columns
 
 
 @overload
@@ -109,50 +109,63 @@ def _refine_small(
     return labels
 
 
+@dataclass(frozen=True, kw_only=True)
+class Refinement:
+    """How a stage refines its rows: the CRF's parameters, the probabilities' encoding and class
+    count, and the node the rows are refined on (their ``crf_node``)."""
+
+    params: CRFParams
+    encoding: str
+    num_classes: int
+    node_id: str
+
+
 def refine_row(
-    out: dict[str, list],
-    i: int,
-    image: np.ndarray,
-    probs: bytes | None,
-    *,
-    params: CRFParams,
-    encoding: str,
-    num_classes: int,
-    node_id: str,
-    metrics,
-    budget: int | None = None,
+    rows: Rows, i: int, image: np.ndarray, probs: bytes | None, how: Refinement, budget: int | None = None
 ) -> None:
-    """Refine row ``i`` of a stage's columns in place: ``mask_crf``, ``crf_ms``, ``crf_scale``,
-    ``crf_node``, or its error. Above ``budget`` bytes or ``params.max_pixels`` the CRF runs at a
-    reduced resolution (``pipeline.config.memory.crf_scale``). ``probs`` None: take ``out["probs"][i]``
-    and drop it once downscaled, before the CRF allocates (C bytes a pixel).
+    """Refine row ``i`` in place: ``mask_crf``, ``crf_ms``, ``crf_scale``, ``crf_node``, or its error.
+    Above ``budget`` bytes or ``how.params.max_pixels`` the CRF runs at a reduced resolution
+    (``pipeline.config.memory.crf_scale``). ``probs`` None: take ``rows["probs"][i]`` and drop it once
+    downscaled, before the CRF allocates (C bytes a pixel).
 
     The CRF pool and the fused inference actor both call this on the encoded probabilities, so
     either plan gives the same masks for the same inputs.
     """
+    params, encoding, num_classes = how.params, how.encoding, how.num_classes
     h, w = image.shape[:2]
-    out["crf_node"][i] = node_id
+    rows.set(i, crf_node=how.node_id)
     start = time.perf_counter()
     scale = crf_scale(h, w, num_classes, budget, params.max_pixels)
     try:
         owned = probs is None
         if scale < 1.0:
-            small_rgb, small = _downscale(image, out["probs"][i] if owned else probs, encoding, num_classes, scale)
+            small_rgb, small = _downscale(image, rows["probs"][i] if owned else probs, encoding, num_classes, scale)
             if owned:
-                out["probs"][i] = b""
+                rows.set(i, probs=b"")
             labels = _refine_small(small_rgb, small, (h, w), scale, params)
         else:
             labels = dense_crf(
-                image, decode_probs(out["probs"][i] if probs is None else probs, encoding, (num_classes, h, w)), params
+                image, decode_probs(rows["probs"][i] if probs is None else probs, encoding, (num_classes, h, w)), params
             )
-        out["mask_crf"][i] = labels.tobytes()
+        rows.set(i, mask_crf=labels.tobytes())
     except Exception as exc:
-        mark_error(out, i, "crf", exc, f"dense CRF failed: {exc}")
+        rows.fail(i, "crf", exc, f"dense CRF failed: {exc}")
         return
     seconds = time.perf_counter() - start
-    out["crf_ms"][i] = seconds * 1000.0
-    out["crf_scale"][i] = scale
-    metrics.ok(seconds)
+    rows.set(i, crf_ms=seconds * 1000.0, crf_scale=scale)
+    stage_metrics("crf").ok(seconds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CRFSpec:
+    """What a ``CRFRefiner`` needs: the CRF's parameters, the weights record (model, checksum and
+    classes of the result rows), the run, the probabilities' encoding and the actor's memory share."""
+
+    params: CRFParams
+    weights: Weights
+    run_id: str
+    probs_encoding: str = "uint8"
+    actor_memory_mib: int = 0
 
 
 class CRFRefiner:
@@ -161,26 +174,14 @@ class CRFRefiner:
     A failure on one image becomes that image's error row (stage ``crf``), never a failed run.
     """
 
-    def __init__(
-        self,
-        *,
-        params: CRFParams,
-        num_classes: int,
-        model: str,
-        weights_sha256: str,
-        run_id: str,
-        probs_encoding: str = "uint8",
-        actor_memory_mib: int = 0,
-    ) -> None:
-        self.params = params
-        self.budget = image_budget(actor_memory_mib)
-        self.probs_encoding = probs_encoding
-        self.num_classes = num_classes
-        self.model = model
-        self.weights_sha256 = weights_sha256
-        self.run_id = run_id
-        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        self.metrics = stage_metrics("crf")
+    def __init__(self, spec: CRFSpec) -> None:
+        steady_heap()
+        self.spec = spec
+        self.budget = image_budget(spec.actor_memory_mib)
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self.how = Refinement(
+            params=spec.params, encoding=spec.probs_encoding, num_classes=spec.weights.num_classes, node_id=node_id
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]):
         return self._refine(batch)
@@ -190,26 +191,17 @@ class CRFRefiner:
         return self._refine(batch)
 
     def _refine(self, batch: dict[str, np.ndarray]):
-        n = len(batch["key"])
-        out = add_columns({k: list(v) for k, v in batch.items()}, "crf", n)
-        for i in range(n):
-            if out["error_stage"][i]:
-                continue
-            flight.record("crf", [out["key"][i]])
+        rows = Rows.of(batch, "crf")
+        num_classes, weights = self.how.num_classes, self.spec.weights
+        for i in rows.pending():
+            flight.record("crf", [rows["key"][i]])
             h, w = int(batch["height"][i]), int(batch["width"][i])
             image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
-            refine_row(
-                out,
-                i,
-                image,
-                batch["probs"][i],
-                params=self.params,
-                encoding=self.probs_encoding,
-                num_classes=self.num_classes,
-                node_id=self.node_id,
-                metrics=self.metrics,
-                budget=crf_budget(self.budget, h, w, self.num_classes),
-            )
+            refine_row(rows, i, image, batch["probs"][i], self.how, crf_budget(self.budget, h, w, num_classes))
         return result_table(
-            out, num_classes=self.num_classes, model=self.model, weights_sha256=self.weights_sha256, run_id=self.run_id
+            rows.columns,
+            num_classes=num_classes,
+            model=weights.model,
+            weights_sha256=weights.sha256 or "",
+            run_id=self.spec.run_id,
         )

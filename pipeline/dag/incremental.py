@@ -3,6 +3,8 @@ from its part files by Ray workers (``pipeline.outputs.carry.Carrier``), and onl
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pyarrow as pa
 import ray
 
@@ -16,6 +18,7 @@ from pipeline.outputs.run import RunOutput
 def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, storage_options: dict, writers: int):
     """The Ray Data stage that copies the planned rows (one call per base part file)."""
     parts = plan_.parts
+    assert plan_.base.run is not None, "a plan copies from a base run"
     blocks = max(1, min(parts.num_rows, 64))
     step = -(-parts.num_rows // blocks)
     ds = ray.data.from_blocks([parts.slice(i, step) for i in range(0, parts.num_rows, step)])
@@ -36,6 +39,15 @@ def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, 
         max_restarts=-1,
         max_task_retries=3,
     )
+
+
+class Night(NamedTuple):
+    """What an --incremental night leaves to segment, the carried parts' summed stats and
+    manifest.json's "incremental"."""
+
+    todo: Inputs
+    carried: PartStats
+    manifest: dict
 
 
 def choose(config, *, todo: Inputs, listing: pa.Table, fp: dict) -> tuple[Base, Plan | None]:
@@ -60,21 +72,21 @@ def dry_run_carry(config, *, todo: Inputs, listing: pa.Table, fp: dict) -> dict:
 
 def incremental_night(
     config, *, todo: Inputs, listing: pa.Table, fp: dict, output: RunOutput, num_classes: int, writers: int
-) -> tuple[Inputs, PartStats, dict]:
-    """Carry what is unchanged since the base run; returns (the inputs left to segment, the carried
-    parts' summed stats, manifest.json's "incremental"). A base that cannot be read, or a copy that
+) -> Night:
+    """Carry what is unchanged since the base run. A base that cannot be read, or a copy that
     fails, carries nothing: its copied parts are removed and every input is segmented."""
     base, chosen = choose(config, todo=todo, listing=listing, fp=fp)
     stats, total = PartStats.empty(num_classes), len(todo)
-    if base.run is not None and chosen is not None:
+    base_run = base.run  # the base this night copies from, named if the copy fails
+    if base_run is not None and chosen is not None:
         options = dict(output_uri=config.output_uri, storage_options=config.storage_options, writers=writers)
         try:
             if len(chosen):
                 stats = consume(carry(chosen, output=output, num_classes=num_classes, **options), num_classes, None)
-        except Exception as exc:  # noqa: BLE001 (any failure of the copy: carry nothing)
+        except Exception as exc:  # any failure of the copy: carry nothing
             _remove(output, new_part_names(chosen.parts))
             cause = next((line for line in str(exc).splitlines() if line.strip()), "")[:200]
-            base = Base(None, f"copying from base run {base.run.run_id} failed ({type(exc).__name__}: {cause}); "
+            base = Base(None, f"copying from base run {base_run.run_id} failed ({type(exc).__name__}: {cause}); "
                         "segmenting every input")  # fmt: skip
             stats = PartStats.empty(num_classes)
         else:
@@ -84,7 +96,7 @@ def incremental_night(
     else:
         line = f"no base run ({base.reason}); {len(todo)} to segment"
     print(f"[deeplab-pipeline] incremental: {line}", flush=True)
-    return todo, stats, base.manifest()
+    return Night(todo=todo, carried=stats, manifest=base.manifest())
 
 
 def _remove(output: RunOutput, names: list[str]) -> None:

@@ -10,23 +10,24 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyarrow as pa
 import ray
 from ray.util.annotations import RayDeprecationWarning
 
 from pipeline.config.sections import JobConfig
-from pipeline.crf.densecrf import CRFRefiner
+from pipeline.crf.densecrf import CRFRefiner, CRFSpec
 from pipeline.evaluation.per_image import result_table
-from pipeline.inference.segmenter import Segmenter
-from pipeline.io.decode import Decoder
+from pipeline.inference.segmenter import InferSpec, Segmenter
+from pipeline.io.decode import Decoder, DecodeSpec
 from pipeline.io.storage import Inputs
 from pipeline.models.weights import Weights
-from pipeline.outputs.writer import PartWriter
+from pipeline.outputs.writer import PartWriter, WriteSpec
 from pipeline.rows.flight import RETRIES, isolating
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Resources:
     """Where each stage runs, resolved against the cluster's nodes before any work starts."""
 
@@ -90,16 +91,26 @@ class Resources:
         budget = compute.object_store_mib or (256 if use_gpu else 64) * actors[1] + 64 * min(crf_max, 16)
         decoders = (0, 0) if decode_fused else (1, max(plan_now.decoders, plan_most.decoders))
         return cls(
-            use_gpu, plan_now.cpus, plan_now.threads, actors, budget, decoders, crf_actors, fused, backend,
-            decode_fused, writers, rows_apart=use_gpu and crf_actors is None,
-        )  # fmt: skip
+            use_gpu=use_gpu,
+            infer_cpus=plan_now.cpus,
+            infer_threads=plan_now.threads,
+            infer_actors=actors,
+            object_store_mib=budget,
+            decode_actors=decoders,
+            crf_actors=crf_actors,
+            crf_fused=fused,
+            crf_backend=backend,
+            decode_fused=decode_fused,
+            write_actors=writers,
+            rows_apart=use_gpu and crf_actors is None,
+        )
 
 
 def _cpus(nodes: list[dict[str, float]]) -> float:
     return sum(n.get("CPU", 0.0) for n in nodes) or 1.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Plan:
     """The pools one set of nodes holds: inference actors, their CPUs, CRF and decode room."""
 
@@ -116,11 +127,12 @@ class _Plan:
         total = _cpus(nodes)
         gpus = sum(n.get("GPU", 0.0) for n in nodes)
         if use_gpu:
-            actors, cpus, threads = _gpu_actors(compute, gpus)
+            size = _gpu_actors(compute, gpus)
         else:
             # The part writers reserve a CPU share too (never on a head that offers none); the
             # inference actors take the rest.
-            actors, cpus, threads = _cpu_actors(compute, max(0.5, total - writer_cpus), decode_fused, cpus)
+            size = _cpu_actors(compute, max(0.5, total - writer_cpus), decode_fused, cpus)
+        actors, cpus = size.actors, size.cpus
         # CPUs each node keeps after the inference actors it may host (GPU nodes host one per GPU).
         left = [
             n.get("CPU", 0.0) - (_eligible(n, compute.infer_resources) and use_gpu) * n.get("GPU", 0.0) * cpus
@@ -131,12 +143,11 @@ class _Plan:
             nodes = [{}]
         room = sum(
             math.floor(cpu / compute.crf_cpus + 1e-9)
-            for cpu, n in zip(left, nodes)
+            for cpu, n in zip(left, nodes, strict=True)
             if _eligible(n, compute.crf_resources)
         )
-        return cls(
-            actors, cpus, threads, room, _decoders(compute.decode_cpus, max(0.0, sum(left) - writer_cpus), total)
-        )
+        decoders = _decoders(compute.decode_cpus, max(0.0, sum(left) - writer_cpus), total)
+        return cls(actors=actors, cpus=cpus, threads=size.threads, crf_room=room, decoders=decoders)
 
 
 def _decoders(decode_cpus: float, left: float, total_cpus: float) -> int:
@@ -159,15 +170,23 @@ def _crf_backend(config: JobConfig, use_gpu: bool) -> str | None:
     return "torch" if use_gpu and not asks_pool else "pydensecrf"
 
 
-def _gpu_actors(compute, gpus: float) -> tuple[int, float, int]:
-    """(actors, CPUs per actor, torch threads) with GPUs: one actor per GPU (one at least)."""
+class _ActorSize(NamedTuple):
+    """How many inference actors, the CPUs each reserves and the torch threads each runs."""
+
+    actors: int
+    cpus: float
+    threads: int
+
+
+def _gpu_actors(compute, gpus: float) -> _ActorSize:
+    """With GPUs: one actor per GPU (one at least)."""
     cpus = compute.infer_cpus or 1.0
-    return max(1, int(gpus)), cpus, max(1, int(cpus))
+    return _ActorSize(actors=max(1, int(gpus)), cpus=cpus, threads=max(1, int(cpus)))
 
 
-def _cpu_actors(compute, cpus_left: float, decode_fused: bool, fixed: float | None) -> tuple[int, float, int]:
-    """(actors, CPUs per actor, torch threads) without GPUs: one single-threaded actor per core by
-    default. ``fixed``: the actors' CPUs already decided (how many of that size fit)."""
+def _cpu_actors(compute, cpus_left: float, decode_fused: bool, fixed: float | None) -> _ActorSize:
+    """Without GPUs: one single-threaded actor per core by default. ``fixed``: the actors' CPUs
+    already decided (how many of that size fit)."""
     spare = cpus_left - (0.0 if decode_fused else compute.decode_cpus)
     if fixed is not None:
         cpus = fixed
@@ -181,7 +200,7 @@ def _cpu_actors(compute, cpus_left: float, decode_fused: bool, fixed: float | No
     else:
         actors = max(1, round(spare))
         cpus = max(0.5, spare / actors)
-    return actors, cpus, max(1, math.floor(cpus + 0.5))
+    return _ActorSize(actors=actors, cpus=cpus, threads=max(1, math.floor(cpus + 0.5)))
 
 
 def _eligible(node: dict[str, float], required: dict) -> bool:
@@ -262,31 +281,39 @@ def plan(config: JobConfig, resources: Resources, *, inputs: int, todo: int) -> 
     }
 
 
+@dataclass(frozen=True, kw_only=True)
+class DagSpec:
+    """What every stage of one run's DAG is built from: the configuration, the checked weights
+    record, the resolved resources and where the part files go."""
+
+    config: JobConfig
+    weights: Weights
+    resources: Resources
+    run_uri: str
+    # The checkpoint's bytes in the object store, put there once by the driver; the inference actors
+    # read them instead of the weights URI (None: each actor reads the URI).
+    weights_data: ray.ObjectRef | None = None
+
+
 def build_dataset(
+    dag: DagSpec,
     inputs: Inputs,
-    config: JobConfig,
-    weights: Weights,
-    weights_sha256: str,
-    resources: Resources,
-    run_uri: str,
     *,
     retries: int = TASK_RETRIES,
     max_blocks: int | None = None,
     tolerate: bool | int = True,
     upto: str = "write",
-    weights_data: ray.ObjectRef | None = None,
 ) -> ray.data.Dataset:
-    """The whole DAG from listed keys to one WRITE_SCHEMA row per part file written under ``run_uri``.
+    """The whole DAG from listed keys to one WRITE_SCHEMA row per part file written under ``dag.run_uri``.
 
     A batch whose worker died ``retries`` + 1 times is dropped, not fatal (``tolerate``: True, or
     at most that many such batches, False for none): the caller reconciles
     the keys that reached no part file (pipeline/dag/runner.py). ``upto`` ends the DAG after that stage
-    (decode, infer, crf), which is how the runner learns where an input kills its worker.
-    ``weights_data``: the checkpoint's bytes in the object store, put there once by the driver; the
-    inference actors read them instead of the weights URI (None: each actor reads the URI)."""
-    per_block = keys_per_block(len(inputs), config.compute.batch_size, max_blocks)
+    (decode, infer, crf), which is how the runner learns where an input kills its worker."""
+    resources = dag.resources
+    per_block = keys_per_block(len(inputs), dag.config.compute.batch_size, max_blocks)
     blocks = math.ceil(len(inputs) / per_block)
-    stage = _Stage(config, weights, resources, blocks, _fault_tolerance(retries), weights_data)
+    stage = _Stage(dag=dag, blocks=blocks, fault_tolerance=_fault_tolerance(retries))
     ds = _keys(inputs, per_block, resources, tolerate)
     # The compute stages isolate the inputs that kill their worker themselves (pipeline/rows/flight.py),
     # each named by its first step; the writer publishes files named by its batch's keys, so a retried
@@ -296,17 +323,17 @@ def build_dataset(
         ds = _map(ds, isolating(Decoder, "decode"), stage.decode(inputs))
     if upto == "decode":
         return ds
-    ds = _map(ds, isolating(Segmenter, "infer" if decodes else "decode"), stage.infer(weights_sha256, inputs))
+    ds = _map(ds, isolating(Segmenter, "infer" if decodes else "decode"), stage.infer(inputs))
     if upto == "infer":
         return ds
     if resources.crf_actors is not None:
-        ds = _map(ds, isolating(CRFRefiner, "crf"), stage.crf(weights_sha256, len(inputs)))
+        ds = _map(ds, isolating(CRFRefiner, "crf"), stage.crf(len(inputs)))
     if upto == "crf":
         return ds
     if resources.rows_apart:
-        ds = _map(ds, result_table, stage.rows(weights_sha256))
+        ds = _map(ds, result_table, stage.rows())
     # Workers write: each call publishes one part file of up to --rows-per-file rows.
-    return _map(ds, PartWriter, stage.write(run_uri))
+    return _map(ds, PartWriter, stage.write())
 
 
 def dataset_stats(ds: ray.data.Dataset) -> list[dict]:
@@ -366,67 +393,60 @@ def _keys(inputs: Inputs, step: int, resources: Resources, tolerate: bool | int)
     return ds
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Stage:
-    """Each stage's ``map_batches`` arguments: its callable's constructor, batch size and resources."""
+    """Each stage's ``map_batches`` arguments: its callable's spec, batch size and resources."""
 
-    config: JobConfig
-    weights: Weights
-    resources: Resources
+    dag: DagSpec
     blocks: int
     fault_tolerance: dict
-    weights_data: ray.ObjectRef | None = None
 
-    def decoder(self, inputs: Inputs) -> dict:
-        """The ``Decoder``'s constructor arguments (its own pool's, or the fused inference actor's)."""
+    def decoder(self, inputs: Inputs) -> DecodeSpec:
+        """The ``Decoder``'s spec (its own pool's, or the fused inference actor's)."""
+        config = self.dag.config
         # Tiled inference bounds network memory, so the pixel guard only applies to whole-image runs.
-        max_pixels = None if self.config.inference.tile else self.config.inference.max_pixels
-        return {
-            "locator": inputs.locator(),
-            "storage_options": self.config.storage_options,
-            "num_classes": self.weights.num_classes,
-            "max_pixels": max_pixels,
-        }
+        max_pixels = None if config.inference.tile else config.inference.max_pixels
+        return DecodeSpec(
+            locator=inputs.locator(),
+            storage_options=config.storage_options,
+            num_classes=self.dag.weights.num_classes,
+            max_pixels=max_pixels,
+        )
 
     def decode(self, inputs: Inputs) -> dict:
-        compute = self.config.compute
+        compute = self.dag.config.compute
         return dict(
-            fn_constructor_kwargs=self.decoder(inputs),
+            fn_constructor_kwargs={"spec": self.decoder(inputs)},
             batch_size=compute.batch_size,
             num_cpus=compute.decode_cpus,
             compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=max(1, min(self.resources.decode_actors[1], self.blocks))
+                min_size=1, max_size=max(1, min(self.dag.resources.decode_actors[1], self.blocks))
             ),
             **self.fault_tolerance,
         )
 
-    def infer(self, weights_sha256: str, inputs: Inputs) -> dict:
-        config, weights, resources = self.config, self.weights, self.resources
+    def infer(self, inputs: Inputs) -> dict:
+        config, resources = self.dag.config, self.dag.resources
         # A small run has fewer batches than the pool has actors: don't start (and load the model on)
         # actors that would get no batch.
         infer_min, infer_max = (min(n, self.blocks) for n in resources.infer_actors)
+        spec = InferSpec(
+            weights=self.dag.weights,
+            inference=config.inference,
+            storage_options=config.storage_options,
+            run_id=config.run_id,
+            use_gpu=resources.use_gpu,
+            threads=resources.infer_threads,
+            actor_memory_mib=config.compute.actor_memory_mib,
+            crf_follows=resources.crf_actors is not None,
+            rows_follow=resources.rows_apart,
+            crf=config.crf if resources.crf_fused else None,
+            crf_backend=resources.crf_backend or "pydensecrf",
+            decode=self.decoder(inputs) if resources.decode_fused else None,
+        )
         return dict(
-            fn_constructor_kwargs={
-                "model": config.model,
-                "weights_uri": config.weights_uri,
-                "storage_options": config.storage_options,
-                "inference": config.inference,
-                "weights_sha256": weights_sha256,
-                "num_classes": weights.num_classes,
-                "use_gpu": resources.use_gpu,
-                "threads": resources.infer_threads,
-                "crf_follows": resources.crf_actors is not None,
-                "rows_follow": resources.rows_apart,
-                "run_id": config.run_id,
-                "mean": weights.mean,
-                "std": weights.std,
-                "crf": config.crf if resources.crf_fused else None,
-                "crf_backend": resources.crf_backend or "pydensecrf",
-                "actor_memory_mib": config.compute.actor_memory_mib,
-                "decode": self.decoder(inputs) if resources.decode_fused else None,
-                # A reference, not the bytes: the constructor's arguments stay small (ray-project/ray#53727).
-                "weights_data": self.weights_data,
-            },
+            # A reference, not the bytes: the constructor's arguments stay small (ray-project/ray#53727).
+            fn_constructor_kwargs={"spec": spec, "weights_data": self.dag.weights_data},
             batch_size=config.compute.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=infer_min, max_size=infer_max),
             num_gpus=1 if resources.use_gpu else 0,
@@ -435,14 +455,14 @@ class _Stage:
             **self.fault_tolerance,
         )
 
-    def rows(self, weights_sha256: str) -> dict:
+    def rows(self) -> dict:
         """Result rows as Ray Data tasks: stateless CPU work that Ray Data spreads over every core free."""
-        config = self.config
+        config, weights = self.dag.config, self.dag.weights
         return dict(
             fn_kwargs={
-                "num_classes": self.weights.num_classes,
-                "model": config.model,
-                "weights_sha256": weights_sha256,
+                "num_classes": weights.num_classes,
+                "model": weights.model,
+                "weights_sha256": weights.sha256 or "",
                 "run_id": config.run_id,
             },
             batch_size=config.compute.batch_size,
@@ -450,18 +470,18 @@ class _Stage:
             max_retries=self.fault_tolerance.get("max_task_retries", TASK_RETRIES),
         )
 
-    def crf(self, weights_sha256: str, images: int) -> dict:
-        config, pool = self.config, self.resources.crf_actors
+    def crf(self, images: int) -> dict:
+        config, pool = self.dag.config, self.dag.resources.crf_actors
+        assert config.crf is not None and pool is not None, "a CRF pool runs only with the CRF on"
+        spec = CRFSpec(
+            params=config.crf,
+            weights=self.dag.weights,
+            run_id=config.run_id,
+            probs_encoding=config.inference.probs_encoding,
+            actor_memory_mib=config.compute.actor_memory_mib,
+        )
         return dict(
-            fn_constructor_kwargs={
-                "params": config.crf,
-                "num_classes": self.weights.num_classes,
-                "model": config.model,
-                "weights_sha256": weights_sha256,
-                "run_id": config.run_id,
-                "probs_encoding": config.inference.probs_encoding,
-                "actor_memory_mib": config.compute.actor_memory_mib,
-            },
+            fn_constructor_kwargs={"spec": spec},
             batch_size=1,  # one image per call keeps CRF actors evenly loaded
             compute=ray.data.ActorPoolStrategy(min_size=min(pool[0], images), max_size=min(pool[1], images)),
             num_cpus=config.compute.crf_cpus,
@@ -469,16 +489,16 @@ class _Stage:
             **self.fault_tolerance,
         )
 
-    def write(self, run_uri: str) -> dict:
+    def write(self) -> dict:
+        config = self.dag.config
+        spec = WriteSpec(
+            run_uri=self.dag.run_uri, storage_options=config.storage_options, num_classes=self.dag.weights.num_classes
+        )
         return dict(
-            fn_constructor_kwargs={
-                "run_uri": run_uri,
-                "storage_options": self.config.storage_options,
-                "num_classes": self.weights.num_classes,
-            },
-            batch_size=self.config.rows_per_file,
+            fn_constructor_kwargs={"spec": spec},
+            batch_size=config.rows_per_file,
             batch_format="pyarrow",
             num_cpus=WRITER_CPUS,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.resources.write_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.dag.resources.write_actors),
             **self.fault_tolerance,
         )

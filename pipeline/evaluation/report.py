@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,10 +63,10 @@ def _overlay(image: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def _resized(ids: np.ndarray, shape: tuple[int, int] | None) -> np.ndarray:
     if shape is None or ids.shape == shape:
         return ids
-    return np.asarray(Image.fromarray(ids).resize((shape[1], shape[0]), Image.NEAREST))
+    return np.asarray(Image.fromarray(ids).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
 
 
-def _table_rows(rows: list[tuple[str, object]]) -> str:
+def _table_rows(rows: Sequence[tuple[str, object]]) -> str:
     return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
 
 
@@ -77,7 +78,7 @@ def _bar_chart(names: list[str], iou: list[float | None], iou_pre: list[float | 
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" '
         f'height="{height}" font-family="sans-serif" font-size="12">'
     ]
-    for i, (name, post, pre) in enumerate(zip(names, iou, iou_pre)):
+    for i, (name, post, pre) in enumerate(zip(names, iou, iou_pre, strict=True)):
         y = 10 + i * row
         parts.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{html.escape(name)}</text>')
         for j, (value, colour) in enumerate(((pre, "#b0b0b0"), (post, "#2f6db5"))):
@@ -135,7 +136,7 @@ def _change_figure(example, thumbnail: bytes | None) -> str:
     old, new = _resized(old, size) if same_size else old, _resized(new, size)
     previous = _overlay(image, old) if same_size else _PALETTE[old]
     panels = [("image", image), ("previous run", previous), ("this run", _overlay(image, new))]
-    if same_size:
+    if changed_ids is not None:  # the masks have the same size
         changed = (image.astype(np.float32) * 0.35).astype(np.uint8)
         changed[changed_ids > 0] = (230, 30, 30)
         panels.append(("changed pixels", changed))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -80,48 +80,17 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return [*starts, length - tile]  # the last window ends at the border
 
 
-def sliding_window_probs(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    *,
-    tile: int,
-    overlap: int,
-    scales: tuple[float, ...],
-    flip: bool,
-    average: str = "probs",
-) -> torch.Tensor:
-    """Multi-scale inference on overlapping ``tile`` x ``tile`` windows, probabilities averaged where
-    windows overlap. Network memory depends on the tile, not on the image, so very large images
-    run within a fixed budget (the full-resolution probability map stays on the host)."""
-    height, width = image.shape[-2:]
-    if height <= tile and width <= tile:
-        return multiscale_probs(model, image, scales, flip, average)
-    stride = max(1, tile - overlap)
-    total: torch.Tensor | None = None
-    count: torch.Tensor | None = None
-    for top in tile_starts(height, tile, stride):
-        for left in tile_starts(width, tile, stride):
-            window = image[..., top : top + tile, left : left + tile]
-            probs = multiscale_probs(model, window, scales, flip, average).cpu()
-            if total is None or count is None:
-                total = torch.zeros(image.shape[0], probs.shape[1], height, width)
-                count = torch.zeros(1, 1, height, width)
-            total[..., top : top + tile, left : left + tile] += probs
-            count[..., top : top + tile, left : left + tile] += 1
-    assert total is not None and count is not None  # tile_starts gives at least one window
-    return total / count
-
-
 def _forward(model: torch.nn.Module, x: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
-    """Probabilities of a normalised (N, 3, H, W) batch on its device, whole or tiled."""
+    """Probabilities of a normalised (N, 3, H, W) batch on its device, whole: an image larger than
+    ``config.tile`` runs tiled through ``pipeline.inference.tiling.tiled_outputs``, the one tiled path."""
+    if config.tile and max(x.shape[-2:]) > config.tile:
+        raise ValueError(
+            f"a {x.shape[-2]}x{x.shape[-1]} image is larger than the {config.tile} px tile: "
+            "tiled inference is pipeline.inference.tiling.tiled_outputs"
+        )
     if x.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, config.precision):
-        if config.tile:
-            window = {"tile": config.tile, "overlap": config.tile_overlap}
-            return sliding_window_probs(
-                model, x, **window, scales=config.scales, flip=config.flip, average=config.average
-            )
         return multiscale_probs(model, x, config.scales, config.flip, config.average)
 
 
@@ -233,6 +202,14 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=_AUTOCAST[precision])
 
 
+class LoadedModel(NamedTuple):
+    """``load_model``'s result: the model in eval mode, its checkpoint's sha256 and its class names."""
+
+    model: torch.nn.Module
+    sha256: str
+    categories: tuple[str, ...]
+
+
 def load_model(
     model_name: str,
     weights_uri: str | None,
@@ -242,8 +219,8 @@ def load_model(
     num_classes: int | None = None,
     expected_sha256: str | None = None,
     data: bytes | None = None,
-):
-    """(model in eval mode, sha256, class names); num_classes from the checkpoint when not given.
+) -> LoadedModel:
+    """The model in eval mode, its sha256 and class names; num_classes from the checkpoint when not given.
 
     ``weights_uri=None`` means the model's default weight set (``pipeline.models.DEFAULT_WEIGHTS``),
     resolved in this process: bundled files are found in the local install on every node.
@@ -266,4 +243,4 @@ def load_model(
             raise WeightsError(f"cannot tell the number of classes from {weights_uri}; pass --num-classes")
     model = build_model(model_name, num_classes=num_classes, output_stride=output_stride)
     load_into(model, checkpoint, weights_uri)
-    return model.eval(), checkpoint.sha256, categories_from(checkpoint.metadata, num_classes)
+    return LoadedModel(model.eval(), checkpoint.sha256, categories_from(checkpoint.metadata, num_classes))

@@ -4,6 +4,7 @@ map, the uncertainty summaries, the encoded probabilities) without the full-size
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,6 +68,14 @@ def _window(
         return multiscale_probs(model, x, config.scales, config.flip, config.average)[0].float().cpu()
 
 
+class TiledOutputs(NamedTuple):
+    """What tiled inference keeps of one image."""
+
+    mask: np.ndarray  # (H, W) uint8 pre-CRF class map
+    summary: dict[str, float]  # the uncertainty summaries (``metrics.uncertainty_summary``)
+    encoded: np.ndarray | None  # (C, H, W) probabilities in ``encoding``; None without one
+
+
 def tiled_outputs(
     model: torch.nn.Module,
     rgb: np.ndarray,
@@ -75,12 +84,12 @@ def tiled_outputs(
     std: torch.Tensor,
     config: InferenceConfig,
     encoding: str | None,
-) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
+) -> TiledOutputs:
     """What ``Segmenter`` keeps of sliding-window inference on one RGB uint8 image — the pre-CRF
     class map, the uncertainty summaries and (``encoding``) the encoded probabilities — computed
-    band by band: the same windows and averages as ``sliding_window_probs``, but neither the
-    normalised image nor the probabilities ever exist at full size in float32, so memory is the
-    image, the outputs and two tile rows of probabilities."""
+    band by band: each pixel's probabilities are the average over the overlapping ``tile`` x ``tile``
+    windows that cover it, but neither the normalised image nor the probabilities ever exist at full
+    size in float32, so memory is the image, the outputs and two tile rows of probabilities."""
     height, width = rgb.shape[:2]
     assert config.tile, "tiled_outputs runs with a tile size"
     tile, stride = config.tile, max(1, config.tile - config.tile_overlap)
@@ -109,4 +118,4 @@ def tiled_outputs(
             acc[:, keep:] = 0
     assert acc is not None
     # The encoded probabilities stay an array, not bytes: bytes() would copy C bytes a pixel once more.
-    return out.mask, out.summary(acc.shape[0]), out.encoded
+    return TiledOutputs(out.mask, out.summary(acc.shape[0]), out.encoded)

@@ -11,6 +11,7 @@ are printed, logged or persisted (``public_uri``).
 from __future__ import annotations
 
 import re
+from typing import overload
 from urllib.parse import urlsplit, urlunsplit
 
 REDACTED = "***"
@@ -71,7 +72,7 @@ def credential_options(options: dict, prefix: str = "") -> list[str]:
 def redact(options: dict, allowed: dict | None = None) -> dict:
     """Copy of ``options`` in which every value outside the allow-list is ``REDACTED``, recursively."""
     allowed = ALLOWED if allowed is None else allowed
-    out = {}
+    out: dict = {}
     for name, value in options.items():
         spec = allowed.get(name) if isinstance(name, str) else None
         if isinstance(spec, dict) and isinstance(value, dict):
@@ -83,6 +84,10 @@ def redact(options: dict, allowed: dict | None = None) -> dict:
     return out
 
 
+@overload
+def public_uri(uri: str) -> str: ...
+@overload
+def public_uri(uri: None) -> None: ...
 def public_uri(uri: str | None) -> str | None:
     """``uri`` without userinfo and query string (``https://u:p@h/x?sig=..#f`` → ``https://h/x#f``);
     plain paths and ``None`` unchanged. For printing, logging and persisting, never for reading."""

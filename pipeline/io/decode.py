@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -29,8 +30,8 @@ from pipeline.io.palette import IGNORE_INDEX, LabelMismatch, label_to_mask, mask
 from pipeline.io.storage import Locator, ObjectTooLarge, read_bytes
 from pipeline.observability import stage_metrics
 from pipeline.rows import flight
-from pipeline.rows.errors import ERROR_COLUMNS, mark_error
-from pipeline.rows.schema import add_columns, to_stream
+from pipeline.rows.batch import Rows
+from pipeline.rows.errors import ERROR_COLUMNS
 
 FETCH_THREADS = 16
 Reader = Callable[[], "bytes | None"]
@@ -80,13 +81,16 @@ def decode_batch(
     each object is read at the key's exact path (``Locator.read_*``), else from the batch's URIs."""
     n = len(batch["key"])
     keys = [str(k) for k in batch["key"]]
-    out = add_columns({"key": keys}, "decode", n)
-    out["uri"] = list(batch["uri"])
+    rows = Rows.of({"key": keys}, "decode")
+    rows.fill(uri=list(batch["uri"]))
     uris, label_uris = [str(u) for u in batch["uri"]], [str(u) for u in batch["label_uri"]]
     start = time.perf_counter()
     if locator is not None:
         readers: list[Reader | None] = [partial(locator.read_image, k, MAX_IMAGE_BYTES) for k in keys]
-        readers += [partial(locator.read_label, k, MAX_LABEL_BYTES) if u else None for k, u in zip(keys, label_uris)]
+        readers += [
+            partial(locator.read_label, k, MAX_LABEL_BYTES) if u else None
+            for k, u in zip(keys, label_uris, strict=True)
+        ]
         fetched = fetch_each(readers, pool)
     else:
         fetched = fetch_all(uris, storage_options, pool, limit=MAX_IMAGE_BYTES)
@@ -97,56 +101,60 @@ def decode_batch(
         flight.record("decode", [keys[i]])  # a decoder that crashes on this one's bytes names it
         uri, label_uri = uris[i], label_uris[i]
         start = time.perf_counter() - fetch_seconds
-        decoded = _decoded(out, i, uri, images[i], max_pixels)
+        decoded = _decoded(rows, i, uri, images[i], max_pixels)
         images[i] = None  # the encoded bytes go as soon as the pixels exist
         if decoded is None:
             continue
         stage_metrics("decode").ok(time.perf_counter() - start)
         h, w = decoded.rgb.shape[:2]
-        out["image"][i], out["height"][i], out["width"][i] = decoded.rgb.tobytes(), h, w
-        out["exif_orientation"][i] = decoded.exif_orientation or 0
-        out["thumbnail"][i] = encode_thumbnail(decoded.rgb)
+        rows.set(
+            i,
+            image=decoded.rgb.tobytes(),
+            height=h,
+            width=w,
+            exif_orientation=decoded.exif_orientation or 0,
+            thumbnail=encode_thumbnail(decoded.rgb),
+        )
         if not label_uri:
             continue
         label, problem = check_label(labels[i], label_uri, (h, w), num_classes)
         labels[i] = None
         if problem:  # a QA artefact: the image is still segmented, its label is not scored
-            out["label_error"][i] = problem[:1000]
+            rows.set(i, label_error=problem[:1000])
             stage_metrics("label").error()
         elif label is not None:
-            out["label"][i], out["has_label"][i] = label.tobytes(), True
-            out["label_thumbnail"][i] = mask_to_png(_nearest(label, thumbnail_size(label.shape)))
-    return to_stream(out)
+            thumb = mask_to_png(_nearest(label, thumbnail_size(label.shape)))
+            rows.set(i, label=label.tobytes(), has_label=True, label_thumbnail=thumb)
+    return rows.stream()
 
 
-def _decoded(out: dict[str, list], i: int, uri: str, data: bytes | Exception | None, max_pixels: int | None):
+def _decoded(rows: Rows, i: int, uri: str, data: bytes | Exception | None, max_pixels: int | None):
     """Row ``i``'s decoded image, or None with the row's read or decode error marked."""
     if isinstance(data, ObjectTooLarge):
-        mark_error(out, i, "decode", data, str(data))
+        rows.fail(i, "decode", data, str(data))
         return None
     if isinstance(data, Exception):
-        mark_error(out, i, "read", data, f"cannot read {uri}: {data}")
+        rows.fail(i, "read", data, f"cannot read {uri}: {data}")
         return None
     if data is None:  # no reader: nothing to decode
-        mark_error(out, i, "read", None, f"cannot read {uri}: no object")
+        rows.fail(i, "read", None, f"cannot read {uri}: no object")
         return None
     try:
         return decode_image(data, max_pixels=max_pixels)
     except Refused as exc:
-        mark_error(out, i, "decode", exc, f"refused before decoding: {exc}")
+        rows.fail(i, "decode", exc, f"refused before decoding: {exc}")
     except UnidentifiedImageError as exc:
         shown = f"{len(data)} bytes starting {data[:12]!r}"
-        mark_error(
-            out,
+        rows.fail(
             i,
             "decode",
             exc,
             f"not a readable image: {shown} are in none of the accepted formats ({', '.join(IMAGE_FORMATS)})",
         )
     except Image.DecompressionBombError as exc:  # Pillow's own guard, during decoding
-        mark_error(out, i, "decode", exc, f"refused while decoding: over Pillow's bomb limit: {exc}")
+        rows.fail(i, "decode", exc, f"refused while decoding: over Pillow's bomb limit: {exc}")
     except Exception as exc:
-        mark_error(out, i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
+        rows.fail(i, "decode", exc, f"cannot decode image ({len(data)} bytes): {exc}")
     return None
 
 
@@ -186,6 +194,17 @@ def check_label(
     return label, ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class DecodeSpec:
+    """What a ``Decoder`` needs: where the keys' objects are, how to reach them, the classes a label
+    may hold and the pixel guard (None: tiled inference bounds memory instead)."""
+
+    locator: Locator
+    storage_options: dict
+    num_classes: int
+    max_pixels: int | None
+
+
 class Decoder:
     """Ray Data callable class running ``decode_batch`` (or, without GPUs, the ``Segmenter``'s first step).
 
@@ -195,40 +214,35 @@ class Decoder:
     and larger: docs/benchmarks.md, "Design choices"). An actor stays up for the whole run.
     """
 
-    def __init__(self, *, locator: Locator, storage_options: dict, num_classes: int, max_pixels: int | None) -> None:
-        self.locator = locator
-        self.arguments = {
-            "locator": locator,
-            "storage_options": storage_options,
-            "num_classes": num_classes,
-            "max_pixels": max_pixels,
-        }
+    def __init__(self, spec: DecodeSpec) -> None:
+        self.spec = spec
         # One set of fetch threads for the actor's life: a pool per batch started 16 threads a call.
-        pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deeplab-fetch")
-        self.kwargs = {
-            "storage_options": storage_options,
-            "num_classes": num_classes,
-            "max_pixels": max_pixels,
-            "pool": pool,
-        }
+        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deeplab-fetch")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]  # URIs are derived here: the driver ships keys only
+        locator = self.spec.locator
         batch = {
             "key": batch["key"],
-            "uri": np.array([self.locator.image_uri(k) for k in keys], dtype=object),
-            "label_uri": np.array([self.locator.label_uri(k) for k in keys], dtype=object),
+            "uri": np.array([locator.image_uri(k) for k in keys], dtype=object),
+            "label_uri": np.array([locator.label_uri(k) for k in keys], dtype=object),
         }
-        return decode_batch(batch, locator=self.locator, **self.kwargs)
+        return decode_batch(
+            batch,
+            storage_options=self.spec.storage_options,
+            num_classes=self.spec.num_classes,
+            max_pixels=self.spec.max_pixels,
+            pool=self.pool,
+            locator=locator,
+        )
 
     def failed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The stage's rows for inputs that arrive failed (``pipeline.rows.flight``): nothing is read."""
         keys = [str(k) for k in batch["key"]]
-        out = add_columns({"key": keys}, "decode", len(keys))
-        out["uri"] = [self.locator.image_uri(k) for k in keys]
-        for name in ERROR_COLUMNS:
-            out[name] = [str(v) for v in batch[name]]
-        return to_stream(out)
+        rows = Rows.of({"key": keys}, "decode")
+        rows.fill(uri=[self.spec.locator.image_uri(k) for k in keys])
+        rows.fill(**{name: [str(v) for v in batch[name]] for name in ERROR_COLUMNS})
+        return rows.stream()
 
     def probe(self, stage: str, key: str) -> bool | None:
         """Whether decoding ``key`` alone kills a throwaway process too (a Ray task on this node): True
@@ -242,10 +256,10 @@ class Decoder:
         node = ray.get_runtime_context().get_node_id()
         task = _decode_alone_task().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
         try:
-            ray.get(task.remote(self.arguments, key))
+            ray.get(task.remote(self.spec, key))
         except (WorkerCrashedError, OutOfMemoryError):
             return True
-        except Exception:  # noqa: BLE001 (the probe could not run: the stage runs the key alone instead)
+        except Exception:  # the probe could not run: the stage runs the key alone instead
             return None
         return False
 
@@ -265,7 +279,7 @@ class DecodeApart:
         node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         # No CPU of its own: the inference actor waits for it. Owned by that actor, it ends with it.
         remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=flight.RETRIES)(_ApartDecoder)
-        self.actor: Any = remote.options(scheduling_strategy=node).remote(decoder.arguments)
+        self.actor: Any = remote.options(scheduling_strategy=node).remote(decoder.spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
@@ -282,8 +296,8 @@ class DecodeApart:
 class _ApartDecoder:
     """``DecodeApart``'s actor: a ``Decoder`` whose calls run through its own flight recorder."""
 
-    def __init__(self, arguments: dict) -> None:
-        self.decoder = flight.isolating(Decoder, "decode")(**arguments)
+    def __init__(self, spec: DecodeSpec) -> None:
+        self.decoder = flight.isolating(Decoder, "decode")(spec)
 
     def decode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.decoder(batch)
@@ -302,6 +316,6 @@ def _decode_alone_task():
     return _DECODE_ALONE
 
 
-def decode_alone(arguments: dict, key: str) -> None:
-    """Read and decode one key as a ``Decoder`` made with ``arguments`` would, keeping nothing."""
-    Decoder(**arguments)({"key": np.array([key], dtype=object)})
+def decode_alone(spec: DecodeSpec, key: str) -> None:
+    """Read and decode one key as a ``Decoder`` with ``spec`` would, keeping nothing."""
+    Decoder(spec)({"key": np.array([key], dtype=object)})

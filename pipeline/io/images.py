@@ -70,7 +70,9 @@ def open_bounded(
     try:
         image = Image.open(io.BytesIO(data), formats=list(formats))
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{what} is over Pillow's decompression-bomb limit ({HARD_MAX_PIXELS / 1e6:.0f} MP): {exc}")
+        raise ImageTooLarge(
+            f"{what} is over Pillow's decompression-bomb limit ({HARD_MAX_PIXELS / 1e6:.0f} MP): {exc}"
+        ) from exc
     with image:
         width, height = image.size
         if width * height > limit:
@@ -107,7 +109,7 @@ def thumbnail(rgb: np.ndarray, width: int) -> np.ndarray:
     height, width = thumbnail_size(rgb.shape, width)
     if (height, width) == rgb.shape[:2]:
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def encode_thumbnail(rgb: np.ndarray, width: int = THUMB_WIDTH) -> bytes:

@@ -117,7 +117,7 @@ def _iter_local(root: str) -> Iterator[tuple[str, int | None, str | None]]:
     FIFO would hang a read, /dev/zero never ends). Undecodable names come escaped (``escaped_name``)
     and without an identity (never carried); the identity is st_mtime_ns, which a rewrite changes."""
     real_root = os.path.realpath(root)
-    rows = []
+    rows: list[tuple[str, int | None, str | None]] = []  # (key, size, version); None: an undecodable name
     for folder, _, files in os.walk(root):  # symlinked folders are not walked into
         for name in files:
             path = os.path.join(folder, name)
@@ -378,20 +378,18 @@ def _listed(objects, limit: int | None) -> tuple[pa.ChunkedArray, pa.ChunkedArra
     columns: tuple[list, list, list] = ([], [], [])
     types = (pa.string(), pa.int64(), pa.string())
     pending: tuple[list, list, list] = ([], [], [])
-    count = 0
-    for row in objects:
-        for column, value in zip(pending, row):
+    for count, row in enumerate(objects, 1):
+        for column, value in zip(pending, row, strict=True):
             column.append(value)
-        count += 1
         if len(pending[0]) >= LIST_CHUNK:
-            for out, column, type_ in zip(columns, pending, types):
+            for out, column, type_ in zip(columns, pending, types, strict=True):
                 out.append(pa.array(column, type_))
                 column.clear()
         if limit is not None and count >= limit:
             break
-    for out, column, type_ in zip(columns, pending, types):
+    for out, column, type_ in zip(columns, pending, types, strict=True):
         out.append(pa.array(column, type_))
-    keys, sizes, versions = (pa.chunked_array(out, type_) for out, type_ in zip(columns, types))
+    keys, sizes, versions = (pa.chunked_array(out, type_) for out, type_ in zip(columns, types, strict=True))
     return keys, sizes, versions
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -182,8 +183,7 @@ def checked_categories(text: str) -> tuple[str, ...]:
             f"checkpoint metadata 'categories' must hold non-empty strings of at most {MAX_CATEGORY_CHARS} "
             f"characters; {len(bad)} are not: {shown}"
         )
-    seen: set[str] = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise WeightsError(f"checkpoint metadata 'categories' names a class twice: {', '.join(duplicates[:5])[:300]}")
     return tuple(names)

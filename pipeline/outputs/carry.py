@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.outputs.run import RunOutput, committed_runs
-from pipeline.outputs.partstats import PartStats
-from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 from pipeline.io.storage import Inputs, list_label_identities
+from pipeline.outputs.partstats import PartStats
+from pipeline.outputs.run import RunOutput, committed_runs
 from pipeline.outputs.writer import WRITE_SCHEMA, part_name
+from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 
 # Bump when the same inputs, model and settings give different rows (a fix in the maths, the PNG
 # encoding, a statistic): every earlier run then stops being a base, and the next night is full.
@@ -41,12 +41,12 @@ class BaseRefused(RuntimeError):
     """The base run cannot be carried from (a part file missing or unreadable)."""
 
 
-def fingerprint(config, weights, sha256: str, resources) -> dict:
+def fingerprint(config, weights, resources) -> dict:
     """Everything that can change a row of this run, as JSON data (manifest.json's "fingerprint")."""
     data = {
         "results_version": RESULTS_VERSION,
         "model": config.model,
-        "weights": sha256,
+        "weights": weights.sha256,
         "num_classes": weights.num_classes,
         "categories": list(weights.categories),
         "input": config.input_uri.rstrip("/"),
@@ -242,7 +242,7 @@ class Carrier:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
-        for part, keys in zip(batch.column("part").to_pylist(), batch.column("keys").to_pylist()):
+        for part, keys in zip(batch.column("part").to_pylist(), batch.column("keys").to_pylist(), strict=True):
             masks = self._rows("masks", part, keys, MASKS_SCHEMA)
             errors = self._rows("errors", part, keys, ERRORS_SCHEMA)
             if masks.num_rows + errors.num_rows != len(keys):

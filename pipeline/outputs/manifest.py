@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from dataclasses import dataclass
 from importlib import metadata
 
 from pipeline.io.credentials import public_uri
@@ -26,28 +27,30 @@ def _utc(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
 
 
-def build_manifest(
-    config,
-    weights,
-    sha256: str,
-    resources,
-    stats,
-    cluster: dict[str, float],
-    *,
-    started: float,
-    run_seconds: float,
-    processed: int,
-    finished: float,
-    plan: dict | None = None,
-    ray_data: list[dict] | None = None,
-) -> dict:
-    """The manifest of a run that started at ``started`` and segmented ``processed`` inputs;
-    ``plan``: what --dry-run prints; ``ray_data``: Ray Data's per-stage statistics of its DAG."""
+@dataclass(frozen=True, kw_only=True)
+class RunFacts:
+    """What manifest.json records of a run beyond its configuration: when it started and finished,
+    how long it segmented, how many inputs it segmented, the cluster it saw, the plan it made
+    (what --dry-run prints) and Ray Data's per-stage statistics of its DAG."""
+
+    started: float
+    finished: float
+    run_seconds: float
+    processed: int
+    cluster: dict[str, float]
+    plan: dict | None = None
+    ray_data: list[dict] | None = None
+
+
+def build_manifest(config, weights, resources, stats, facts: RunFacts) -> dict:
+    """The manifest of a run of ``config`` with the checked ``weights`` record, its ``resources``
+    and the summed part ``stats``."""
+    run_seconds = facts.run_seconds
     return {
         "run_id": config.run_id,
         "config": config.to_public_dict(),
         "model": config.model,
-        "weights": {"uri": public_uri(weights.uri.split("#")[0]), "sha256": sha256},
+        "weights": {"uri": public_uri(weights.uri.split("#")[0]), "sha256": weights.sha256},
         "categories": list(weights.categories),
         "versions": versions(),
         "nodes": {stage: stats.nodes.get(stage, []) for stage in ("infer", "crf")},
@@ -63,16 +66,16 @@ def build_manifest(
             "decode_fused": resources.decode_fused,
             "write_actors": resources.write_actors,
             "object_store_mib": resources.object_store_mib,
-            "cluster": {k: v for k, v in cluster.items() if not k.startswith("node:")},
+            "cluster": {k: v for k, v in facts.cluster.items() if not k.startswith("node:")},
         },
         "timings": {
             "segment_s": round(run_seconds, 3),
-            "processed": processed,
-            "images_per_s": round(processed / run_seconds, 3) if run_seconds > 0 else None,
-            "total_s": round(finished - started, 3),
+            "processed": facts.processed,
+            "images_per_s": round(facts.processed / run_seconds, 3) if run_seconds > 0 else None,
+            "total_s": round(facts.finished - facts.started, 3),
         },
-        "plan": plan,
-        "ray_data": ray_data,
-        "started_at": _utc(started),
-        "finished_at": _utc(finished),
+        "plan": facts.plan,
+        "ray_data": facts.ray_data,
+        "started_at": _utc(facts.started),
+        "finished_at": _utc(facts.finished),
     }

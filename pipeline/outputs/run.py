@@ -4,27 +4,24 @@
 write stage (pipeline/outputs/writer.py) while the run goes, so a driver killed midway keeps what its
 workers finished and ``--resume`` skips those keys. ``classes.parquet``, ``manifest.json`` and
 ``report.html`` are derived from the parts' summed ``PartStats``, and ``_SUCCESS`` is written
-last: a run without it is incomplete. This module is the run directory's I/O; the analysis it
-calls (compare.py, report.py, partstats.py) takes tables.
+last: a run without it is incomplete. This module is the run directory's I/O only; the commit's
+order and what it writes are pipeline/dag/commit.py's.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.evaluation.compare import COMPARISON_FILES
 from pipeline.evaluation.compare_result import Comparison
 from pipeline.evaluation.metrics import DatasetSummary
-from pipeline.outputs.partstats import ERROR_STAT_COLUMNS, STAT_COLUMNS, PartStats, classes_table
-from pipeline.evaluation.report import render_report
+from pipeline.io.storage import open_fs, protocols, write_bytes_atomic, write_parquet_atomic
+from pipeline.outputs.partstats import ERROR_STAT_COLUMNS, STAT_COLUMNS, PartStats
 from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
-from pipeline.io.storage import Locator, open_fs, protocols, write_bytes_atomic, write_parquet_atomic
 
 SUCCESS = "_SUCCESS"
 LISTING = "listing.parquet"
@@ -202,76 +199,8 @@ class RunOutput:
         if self.fs.exists(self.path(name)):
             self.fs.rm(self.path(name), recursive=True)
 
-    def commit(
-        self,
-        stats: PartStats,
-        categories: tuple[str, ...],
-        manifest: dict,
-        *,
-        locator: Locator,
-        compare: Callable[[], Comparison] | None = None,
-    ) -> RunSummary:
-        """Write classes.parquet, manifest.json, the comparison (``compare`` runs it) and
-        report.html from the summed part stats, then _SUCCESS."""
-        post, pre = stats.summaries()
-        classes = classes_table(categories, stats)
-        self.write_table("classes.parquet", classes)
-        summary = RunSummary(
-            images=stats.images,
-            errors=stats.errors,
-            labelled=stats.labelled,
-            post=post,
-            pre=pre,
-            label_errors=stats.label_errors,
-            tiled=stats.tiled,
-            crf_reduced=stats.crf_reduced,
-            carried=stats.carried,
-            incremental=manifest.get("incremental"),
-        )
-        counts = _counts(summary)
-        manifest = {**manifest, "counts": counts, "metrics": _metrics(post, pre)}
-        self.write_json("manifest.json", manifest)
-        for name in COMPARISON_FILES:  # an earlier commit's: they describe other masks
-            self.remove(name)
-        comparison = None
-        if compare is not None:
-            # Reads classes.parquet (written above); the report shows it, _SUCCESS covers it.
-            comparison = compare()
-            summary = replace(summary, comparison=comparison)
-        page = render_report(
-            manifest=manifest,
-            classes=classes,
-            candidates=stats.candidates,
-            rows=self.rows_for(stats.candidates),
-            errors=self.first_errors(50),
-            error_count=stats.errors,
-            comparison=comparison,
-        )
-        write_bytes_atomic(self.full_uri("report.html"), page.encode(), self.storage_options)
-        success = {**counts, "committed_at": manifest.get("finished_at")}
-        write_bytes_atomic(self.full_uri(SUCCESS), json.dumps(success).encode(), self.storage_options)
-        return summary
-
-
-def _counts(summary: RunSummary) -> dict[str, int]:
-    """manifest.json's and _SUCCESS's counts."""
-    return {
-        "images": summary.images,
-        "errors": summary.errors,
-        "labelled": summary.labelled,
-        "label_errors": summary.label_errors,
-        "tiled": summary.tiled,
-        "crf_reduced": summary.crf_reduced,
-        "inputs": summary.images + summary.errors,
-        "segmented": summary.images + summary.errors - summary.carried,
-        "carried": summary.carried,
-    }
-
-
-def _metrics(post: DatasetSummary, pre: DatasetSummary | None) -> dict[str, float | None]:
-    """manifest.json's metrics: after CRF, then before CRF (null when the CRF did not run)."""
-    before = pre.scores() if pre else dict.fromkeys(post.scores())
-    return {**post.scores(), **{f"{name}_pre_crf": value for name, value in before.items()}}
+    def write_bytes(self, name: str, data: bytes) -> None:
+        write_bytes_atomic(self.full_uri(name), data, self.storage_options)
 
 
 def committed_runs(output_uri: str, storage_options: dict | None = None) -> list[str]:

@@ -10,13 +10,14 @@ small row per part: the part's name and its ``PartStats``.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.io.storage import write_parquet_atomic
 from pipeline.outputs.partstats import PartStats
 from pipeline.rows.errors import split_results
-from pipeline.io.storage import write_parquet_atomic
 
 WRITE_SCHEMA = pa.schema([("part", pa.string()), ("stats", pa.string())])
 
@@ -34,13 +35,22 @@ def _nodes(batch: pa.Table) -> dict[str, list[str]]:
     return {stage: [v for v in pc.unique(batch.column(f"{stage}_node")).to_pylist() if v] for stage in ("infer", "crf")}
 
 
+@dataclass(frozen=True, kw_only=True)
+class WriteSpec:
+    """What a ``PartWriter`` needs: the run folder's URI, how to reach it, the classes it counts."""
+
+    run_uri: str
+    storage_options: dict
+    num_classes: int
+
+
 class PartWriter:
     """Ray Data callable class: RESULT_SCHEMA rows in, one WRITE_SCHEMA row (name + summary) out."""
 
-    def __init__(self, *, run_uri: str, storage_options: dict, num_classes: int) -> None:
-        self.run_uri = run_uri.rstrip("/")
-        self.storage_options = storage_options
-        self.num_classes = num_classes
+    def __init__(self, spec: WriteSpec) -> None:
+        self.run_uri = spec.run_uri.rstrip("/")
+        self.storage_options = spec.storage_options
+        self.num_classes = spec.num_classes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch = batch.sort_by("key")  # the same rows give the same file, whatever order they came in

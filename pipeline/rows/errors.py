@@ -1,23 +1,15 @@
-"""The error protocol every stage follows: a failed row carries ``error_stage``, later stages pass
-it through, and the write stage splits masks rows from errors rows."""
+"""The error protocol every stage follows: a failed row carries ``error_stage`` (``Rows.fail`` in
+pipeline/rows/batch.py sets it), later stages pass it through, and the write stage splits masks rows
+from errors rows."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.observability import stage_metrics
 from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message")  # a failed row's stream columns
-
-
-def mark_error(out: dict[str, list], i: int, stage: str, exc: BaseException | None, message: str) -> None:
-    """Turn row ``i`` of a stage's columns into an error row; later stages pass it through."""
-    stage_metrics(stage).error()
-    out["error_stage"][i] = stage
-    out["error_type"][i] = type(exc).__name__ if exc is not None else "InvalidInput"
-    out["error_message"][i] = storable(message)[:1000]
 
 
 def storable(text: str) -> str:

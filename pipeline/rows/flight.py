@@ -155,9 +155,9 @@ class FlightRecorder:
                 # The others in flight with it only (never alone) are forgiven, unprobed: a probe
                 # costs a process start once one has died, and another culprit among them dies again.
                 for other in keys:
-                    if other != key and other in self.deaths and self.deaths[other].times == 1:
-                        if not self.deaths[other].last_alone:
-                            del self.deaths[other]
+                    suspect = self.deaths.get(other) if other != key else None
+                    if suspect is not None and suspect.times == 1 and not suspect.last_alone:
+                        del self.deaths[other]
                 changed = True
             elif killed is False:  # it did not: an innocent that was in flight at a transient death
                 del self.deaths[key]
@@ -208,19 +208,19 @@ class _Stage:
     """A stage instance's calls as the recorder makes them: the class's own ``__call__``, ``failed``
     (the rows of inputs that arrive failed, passed through without any work) and ``probe``, if any."""
 
-    def __init__(self, cls: type, instance: Any) -> None:
+    def __init__(self, cls: Any, instance: Any) -> None:
         self.call = partial(cls.__call__, instance)
-        self.failed = partial(getattr(cls, "failed"), instance)
+        self.failed = partial(cls.failed, instance)
         self.probe = partial(cls.probe, instance) if hasattr(cls, "probe") else None
 
 
-def isolating(cls: type, first: str) -> type:
+def isolating(cls: Any, first: str) -> type:
     """``cls`` (a Ray Data callable class with a ``failed`` method) whose calls run through the actor's
     flight recorder; ``first``: its first step. Same name: Ray's operator and process names stay the class's."""
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         self._flight = install()
-        getattr(cls, "__init__")(self, *args, **kwargs)
+        cls.__init__(self, *args, **kwargs)
 
     def __call__(self: Any, batch: Any) -> Any:
         if self._flight is None:
