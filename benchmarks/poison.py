@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -70,8 +71,10 @@ def measure(checkout: Path, work: Path, count: int, step: int, poison_count: int
     masks = pq.read_table(run_dir / "masks", columns=["key"]).column("key").to_pylist()
     errors = pq.read_table(run_dir / "errors", columns=["key", "stage"]).to_pylist()
     first = run.line_time("images written")
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
     return {
         "checkout": str(checkout),
+        "checkout_commit": head.stdout.strip() or None,  # the code measured (machine.commit: this script's)
         "images": count,
         "poison": len(poison),
         "wall_s": round(run.seconds, 1),
