@@ -255,12 +255,20 @@ def env(address: str | None = None, **extra: str) -> dict[str, str]:
     return out | ({"RAY_ADDRESS": address} if address else {}) | extra
 
 
-def run(cmd: list[str], *, environ: dict[str, str] | None = None, pss: bool = False, check: bool = True) -> Run:
-    """``cmd`` from the repository root, sampled from Popen to exit."""
+def run(
+    cmd: list[str],
+    *,
+    environ: dict[str, str] | None = None,
+    pss: bool = False,
+    check: bool = True,
+    cwd: Path = ROOT,
+) -> Run:
+    """``cmd`` from the repository root (or ``cwd``: Ray's workers import from the driver's working
+    directory too), sampled from Popen to exit."""
     lines: list[tuple[float, str]] = []
     start = time.time()
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=environ or env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=cwd, env=environ or env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     with Sampler(proc.pid, pss=pss) as sampler:
         reader = threading.Thread(target=lambda: lines.extend((time.time(), ln.rstrip()) for ln in proc.stdout))

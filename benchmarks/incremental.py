@@ -1,10 +1,11 @@
-"""A 1 %-changed night with --incremental against a full night, on the same bucket.
+"""A 1 %-changed night with --incremental against a full night, on the same bucket (issue 30).
 
-Writes a bucket of N small synthetic scenes (images + labels), runs the job once in full (no base:
-every image segmented), rewrites ``--changed`` of the images (new bytes, new mtime), then runs the
-night again with --incremental. Each run is the real CLI in its own process with its own local Ray;
-the driver's peak RSS is that process's own ``ru_maxrss`` (Ray's workers are other processes).
-Prints a table and writes JSON (``--json``).
+Writes a bucket of ``--images`` small synthetic scenes (images + labels), runs the night once in
+full (--incremental with no base yet: every image segmented), rewrites ``--changed`` of the images
+(new bytes, new size, new mtime), then runs the night again with --incremental. Each night is the
+real CLI in its own process with its own local Ray, sampled by benchmarks/harness.py: wall time
+(Popen to exit), images segmented and carried (its manifest.json), and the driver's peak RSS (its
+VmHWM; Ray's workers are other processes). One JSON result under benchmarks/results/.
 
     PYTHONPATH=. python benchmarks/incremental.py --images 2000 --changed 0.01
 """
@@ -12,30 +13,15 @@ Prints a table and writes JSON (``--json``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import bench_lock  # noqa: E402
+from benchmarks import harness
 
-# The driver as segment_bucket.py runs it, reporting its own peak RSS when it ends.
-_DRIVER = """
-import json, resource, sys
-from pipeline.cli import main
-try:
-    code = main(sys.argv[2:])
-finally:
-    with open(sys.argv[1], "w") as f:
-        json.dump({"driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
-sys.exit(code)
-"""
+NAME = "incremental"
 
 
 def write_bucket(root: Path, n: int, height: int, width: int) -> list[Path]:
@@ -58,36 +44,25 @@ def change(paths: list[Path], share: float, height: int, width: int) -> int:
     """Rewrite every (1/share)-th image with another scene: new bytes, new size, new mtime."""
     from pipeline.demo.synthetic import SceneSpec, encode_jpeg, make_scene
 
-    step = max(1, round(1 / share))
-    changed = paths[::step]
+    changed = paths[:: max(1, round(1 / share))]
     for i, path in enumerate(changed):
         image, _ = make_scene(10_000_000 + i, SceneSpec(height=height, width=width))
         path.write_bytes(encode_jpeg(image))
     return len(changed)
 
 
-def night(bucket: Path, out: Path, run_id: str, extra: list[str], work: Path) -> dict:
-    rss = work / f"{run_id}.rss.json"
-    args = [str(bucket / "images"), "--labels", str(bucket / "labels"), "--output", str(out), "--run-id", run_id]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    env.pop("RAY_ADDRESS", None)
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(rss), *args, *extra], env=env, capture_output=True, text=True, cwd=REPO
-    )
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"{run_id} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    manifest = json.loads((out / f"run={run_id}" / "manifest.json").read_text())
+def night(bucket: Path, out: Path, run_id: str, count: int, extra: list[str]) -> dict:
+    job = harness.run_cli(bucket / "images", out, run_id, count, "--labels", str(bucket / "labels"), *extra)
+    manifest = job.manifest
     return {
         "run": run_id,
-        "wall_s": round(wall, 2),
+        "wall_s": round(job.run.seconds, 2),
         "segment_s": manifest["timings"]["segment_s"],
         "inputs": manifest["counts"]["inputs"],
         "segmented": manifest["counts"]["segmented"],
         "carried": manifest["counts"]["carried"],
         "incremental": manifest["incremental"],
-        **json.loads(rss.read_text()),
+        "driver_peak_rss_mib": job.run.summary()["peak_rss_mib"].get("driver"),
     }
 
 
@@ -97,37 +72,33 @@ def main() -> int:
     p.add_argument("--changed", type=float, default=0.01, help="share of images rewritten before the second night")
     p.add_argument("--height", type=int, default=48)
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "incremental.json")
     p.add_argument("--work", type=Path, help="folder for the bucket and runs (default: a temporary one)")
     p.add_argument("extra", nargs="*", help="more segment_bucket.py flags for both nights (after --)")
+    harness.add_results_arg(p)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="incremental-bench-") as tmp:
         work = args.work or Path(tmp)
         bucket, out = work / "bucket", work / "out"
         paths = write_bucket(bucket, args.images, args.height, args.width)
-        with bench_lock():
-            full = night(bucket, out, "full", ["--incremental", *args.extra], work)
-            changed = change(paths, args.changed, args.height, args.width)
-            incremental = night(bucket, out, "incremental", ["--incremental", *args.extra], work)
+        full = night(bucket, out, "full", args.images, ["--incremental", *args.extra])
+        changed = change(paths, args.changed, args.height, args.width)
+        incremental = night(bucket, out, "incremental", args.images, ["--incremental", *args.extra])
     result = {
         "images": args.images,
         "image_size": [args.height, args.width],
         "changed": changed,
-        "machine": f"{os.cpu_count()} cores",
         "full": full,
         "incremental": incremental,
         "wall_ratio": round(incremental["wall_s"] / full["wall_s"], 3),
-        "rss_ratio": round(incremental["driver_peak_rss_mib"] / full["driver_peak_rss_mib"], 3),
+        "rss_ratio": round(harness.ratio(incremental["driver_peak_rss_mib"], full["driver_peak_rss_mib"]) or 0, 3),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'night':<12} {'wall s':>8} {'segment s':>10} {'segmented':>10} {'carried':>8} {'driver RSS MiB':>15}")
     for row in (full, incremental):
         print(
             f"{row['run']:<12} {row['wall_s']:>8.1f} {row['segment_s']:>10.1f} {row['segmented']:>10} "
             f"{row['carried']:>8} {row['driver_peak_rss_mib']:>15.0f}"
         )
-    print(f"incremental / full: wall {result['wall_ratio']}, driver RSS {result['rss_ratio']}  ({args.json})")
+    harness.save(NAME, args, result)
     return 0
 
 

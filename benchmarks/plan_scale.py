@@ -40,7 +40,7 @@ def one_size(keys: int, batch_size: int, run_pass: bool) -> dict:
     import pyarrow as pa
     import ray
 
-    from pipeline.config.sections import JobConfig
+    from pipeline.cli import build_parser, config_from_args
     from pipeline.dag.stages import Resources, _keys, keys_per_block
     from pipeline.io.storage import Inputs
 
@@ -51,14 +51,9 @@ def one_size(keys: int, batch_size: int, run_pass: bool) -> dict:
     inputs = Inputs("s3://bucket/images", None, pa.chunked_array([names]))
     out["keys_s"] = round(time.perf_counter() - start, 3)
     out["keys_mib"] = round(inputs.keys.nbytes / 2**20, 1)
-    config = JobConfig(
-        input_uri="s3://bucket/images",
-        output_uri="s3://bucket/out",
-        labels_uri=None,
-        model="deeplabv3plus_demo",
-        weights_uri=None,
-        run_id="scale",
-    )
+    parser = build_parser()  # the configuration as the CLI makes it
+    argv = ["s3://bucket/images", "--output", "s3://bucket/out", "--run-id", "scale"]
+    config = config_from_args(parser.parse_args(argv), parser)
     resources = Resources.resolve(config, {"CPU": 2.0})
     start = time.perf_counter()
     per_block = keys_per_block(keys, batch_size)

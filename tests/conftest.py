@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,47 @@ def job_args(bucket: Path, out: Path, run_id: str, *extra: str) -> list[str]:
         run_id,
         *extra,
     ]
+
+
+def demo_config(**fields):
+    """A run's configuration: the demo model on its published weights, no labels, run "r" from "in"
+    to "out", with ``fields`` over those (``pipeline.config.sections.JobConfig``'s own)."""
+    from pipeline.config.sections import JobConfig
+
+    base = dict(input_uri="in", output_uri="out", labels_uri=None, model="deeplabv3plus_demo", weights_uri=None)
+    return JobConfig(**(base | {"run_id": "r"} | fields))
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of a job started as a subprocess: this one's, with ``extra``, token auth off
+    and no RAY_ADDRESS, so that it starts a local Ray of its own (a child of the job process)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_job(*args: str, script: str = "segment_bucket.py", timeout: float = 900, **env: str):
+    """``jobs/<script> ARGS`` in a fresh interpreter and ``job_env(**env)``, its output captured."""
+    cmd = [sys.executable, str(REPO / "jobs" / script), *args]
+    return subprocess.run(cmd, env=job_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when(cmd: list[str], env: dict[str, str], ready, *, waiting_for: str, timeout: float = 600) -> None:
+    """Start ``cmd`` in a process group of its own and SIGKILL the whole group (the driver and its
+    local Ray) as soon as ``ready()``; fails if the run ends first or ``waiting_for`` never happens."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                break
+            assert proc.poll() is None, f"the run finished before it could be killed (waiting for {waiting_for})"
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"{waiting_for}: not within {timeout:.0f} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def demo_segmenter(**kwargs):
@@ -124,6 +166,12 @@ def make_bucket(root: Path, n: int = 6, *, corrupt: bool = True) -> Path:
         (root / "images" / "corrupt.jpg").write_bytes(images[0].read_bytes()[:300])
         (root / "images" / "notes.txt").write_text("not an image, must not be listed")
     return root
+
+
+def put_bucket(fs, bucket: Path, name: str) -> None:
+    """A local bucket folder (images/, labels/) as s3://NAME/in/ on the test S3 server (``fs``: s3_env's)."""
+    fs.mkdir(name)
+    fs.put(str(bucket) + "/", f"{name}/in/", recursive=True)
 
 
 @pytest.fixture()

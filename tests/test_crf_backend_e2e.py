@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,7 +14,7 @@ from PIL import Image
 
 from pipeline.cli import build_parser, config_from_args
 from pipeline.job import run
-from tests.conftest import SEGMENT_BUCKET, job_args, make_bucket
+from tests.conftest import job_args, make_bucket, run_job
 from tests.fault_hooks import fault_env
 
 pytestmark = pytest.mark.slow
@@ -75,14 +73,8 @@ def test_an_image_the_torch_crf_cannot_allocate_for_is_refined_by_pydensecrf(tmp
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)  # every pixel its own colour: most lattice points
     Image.fromarray(noise).save(bucket / "images" / "noise.png")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **fault_env(infer_memory_mib=1000)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [*SEGMENT_BUCKET, *job_args(bucket, tmp_path / "out", "f", "--crf-backend", "torch")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = run_job(
+        *job_args(bucket, tmp_path / "out", "f", "--crf-backend", "torch"), **fault_env(infer_memory_mib=1000)
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "out" / "run=f"

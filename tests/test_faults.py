@@ -15,21 +15,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, S3_ENV, job_args, make_bucket, run_rows
+from tests.conftest import REPO, S3_ENV, SEGMENT_BUCKET, job_args, job_env, make_bucket, put_bucket, run_job, run_rows
 from tests.fault_hooks import fault_env
 from tests.faulty_s3 import FaultyS3
 
 pytestmark = pytest.mark.slow
-
-
-def job_cmd(*args: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args]
-
-
-def job_env(**extra: str) -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **extra}
-    env.pop("RAY_ADDRESS", None)  # each run starts its own local Ray, a child of the job process
-    return env
 
 
 def input_keys(images: Path) -> list[str]:
@@ -77,7 +67,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(udf, tmp_path):
     if udf in ("Decoder", "CRFRefiner"):
         cmd = [sys.executable, "-c", _FAKE_GPU_JOB, *args, "--crf-backend", "pydensecrf"]
     else:
-        cmd = job_cmd(*args)
+        cmd = [*SEGMENT_BUCKET, *args]
     # Decoding 64x64 JPEGs or writing 2 rows takes milliseconds: too short to find that actor busy.
     pause = {"Decoder": {"decode": 0.5}, "PartWriter": {"write": 0.5}}.get(udf)
     job = subprocess.Popen(
@@ -121,8 +111,7 @@ def test_transient_s3_faults_are_retried_and_denied_objects_become_read_errors(s
     bucket = make_bucket(tmp_path / "bucket", n=5, corrupt=False)
     (bucket / "images" / "denied.jpg").write_bytes((bucket / "images" / "scene_2000000.jpg").read_bytes())
     (bucket / "images" / "vanished.jpg").write_bytes((bucket / "images" / "scene_2000000.jpg").read_bytes())
-    fs.mkdir("flaky")
-    fs.put(str(bucket) + "/", "flaky/in/", recursive=True)
+    put_bucket(fs, bucket, "flaky")
     keys = input_keys(bucket / "images")
 
     with FaultyS3(s3_server) as proxy:
@@ -137,23 +126,9 @@ def test_transient_s3_faults_are_retried_and_denied_objects_become_read_errors(s
         proxy.fail("403", r"^/flaky/in/images/denied\.jpg$", method="GET")
         proxy.fail("404", r"^/flaky/in/images/vanished\.jpg$", method="GET")
         started = time.time()
-        proc = subprocess.run(
-            job_cmd(
-                "s3://flaky/in/images",
-                "--labels",
-                "s3://flaky/in/labels",
-                "--output",
-                "s3://flaky/out",
-                "--run-id",
-                "f",
-                "--no-crf",
-                "--batch-size",
-                "2",
-            ),
-            env=job_env(**S3_ENV, AWS_ENDPOINT_URL=proxy.endpoint),
-            capture_output=True,
-            text=True,
-            timeout=900,
+        args = ["s3://flaky/in/images", "--labels", "s3://flaky/in/labels", "--output", "s3://flaky/out"]
+        proc = run_job(
+            *args, "--run-id", "f", "--no-crf", "--batch-size", "2", **S3_ENV, AWS_ENDPOINT_URL=proxy.endpoint
         )
         elapsed = time.time() - started
         assert proc.returncode == 0, proc.stderr[-4000:]

@@ -7,9 +7,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +20,8 @@ from pipeline.io.storage import list_inputs
 from pipeline.outputs.carry import Base, BaseRefused, differences, find_base, listing_table, plan
 from pipeline.outputs.run import SUCCESS, RunOutput
 from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
-from tests.conftest import REPO, S3_ENV, job_args, make_bucket
+from tests.conftest import REPO, S3_ENV, SEGMENT_BUCKET, job_args, job_env, kill_when, make_bucket, put_bucket, run_job
+from tests.fault_hooks import fault_env
 
 # --- the listing's identities and the base run (no Ray) ---
 
@@ -259,20 +258,17 @@ def test_base_with_a_missing_part_is_refused_and_the_night_is_full(ray_local, tm
     assert sorted({**_rows(out / "run=b", "masks"), **_rows(out / "run=b", "errors")}) == _keys(bucket / "images")
 
 
-def _s3_job(env: dict, run_id: str, *extra: str) -> subprocess.CompletedProcess:
+def _s3_job(s3: dict, run_id: str, *extra: str) -> subprocess.CompletedProcess:
     args = ["s3://inc/in/images", "--labels", "s3://inc/in/labels", "--output", "s3://inc/out", "--run-id", run_id]
-    cmd = [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args, "--batch-size", "2", *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return run_job(*args, "--batch-size", "2", *extra, **s3)
 
 
 @pytest.mark.slow
 def test_incremental_night_on_s3_compares_etags(s3_env, s3_server, tmp_path):
     fs = s3_env
     bucket = make_bucket(tmp_path / "bucket", n=6)
-    fs.mkdir("inc")
-    fs.put(str(bucket) + "/", "inc/in/", recursive=True)
-    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    put_bucket(fs, bucket, "inc")
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}
     first = _s3_job(env, "a", "--incremental")
     assert first.returncode == 0, first.stderr[-3000:]
     segmented = _change_night(bucket)  # the same changes, then mirrored: new ETags only where bytes changed
@@ -292,42 +288,25 @@ def test_incremental_night_on_s3_compares_etags(s3_env, s3_server, tmp_path):
 def test_killed_incremental_night_resumed_is_exactly_once(tmp_path):
     bucket = make_bucket(tmp_path / "bucket", n=8)
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    job = [sys.executable, str(REPO / "jobs" / "segment_bucket.py")]
     common = ("--incremental", "--batch-size", "1", "--rows-per-file", "1")
-    first = subprocess.run([*job, *job_args(bucket, out, "a", *common)], env=env, capture_output=True, text=True)
+    first = run_job(*job_args(bucket, out, "a", *common), PYTHONPATH=str(REPO))
     assert first.returncode == 0, first.stderr[-3000:]
     segmented = _change_night(bucket)
     for name in ("scene_2000006.jpg", "sub/scene_2000005.jpg"):  # two more changed images: more to kill
         path = bucket / "images" / name
         path.write_bytes(path.read_bytes() + b"\0")
         segmented.add(name)
-    # Kill the driver's process group once the carry is done and one segmented part is written.
-    proc = subprocess.Popen(
-        [*job, *job_args(bucket, out, "b", *common)],
-        env={**env, "DEEPLAB_PIPELINE_TEST_PAUSE": "write=2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            rows = [r for p in (out / "run=b" / "masks").glob("*.parquet") for r in _read(p)]
-            if any(r["computed_in_run"] == "b" for r in rows):
-                break
-            assert proc.poll() is None, "the night finished before it could be killed"
-            time.sleep(0.2)
-        else:
-            pytest.fail("no segmented part appeared")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+
+    def a_segmented_part() -> bool:
+        rows = [r for p in (out / "run=b" / "masks").glob("*.parquet") for r in _read(p)]
+        return any(r["computed_in_run"] == "b" for r in rows)
+
+    # Kill the driver's process group once the carry is done and one segmented part is written; each
+    # write pauses 2 s (tests/fault_hooks.py), so that the night is still running then.
+    cmd = [*SEGMENT_BUCKET, *job_args(bucket, out, "b", *common)]
+    kill_when(cmd, job_env(**fault_env(pause={"write": 2.0})), a_segmented_part, waiting_for="a segmented part")
     assert not (out / "run=b" / "_SUCCESS").exists()
-    resumed = subprocess.run(
-        [*job, *job_args(bucket, out, "b", *common, "--resume")], env=env, capture_output=True, text=True
-    )
+    resumed = run_job(*job_args(bucket, out, "b", *common, "--resume"), PYTHONPATH=str(REPO))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _check_night(out, "a", "b", segmented, bucket / "images")
 

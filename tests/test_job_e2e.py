@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,7 +14,7 @@ from PIL import Image
 from pipeline.cli import build_parser, config_from_args
 from pipeline.job import run
 from pipeline.rows.schema import CLASSES_SCHEMA, ERRORS_SCHEMA, MASKS_SCHEMA
-from tests.conftest import REPO, S3_ENV, job_args, make_bucket
+from tests.conftest import S3_ENV, job_args, make_bucket, put_bucket, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -116,28 +113,10 @@ def test_local_directory_end_to_end(ray_local, local_bucket, tmp_path):
 def test_s3_end_to_end_via_cli(s3_env, s3_server, tmp_path):
     fs = s3_env
     bucket = make_bucket(tmp_path / "bucket", n=4)
-    fs.mkdir("data")
-    fs.put(str(bucket) + "/", "data/in/", recursive=True)
+    put_bucket(fs, bucket, "data")
     keys = sorted(p[len("data/in/images/") :] for p in fs.find("data/in/images") if p.endswith(".jpg"))
-    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "segment_bucket.py"),
-            "s3://data/in/images",
-            "--labels",
-            "s3://data/in/labels",
-            "--output",
-            "s3://data/out",
-            "--run-id",
-            "s3run",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    args = ["s3://data/in/images", "--labels", "s3://data/in/labels", "--output", "s3://data/out", "--run-id", "s3run"]
+    proc = run_job(*args, timeout=600, **S3_ENV, AWS_ENDPOINT_URL=s3_server)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mIoU" in proc.stdout and "s3://data/out/run=s3run" in proc.stdout
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr

@@ -4,9 +4,6 @@ CRFRefiner), real torch and real pydensecrf; the end-to-end run goes through the
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,7 +16,7 @@ from pipeline.crf.densecrf import dense_crf, reduced_crf
 from pipeline.demo.synthetic import SceneSpec, encode_jpeg, make_scene
 from pipeline.io.palette import mask_to_png
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS as W
-from tests.conftest import REPO, demo_segmenter
+from tests.conftest import demo_segmenter, run_job
 
 
 def test_crf_scale_fits_the_budget_and_the_pixel_cap():
@@ -115,27 +112,8 @@ def test_job_with_a_tiny_budget_tiles_and_reduces_only_the_big_image(tmp_path):
         image, label = make_scene(1_000_010 + h, SceneSpec(height=h, width=w))
         (images / f"{key}.jpg").write_bytes(encode_jpeg(image))
         (labels / f"{key}.png").write_bytes(mask_to_png(label))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "segment_bucket.py"),
-            str(images),
-            "--labels",
-            str(labels),
-            "--output",
-            str(tmp_path / "out"),
-            "--run-id",
-            "m",
-            "--actor-memory-mib",
-            "256",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    args = [str(images), "--labels", str(labels), "--output", str(tmp_path / "out"), "--run-id", "m"]
+    proc = run_job(*args, "--actor-memory-mib", "256", timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     masks = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "run=m" / "masks").to_pylist()}
     assert set(masks) == {"big.jpg", "small.jpg"}

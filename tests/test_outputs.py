@@ -8,10 +8,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import duckdb
@@ -21,7 +19,18 @@ import pytest
 
 from pipeline.cli import build_parser, config_from_args, main
 from pipeline.job import run
-from tests.conftest import REPO, S3_ENV, free_port, make_bucket, sql_block
+from tests.conftest import (
+    REPO,
+    S3_ENV,
+    SEGMENT_BUCKET,
+    free_port,
+    job_env,
+    kill_when,
+    make_bucket,
+    put_bucket,
+    run_job,
+    sql_block,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +42,11 @@ def run_queries(con, base: str, run_id: str) -> list[list[tuple]]:
     ]
 
 
-def job_cmd(*args: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args]
-
-
 def test_resume_after_sigkill_on_s3_and_queries(s3_env, s3_server, tmp_path):
     fs = s3_env
     bucket = make_bucket(tmp_path / "bucket", n=8)
-    fs.mkdir("resume")
-    fs.put(str(bucket) + "/", "resume/in/", recursive=True)
-    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    put_bucket(fs, bucket, "resume")
+    s3 = {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}
     common = [
         "s3://resume/in/images",
         "--labels",
@@ -56,47 +59,29 @@ def test_resume_after_sigkill_on_s3_and_queries(s3_env, s3_server, tmp_path):
         "1-1",
     ]
 
-    clean = subprocess.run(job_cmd(*common, "--run-id", "clean"), env=env, capture_output=True, text=True, timeout=600)
+    clean = run_job(*common, "--run-id", "clean", timeout=600, **s3)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
+    def two_parts() -> bool:
+        fs.invalidate_cache()
+        parts = fs.glob("resume/out/run=killed/masks/*.parquet") if fs.exists("resume/out/run=killed/masks") else []
+        return len(parts) >= 2
+
     # Kill the whole driver process group (driver + its local Ray) once some rows are committed.
-    proc = subprocess.Popen(
-        job_cmd(*common, "--run-id", "killed", "--rows-per-file", "1"),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            fs.invalidate_cache()
-            parts = fs.glob("resume/out/run=killed/masks/*.parquet") if fs.exists("resume/out/run=killed/masks") else []
-            if len(parts) >= 2:
-                break
-            assert proc.poll() is None, "the run finished before it could be killed"
-            time.sleep(0.2)
-        else:
-            pytest.fail("no part files appeared")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    cmd = [*SEGMENT_BUCKET, *common, "--run-id", "killed", "--rows-per-file", "1"]
+    kill_when(cmd, job_env(**s3), two_parts, waiting_for="two masks part files", timeout=300)
     fs.invalidate_cache()
     assert not fs.exists("resume/out/run=killed/_SUCCESS")
 
-    again = subprocess.run(job_cmd(*common, "--run-id", "killed"), env=env, capture_output=True, text=True, timeout=120)
+    again = run_job(*common, "--run-id", "killed", timeout=120, **s3)
     assert again.returncode == 2 and "incomplete run" in again.stderr and "--resume" in again.stderr
 
-    resumed = subprocess.run(
-        job_cmd(*common, "--run-id", "killed", "--resume"), env=env, capture_output=True, text=True, timeout=600
-    )
+    resumed = run_job(*common, "--run-id", "killed", "--resume", timeout=600, **s3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     done = int(re.search(r"(\d+) already done", resumed.stdout).group(1))
     assert 2 <= done < 9
 
-    committed = subprocess.run(
-        job_cmd(*common, "--run-id", "killed"), env=env, capture_output=True, text=True, timeout=120
-    )
+    committed = run_job(*common, "--run-id", "killed", timeout=120, **s3)
     assert committed.returncode == 2 and "committed run" in committed.stderr
 
     fs.invalidate_cache()
@@ -157,7 +142,7 @@ sys.exit(rc)
             capture_output=True,
             text=True,
             timeout=600,
-            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+            env=job_env(),
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         pushed = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()

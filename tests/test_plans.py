@@ -14,23 +14,21 @@ from pipeline.dag.runner import consume
 from pipeline.dag.stages import DagSpec, Resources, build_dataset
 from pipeline.io.storage import list_inputs
 from pipeline.job import resolve_weights
-from tests.conftest import DEMO_BUCKET
+from tests.conftest import DEMO_BUCKET, demo_config
 
 pytestmark = pytest.mark.slow
 
 TIMINGS = ("infer_ms", "crf_ms")  # wall-clock times differ between any two runs
 
 
+def demo_bucket_config(out) -> JobConfig:
+    """The demo bucket with its labels and the CRF on, written under ``out``."""
+    images, labels = str(DEMO_BUCKET / "images"), str(DEMO_BUCKET / "labels")
+    return demo_config(input_uri=images, output_uri=str(out), labels_uri=labels, crf=CRFParams())
+
+
 def test_decoding_in_the_inference_actors_writes_what_a_decode_pool_does(ray_local, tmp_path):
-    config = JobConfig(
-        input_uri=str(DEMO_BUCKET / "images"),
-        output_uri=str(tmp_path),
-        labels_uri=str(DEMO_BUCKET / "labels"),
-        model="deeplabv3plus_demo",
-        weights_uri=None,
-        run_id="r",
-        crf=CRFParams(),
-    )
+    config = demo_bucket_config(tmp_path)
     weights = resolve_weights(config)
     inputs = list_inputs(config.input_uri, config.labels_uri, limit=6)
     fused = Resources.resolve(config, {"CPU": 2.0})
@@ -51,15 +49,7 @@ def test_result_rows_as_tasks_write_what_the_inference_actor_writes(ray_local, t
     result rows made by Ray Data tasks after the actor equal those the actor makes itself."""
     from pipeline.dag.stages import dataset_stats
 
-    config = JobConfig(
-        input_uri=str(DEMO_BUCKET / "images"),
-        output_uri=str(tmp_path),
-        labels_uri=str(DEMO_BUCKET / "labels"),
-        model="deeplabv3plus_demo",
-        weights_uri=None,
-        run_id="r",
-        crf=CRFParams(),
-    )
+    config = demo_bucket_config(tmp_path)
     weights = resolve_weights(config)
     inputs = list_inputs(config.input_uri, config.labels_uri, limit=6)
     cpu = Resources.resolve(config, {"CPU": 2.0})

@@ -6,7 +6,6 @@ key exactly once (pipeline/dag/runner.py; the faults: tests/fault_hooks.py)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -15,22 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import SEGMENT_BUCKET, job_args, make_bucket
+from tests.conftest import job_args, make_bucket, run_job
 from tests.fault_hooks import fault_env
 
 pytestmark = pytest.mark.slow
 
 
-def run_job(bucket: Path, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "RAY_AUTH_MODE": "disabled", **env}
-    environ.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [*SEGMENT_BUCKET, *job_args(bucket, out, "p", *args)],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def run_p(bucket: Path, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_job(*job_args(bucket, out, "p", *args), **env)
 
 
 def outcome(out: Path) -> tuple[dict, dict, dict]:
@@ -50,7 +41,7 @@ def listed(bucket: Path) -> list[str]:
 def test_an_input_that_crashes_its_worker_every_time_is_one_error_row(tmp_path):
     bucket = make_bucket(tmp_path / "bucket", n=6)
     poison = "sub/scene_2000001.jpg"
-    proc = run_job(bucket, tmp_path / "out", **fault_env(crash_keys=[poison]))
+    proc = run_p(bucket, tmp_path / "out", **fault_env(crash_keys=[poison]))
     assert proc.returncode == 0, proc.stderr[-4000:]
     masks, errors, manifest = outcome(tmp_path / "out")
     assert sorted([*masks, *errors]) == listed(bucket)  # every key exactly once
@@ -59,7 +50,7 @@ def test_an_input_that_crashes_its_worker_every_time_is_one_error_row(tmp_path):
     assert (died["stage"], died["error_type"]) == ("decode", "WorkerDied"), died
     assert "died on every retry" in died["message"] and "went on without it" in died["message"]
     assert manifest["counts"]["errors"] == 2 and manifest["counts"]["images"] == len(masks) == 5
-    assert "running them one per batch" in proc.stdout
+    assert "isolated by the actors: 1" in proc.stdout  # from its flight record (pipeline/rows/flight.py)
 
 
 def test_an_image_too_large_for_a_memory_capped_actor_is_one_error_row(tmp_path):
@@ -67,7 +58,7 @@ def test_an_image_too_large_for_a_memory_capped_actor_is_one_error_row(tmp_path)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (3000, 3000, 3), dtype=np.uint8)).save(bucket / "images" / "huge.png")
     # Budgets off: with them the image would be tiled to fit, and this test needs one that does not.
-    proc = run_job(bucket, tmp_path / "out", "--actor-memory-mib", "0", **fault_env(infer_memory_mib=700))
+    proc = run_p(bucket, tmp_path / "out", "--actor-memory-mib", "0", **fault_env(infer_memory_mib=700))
     assert proc.returncode == 0, proc.stderr[-4000:]
     masks, errors, _ = outcome(tmp_path / "out")
     assert sorted([*masks, *errors]) == listed(bucket)

@@ -9,22 +9,13 @@ import sys
 
 import pytest
 
-from pipeline.config.sections import ComputeConfig, CRFParams, JobConfig
+from pipeline.config.sections import ComputeConfig, CRFParams
 from pipeline.dag.stages import Resources
-from tests.conftest import DEMO_BUCKET, REPO
+from tests.conftest import DEMO_BUCKET, REPO, demo_config
 
 
 def resolve(cluster: dict, *, crf: bool = True, ceiling: list | None = None, **compute) -> Resources:
-    config = JobConfig(
-        input_uri="in",
-        output_uri="out",
-        labels_uri=None,
-        model="deeplabv3plus_demo",
-        weights_uri=None,
-        run_id="r",
-        crf=CRFParams() if crf else None,
-        compute=ComputeConfig(**compute),
-    )
+    config = demo_config(crf=CRFParams() if crf else None, compute=ComputeConfig(**compute))
     return Resources.resolve(config, cluster, ceiling=ceiling)
 
 
@@ -237,15 +228,7 @@ def test_object_store_budget_reaches_the_last_stage(ray_local):
     from pipeline.io.storage import list_inputs
     from pipeline.job import resolve_weights
 
-    config = JobConfig(
-        input_uri=str(DEMO_BUCKET / "images"),
-        output_uri="out",
-        labels_uri=None,
-        model="deeplabv3plus_demo",
-        weights_uri=None,
-        run_id="r",
-        compute=ComputeConfig(object_store_mib=300),
-    )
+    config = demo_config(input_uri=str(DEMO_BUCKET / "images"), compute=ComputeConfig(object_store_mib=300))
     weights = resolve_weights(config)
     resources = Resources.resolve(config, {"CPU": 2.0})
     dag = DagSpec(config=config, weights=weights, resources=resources, run_uri="/tmp/unused")
@@ -266,16 +249,7 @@ def test_no_task_holds_more_than_four_batches_of_keys(ray_local, monkeypatch):
 
     assert [keys_per_block(n, 16) for n in (32, 3_200, 10_000, 200_000, 10_000_000)] == [16, 16, 64, 64, 64]
     monkeypatch.setattr(stages, "TARGET_BLOCKS", 10)
-    config = JobConfig(
-        input_uri=str(DEMO_BUCKET / "images"),
-        output_uri="out",
-        labels_uri=None,
-        model="deeplabv3plus_demo",
-        weights_uri=None,
-        run_id="r",
-        crf=None,
-        compute=ComputeConfig(batch_size=1),
-    )
+    config = demo_config(input_uri=str(DEMO_BUCKET / "images"), crf=None, compute=ComputeConfig(batch_size=1))
     weights = resolve_weights(config)
     resources = Resources.resolve(config, {"CPU": 2.0})
     inputs = Inputs(config.input_uri, None, pa.chunked_array([[f"missing/{i:03d}.jpg" for i in range(100)]]))

@@ -1,40 +1,17 @@
 """jobs/tune_crf.py: a real (small) search over the demo bucket, as Ray tasks; its normalisation."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_job
 
 
 @pytest.mark.slow
 def test_tune_crf_prints_table_and_flags_to_pass_back(tmp_path):
     out = tmp_path / "tune.json"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "tune_crf.py"),
-            "--limit",
-            "3",
-            "--sxy",
-            "30,80",
-            "--srgb",
-            "3,13",
-            "--compat",
-            "4",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    args = ["--limit", "3", "--sxy", "30,80", "--srgb", "3,13", "--compat", "4", "--json", str(out)]
+    proc = run_job(*args, script="tune_crf.py", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no CRF" in proc.stdout and "pass back: --crf-bilateral-sxy" in proc.stdout
     result = json.loads(out.read_text())

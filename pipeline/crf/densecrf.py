@@ -17,6 +17,7 @@ from pipeline.config.sections import CRFParams
 from pipeline.evaluation.per_image import result_table
 from pipeline.models.weights import Weights
 from pipeline.observability import stage_metrics
+from pipeline.rows import flight
 from pipeline.rows.batch import Rows
 from pipeline.rows.probs import decode_probs
 
@@ -183,9 +184,17 @@ class CRFRefiner:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        return self._refine(batch)
+
+    def failed(self, batch: dict[str, np.ndarray]):
+        """The stage's rows for inputs that arrive failed (``pipeline.rows.flight``): passed through."""
+        return self._refine(batch)
+
+    def _refine(self, batch: dict[str, np.ndarray]):
         rows = Rows.of(batch, "crf")
         num_classes, weights = self.how.num_classes, self.spec.weights
         for i in rows.pending():
+            flight.record("crf", [rows["key"][i]])
             h, w = int(batch["height"][i]), int(batch["width"][i])
             image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
             refine_row(rows, i, image, batch["probs"][i], self.how, crf_budget(self.budget, h, w, num_classes))

@@ -24,6 +24,7 @@ from pipeline.io.decode import Decoder, DecodeSpec
 from pipeline.io.storage import Inputs
 from pipeline.models.weights import Weights
 from pipeline.outputs.writer import PartWriter, WriteSpec
+from pipeline.rows.flight import RETRIES, isolating
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,9 +213,10 @@ def _eligible(node: dict[str, float], required: dict) -> bool:
 # result per batch, so every key still leaves the DAG once. Ray Data 2.60 defaults are unbounded
 # (max_restarts=-1, max_task_retries=-1): an input that kills its worker every time would loop
 # forever. So actors may restart without limit (one per death, a long run on spot nodes sees
-# many), but one batch is retried 3 times; then Ray Data drops that batch (max_errored_blocks)
-# and pipeline/dag/runner.py isolates the input that killed it (docs/faults.md).
-TASK_RETRIES = 3
+# many), but one batch is retried 3 times: enough for the restarted actor to isolate the input that
+# killed it from its flight record (pipeline/rows/flight.py). A batch that still dies is dropped
+# (max_errored_blocks) and pipeline/dag/runner.py isolates its culprits (docs/faults.md).
+TASK_RETRIES = RETRIES
 
 
 def _fault_tolerance(retries: int) -> dict:
@@ -313,15 +315,19 @@ def build_dataset(
     blocks = math.ceil(len(inputs) / per_block)
     stage = _Stage(dag=dag, blocks=blocks, fault_tolerance=_fault_tolerance(retries))
     ds = _keys(inputs, per_block, resources, tolerate)
-    if upto == "decode" or not resources.decode_fused:  # the runner probes decoding on its own
-        ds = _map(ds, Decoder, stage.decode(inputs))
+    # The compute stages isolate the inputs that kill their worker themselves (pipeline/rows/flight.py),
+    # each named by its first step; the writer publishes files named by its batch's keys, so a retried
+    # write must hold the same keys, and is not split.
+    decodes = upto == "decode" or not resources.decode_fused  # the runner probes decoding on its own
+    if decodes:
+        ds = _map(ds, isolating(Decoder, "decode"), stage.decode(inputs))
     if upto == "decode":
         return ds
-    ds = _map(ds, Segmenter, stage.infer(inputs))
+    ds = _map(ds, isolating(Segmenter, "infer" if decodes else "decode"), stage.infer(inputs))
     if upto == "infer":
         return ds
     if resources.crf_actors is not None:
-        ds = _map(ds, CRFRefiner, stage.crf(len(inputs)))
+        ds = _map(ds, isolating(CRFRefiner, "crf"), stage.crf(len(inputs)))
     if upto == "crf":
         return ds
     if resources.rows_apart:

@@ -20,9 +20,10 @@ from pipeline.evaluation.metrics import uncertainty
 from pipeline.evaluation.per_image import result_table
 from pipeline.inference.multiscale import infer_batch, load_model, top_class
 from pipeline.inference.tiling import tiled_outputs
-from pipeline.io.decode import Decoder, DecodeSpec
+from pipeline.io.decode import DecodeApart, Decoder, DecodeSpec
 from pipeline.models.weights import Weights, normalisation
 from pipeline.observability import stage_metrics
+from pipeline.rows import flight
 from pipeline.rows.batch import Rows
 from pipeline.rows.probs import encode_probs
 from pipeline.rows.schema import to_stream
@@ -74,7 +75,10 @@ class Segmenter:
 
     def __init__(self, spec: InferSpec, weights_data: ray.ObjectRef | bytes | None = None) -> None:
         steady_heap()
-        self.decoder = None if spec.decode is None else Decoder(spec.decode)
+        self.decoder: Decoder | DecodeApart | None = None if spec.decode is None else Decoder(spec.decode)
+        recorder = flight.current()
+        if self.decoder is not None and recorder is not None and "decode" in recorder.died_in:
+            self.decoder = DecodeApart(self.decoder)  # an input killed this actor while decoding
         # The driver's copy: no download per actor and restart.
         data: bytes | None = ray.get(weights_data) if isinstance(weights_data, ray.ObjectRef) else weights_data
         del weights_data
@@ -125,8 +129,18 @@ class Segmenter:
         return FusedCRF(how, backend=backend, device=self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        if self.decoder is not None:
-            batch = self.decoder(batch)
+        return self._segment(self.decoder(batch) if self.decoder is not None else batch)
+
+    def failed(self, batch: dict[str, np.ndarray]):
+        """The stage's rows for inputs that arrive failed (``pipeline.rows.flight``): passed through,
+        nothing read or run."""
+        return self._segment(self.decoder.failed(batch) if self.decoder is not None else batch)
+
+    def probe(self, stage: str, key: str) -> bool | None:
+        """The decode step's probe (``Decoder.probe``) when this actor decodes its own images."""
+        return self.decoder.probe(stage, key) if self.decoder is not None else None
+
+    def _segment(self, batch: dict[str, np.ndarray]):
         if self.device.type == "cpu":
             # Per call, not once in __init__: Ray Data calls this from another thread than the
             # constructor, and OpenMP's thread count is per thread. oneDNN's convolutions read it
@@ -140,6 +154,7 @@ class Segmenter:
             np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(int(batch["height"][i]), int(batch["width"][i]), 3)
             for i in todo
         ]
+        flight.record("infer", [rows["key"][i] for i in todo])
         results = self._infer(rows, todo, images)
         refine: list[ToRefine] = []  # for the fused CRF
         for j, (i, image) in enumerate(zip(todo, images, strict=True)):
@@ -153,11 +168,17 @@ class Segmenter:
                 budget = crf_budget(self.budget, *image.shape[:2], self.num_classes)
                 refine.append(ToRefine(i, image, on_device, budget))
                 if not self.crf.batched:  # one image at a time: each one's probabilities go as it is refined
-                    self.crf(rows, refine)
+                    self._refine(rows, refine)
                     refine = []
         if refine and self.crf is not None:
-            self.crf(rows, refine)
+            self._refine(rows, refine)
+        flight.record("infer", rows["key"])
         return self.emit(rows.columns)
+
+    def _refine(self, rows: Rows, refine: list[ToRefine]) -> None:
+        assert self.crf is not None
+        flight.record("crf", [rows["key"][item.row] for item in refine])
+        self.crf(rows, refine)
 
     def _infer(self, rows: Rows, todo: list[int], images: list[np.ndarray]) -> list[Inferred | None]:
         """Each image's ``Inferred``, or None where it failed (that row's error).

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -28,7 +29,9 @@ from pipeline.io.images import (
 from pipeline.io.palette import IGNORE_INDEX, LabelMismatch, label_to_mask, mask_to_png
 from pipeline.io.storage import Locator, ObjectTooLarge, read_bytes
 from pipeline.observability import stage_metrics
+from pipeline.rows import flight
 from pipeline.rows.batch import Rows
+from pipeline.rows.errors import ERROR_COLUMNS
 
 FETCH_THREADS = 16
 Reader = Callable[[], "bytes | None"]
@@ -95,6 +98,7 @@ def decode_batch(
     images, labels = fetched[:n], fetched[n:]
     fetch_seconds = (time.perf_counter() - start) / max(1, n)  # each image's share, in its decode time
     for i in range(n):
+        flight.record("decode", [keys[i]])  # a decoder that crashes on this one's bytes names it
         uri, label_uri = uris[i], label_uris[i]
         start = time.perf_counter() - fetch_seconds
         decoded = _decoded(rows, i, uri, images[i], max_pixels)
@@ -231,3 +235,87 @@ class Decoder:
             pool=self.pool,
             locator=locator,
         )
+
+    def failed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The stage's rows for inputs that arrive failed (``pipeline.rows.flight``): nothing is read."""
+        keys = [str(k) for k in batch["key"]]
+        rows = Rows.of({"key": keys}, "decode")
+        rows.fill(uri=[self.spec.locator.image_uri(k) for k in keys])
+        rows.fill(**{name: [str(v) for v in batch[name]] for name in ERROR_COLUMNS})
+        return rows.stream()
+
+    def probe(self, stage: str, key: str) -> bool | None:
+        """Whether decoding ``key`` alone kills a throwaway process too (a Ray task on this node): True
+        if it does, False if not, None for a step other than decoding or no answer."""
+        if stage != "decode":
+            return None
+        import ray
+        from ray.exceptions import OutOfMemoryError, WorkerCrashedError
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        task = _decode_alone_task().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+        try:
+            ray.get(task.remote(self.spec, key))
+        except (WorkerCrashedError, OutOfMemoryError):
+            return True
+        except Exception:  # the probe could not run: the stage runs the key alone instead
+            return None
+        return False
+
+
+class DecodeApart:
+    """The decode step of an inference actor that decodes its own images, moved into an actor of its
+    own once an input killed the inference actor while decoding (``pipeline.rows.flight``): the
+    next input that crashes a decoder costs a restart of that small actor (no torch, no model), which
+    isolates it as the decode pool's actors do, not one of the inference actor. Decoded batches then
+    cross the object store, as on GPU plans."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.local = decoder  # failed rows and probes need no other process
+        node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # No CPU of its own: the inference actor waits for it. Owned by that actor, it ends with it.
+        remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=flight.RETRIES)(_ApartDecoder)
+        self.actor: Any = remote.options(scheduling_strategy=node).remote(decoder.spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
+        return ray.get(self.actor.decode.remote({"key": batch["key"]}))
+
+    def failed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.local.failed(batch)
+
+    def probe(self, stage: str, key: str) -> bool | None:
+        return self.local.probe(stage, key)
+
+
+class _ApartDecoder:
+    """``DecodeApart``'s actor: a ``Decoder`` whose calls run through its own flight recorder."""
+
+    def __init__(self, spec: DecodeSpec) -> None:
+        self.decoder = flight.isolating(Decoder, "decode")(spec)
+
+    def decode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.decoder(batch)
+
+
+_DECODE_ALONE = None
+
+
+def _decode_alone_task():
+    """``decode_alone`` as a Ray task: no CPU of its own (its caller waits for it), never retried."""
+    global _DECODE_ALONE
+    if _DECODE_ALONE is None:
+        import ray
+
+        _DECODE_ALONE = ray.remote(num_cpus=0, max_retries=0)(decode_alone)
+    return _DECODE_ALONE
+
+
+def decode_alone(spec: DecodeSpec, key: str) -> None:
+    """Read and decode one key as a ``Decoder`` with ``spec`` would, keeping nothing."""
+    Decoder(spec)({"key": np.array([key], dtype=object)})

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from pipeline.evaluation.metrics import DatasetSummary
 from pipeline.observability import STAGE_BUCKETS
+from pipeline.rows.flight import DIED
 from pipeline.rows.schema import CLASSES_SCHEMA
 
 # Report sections: (column, largest first?). Ties go to the smaller key, so any split into parts
@@ -48,7 +49,7 @@ STAT_COLUMNS = [
     "computed_in_run",
     *dict.fromkeys(c for c, _ in SECTIONS.values()),
 ]
-ERROR_STAT_COLUMNS = ["key", "stage", "run_id", "computed_in_run"]
+ERROR_STAT_COLUMNS = ["key", "stage", "error_type", "run_id", "computed_in_run"]
 _SUMS = ("intersect", "union", "label_area", "intersect_pre_crf", "union_pre_crf")
 
 
@@ -65,6 +66,7 @@ class PartStats:
     tiled: int = 0  # images that ran tiled to fit their actor's memory or --tile (masks.infer_tile)
     crf_reduced: int = 0  # images refined at a reduced resolution (masks.crf_scale < 1)
     carried: int = 0  # rows (masks and errors) an --incremental night copied from an earlier run
+    died: int = 0  # inputs this run found killing their worker (errors rows of error_type WorkerDied)
     sums: dict[str, list[int]] = field(default_factory=dict)  # _SUMS → per-class totals
     outcomes: dict[str, int] = field(default_factory=dict)  # "stage/status" → inputs
     # stage → bucket counts + [sum]
@@ -102,6 +104,7 @@ class PartStats:
             tiled=pc.count(masks.column("infer_tile")).as_py() or 0,
             crf_reduced=pc.sum(pc.less(masks.column("crf_scale"), 1.0)).as_py() or 0,
             carried=masks.num_rows - fresh_masks.num_rows + errors.num_rows - fresh_errors.num_rows,
+            died=_count(fresh_errors, "error_type", DIED),
             sums={name: _column_sum(labelled.column(name), num_classes) for name in _SUMS},
             outcomes=outcomes,
             histograms={stage: _histogram(fresh_masks.column(col)) for stage, col in TIMED_STAGES.items()},
@@ -123,6 +126,7 @@ class PartStats:
             tiled=self.tiled + other.tiled,
             crf_reduced=self.crf_reduced + other.crf_reduced,
             carried=self.carried + other.carried,
+            died=self.died + other.died,
             sums=added(self.sums, other.sums),
             outcomes={k: self.outcomes.get(k, 0) + other.outcomes.get(k, 0) for k in self.outcomes | other.outcomes},
             histograms=added(self.histograms, other.histograms),
@@ -161,6 +165,13 @@ def _fresh(table: pa.Table) -> pa.ChunkedArray:
         return pa.chunked_array([pa.array([True] * table.num_rows, pa.bool_())])
     same = pc.equal(table.column("computed_in_run"), table.column("run_id"))
     return pc.fill_null(same, True)
+
+
+def _count(table: pa.Table, column: str, value: str) -> int:
+    """Rows whose ``column`` is ``value`` (0 without the column: parts read for other columns)."""
+    if column not in table.column_names:
+        return 0
+    return pc.sum(pc.equal(table.column(column), value)).as_py() or 0
 
 
 def _column_sum(column: pa.ChunkedArray, num_classes: int) -> list[int]:

@@ -9,6 +9,8 @@ import pyarrow.compute as pc
 
 from pipeline.rows.schema import ERRORS_SCHEMA, MASKS_SCHEMA
 
+ERROR_COLUMNS = ("error_stage", "error_type", "error_message")  # a failed row's stream columns
+
 
 def storable(text: str) -> str:
     """``text`` as a valid UTF-8 string (a file name's undecodable bytes escaped): an Arrow string
