@@ -42,14 +42,14 @@ DEEPLABV3_RESNET50_COCO_WITH_VOC_LABELS_V1 = _coco_with_voc_labels(
 DEEPLABV3_RESNET101_COCO_WITH_VOC_LABELS_V1 = _coco_with_voc_labels(
     "deeplabv3_resnet101",
     "deeplabv3_resnet101_coco-586e9e4e.pth",
-    "586e9e4e",
+    "586e9e4e203fcbf17e1ad45533d8d33ab133fc762bf03101c5dd743995c08c0d",
     held_out_miou=0.674,
     num_params=60_996_202,
 )
 DEEPLABV3_MOBILENET_V3_LARGE_COCO_WITH_VOC_LABELS_V1 = _coco_with_voc_labels(
     "deeplabv3_mobilenet_v3_large",
     "deeplabv3_mobilenet_v3_large-fc3c493d.pth",
-    "fc3c493d",
+    "fc3c493d68e89cc31ef488c803d5d7dd2f3190fb570598faa49fef69be8e5e70",
     held_out_miou=0.603,
     num_params=11_029_328,
 )

@@ -74,8 +74,8 @@ class Weights:
     """Everything needed to use a weight set: where it is, its checksum, classes and transforms.
 
     ``uri`` is any fsspec URI; to use a mirror, ``dataclasses.replace(w, uri="s3://...")`` keeps
-    the checksum. ``sha256`` is the full digest (a record that only knows torch.hub's 8-digit
-    prefix cannot be used without ``--weights URI#sha256=<full digest>``). Inputs are
+    the checksum. ``sha256`` is the file's full digest (torch.hub's 8-digit prefix in a file name
+    identifies no file). Inputs are
     RGB scaled to [0, 1] and normalised with ``mean``/``std``; ``resize_size`` is the shorter
     side the publisher resized images to for evaluation (torchvision's ``SemanticSegmentation``
     preset, bilinear), None when the weights were evaluated at native resolution.
