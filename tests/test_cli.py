@@ -189,3 +189,26 @@ def test_declared_bounds_are_checked_with_the_flag_named(argv, message, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_command_drops_rays_false_alarm_from_stderr_and_nothing_else():
+    # fd 2 as Ray's C++ logger writes it (whole lines, one write each), Python's stderr, a progress
+    # bar's partial line, and a crash's last words after the filter is gone.
+    code = """
+import os, sys
+from pipeline.dag.cluster import stderr_without
+with stderr_without():
+    os.write(2, b"[2026-12-05 10:00:00,000 I 1 1] core_worker.cc:1: fine\\n")
+    os.write(2, b"[2026-12-05 10:00:00,001 E 1 1] core_worker.cc:2465: Actor ... see "
+                b"https://github.com/ray-project/ray/issues/53727 for more details.\\n")
+    print("python line", file=sys.stderr, flush=True)
+    os.write(2, b"\\rprogress 50%")
+    os.write(2, b"\\rprogress 100%\\n[no end")
+print("after", file=sys.stderr, flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (
+        b"[2026-12-05 10:00:00,000 I 1 1] core_worker.cc:1: fine\n"
+        b"python line\n\rprogress 50%\rprogress 100%\n[no endafter\n"
+    )

@@ -127,6 +127,8 @@ def test_s3_end_to_end_via_cli(s3_env, s3_server, tmp_path):
     manifest = check_run(fs, "data/out/run=s3run", keys, label)
     # Ray 2.60's deprecation of ray_remote_args is known (pyproject.toml pins ray below 2.64): not printed.
     assert "RayDeprecationWarning" not in proc.stderr
+    # Nor its C++ false alarm about actor arguments in the object store (pipeline/dag/cluster.py).
+    assert "max_restarts > 0" not in proc.stderr and "53727" not in proc.stderr
     # Ray Data's statistics of each stage, and the plan the run followed.
     stages = {s["stage"]: s for s in manifest["ray_data"]}
     infer = stages["MapBatches(Segmenter)"]

@@ -2,7 +2,62 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Lines Ray 2.60 prints on the driver's stderr that say nothing about a run. "Actor ... has
+# constructor arguments in the object store and max_restarts > 0" is logged by its C++ core worker
+# (once per process) for any Ray Data actor pool with restarts: Ray Data hands each pool actor refs of
+# its own, the DataContext and the map transformer (ray-project/ray#53727). Those refs belong to the
+# driver, which outlives every restart, so the warning cannot come true; Ray's own driver log
+# (logs/python-core-driver-*.log) keeps the line.
+FALSE_ALARMS = (b"ray-project/ray/issues/53727",)
+
+
+@contextmanager
+def stderr_without(markers: tuple[bytes, ...] = FALSE_ALARMS) -> Iterator[None]:
+    """File descriptor 2, where Ray's C++ logs, through a pipe whose lines a thread passes on to the
+    real stderr, less those holding one of ``markers``. For a command that owns its process's stderr
+    (``pipeline.cli.script``), not for a library call."""
+    sys.stderr.flush()
+    real, (read, write) = os.dup(2), os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    if faulthandler.is_enabled():  # a crash's traceback straight to the real stderr, not via the thread
+        faulthandler.enable(file=real)
+    thread = threading.Thread(target=_forward, args=(read, real, markers), name="stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's only writer gone: the thread passes on what is left, then ends
+        thread.join(timeout=10)
+        if faulthandler.is_enabled():
+            faulthandler.enable(file=sys.stderr)
+
+
+def _forward(read: int, real: int, markers: tuple[bytes, ...]) -> None:
+    held = b""  # the start of a line that may be a C++ log line (they begin with "["), until its end
+    while chunk := os.read(read, 1 << 16):
+        lines = (held + chunk).split(b"\n")
+        last = lines.pop()
+        held = last if last.startswith(b"[") and len(last) < 1 << 12 else b""
+        text = b"".join(line + b"\n" for line in lines if not any(m in line for m in markers))
+        _write(real, text + (b"" if held else last))  # other partial lines (progress bars) go on now
+    _write(real, held)
+
+
+def _write(fd: int, data: bytes) -> None:
+    while data:
+        try:
+            data = data[os.write(fd, data) :]
+        except OSError:
+            return  # the real stderr is gone: keep draining the pipe so writers never block
 
 
 def init_ray(address: str | None) -> None:
