@@ -9,6 +9,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.dag.runner import consume
+from pipeline.dag.stages import WRITER_CPUS, map_batches
 from pipeline.io.storage import Inputs
 from pipeline.outputs.carry import Base, BaseRefused, Carrier, Plan, find_base, new_part_names, plan
 from pipeline.outputs.partstats import PartStats
@@ -23,8 +24,7 @@ def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, 
     step = -(-parts.num_rows // blocks)
     ds = ray.data.from_blocks([parts.slice(i, step) for i in range(0, parts.num_rows, step)])
     ds.context.max_errored_blocks = 0  # a copy that fails fails the carry: never half-carried
-    return ds.map_batches(
-        Carrier,
+    options = dict(
         fn_constructor_kwargs={
             "output_uri": output_uri,
             "base_run": plan_.base.run.run_id,
@@ -34,11 +34,12 @@ def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, 
         },
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=0,
+        num_cpus=WRITER_CPUS,  # copies write part files: never on a head that declares num-cpus: 0
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, writers)),
         max_restarts=-1,
         max_task_retries=3,
     )
+    return map_batches(ds, Carrier, options)
 
 
 class Night(NamedTuple):

@@ -320,20 +320,20 @@ def build_dataset(
     # write must hold the same keys, and is not split.
     decodes = upto == "decode" or not resources.decode_fused  # the runner probes decoding on its own
     if decodes:
-        ds = _map(ds, isolating(Decoder, "decode"), stage.decode(inputs))
+        ds = map_batches(ds, isolating(Decoder, "decode"), stage.decode(inputs))
     if upto == "decode":
         return ds
-    ds = _map(ds, isolating(Segmenter, "infer" if decodes else "decode"), stage.infer(inputs))
+    ds = map_batches(ds, isolating(Segmenter, "infer" if decodes else "decode"), stage.infer(inputs))
     if upto == "infer":
         return ds
     if resources.crf_actors is not None:
-        ds = _map(ds, isolating(CRFRefiner, "crf"), stage.crf(len(inputs)))
+        ds = map_batches(ds, isolating(CRFRefiner, "crf"), stage.crf(len(inputs)))
     if upto == "crf":
         return ds
     if resources.rows_apart:
-        ds = _map(ds, result_table, stage.rows())
+        ds = map_batches(ds, result_table, stage.rows())
     # Workers write: each call publishes one part file of up to --rows-per-file rows.
-    return _map(ds, PartWriter, stage.write())
+    return map_batches(ds, PartWriter, stage.write())
 
 
 def dataset_stats(ds: ray.data.Dataset) -> list[dict]:
@@ -363,7 +363,7 @@ def _operators(summary) -> list:
     return [op for parent in summary.parents for op in _operators(parent)] + list(summary.operators_stats)
 
 
-def _map(ds: ray.data.Dataset, fn, options: dict) -> ray.data.Dataset:
+def map_batches(ds: ray.data.Dataset, fn, options: dict) -> ray.data.Dataset:
     """``ds.map_batches(fn, **options)``. Ray 2.60's map_batches names no parameter for an actor's
     max_restarts / max_task_retries, only ``**ray_remote_args``, deprecated for removal in 2.64:
     pyproject.toml pins ray below that, so its warning says nothing new and is not printed."""
