@@ -31,6 +31,7 @@ MAX_IMAGE_BYTES = 256 * 2**20  # an object larger than this is refused after rea
 MAX_LABEL_BYTES = 64 * 2**20
 THUMB_WIDTH = 240  # the report's thumbnails (made by the decode worker, stored with the row)
 THUMB_QUALITY = 70
+THUMB_METHOD = 0  # WebP's least effort: every image pays for it (docs/benchmarks.md, "Design choices")
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ORIENTATION = 0x0112
@@ -115,7 +116,7 @@ def thumbnail(rgb: np.ndarray, width: int) -> np.ndarray:
 def encode_thumbnail(rgb: np.ndarray, width: int = THUMB_WIDTH) -> bytes:
     """The report's picture of ``rgb``: WebP, at most ``width`` wide (a few KB, stored with the row)."""
     buffer = io.BytesIO()
-    Image.fromarray(thumbnail(rgb, width)).save(buffer, format="WEBP", quality=THUMB_QUALITY, method=4)
+    Image.fromarray(thumbnail(rgb, width)).save(buffer, format="WEBP", quality=THUMB_QUALITY, method=THUMB_METHOD)
     return buffer.getvalue()
 
 
