@@ -1,4 +1,5 @@
-"""Joining or starting Ray, and what the connected cluster offers."""
+"""Joining or starting Ray, what the connected cluster offers, and the command's stderr without
+Ray's known false alarms."""
 
 from __future__ import annotations
 
