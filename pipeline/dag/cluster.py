@@ -25,7 +25,12 @@ def stderr_without(markers: tuple[bytes, ...] = FALSE_ALARMS) -> Iterator[None]:
     real stderr, less those holding one of ``markers``. For a command that owns its process's stderr
     (``pipeline.cli.script``), not for a library call."""
     sys.stderr.flush()
-    real, (read, write) = os.dup(2), os.pipe()
+    try:
+        real = os.dup(2)
+    except OSError:  # no stderr at all (a closed descriptor): nothing to filter
+        yield
+        return
+    read, write = os.pipe()
     os.dup2(write, 2)
     os.close(write)
     if faulthandler.is_enabled():  # a crash's traceback straight to the real stderr, not via the thread
