@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from pipeline.config.flags import add_flags, values_from
 from pipeline.config.sections import JobConfig
-from pipeline.dag.cluster import FALSE_ALARMS, stderr_without
+from pipeline.dag.cluster import stderr_without
 from pipeline.dag.runner import SystemicFailure
 from pipeline.demo import DEMO_BUCKET
 from pipeline.io.credentials import public_text, refused_options
@@ -134,7 +134,7 @@ def script() -> NoReturn:
     """The command (``segment-bucket``, ``jobs/segment_bucket.py``): ``main()``, Ray shut down, then
     the process ends without the interpreter's teardown: with torch loaded that takes seconds, and
     the run is committed and its output flushed by then (benchmarks/ceiling.py, 'last result → exit')."""
-    with stderr_without(FALSE_ALARMS):
+    with stderr_without():
         code = main()
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():

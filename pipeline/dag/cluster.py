@@ -52,6 +52,7 @@ def _forward(read: int, real: int, markers: tuple[bytes, ...]) -> None:
     while chunk := os.read(read, 1 << 16):
         lines = (held + chunk).split(b"\n")
         last = lines.pop()
+        # Longer than PIPE_BUF, it is no single atomic write of Ray's logger: never held.
         held = last if last.startswith(b"[") and len(last) < 1 << 12 else b""
         text = b"".join(line + b"\n" for line in lines if not any(m in line for m in markers))
         _write(real, text + (b"" if held else last))  # other partial lines (progress bars) go on now
