@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 from pipeline.config.sections import JobConfig
-from pipeline.dag.cluster import cluster_ceiling, cluster_nodes, init_ray
+from pipeline.dag.cluster import cluster_autoscales, cluster_ceiling, cluster_nodes, init_ray
 from pipeline.dag.incremental import dry_run_carry, incremental_night
 from pipeline.dag.runner import run_dag
 from pipeline.evaluation.compare_text import format_comparison, regression_message
@@ -183,7 +183,7 @@ def _planned(config: JobConfig) -> Planned:
         f"{len(prepared.earlier.keys)} already done; {len(todo)} to segment → {public_uri(output.uri)}",
         flush=True,
     )
-    resources = Resources.resolve(config, cluster_nodes(), ceiling=cluster_ceiling())
+    resources = Resources.resolve(config, cluster_nodes(), ceiling=cluster_ceiling(), grows=cluster_autoscales())
     print(f"[deeplab-pipeline] {describe(resources)}", flush=True)
     planned = plan(config, resources, inputs=len(inputs), todo=len(todo))
     return Planned(prepared=prepared, todo=todo, resources=resources, plan=planned)

@@ -10,13 +10,14 @@ import sys
 import pytest
 
 from pipeline.config.sections import ComputeConfig, CRFParams
-from pipeline.dag.stages import Resources
+from pipeline.dag.stages import Resources, capped
+from pipeline.outputs.console import describe
 from tests.conftest import DEMO_BUCKET, REPO, demo_config
 
 
-def resolve(cluster: dict, *, crf: bool = True, ceiling: list | None = None, **compute) -> Resources:
+def resolve(cluster: dict, *, crf: bool = True, ceiling: list | None = None, grows=False, **compute) -> Resources:
     config = demo_config(crf=CRFParams() if crf else None, compute=ComputeConfig(**compute))
-    return Resources.resolve(config, cluster, ceiling=ceiling)
+    return Resources.resolve(config, cluster, ceiling=ceiling, grows=grows)
 
 
 def test_cpu_default_is_one_single_threaded_actor_per_core_that_decodes_and_refines_its_own_images():
@@ -181,6 +182,30 @@ def test_pools_are_ranges_from_the_nodes_there_now_to_the_nodes_the_autoscaler_m
     assert not r.use_gpu and r.infer_cpus == 0.875 and r.infer_actors == (2, math.floor((10 - 0.25) / 0.875))
     # A cluster that cannot grow (no autoscaler): the nodes there are, as before.
     assert resolve(now, ceiling=None) == resolve(now)
+    # A published ceiling decides the most even where the cluster is known to grow.
+    assert resolve([HEAD], ceiling=KUBERAY, grows=True, **pinned) == resolve([HEAD], ceiling=KUBERAY, **pinned)
+
+
+def test_an_autoscaler_that_publishes_no_maxima_leaves_the_pools_open_ended():
+    # Ray's open-source autoscalers (KubeRay's v1 and v2) publish no node maxima: each pool starts at
+    # what the nodes there now hold and has no most of its own, so Ray Data grows it as nodes join.
+    pinned = dict(infer_resources={"gpu_node": 1}, crf_resources={"crf_node": 1}, crf_backend="pydensecrf")
+    r = resolve([HEAD], grows=True, use_gpu=True, **pinned)
+    assert r.use_gpu and r.infer_actors == (1, None) and r.crf_actors == (1, None) and r.decode_actors == (1, None)
+    # The object-store budget counts an open-ended pool as 16 actors (256 MiB each on GPUs) and 16 CRF actors.
+    assert r.object_store_mib == 256 * 16 + 64 * 16
+    r = resolve([HEAD, GPU_NODE, GPU_NODE], grows=True, use_gpu=True, **pinned)
+    assert r.infer_actors == (2, None)
+    # Without GPUs: the CPU actors of now, as many more as the cluster comes to hold.
+    r = resolve([{"CPU": 2.0}], grows=True)
+    assert r.infer_actors == (2, None) and r.infer_cpus == 0.875 and r.decode_fused
+    # A range given on the command line is honoured as it is.
+    r = resolve([HEAD], grows=True, infer_actors=(1, 2), crf_actors=(2, 6), use_gpu=True, **pinned)
+    assert r.infer_actors == (1, 2) and r.crf_actors == (2, 6)
+    # What each stage's Ray Data pool gets: never more actors than the stage has units of work.
+    assert capped((1, None), 500) == (1, 500) and capped((2, 4), 3) == (2, 3) and capped((4, None), 2) == (2, 2)
+    shown = describe(resolve([HEAD], grows=True, use_gpu=True, **pinned))
+    assert shown.startswith("inference on GPU: 1 or more actor(s)") and "decode in 1 or more CPU actors" in shown
 
 
 _THREADS_PROBE = """
@@ -258,3 +283,10 @@ def test_no_task_holds_more_than_four_batches_of_keys(ray_local, monkeypatch):
     assert sum(len(b["key"]) for b in ds.iter_batches(batch_size=None)) == 100
     (decode,) = [s for s in dataset_stats(ds) if s["stage"] == "MapBatches(Decoder)"]
     assert decode["rows"] == 100 and decode["tasks"] == 25 and decode["rows_per_task_max"] == 4
+
+
+def test_a_local_head_has_no_autoscaler_and_no_ceiling(ray_local):
+    # ray.init's own head runs Ray's monitor with the read-only provider: nothing may join.
+    from pipeline.dag.cluster import cluster_autoscales, cluster_ceiling
+
+    assert cluster_autoscales() is False and cluster_ceiling() is None

@@ -125,8 +125,9 @@ class ComputeConfig:
         None,
         type=parse_range,
         metavar="MIN-MAX",
-        help="inference actor pool size; a range lets Ray autoscale it (default: one per GPU in the cluster, or "
-        "without GPUs one single-threaded actor per core left after the decode actor)",
+        help="inference actor pool size; a range lets Ray autoscale it (default: from one per GPU in the cluster, or "
+        "without GPUs one single-threaded actor per core, up to what the autoscaler's nodes hold at their most, "
+        "or with no most where it publishes none: docs/kubernetes.md)",
     )
     crf_actors: tuple[int, int] | None = option(
         None,

@@ -95,8 +95,9 @@ UNBOUNDED_NODES = 16
 
 def cluster_ceiling() -> list[dict[str, float]] | None:
     """Resources of each node the cluster may grow to: the autoscaler's node types, each at its
-    most (``max_workers`` / KubeRay's ``maxReplicas``), as the autoscaler publishes them in the GCS
-    (what Ray Data's own cluster autoscaler reads); None when no autoscaler published any."""
+    most (``max_workers`` / KubeRay's ``maxReplicas``), as an autoscaler publishes them in the GCS
+    (what Ray Data's own cluster autoscaler reads); None when none published any. Ray's open-source
+    autoscalers (v1 and v2, KubeRay's included) publish none: see ``cluster_autoscales``."""
     import ray._private.state
 
     config = ray._private.state.state.get_cluster_config()
@@ -107,3 +108,27 @@ def cluster_ceiling() -> list[dict[str, float]] | None:
         count = UNBOUNDED_NODES if group.max_count < 0 else group.max_count
         nodes += [{k: float(v) for k, v in group.resources.items()}] * count
     return nodes or None
+
+
+def cluster_autoscales() -> bool:
+    """Whether an autoscaler may add nodes to the connected cluster. Ray's v2 autoscaler reports a
+    state version to the GCS. v1's monitor publishes its status on every cluster, but a head started
+    without an autoscaling config runs it with Ray's read-only provider, which names each node's
+    type after the node itself."""
+    import json
+
+    import ray
+    from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.autoscaler.v2.sdk import get_cluster_status
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if int(get_cluster_status(ray.get_runtime_context().gcs_address).stats.autoscaler_version or 0) > 0:
+            return True
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # a GCS that cannot say: plan for the nodes there are
+        return False
+    report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
+    types = (report.get("node_type_mapping") or {}).items()
+    return any(kind != format_readonly_node_type(node) for node, kind in types)

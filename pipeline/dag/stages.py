@@ -26,6 +26,12 @@ from pipeline.models.weights import Weights
 from pipeline.outputs.writer import PartWriter, WriteSpec
 from pipeline.rows.flight import RETRIES, isolating
 
+# A pool's range: (least, most) actors; most None: as many as the cluster comes to hold (an
+# autoscaler that publishes no maxima), which Ray Data's actor autoscaler caps by what exists.
+Pool = tuple[int, int | None]
+# What an open-ended pool counts as where a number is needed: the object-store budget.
+OPEN_POOL_ACTORS = 16
+
 
 @dataclass(frozen=True, kw_only=True)
 class Resources:
@@ -34,10 +40,10 @@ class Resources:
     use_gpu: bool
     infer_cpus: float
     infer_threads: int
-    infer_actors: tuple[int, int]
+    infer_actors: Pool
     object_store_mib: int
-    decode_actors: tuple[int, int]
-    crf_actors: tuple[int, int] | None = None  # the CPU CRF pool; None: no pool (CRF off or fused)
+    decode_actors: Pool
+    crf_actors: Pool | None = None  # the CPU CRF pool; None: no pool (CRF off or fused)
     crf_fused: bool = False  # the inference actor refines its own images
     crf_backend: str | None = None  # "pydensecrf" or "torch" (on the inference device when fused); None: CRF off
     decode_fused: bool = False  # the inference actor reads and decodes its own images; no decode pool
@@ -53,16 +59,21 @@ class Resources:
         cluster: dict[str, float] | list[dict[str, float]],
         *,
         ceiling: list[dict[str, float]] | None = None,
+        grows: bool = False,
     ) -> Resources:
         """``cluster``: each alive node's resources (``ray.nodes()``), or one dict for the whole cluster;
         ``ceiling``: the nodes the cluster may grow to (its autoscaler's node types at their most,
-        ``pipeline.dag.cluster.cluster_ceiling``), None when it cannot grow.
+        ``pipeline.dag.cluster.cluster_ceiling``), None when unknown; ``grows``: an autoscaler
+        manages the cluster (``pipeline.dag.cluster.cluster_autoscales``).
 
         Each pool is a range: from what the nodes that exist now hold to what the ceiling's nodes
-        would hold, so Ray Data grows it as the autoscaler adds nodes; a range given on the
-        command line wins."""
+        would hold, so Ray Data grows it as the autoscaler adds nodes. An autoscaler that publishes
+        no ceiling leaves the most open, as Ray Data's own default pool does: its actor autoscaler
+        adds actors while the nodes there are can hold them, and asks the cluster for more. A
+        range given on the command line wins."""
         now = [cluster] if isinstance(cluster, dict) else list(cluster)
         most = now if not ceiling else list(ceiling)
+        open_ended = grows and not ceiling
         compute = config.compute
         gpus_now, gpus_most = (sum(n.get("GPU", 0.0) for n in nodes) for nodes in (now, most))
         use_gpu = compute.use_gpu if compute.use_gpu is not None else max(gpus_now, gpus_most) > 0
@@ -80,16 +91,20 @@ class Resources:
         writers = max(1, min(WRITE_ACTORS, int(_cpus(most) // 8)))
         plan_now = _Plan.of(config, now, use_gpu, decode_fused, fused, WRITER_CPUS * writers)
         plan_most = _Plan.of(config, most, use_gpu, decode_fused, fused, WRITER_CPUS * writers, cpus=plan_now.cpus)
-        actors = compute.infer_actors or (plan_now.actors, max(plan_now.actors, plan_most.actors))
+
+        def most_of(now: int, *most: int) -> int | None:
+            return None if open_ended else max(now, *most)
+
+        actors = compute.infer_actors or (plan_now.actors, most_of(plan_now.actors, plan_most.actors))
         crf_actors = None
         if config.crf is not None and not fused:
             # By default the pool may grow into every CPU that inference leaves on the nodes that
             # may run it; Ray Data's autoscaler adds actors while CRF is the bottleneck.
-            crf_actors = compute.crf_actors or (1, max(1, plan_now.crf_room, plan_most.crf_room))
-        crf_max = crf_actors[1] if crf_actors else 0
+            crf_actors = compute.crf_actors or (1, most_of(1, plan_now.crf_room, plan_most.crf_room))
+        crf_max = _most(crf_actors) if crf_actors else 0
         # Blocks in flight: a GPU actor eats its input an order of magnitude faster than a CPU one.
-        budget = compute.object_store_mib or (256 if use_gpu else 64) * actors[1] + 64 * min(crf_max, 16)
-        decoders = (0, 0) if decode_fused else (1, max(plan_now.decoders, plan_most.decoders))
+        budget = compute.object_store_mib or (256 if use_gpu else 64) * _most(actors) + 64 * min(crf_max, 16)
+        decoders = (0, 0) if decode_fused else (1, most_of(plan_now.decoders, plan_most.decoders))
         return cls(
             use_gpu=use_gpu,
             infer_cpus=plan_now.cpus,
@@ -104,6 +119,17 @@ class Resources:
             write_actors=writers,
             rows_apart=use_gpu and crf_actors is None,
         )
+
+
+def _most(pool: Pool) -> int:
+    """A pool's most actors, an open-ended one counted as ``OPEN_POOL_ACTORS``."""
+    return OPEN_POOL_ACTORS if pool[1] is None else pool[1]
+
+
+def capped(pool: Pool, limit: int) -> tuple[int, int]:
+    """``pool`` for a stage with ``limit`` units of work: never more actors than units."""
+    least, most = pool
+    return min(least, limit), min(limit if most is None else most, limit)
 
 
 def _cpus(nodes: list[dict[str, float]]) -> float:
@@ -420,7 +446,7 @@ class _Stage:
             batch_size=compute.batch_size,
             num_cpus=compute.decode_cpus,
             compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=max(1, min(self.dag.resources.decode_actors[1], self.blocks))
+                min_size=1, max_size=max(1, capped(self.dag.resources.decode_actors, self.blocks)[1])
             ),
             **self.fault_tolerance,
         )
@@ -429,7 +455,7 @@ class _Stage:
         config, resources = self.dag.config, self.dag.resources
         # A small run has fewer batches than the pool has actors: don't start (and load the model on)
         # actors that would get no batch.
-        infer_min, infer_max = (min(n, self.blocks) for n in resources.infer_actors)
+        infer_min, infer_max = capped(resources.infer_actors, self.blocks)
         spec = InferSpec(
             weights=self.dag.weights,
             inference=config.inference,
@@ -480,10 +506,11 @@ class _Stage:
             probs_encoding=config.inference.probs_encoding,
             actor_memory_mib=config.compute.actor_memory_mib,
         )
+        least, most = capped(pool, images)
         return dict(
             fn_constructor_kwargs={"spec": spec},
             batch_size=1,  # one image per call keeps CRF actors evenly loaded
-            compute=ray.data.ActorPoolStrategy(min_size=min(pool[0], images), max_size=min(pool[1], images)),
+            compute=ray.data.ActorPoolStrategy(min_size=least, max_size=most),
             num_cpus=config.compute.crf_cpus,
             resources=config.compute.crf_resources or None,
             **self.fault_tolerance,

@@ -46,16 +46,21 @@ def print_summary(summary: RunSummary, categories: tuple[str, ...], uri: str, se
 
 def describe(resources) -> str:
     """One line: where inference and the CRF run, on how many actors and threads."""
-    lo, hi = resources.infer_actors
     if resources.crf_fused:
         on_gpu = resources.use_gpu and resources.crf_backend == "torch"
         crf = f"{resources.crf_backend} in the inference actors" + (", on the GPU" if on_gpu else "")
     elif resources.crf_actors:
-        crf = f"{resources.crf_backend} in {resources.crf_actors[0]}-{resources.crf_actors[1]} CPU actors"
+        crf = f"{resources.crf_backend} in {_span(resources.crf_actors)} CPU actors"
     else:
         crf = "off"
-    decode = "in the inference actors" if resources.decode_fused else f"in 1-{resources.decode_actors[1]} CPU actors"
+    decode = "in the inference actors" if resources.decode_fused else f"in {_span(resources.decode_actors)} CPU actors"
     return (
-        f"inference on {'GPU' if resources.use_gpu else 'CPU'}: {lo if lo == hi else f'{lo}-{hi}'} actor(s), "
+        f"inference on {'GPU' if resources.use_gpu else 'CPU'}: {_span(resources.infer_actors)} actor(s), "
         f"{resources.infer_cpus:g} CPUs/actor, {resources.infer_threads} torch threads; decode {decode}; CRF {crf}"
     )
+
+
+def _span(pool: tuple[int, int | None]) -> str:
+    """A pool's range as a person reads it: "2", "1-4", or "1 or more" (open-ended)."""
+    least, most = pool
+    return f"{least} or more" if most is None else str(least) if least == most else f"{least}-{most}"
