@@ -24,10 +24,11 @@ class LocalAutoscalingCluster(AutoscalingCluster):
     port in its own temp dir; and start/shutdown never run ``ray stop --force``, which would stop
     every Ray on the machine: shutdown ends the processes of this cluster's temp dir, by pid."""
 
-    def __init__(self, temp_dir: Path, head_resources: dict, worker_node_types: dict) -> None:
+    def __init__(self, temp_dir: Path, head_resources: dict, worker_node_types: dict, *, v2: bool = True) -> None:
         self.port = free_port()
         self.temp_dir = Path(temp_dir)
-        super().__init__(head_resources, worker_node_types, autoscaler_v2=True)
+        self.v2 = v2
+        super().__init__(head_resources, worker_node_types, autoscaler_v2=v2)
 
     @property
     def address(self) -> str:
@@ -84,9 +85,9 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         if head:
             cmd.append(f"--resources={json.dumps(head)}")
         env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
-        # Autoscaler v2, as KubeRay's autoscalerOptions.version v2 runs it: it publishes the node types
-        # and their maxima in the GCS (pipeline.dag.cluster.cluster_ceiling reads them).
-        env.update({"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID})
+        # Autoscaler v2 by default, as KubeRay's autoscalerOptions.version v2 runs it (or v1, the
+        # monitor). Neither publishes node maxima in the GCS (pipeline.dag.cluster.cluster_ceiling).
+        env.update({"RAY_enable_autoscaler_v2": "1" if self.v2 else "0", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID})
         env.update({"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID, "RAY_TMPDIR": str(self.temp_dir)})
         env.update(override_env or {})
         env.pop("RAY_ADDRESS", None)

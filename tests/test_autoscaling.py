@@ -1,22 +1,26 @@
 """The job on a cluster that grows: Ray's own autoscaler (tests/autoscaling.py) starts with a head
 only; a worker type at min_workers 0 offers the only "gpu_node" resources, which the inference actors
-ask for (--infer-resources), so every inference actor needs a node the autoscaler must launch. The
-inference pool must grow past one actor as nodes join, and every key be committed exactly once."""
+ask for (--infer-resources), so every inference actor needs a node the autoscaler must launch. With
+the default pools (the autoscaler publishes no maxima: open-ended), the inference pool must grow
+past one actor as nodes join, and every key be committed exactly once."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests.autoscaling import LocalAutoscalingCluster
-from tests.conftest import DEMO_BUCKET, SEGMENT_BUCKET, job_args
+from tests.conftest import DEMO_BUCKET, REPO, SEGMENT_BUCKET, job_args
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +46,8 @@ def pool_sizes(log: str, stage: str = "MapBatches(Segmenter)") -> list[tuple[str
     return sizes
 
 
-@pytest.fixture()
-def cluster():
+@contextmanager
+def autoscaling_cluster(*, v2: bool = True):
     # A short path of its own: Ray's Unix sockets live under it (108 bytes at most).
     cluster = LocalAutoscalingCluster(
         Path(tempfile.mkdtemp(prefix="ray-as-")),
@@ -56,6 +60,7 @@ def cluster():
                 "max_workers": 2,
             }
         },
+        v2=v2,
     )
     cluster.start()
     try:
@@ -64,21 +69,41 @@ def cluster():
         cluster.shutdown()
 
 
+@pytest.fixture()
+def cluster():
+    with autoscaling_cluster() as cluster:
+        yield cluster
+
+
+# The demo bucket eight times over (256 keys at 12 forward passes each, about 2 minutes for one actor
+# here): the pool's growth must not race the run's end, and a node took 10 to over 50 s to join and
+# start its actor on this 2-core machine (a run of 32 keys ended first on CI).
+COPIES = 8
+
+
+def bigger_bucket(root: Path) -> Path:
+    for part in ("images", "labels"):
+        (root / part).mkdir(parents=True)
+        for n in range(COPIES):
+            for src in sorted((DEMO_BUCKET / part).iterdir()):
+                shutil.copyfile(src, root / part / f"c{n}_{src.name}")
+    return root
+
+
 def test_inference_pool_grows_as_the_autoscaler_adds_nodes(cluster, tmp_path):
-    out = tmp_path / "out"
+    out, bucket = tmp_path / "out", bigger_bucket(tmp_path / "bucket")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": cluster.address}
     proc = subprocess.run(
         [
             *SEGMENT_BUCKET,
-            *job_args(DEMO_BUCKET, out, "grow"),
+            *job_args(bucket, out, "grow"),
             "--no-crf",
             "--batch-size",
             "1",
+            # DeepLab's own test-time scales and flip: 12 forward passes an image.
             "--scales",
-            "0.75,1.0,1.25",
+            "0.5,0.75,1.0,1.25,1.5,1.75",
             "--flip",
-            "--infer-actors",
-            "1-2",
             "--infer-cpus",
             "1",
             "--infer-resources",
@@ -95,10 +120,25 @@ def test_inference_pool_grows_as_the_autoscaler_adds_nodes(cluster, tmp_path):
     print("inference pool (time, running, all):", sizes)
     run_dir = out / "run=grow"
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    # The default pool: one actor to start with and no most of its own (nothing published one).
+    assert manifest["resources"]["infer_actors"] == [1, None], manifest["resources"]
+    assert "1 or more actor(s)" in proc.stdout
     # Two inference nodes launched by the autoscaler, each hosting one actor of the pool.
     assert len(manifest["nodes"]["infer"]) == 2, (manifest["nodes"], sizes)
-    assert sizes[0][2] == 1 and max(total for _, _, total in sizes) == 2, sizes
+    assert sizes[0][1] <= 1 and max(running for _, running, _ in sizes) == 2, sizes
     keys = pq.read_table(run_dir / "masks", columns=["key"]).column("key").to_pylist()
-    images = sorted(p.name for p in (DEMO_BUCKET / "images").iterdir())
+    images = sorted(p.name for p in (bucket / "images").iterdir())
     assert sorted(keys) == images and len(set(keys)) == len(keys)  # each key exactly once
     assert (run_dir / "_SUCCESS").exists()
+
+
+_AUTOSCALES = "import ray; from pipeline.dag.cluster import cluster_autoscales as a; ray.init(); print(a())"
+
+
+def test_the_v1_autoscaler_is_told_from_a_head_without_one():
+    """Ray's v1 monitor publishes its status on every cluster; only one with a real provider grows.
+    (v2 is the growth test's own; a local head without an autoscaler: tests/test_resources.py.)"""
+    with autoscaling_cluster(v2=False) as cluster:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, "-c", _AUTOSCALES], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "True", proc.stdout + proc.stderr[-2000:]
