@@ -24,10 +24,15 @@ class LocalAutoscalingCluster(AutoscalingCluster):
     port in its own temp dir; and start/shutdown never run ``ray stop --force``, which would stop
     every Ray on the machine: shutdown ends the processes of this cluster's temp dir, by pid."""
 
-    def __init__(self, temp_dir: Path, head_resources: dict, worker_node_types: dict, *, v2: bool = True) -> None:
+    def __init__(
+        self, temp_dir: Path, head_resources: dict, worker_node_types: dict, *, v2: bool = True, monitor: bool = True
+    ) -> None:
         self.port = free_port()
         self.temp_dir = Path(temp_dir)
         self.v2 = v2
+        # monitor False: a head with no autoscaler and no monitor, as KubeRay starts one whose
+        # autoscaler runs beside it (here: never).
+        self.monitor = monitor
         super().__init__(head_resources, worker_node_types, autoscaler_v2=v2)
 
     @property
@@ -80,7 +85,8 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         head = dict(self._head_resources)
         cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={self.port}"]
         cmd += [f"--temp-dir={self.temp_dir}"]
-        cmd += [f"--autoscaling-config={config}", f"--num-cpus={head.pop('CPU', 0)}", "--include-dashboard=false"]
+        cmd += [f"--autoscaling-config={config}" if self.monitor else "--no-monitor"]
+        cmd += [f"--num-cpus={head.pop('CPU', 0)}", "--include-dashboard=false"]
         cmd += [f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
         if head:
             cmd.append(f"--resources={json.dumps(head)}")

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def pool_sizes(log: str, stage: str = "MapBatches(Segmenter)") -> list[tuple[str
 
 
 @contextmanager
-def autoscaling_cluster(*, v2: bool = True):
+def autoscaling_cluster(*, v2: bool = True, monitor: bool = True):
     # A short path of its own: Ray's Unix sockets live under it (108 bytes at most).
     cluster = LocalAutoscalingCluster(
         Path(tempfile.mkdtemp(prefix="ray-as-")),
@@ -61,6 +62,7 @@ def autoscaling_cluster(*, v2: bool = True):
             }
         },
         v2=v2,
+        monitor=monitor,
     )
     cluster.start()
     try:
@@ -132,13 +134,30 @@ def test_inference_pool_grows_as_the_autoscaler_adds_nodes(cluster, tmp_path):
     assert (run_dir / "_SUCCESS").exists()
 
 
-_AUTOSCALES = "import ray; from pipeline.dag.cluster import cluster_autoscales as a; ray.init(); print(a())"
+_AUTOSCALES = "import ray; from pipeline.dag.cluster import cluster_autoscales as a; ray.init(); print(a({wait}))"
+
+
+def autoscales(cluster, wait: float = 15.0) -> subprocess.CompletedProcess:
+    """``cluster_autoscales(wait)`` in a driver of its own joined to ``cluster``."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO)}
+    code = _AUTOSCALES.format(wait=wait)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_v1_autoscaler_is_told_from_a_head_without_one():
     """Ray's v1 monitor publishes its status on every cluster; only one with a real provider grows.
     (v2 is the growth test's own; a local head without an autoscaler: tests/test_resources.py.)"""
     with autoscaling_cluster(v2=False) as cluster:
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO)}
-        proc = subprocess.run([sys.executable, "-c", _AUTOSCALES], env=env, capture_output=True, text=True, timeout=300)
+        proc = autoscales(cluster)
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "True", proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_head_whose_autoscaler_never_reports_is_waited_for_then_planned_as_it_is():
+    # KubeRay starts the head with --no-monitor when its autoscaler runs beside it: the plan waits
+    # for that autoscaler's first report, and without one plans for the nodes there are.
+    with autoscaling_cluster(monitor=False) as cluster:
+        started = time.monotonic()
+        proc = autoscales(cluster, wait=3.0)
+        took = time.monotonic() - started
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False", proc.stdout + proc.stderr[-2000:]
+    assert took >= 3.0

@@ -110,12 +110,18 @@ def cluster_ceiling() -> list[dict[str, float]] | None:
     return nodes or None
 
 
-def cluster_autoscales() -> bool:
+# How long the plan waits for a first report from an autoscaler that runs beside the head (KubeRay's
+# sidecar starts the head with --no-monitor): a head's own monitor has reported before ray.init returns.
+AUTOSCALER_REPORT_WAIT_S = 15.0
+
+
+def cluster_autoscales(wait_s: float = AUTOSCALER_REPORT_WAIT_S) -> bool:
     """Whether an autoscaler may add nodes to the connected cluster. Ray's v2 autoscaler reports a
     state version to the GCS. v1's monitor publishes its status on every cluster, but a head started
     without an autoscaling config runs it with Ray's read-only provider, which names each node's
-    type after the node itself."""
+    type after the node itself. A cluster with neither report yet is given ``wait_s`` to make one."""
     import json
+    import time
 
     import ray
     from ray._private import ray_constants
@@ -123,12 +129,17 @@ def cluster_autoscales() -> bool:
     from ray.autoscaler.v2.sdk import get_cluster_status
     from ray.experimental.internal_kv import _internal_kv_get
 
-    try:
-        if int(get_cluster_status(ray.get_runtime_context().gcs_address).stats.autoscaler_version or 0) > 0:
-            return True
-        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    except Exception:  # a GCS that cannot say: plan for the nodes there are
-        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if int(get_cluster_status(ray.get_runtime_context().gcs_address).stats.autoscaler_version or 0) > 0:
+                return True
+            status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        except Exception:  # a GCS that cannot say: plan for the nodes there are
+            return False
+        if status or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
     types = (report.get("node_type_mapping") or {}).items()
     return any(kind != format_readonly_node_type(node) for node, kind in types)
