@@ -41,6 +41,15 @@ def test_help_lists_every_option():
         assert flag in proc.stdout, flag
 
 
+def test_the_command_imports_no_torch_before_ray_starts():
+    """torch (1.5-2 s of CPU) loads on the driver's prepare thread while Ray starts (pipeline/job.py),
+    never on the command's import path, where it delayed Ray's start by as much (benchmarks/ceiling.py)."""
+    code = "import sys, pipeline.cli, pipeline.job; print(sorted({'torch', 'timm'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_demo_defaults_need_no_arguments():
     config = config_from_args(build_parser().parse_args([]), build_parser())
     assert config.input_uri.endswith("demo_bucket/images") and config.labels_uri.endswith("demo_bucket/labels")

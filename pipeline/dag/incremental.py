@@ -9,7 +9,6 @@ import pyarrow as pa
 import ray
 
 from pipeline.dag.runner import consume
-from pipeline.dag.stages import WRITER_CPUS, map_batches
 from pipeline.io.storage import Inputs
 from pipeline.outputs.carry import Base, BaseRefused, Carrier, Plan, find_base, new_part_names, plan
 from pipeline.outputs.partstats import PartStats
@@ -18,6 +17,8 @@ from pipeline.outputs.run import RunOutput
 
 def carry(plan_: Plan, *, output: RunOutput, output_uri: str, num_classes: int, storage_options: dict, writers: int):
     """The Ray Data stage that copies the planned rows (one call per base part file)."""
+    from pipeline.dag.stages import WRITER_CPUS, map_batches  # here: the DAG's modules import torch
+
     parts = plan_.parts
     assert plan_.base.run is not None, "a plan copies from a base run"
     blocks = max(1, min(parts.num_rows, 64))
