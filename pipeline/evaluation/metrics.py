@@ -156,9 +156,9 @@ def uncertainty(
     """
     p = probs.float()
     top = p.max(dim=0).values if top is None else top.float()
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=0)
+    entropy = -float((p * p.clamp_min(1e-12).log()).sum()) / top.numel()  # one sum over all: no (H, W) temporary
     low = float((top < low_conf_threshold).float().mean())
-    return uncertainty_summary(float(top.mean()), float(entropy.mean()), low, p.shape[0])
+    return uncertainty_summary(float(top.mean()), entropy, low, p.shape[0])
 
 
 def uncertainty_summary(

@@ -80,7 +80,8 @@ def _computed(batch: Mapping[str, Sequence | np.ndarray], i: int, num_classes: i
     }
     if batch["has_label"][i]:
         label = np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)
-        post_stats, pre_stats = image_stats(post, label, num_classes), image_stats(pre, label, num_classes)
+        post_stats = image_stats(post, label, num_classes)
+        pre_stats = image_stats(pre, label, num_classes) if refined else post_stats  # no CRF: the same mask
         row.update(
             intersect=post_stats.intersect.tolist(),
             union=post_stats.union.tolist(),
