@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from pipeline.inference.multiscale import load_model
 from pipeline.models import build_model
-from pipeline.models.checkpoints import load_into, read_checkpoint
+from pipeline.models.checkpoints import load_into, num_classes_in, read_checkpoint
 from pipeline.models.deeplabv3plus import DEMO_WEIGHTS
 from pipeline.models.weights import WeightsError
 
@@ -63,3 +63,15 @@ def test_wrong_keys_and_class_count_are_named(tmp_path, small_state):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(WeightsError, match="weights not found"):
         read_checkpoint(str(tmp_path / "nope.pth"))
+
+
+def test_class_count_comes_from_the_last_classifier_whatever_the_files_order(tmp_path):
+    """torchvision's v3 head holds 3 classifier convs (256, 256, then the classes); safetensors stores
+    them in an order of its own, and the class count is read from the last by module index."""
+    state = build_model("deeplabv3_mobilenet_v3_large", num_classes=6).state_dict()
+    path = tmp_path / "v3.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model, _, categories = load_model("deeplabv3_mobilenet_v3_large", str(path))
+    assert len(categories) == 6 and model.classifier[4].out_channels == 6
+    shuffled = dict(reversed(list(state.items())))
+    assert num_classes_in(shuffled) == num_classes_in(dict(sorted(state.items()))) == 6

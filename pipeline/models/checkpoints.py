@@ -74,11 +74,18 @@ def _unwrap(state: object, path: str) -> dict[str, torch.Tensor]:
 
 
 def num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
-    """Output channels of the main classifier: the last non-aux conv weight named *classifier*."""
+    """Output channels of the main classifier: the last non-aux conv weight named *classifier*, by
+    module index (``classifier.4`` after ``classifier.1``), not by the file's order: safetensors
+    stores tensors in an order of its own."""
     keys = [
         k for k, v in state.items() if "classifier" in k and "aux" not in k and k.endswith("weight") and v.ndim == 4
     ]
-    return int(state[keys[-1]].shape[0]) if keys else None
+    return int(state[max(keys, key=_module_order)].shape[0]) if keys else None
+
+
+def _module_order(key: str) -> list[tuple[int, int, str]]:
+    """A state-dict key's place in its model: numbered submodules by number, named ones by name."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
 
 
 def load_into(model: torch.nn.Module, checkpoint: LoadedCheckpoint, uri: str) -> None:
