@@ -4,9 +4,11 @@ plain script gets from the same machine, CRF off and on, and Ray's own floor.
     python benchmarks/ceiling.py                                  # CPU: 480 images CRF off, 240 CRF on, 3 rounds
     python benchmarks/ceiling.py --images-on 0 --images-off 3000 --rounds 2      # GPU machine (the loop: DataLoader)
     python benchmarks/ceiling.py --images-off 16 --images-on 8 --rounds 1       # a dry run of this script
+    python benchmarks/ceiling.py --model deeplabv3_mobilenet_v3_large --images-on 0   # a model of real size
 
 The bare loop (``--loop``, default: dataloader with CUDA, per-core without), in a fresh interpreter
-(its imports and model load count), on a synthetic bucket (160-320 x 200-400 scenes), demo model,
+(its imports and model load count), on a synthetic bucket (160-320 x 200-400 scenes), demo model
+(``--model``: another builder on a made checkpoint, for both),
 default InferenceConfig, DeepLab v2 CRF on uint8-quantised probabilities, as the job:
 
 - per-core: one process per core (``--procs``), one torch thread each, a strided share of the
@@ -47,15 +49,35 @@ NAME = "ceiling"
 # ---------------------------------------------------------------------------------------- the loops
 
 
-def _model(device: str):
+def _model(device: str, name: str, weights: str | None):
+    """The model the job runs (``name``, ``weights``; None: its published weights) and its normalisation."""
     from pipeline.inference.multiscale import load_model
     from pipeline.models import default_weights
+    from pipeline.models.weights import normalisation
 
-    model = load_model(harness.MODEL, None)[0].to(device)
-    return model, *default_weights(harness.MODEL).normalisation(device)
+    model = load_model(name, weights)[0].to(device)
+    return model, *(default_weights(name).normalisation(device) if weights is None else normalisation(device=device))
 
 
-def per_core_worker(paths: list[str], out_dir: str, crf: bool) -> list[float]:
+def made_checkpoint(name: str, folder: Path) -> Path:
+    """A checkpoint of ``name`` (the demo's 6 classes, seeded initialisation) for a model with no
+    published weights here: what the forward costs, not what it predicts, is measured."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models import build_model, default_weights
+
+    path = folder / f"{name}.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        categories = default_weights(harness.MODEL).categories
+        state = build_model(name, num_classes=len(categories)).state_dict()
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(path), metadata={"categories": json.dumps(categories)})
+    return path
+
+
+def per_core_worker(paths: list[str], out_dir: str, crf: bool, name: str, weights: str | None) -> list[float]:
     """One process of the per-core loop: its images one after another, one torch thread."""
     import torch
 
@@ -67,7 +89,7 @@ def per_core_worker(paths: list[str], out_dir: str, crf: bool) -> list[float]:
     from pipeline.io.palette import mask_to_png
     from pipeline.rows.probs import quantise_probs
 
-    model, mean, std = _model("cpu")
+    model, mean, std = _model("cpu", name, weights)
     config, params, done = InferenceConfig(), CRFParams(), []
     for path in paths:
         rgb = decode_image(Path(path).read_bytes()).rgb
@@ -96,7 +118,7 @@ class _Decoded:
         return self.paths[i], decode_image(Path(self.paths[i]).read_bytes()).rgb
 
 
-def dataloader_loop(paths: list[str], out_dir: str, crf: bool) -> list[float]:
+def dataloader_loop(paths: list[str], out_dir: str, crf: bool, name: str, weights: str | None) -> list[float]:
     """The GPU loop: DataLoader workers decode, the device infers (and refines), threads write PNGs."""
     import torch
 
@@ -107,7 +129,7 @@ def dataloader_loop(paths: list[str], out_dir: str, crf: bool) -> list[float]:
     from pipeline.rows.probs import quantise_probs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, mean, std = _model(device)
+    model, mean, std = _model(device, name, weights)
     config, params, done = InferenceConfig(), CRFParams(), []
     workers = max(1, min(16, (os.cpu_count() or 2) - 1))
     batch = ComputeConfig().batch_size
@@ -132,24 +154,25 @@ def dataloader_loop(paths: list[str], out_dir: str, crf: bool) -> list[float]:
     return sorted(done)
 
 
-def loop_main(kind: str, images: str, out_dir: str, procs: int, crf: bool) -> None:
+def loop_main(kind: str, images: str, out_dir: str, procs: int, crf: bool, name: str, weights: str | None) -> None:
     """The loop's process (sampled by the parent): writes each PNG's time to out_dir/_times.json."""
     import multiprocessing as mp
 
     paths = sorted(str(p) for p in Path(images).glob("*.jpg"))
     if kind == "dataloader":
-        done = dataloader_loop(paths, out_dir, crf)
+        done = dataloader_loop(paths, out_dir, crf, name, weights)
     else:
         with mp.get_context("spawn").Pool(procs) as pool:
-            shares = [(paths[i::procs], out_dir, crf) for i in range(procs)]
+            shares = [(paths[i::procs], out_dir, crf, name, weights) for i in range(procs)]
             done = sorted(t for times in pool.starmap(per_core_worker, shares) for t in times)
     Path(out_dir, "_times.json").write_text(json.dumps(done))
 
 
-def run_loop(kind: str, images: Path, out: Path, count: int, procs: int, crf: bool) -> dict:
+def run_loop(kind: str, images: Path, out: Path, count: int, procs: int, crf: bool, model: list[str]) -> dict:
+    """The loop in a fresh interpreter; ``model``: the job's ``--model``/``--weights`` flags, if any."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [harness.PYTHON, __file__, "--loop-main", kind, str(images), str(out), str(procs)] + ["--crf"] * crf
+    cmd = [harness.PYTHON, __file__, "--loop-main", kind, str(images), str(out), str(procs), *model] + ["--crf"] * crf
     run = harness.run(cmd)
     events = [(t, 1) for t in json.loads((out / "_times.json").read_text())]
     window = harness.steady_window(events, count)
@@ -215,12 +238,14 @@ def run_floor(images: int, procs: int) -> dict:
 def measure(args, tmp: Path, crf: bool, count: int) -> dict:
     tag = "crf-on" if crf else "crf-off"
     images = harness.synthetic_bucket(tmp / f"bucket-{count}", count, 3_000_000)
+    made = args.model != harness.MODEL
+    model = ["--model", args.model, "--weights", str(made_checkpoint(args.model, tmp))] if made else []
     rounds = []
     for r in range(args.rounds):
         harness.log(NAME, f"{count} images, CRF {'on' if crf else 'off'}, round {r + 1}/{args.rounds}: loop")
-        loop = run_loop(args.loop, images, tmp / f"loop-{tag}", count, args.procs, crf)
+        loop = run_loop(args.loop, images, tmp / f"loop-{tag}", count, args.procs, crf, model)
         harness.log(NAME, f"  loop {loop['seconds']:.1f} s, steady {loop['steady_images_per_s']}; the job")
-        flags = ["--rows-per-file", "16"] + ([] if crf else ["--no-crf"]) + args.job_flags
+        flags = ["--rows-per-file", "16", *model] + ([] if crf else ["--no-crf"]) + args.job_flags
         job = harness.run_cli(images, tmp / f"out-{tag}", f"r{r}", count, *flags)
         summary = job.summary() | {"masks_vs_loop": harness.compare_masks(tmp / f"loop-{tag}", job.run_dir)}
         harness.log(NAME, f"  job {summary['seconds']:.1f} s, steady {summary['steady_images_per_s']}")
@@ -240,7 +265,15 @@ def measure(args, tmp: Path, crf: bool, count: int) -> dict:
         if side in rounds[0]
     }
     ratios = {k: harness.median(r["job_vs_loop"][k] for r in rounds) for k in ("end_to_end", "steady")}
-    return {"images": count, "crf": crf, "loop": args.loop, "rounds": rounds, "medians": medians, "ratios": ratios}
+    return {
+        "images": count,
+        "crf": crf,
+        "model": args.model,
+        "loop": args.loop,
+        "rounds": rounds,
+        "medians": medians,
+        "ratios": ratios,
+    }
 
 
 def main() -> int:
@@ -252,16 +285,18 @@ def main() -> int:
     add("--rounds", type=int, default=3)
     add("--loop", choices=("auto", "per-core", "dataloader"), default="auto", help="auto: dataloader with CUDA")
     add("--skip-floor", action="store_true", help="no Ray floor runs")
+    add("--model", default=harness.MODEL, help="the loop's and the job's model; not the demo: on a made checkpoint")
     add("--job-flags", nargs=argparse.REMAINDER, default=[], help="more CLI flags for the job (last)")
     add("--keep", type=Path, help="write buckets and outputs here and keep them")
     add("--loop-main", nargs=4, metavar=("KIND", "IMAGES", "OUT", "PROCS"), help=argparse.SUPPRESS)
+    add("--weights", help=argparse.SUPPRESS)  # the loop's: a made checkpoint of --model
     add("--crf", action="store_true", help=argparse.SUPPRESS)
     add("--floor-main", nargs=2, type=int, help=argparse.SUPPRESS)
     harness.add_results_arg(parser)
     args = parser.parse_args()
     if args.loop_main:
         kind, images, out, procs = args.loop_main
-        loop_main(kind, images, out, int(procs), args.crf)
+        loop_main(kind, images, out, int(procs), args.crf, args.model, args.weights)
         return 0
     if args.floor_main:
         floor_main(*args.floor_main)
