@@ -226,3 +226,29 @@ def test_every_model_satisfies_the_protocol(name):
     assert num_classes_in(model.state_dict()) == 3
     if name in DEFAULT_WEIGHTS:  # v1, v2 and the v3+ paper models have no published weights yet
         assert default_weights(name).model == name
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in MODEL_BUILDERS]
+)
+def test_a_checkpoint_loads_into_a_model_built_on_the_meta_device(name, tmp_path):
+    """load_model builds on the meta device and takes the checkpoint's tensors: the same logits as the
+    model that was saved, every tensor restored, in the model's dtype (an fp16 file loads as fp32)."""
+    from safetensors.torch import save_file
+
+    from pipeline.inference.multiscale import load_model
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, output_stride=16).eval()
+    randomise_batchnorm(model)
+    state = model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "m.safetensors"))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in half.items()}, str(tmp_path / "h.safetensors"))
+    loaded = load_model(name, str(tmp_path / "m.safetensors"), output_stride=16).model
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    from_half = load_model(name, str(tmp_path / "h.safetensors"), output_stride=16).model
+    assert all(p.dtype == torch.float32 for p in from_half.parameters())

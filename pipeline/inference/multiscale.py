@@ -241,6 +241,9 @@ def load_model(
         num_classes = num_classes_in(checkpoint.state_dict)
         if num_classes is None:
             raise WeightsError(f"cannot tell the number of classes from {weights_uri}; pass --num-classes")
-    model = build_model(model_name, num_classes=num_classes, output_stride=output_stride)
+    with torch.device("meta"):  # no initialisation for the checkpoint to overwrite, no second copy of it
+        model = build_model(model_name, num_classes=num_classes, output_stride=output_stride)
     load_into(model, checkpoint, weights_uri)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor no state dict holds
+        raise RuntimeError(f"{model_name} keeps tensors outside its state dict: it cannot be loaded from a checkpoint")
     return LoadedModel(model.eval(), checkpoint.sha256, categories_from(checkpoint.metadata, num_classes))

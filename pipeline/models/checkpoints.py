@@ -105,7 +105,12 @@ def load_into(model: torch.nn.Module, checkpoint: LoadedCheckpoint, uri: str) ->
                 "it holds only backbone weights; pipeline.models.checkpoints.load_backbone loads them for training"
             )
         raise WeightsError(f"weights {uri} do not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    # A model built on the meta device takes the checkpoint's tensors as they are, in its own dtypes
+    # (what a copy into allocated parameters would give): no second copy of the weights in memory.
+    assign = any(t.is_meta for t in own.values())
+    if assign:
+        state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def _holds_only_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
